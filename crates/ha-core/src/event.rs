@@ -1,0 +1,341 @@
+//! `HaEvent`: every state change the ha crates report, with when and where it happened.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::id::{FencingToken, NodeId};
+use crate::status::{CircuitState, Status};
+
+/// Why a node stopped being the leader.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LossReason {
+    /// The node gave the lease up on purpose (step-down or shutdown).
+    SteppedDown,
+    /// The local validity deadline passed without a successful renewal (store unreachable,
+    /// process paused, renewals too slow).
+    Expired,
+    /// The store says another holder or a newer token owns the lease.
+    Superseded,
+    /// The node's eligibility hook said it may no longer lead (e.g. it is unhealthy).
+    NotEligible,
+}
+
+impl LossReason {
+    /// A stable snake-case name, used in logs and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LossReason::SteppedDown => "stepped_down",
+            LossReason::Expired => "expired",
+            LossReason::Superseded => "superseded",
+            LossReason::NotEligible => "not_eligible",
+        }
+    }
+}
+
+/// Something that happened in the high-availability machinery.
+///
+/// Every variant carries `at` (wall-clock time, for humans and audit logs) and `node` (the node
+/// that observed or caused it). New variants may be added in any release, so matches need a
+/// wildcard arm.
+#[derive(Clone, PartialEq, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum HaEvent {
+    /// This node became the leader for `key`.
+    LeadershipAcquired {
+        /// When.
+        at: SystemTime,
+        /// The new leader.
+        node: NodeId,
+        /// The lease key (which leadership).
+        key: String,
+        /// The fencing token of this term.
+        token: FencingToken,
+    },
+    /// This node stopped being the leader for `key`.
+    LeadershipLost {
+        /// When.
+        at: SystemTime,
+        /// The former leader.
+        node: NodeId,
+        /// The lease key.
+        key: String,
+        /// The fencing token of the term that ended.
+        token: FencingToken,
+        /// Why it ended.
+        reason: LossReason,
+    },
+    /// A component's health status changed.
+    HealthChanged {
+        /// When.
+        at: SystemTime,
+        /// The node that ran the check.
+        node: NodeId,
+        /// The checked component.
+        component: String,
+        /// The status before.
+        from: Status,
+        /// The status now.
+        to: Status,
+        /// Why, when known (e.g. "dependency postgres is unhealthy").
+        cause: Option<String>,
+    },
+    /// An anomaly rule fired for a component (reported, not a status change).
+    AnomalyDetected {
+        /// When.
+        at: SystemTime,
+        /// The node that detected it.
+        node: NodeId,
+        /// The component.
+        component: String,
+        /// The rule's name, e.g. `latency_over_p95`.
+        rule: String,
+        /// What was observed.
+        detail: String,
+    },
+    /// A circuit breaker changed state.
+    CircuitStateChanged {
+        /// When.
+        at: SystemTime,
+        /// The node running the breaker.
+        node: NodeId,
+        /// The breaker's name.
+        circuit: String,
+        /// The state before.
+        from: CircuitState,
+        /// The state now.
+        to: CircuitState,
+    },
+    /// A failover of a component began.
+    FailoverStarted {
+        /// When.
+        at: SystemTime,
+        /// The leader running the failover.
+        node: NodeId,
+        /// The component failed over.
+        component: String,
+        /// The leader's fencing token, if it leads by election.
+        token: Option<FencingToken>,
+    },
+    /// A failover finished and was verified.
+    FailoverCompleted {
+        /// When.
+        at: SystemTime,
+        /// The leader that ran it.
+        node: NodeId,
+        /// The component failed over.
+        component: String,
+        /// The leader's fencing token.
+        token: Option<FencingToken>,
+        /// How long it took.
+        duration: Duration,
+    },
+    /// A failover failed (after any rollback was attempted).
+    FailoverFailed {
+        /// When.
+        at: SystemTime,
+        /// The leader that ran it.
+        node: NodeId,
+        /// The component.
+        component: String,
+        /// The leader's fencing token.
+        token: Option<FencingToken>,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A failed failover was rolled back.
+    FailoverRolledBack {
+        /// When.
+        at: SystemTime,
+        /// The leader that ran it.
+        node: NodeId,
+        /// The component.
+        component: String,
+        /// The leader's fencing token.
+        token: Option<FencingToken>,
+        /// Why it was rolled back.
+        reason: String,
+    },
+    /// A replica's lag went over its bound.
+    ReplicationLagBreached {
+        /// When.
+        at: SystemTime,
+        /// The node that measured it.
+        node: NodeId,
+        /// The replica.
+        replica: String,
+        /// Lag in bytes of WAL (or replication offset), when measured.
+        lag_bytes: Option<u64>,
+        /// Lag in time, when measured.
+        lag: Option<Duration>,
+    },
+    /// A replica's lag came back within its bound.
+    ReplicationLagRecovered {
+        /// When.
+        at: SystemTime,
+        /// The node that measured it.
+        node: NodeId,
+        /// The replica.
+        replica: String,
+        /// Lag in bytes, when measured.
+        lag_bytes: Option<u64>,
+        /// Lag in time, when measured.
+        lag: Option<Duration>,
+    },
+    /// A replica was promoted to primary.
+    ReplicaPromoted {
+        /// When.
+        at: SystemTime,
+        /// The leader that promoted it.
+        node: NodeId,
+        /// The promoted replica.
+        replica: String,
+        /// The leader's fencing token.
+        token: Option<FencingToken>,
+    },
+    /// A backup was written and verified.
+    BackupCompleted {
+        /// When.
+        at: SystemTime,
+        /// The node that ran it.
+        node: NodeId,
+        /// The backup's id.
+        backup_id: String,
+        /// What was backed up (e.g. `postgres`, `files`, `config`).
+        kind: String,
+        /// Stored size in bytes.
+        bytes: u64,
+        /// How long it took.
+        duration: Duration,
+    },
+    /// A backup failed; nothing partial was kept.
+    BackupFailed {
+        /// When.
+        at: SystemTime,
+        /// The node that ran it.
+        node: NodeId,
+        /// What was being backed up.
+        kind: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A restore finished.
+    RestoreCompleted {
+        /// When.
+        at: SystemTime,
+        /// The node that ran it.
+        node: NodeId,
+        /// The restored backup.
+        backup_id: String,
+        /// How long it took (a measured RTO).
+        duration: Duration,
+    },
+    /// The newest good backup of a kind is older than its recovery point objective.
+    RpoBreached {
+        /// When.
+        at: SystemTime,
+        /// The node that noticed.
+        node: NodeId,
+        /// The backup kind.
+        kind: String,
+        /// Age of the newest good backup (`None`: there is none).
+        since_last_backup: Option<Duration>,
+        /// The objective.
+        rpo: Duration,
+    },
+}
+
+impl HaEvent {
+    /// When the event happened.
+    pub fn at(&self) -> SystemTime {
+        match self {
+            HaEvent::LeadershipAcquired { at, .. }
+            | HaEvent::LeadershipLost { at, .. }
+            | HaEvent::HealthChanged { at, .. }
+            | HaEvent::AnomalyDetected { at, .. }
+            | HaEvent::CircuitStateChanged { at, .. }
+            | HaEvent::FailoverStarted { at, .. }
+            | HaEvent::FailoverCompleted { at, .. }
+            | HaEvent::FailoverFailed { at, .. }
+            | HaEvent::FailoverRolledBack { at, .. }
+            | HaEvent::ReplicationLagBreached { at, .. }
+            | HaEvent::ReplicationLagRecovered { at, .. }
+            | HaEvent::ReplicaPromoted { at, .. }
+            | HaEvent::BackupCompleted { at, .. }
+            | HaEvent::BackupFailed { at, .. }
+            | HaEvent::RestoreCompleted { at, .. }
+            | HaEvent::RpoBreached { at, .. } => *at,
+        }
+    }
+
+    /// The node that observed or caused the event.
+    pub fn node(&self) -> &NodeId {
+        match self {
+            HaEvent::LeadershipAcquired { node, .. }
+            | HaEvent::LeadershipLost { node, .. }
+            | HaEvent::HealthChanged { node, .. }
+            | HaEvent::AnomalyDetected { node, .. }
+            | HaEvent::CircuitStateChanged { node, .. }
+            | HaEvent::FailoverStarted { node, .. }
+            | HaEvent::FailoverCompleted { node, .. }
+            | HaEvent::FailoverFailed { node, .. }
+            | HaEvent::FailoverRolledBack { node, .. }
+            | HaEvent::ReplicationLagBreached { node, .. }
+            | HaEvent::ReplicationLagRecovered { node, .. }
+            | HaEvent::ReplicaPromoted { node, .. }
+            | HaEvent::BackupCompleted { node, .. }
+            | HaEvent::BackupFailed { node, .. }
+            | HaEvent::RestoreCompleted { node, .. }
+            | HaEvent::RpoBreached { node, .. } => node,
+        }
+    }
+
+    /// A stable snake-case name of the variant, used as the `event` metric label and in logs.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            HaEvent::LeadershipAcquired { .. } => "leadership_acquired",
+            HaEvent::LeadershipLost { .. } => "leadership_lost",
+            HaEvent::HealthChanged { .. } => "health_changed",
+            HaEvent::AnomalyDetected { .. } => "anomaly_detected",
+            HaEvent::CircuitStateChanged { .. } => "circuit_state_changed",
+            HaEvent::FailoverStarted { .. } => "failover_started",
+            HaEvent::FailoverCompleted { .. } => "failover_completed",
+            HaEvent::FailoverFailed { .. } => "failover_failed",
+            HaEvent::FailoverRolledBack { .. } => "failover_rolled_back",
+            HaEvent::ReplicationLagBreached { .. } => "replication_lag_breached",
+            HaEvent::ReplicationLagRecovered { .. } => "replication_lag_recovered",
+            HaEvent::ReplicaPromoted { .. } => "replica_promoted",
+            HaEvent::BackupCompleted { .. } => "backup_completed",
+            HaEvent::BackupFailed { .. } => "backup_failed",
+            HaEvent::RestoreCompleted { .. } => "restore_completed",
+            HaEvent::RpoBreached { .. } => "rpo_breached",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accessors_and_serialized_tag_agree_with_the_variant() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(7);
+        let e = HaEvent::HealthChanged {
+            at,
+            node: NodeId::new("n1"),
+            component: "postgres".into(),
+            from: Status::Healthy,
+            to: Status::Unhealthy,
+            cause: None,
+        };
+        assert_eq!(e.at(), at);
+        assert_eq!(e.node().as_str(), "n1");
+        assert_eq!(e.name(), "health_changed");
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["event"], "health_changed");
+        assert_eq!(json["to"], "unhealthy");
+    }
+}

@@ -1,0 +1,87 @@
+//! `LeadershipGate`: "does this node lead right now, and with which fencing token?"
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::id::FencingToken;
+
+/// Proof of leadership at the moment it was asked for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Leadership {
+    /// The fencing token of the current term; pass it to every write the leader makes so that
+    /// stale leaders can be rejected downstream.
+    pub token: FencingToken,
+    /// The local monotonic deadline after which this node must no longer act as leader unless
+    /// it has renewed. Long-running leader work should re-check before each step.
+    pub valid_until: Instant,
+}
+
+impl Leadership {
+    /// Whether the leadership is still valid at `now`.
+    pub fn is_valid_at(&self, now: Instant) -> bool {
+        now < self.valid_until
+    }
+}
+
+/// Answers whether this node is the leader, checked at call time.
+///
+/// Implemented by `ha-election`'s elector; consumed by failover, promotion and scheduled
+/// backups so that only the leader acts, without those crates depending on `ha-election`.
+///
+/// To ensure correctness, an implementation must:
+/// - return `Some` only while the leadership is valid, i.e. before its local deadline, which is
+///   computed from when the acquire/renew request was *sent*;
+/// - never return a token smaller than one it returned before.
+pub trait LeadershipGate: Send + Sync + Debug {
+    /// The current leadership, or `None` if this node does not lead right now.
+    fn leadership(&self) -> Option<Leadership>;
+
+    /// Whether this node leads right now.
+    fn is_leader(&self) -> bool {
+        self.leadership().is_some()
+    }
+}
+
+/// A gate for single-node use: this node always leads, with one fixed token.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AlwaysLeader {
+    token: FencingToken,
+}
+
+/// How far ahead [`AlwaysLeader`] puts its deadline on each call. It is recomputed per call,
+/// so it never runs out; a bounded value keeps `Instant` arithmetic far from overflow.
+const ALWAYS_LEADER_HORIZON: Duration = Duration::from_secs(24 * 60 * 60);
+
+impl AlwaysLeader {
+    /// An always-leader gate that reports `token`.
+    pub const fn new(token: FencingToken) -> Self {
+        Self { token }
+    }
+}
+
+impl LeadershipGate for AlwaysLeader {
+    fn leadership(&self) -> Option<Leadership> {
+        Some(Leadership {
+            token: self.token,
+            valid_until: Instant::now() + ALWAYS_LEADER_HORIZON,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn always_leader_is_valid_whenever_asked() {
+        let gate: &dyn LeadershipGate = &AlwaysLeader::new(FencingToken(7));
+        let first = gate.leadership().unwrap();
+        assert_eq!(first.token, FencingToken(7));
+        tokio::time::advance(ALWAYS_LEADER_HORIZON * 3).await;
+        let later = gate.leadership().unwrap();
+        assert!(later.is_valid_at(Instant::now()));
+        assert!(!first.is_valid_at(Instant::now()), "an old proof expires");
+    }
+}

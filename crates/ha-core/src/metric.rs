@@ -1,0 +1,98 @@
+//! The names of every metric the ha crates record; all start with `ha_`.
+//!
+//! Names live here, in one place, so that dashboards and alerts have one list to follow and two
+//! crates never record the same thing under two names. Units are in the name (`_seconds`,
+//! `_bytes`); counters end in `_total`.
+
+/// Counter, label `event`: events published on the bus.
+pub const EVENTS_PUBLISHED_TOTAL: &str = "ha_events_published_total";
+/// Counter: events dropped for subscribers that lagged.
+pub const EVENTS_MISSED_TOTAL: &str = "ha_events_missed_total";
+
+/// Gauge, label `key`: 1 while this node leads, else 0.
+pub const LEADER: &str = "ha_leader";
+/// Counter, labels `key`, `change` (`acquired`/`lost`), `reason`: leadership changes.
+pub const LEADERSHIP_CHANGES_TOTAL: &str = "ha_leadership_changes_total";
+/// Gauge, label `key`: the current fencing token.
+pub const FENCING_TOKEN: &str = "ha_fencing_token";
+/// Histogram, labels `store`, `op`: lease store round-trip time.
+pub const LEASE_OP_DURATION_SECONDS: &str = "ha_lease_op_duration_seconds";
+
+/// Gauge, label `component`: 0 healthy, 1 degraded, 2 unknown, 3 unhealthy (see
+/// [`crate::Status::badness`]).
+pub const HEALTH_STATUS: &str = "ha_health_status";
+/// Histogram, label `check`: health check latency.
+pub const HEALTH_CHECK_DURATION_SECONDS: &str = "ha_health_check_duration_seconds";
+/// Counter, labels `check`, `rule`: anomalies detected.
+pub const ANOMALIES_TOTAL: &str = "ha_anomalies_total";
+
+/// Gauge, label `circuit`: 0 closed, 1 half-open, 2 open.
+pub const CIRCUIT_STATE: &str = "ha_circuit_state";
+/// Counter, labels `circuit`, `outcome`: calls through a breaker.
+pub const CIRCUIT_CALLS_TOTAL: &str = "ha_circuit_calls_total";
+/// Counter, labels `component`, `outcome`: failovers run.
+pub const FAILOVERS_TOTAL: &str = "ha_failovers_total";
+/// Histogram, label `component`: failover duration.
+pub const FAILOVER_DURATION_SECONDS: &str = "ha_failover_duration_seconds";
+
+/// Gauge, label `replica`: replication lag in bytes.
+pub const REPLICATION_LAG_BYTES: &str = "ha_replication_lag_bytes";
+/// Gauge, label `replica`: replication lag in seconds.
+pub const REPLICATION_LAG_SECONDS: &str = "ha_replication_lag_seconds";
+/// Counter, label `outcome`: promotions attempted.
+pub const PROMOTIONS_TOTAL: &str = "ha_promotions_total";
+
+/// Counter, labels `kind`, `outcome`: backups run.
+pub const BACKUPS_TOTAL: &str = "ha_backups_total";
+/// Histogram, label `kind`: backup duration.
+pub const BACKUP_DURATION_SECONDS: &str = "ha_backup_duration_seconds";
+/// Gauge, label `kind`: stored size of the newest backup.
+pub const BACKUP_SIZE_BYTES: &str = "ha_backup_size_bytes";
+/// Gauge, label `kind`: age of the newest good backup (the current recovery point).
+pub const RPO_SECONDS: &str = "ha_rpo_seconds";
+/// Histogram, label `kind`: restore duration (measured recovery time).
+pub const RESTORE_DURATION_SECONDS: &str = "ha_restore_duration_seconds";
+
+/// Every name above, for tests and exporters that want the full list.
+pub const ALL: &[&str] = &[
+    EVENTS_PUBLISHED_TOTAL,
+    EVENTS_MISSED_TOTAL,
+    LEADER,
+    LEADERSHIP_CHANGES_TOTAL,
+    FENCING_TOKEN,
+    LEASE_OP_DURATION_SECONDS,
+    HEALTH_STATUS,
+    HEALTH_CHECK_DURATION_SECONDS,
+    ANOMALIES_TOTAL,
+    CIRCUIT_STATE,
+    CIRCUIT_CALLS_TOTAL,
+    FAILOVERS_TOTAL,
+    FAILOVER_DURATION_SECONDS,
+    REPLICATION_LAG_BYTES,
+    REPLICATION_LAG_SECONDS,
+    PROMOTIONS_TOTAL,
+    BACKUPS_TOTAL,
+    BACKUP_DURATION_SECONDS,
+    BACKUP_SIZE_BYTES,
+    RPO_SECONDS,
+    RESTORE_DURATION_SECONDS,
+];
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_are_prefixed_unique_and_prometheus_safe() {
+        let mut seen = HashSet::new();
+        for name in super::ALL {
+            assert!(name.starts_with("ha_"), "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{name}"
+            );
+            assert!(seen.insert(name), "duplicate metric name {name}");
+        }
+    }
+}
