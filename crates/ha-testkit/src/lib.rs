@@ -14,6 +14,8 @@
 pub mod binaries;
 pub mod error;
 pub mod process;
+pub mod proxy;
 
 pub use error::{Result, TestkitError};
 pub use process::{ServerProcess, free_port};
+pub use proxy::{FaultProxy, ProxyMode};
