@@ -1,2 +1,0 @@
-//! Placeholder until the demo lands.
-fn main() {}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs the servers the tests start
+# (redis-server, redis-sentinel, PostgreSQL) if they are missing, then runs every test.
+# Idempotent: a machine that has everything installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    missing+=(postgresql)
+fi
+command -v pg_dump >/dev/null 2>&1 || missing+=(postgresql-client)
+if ((${#missing[@]})); then
+    echo "scripts/test.sh: installing ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${missing[@]}"
+fi
+
+# The testkit starts its own servers on free ports; the packages' own services are not used.
+if command -v cargo-nextest >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    cargo test --workspace --no-fail-fast --lib --bins --tests --examples
+fi
+# nextest does not run doc tests; doc examples must compile and pass too.
+cargo test --workspace --doc
