@@ -1,0 +1,35 @@
+//! Imports every public path of the built crates: a rename or a lost re-export fails here,
+//! at compile time, before a user finds it.
+
+#![allow(unused_imports)]
+
+use ha_core::backoff::{Backoff as _, BackoffConfig as _};
+use ha_core::bus::{
+    DEFAULT_CAPACITY, EventBus as _, EventSubscriber as _, RecvError as _, TryRecvError as _,
+};
+use ha_core::component::{Component as _, ComponentContext as _};
+use ha_core::config::{
+    ConfigError as _, Validate as _, at_least, duration, ensure, non_empty, parse_duration,
+    positive, strictly_increasing,
+};
+use ha_core::error::{BoxError as _, Error as _};
+use ha_core::event::{HaEvent as _, LossReason as _};
+use ha_core::id::{FencingToken as _, NodeId as _};
+use ha_core::leadership::{AlwaysLeader as _, Leadership as _, LeadershipGate as _};
+use ha_core::status::{CircuitState as _, Criticality as _, Status as _};
+use ha_core::{
+    AlwaysLeader, Backoff, BackoffConfig, BoxError, CancellationToken, CircuitState, Component,
+    ComponentContext, ConfigError, Criticality, Error, EventBus, EventSubscriber, FencingToken,
+    HaEvent, Leadership, LeadershipGate, LossReason, NodeId, RecvError, Status, TryRecvError,
+    Validate, async_trait, metric,
+};
+use ha_testkit::{FaultProxy, ProxyMode, Result, ServerProcess, TestkitError, binaries, free_port};
+
+#[test]
+fn metric_list_is_public_and_complete() {
+    assert!(metric::ALL.contains(&metric::LEADER));
+    const { assert!(DEFAULT_CAPACITY > 0) };
+    let bus = EventBus::default();
+    let _subscriber: EventSubscriber = bus.subscribe();
+    assert_eq!(bus.subscriber_count(), 1);
+}
