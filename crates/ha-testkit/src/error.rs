@@ -87,6 +87,14 @@ pub enum TestkitError {
         #[source]
         source: nix::errno::Errno,
     },
+    /// The Docker backend failed (feature `containers`).
+    #[error("{server}: {detail}")]
+    Container {
+        /// Which server.
+        server: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// A file could not be written or read.
     #[error("{path}: {source}")]
     File {

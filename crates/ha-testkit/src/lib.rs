@@ -9,9 +9,14 @@
 //! A missing binary is an error naming the binary and the package to install, never a skipped
 //! test. Start-up waits on readiness probes, never on fixed sleeps.
 //!
+//! The optional `containers` feature adds `containers::ContainerServer`: the same servers
+//! from official Docker images, for machines with a Docker engine and without the packages.
+//!
 //! This is a dev-dependency: nothing here is meant for production.
 
 pub mod binaries;
+#[cfg(feature = "containers")]
+pub mod containers;
 pub mod error;
 pub mod process;
 pub mod proxy;
