@@ -1,9 +1,37 @@
 //! Leader election with fencing tokens.
 //!
-//! This crate will hold the `LeaseStore` trait (acquire / renew / release / read, each a
-//! compare-and-set on holder and fencing token, timed by the store's clock), its Redis (`fred`),
-//! PostgreSQL (`sqlx`) and in-memory implementations with a conformance suite every store runs,
-//! and the `Elector`, which campaigns, renews, steps down at a local deadline computed from when
-//! a request was *sent*, and implements [`ha_core::LeadershipGate`].
+//! A [`LeaseStore`] holds named leases — each held by at most one node, with a TTL measured by
+//! the store's own clock and a [`FencingToken`](ha_core::FencingToken) that grows with every
+//! acquisition. Stores: [`MemoryLeaseStore`] (in-process, the embedded default); Redis and
+//! PostgreSQL stores follow. Every store passes the same conformance suite ([`testing`]).
 //!
-//! Status: not built yet (issue 3). The crate exists so that the workspace layout is final.
+//! ```
+//! use std::time::Duration;
+//! use ha_core::NodeId;
+//! use ha_election::{Acquire, LeaseStore, MemoryLeaseStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), ha_election::Error> {
+//! let store = MemoryLeaseStore::new();
+//! let ttl = Duration::from_secs(2);
+//! let timeout = Duration::from_millis(500);
+//! let Acquire::Acquired(token) = store.acquire("orders/leader", &NodeId::new("a"), ttl, timeout).await? else {
+//!     unreachable!("a fresh store has no holder");
+//! };
+//! // Another node is refused while the lease lives, and learns who holds it.
+//! let Acquire::Held(info) = store.acquire("orders/leader", &NodeId::new("b"), ttl, timeout).await? else {
+//!     unreachable!("the lease is held");
+//! };
+//! assert_eq!((info.holder.as_str(), info.token), ("a", token));
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod error;
+pub mod memory;
+pub mod store;
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use memory::MemoryLeaseStore;
+pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, with_timeout};

@@ -1,0 +1,60 @@
+//! `ha_election::Error`: what can go wrong talking to a lease store or running an elector.
+
+use std::time::Duration;
+
+use ha_core::{BoxError, ConfigError};
+
+/// A lease store or elector failure. Says which store, which operation and which key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The store did not answer within the operation's timeout. The operation may or may not
+    /// have taken effect: a leader must treat a timed-out renewal as "not renewed".
+    #[error("{store} lease store: {op} of `{key}` timed out after {after:?}")]
+    Timeout {
+        /// `redis`, `postgres` or `memory`.
+        store: &'static str,
+        /// `acquire`, `renew`, `release` or `read`.
+        op: &'static str,
+        /// The lease key.
+        key: String,
+        /// The timeout that passed.
+        after: Duration,
+    },
+    /// The store failed (connection refused, protocol error, server error).
+    #[error("{store} lease store: {op} of `{key}` failed: {source}")]
+    Store {
+        /// Which store.
+        store: &'static str,
+        /// Which operation.
+        op: &'static str,
+        /// The lease key.
+        key: String,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The store holds something for `key` that is not a lease record this crate wrote.
+    #[error("{store} lease store: `{key}` holds an unreadable lease record: {detail}")]
+    Corrupt {
+        /// Which store.
+        store: &'static str,
+        /// The lease key.
+        key: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// A config broke a rule.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl Error {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Timeout { .. } | Error::Store { .. })
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,387 @@
+//! The conformance suite every [`LeaseStore`] runs: in-memory, Redis and PostgreSQL alike.
+//!
+//! Each case is a public async function taking the store under test; the
+//! [`lease_store_conformance!`](crate::lease_store_conformance) macro turns them into one
+//! `#[tokio::test]` per case for a store factory:
+//!
+//! ```
+//! mod memory_conformance {
+//!     ha_election::lease_store_conformance!(async { ha_election::MemoryLeaseStore::new() });
+//! }
+//! ```
+//!
+//! Every case uses its own random key, so cases may share one server. Expiry cases use real
+//! time with short TTLs (hundreds of milliseconds) and poll with deadlines, never sleep to
+//! synchronise.
+
+use std::time::Duration;
+
+use ha_core::{FencingToken, NodeId};
+
+use crate::store::{Acquire, LeaseStore};
+
+/// Generous bound for one store operation in the suite.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A TTL no case waits out.
+pub const LONG_TTL: Duration = Duration::from_secs(60);
+/// A TTL the expiry cases wait out.
+pub const SHORT_TTL: Duration = Duration::from_millis(300);
+
+/// A key no other case (or run) uses.
+pub fn unique_key(case: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "ha-conformance/{case}/{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn node(name: &str) -> NodeId {
+    NodeId::new(name)
+}
+
+/// Acquires `key` for `holder`, panicking unless it was granted.
+pub async fn must_acquire(
+    store: &dyn LeaseStore,
+    key: &str,
+    holder: &NodeId,
+    ttl: Duration,
+) -> FencingToken {
+    match store.acquire(key, holder, ttl, OP_TIMEOUT).await {
+        Ok(Acquire::Acquired(token)) => token,
+        other => panic!(
+            "{}: acquire of {key} by {holder} must succeed, got {other:?}",
+            store.kind()
+        ),
+    }
+}
+
+/// A free key is granted; a read then names the holder and token.
+pub async fn acquire_free_key_then_read(store: &dyn LeaseStore) {
+    let key = unique_key("acquire-read");
+    assert_eq!(
+        store.read(&key, OP_TIMEOUT).await.expect("read"),
+        None,
+        "fresh key is free"
+    );
+    let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    let info = store
+        .read(&key, OP_TIMEOUT)
+        .await
+        .expect("read")
+        .expect("held");
+    assert_eq!(info.holder, node("a"));
+    assert_eq!(info.token, token);
+    assert!(
+        info.remaining <= LONG_TTL && info.remaining > LONG_TTL / 2,
+        "{info:?}"
+    );
+}
+
+/// A held key is refused to everyone, including its own holder (no re-entry: a restarted node
+/// waits out its old lease), and the refusal says who holds it.
+pub async fn acquire_refused_while_held(store: &dyn LeaseStore) {
+    let key = unique_key("refused");
+    let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    for who in ["b", "a"] {
+        match store
+            .acquire(&key, &node(who), LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("acquire")
+        {
+            Acquire::Held(info) => {
+                assert_eq!(info.holder, node("a"));
+                assert_eq!(info.token, token);
+            }
+            Acquire::Acquired(t) => panic!("{who} must not get a held lease (token {t})"),
+        }
+    }
+}
+
+/// Renewal succeeds only for the exact (holder, token).
+pub async fn renew_requires_holder_and_token(store: &dyn LeaseStore) {
+    let key = unique_key("renew-cas");
+    let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    let wrong_token = FencingToken(token.get() + 1);
+    assert!(
+        !store
+            .renew(&key, &node("a"), wrong_token, LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        !store
+            .renew(&key, &node("b"), token, LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        store
+            .renew(&key, &node("a"), token, LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("renew")
+    );
+    let info = store
+        .read(&key, OP_TIMEOUT)
+        .await
+        .expect("read")
+        .expect("held");
+    assert_eq!(
+        (info.holder, info.token),
+        (node("a"), token),
+        "failed renewals change nothing"
+    );
+}
+
+/// Release succeeds only for the exact (holder, token); a refused release changes nothing.
+pub async fn release_requires_holder_and_token(store: &dyn LeaseStore) {
+    let key = unique_key("release-cas");
+    let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    let wrong_token = FencingToken(token.get() + 1);
+    assert!(
+        !store
+            .release(&key, &node("a"), wrong_token, OP_TIMEOUT)
+            .await
+            .expect("release")
+    );
+    assert!(
+        !store
+            .release(&key, &node("b"), token, OP_TIMEOUT)
+            .await
+            .expect("release")
+    );
+    assert!(
+        store.read(&key, OP_TIMEOUT).await.expect("read").is_some(),
+        "still held"
+    );
+    assert!(
+        store
+            .release(&key, &node("a"), token, OP_TIMEOUT)
+            .await
+            .expect("release")
+    );
+    assert_eq!(store.read(&key, OP_TIMEOUT).await.expect("read"), None);
+    assert!(
+        !store
+            .release(&key, &node("a"), token, OP_TIMEOUT)
+            .await
+            .expect("release"),
+        "a second release finds nothing to release"
+    );
+}
+
+/// After a release the key is granted again, with a greater token.
+pub async fn released_key_is_granted_with_a_greater_token(store: &dyn LeaseStore) {
+    let key = unique_key("handover");
+    let first = must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    assert!(
+        store
+            .release(&key, &node("a"), first, OP_TIMEOUT)
+            .await
+            .expect("release")
+    );
+    let second = must_acquire(store, &key, &node("b"), LONG_TTL).await;
+    assert!(second > first, "{second} must be greater than {first}");
+    assert!(
+        !store
+            .renew(&key, &node("a"), first, LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("renew"),
+        "the old term cannot renew"
+    );
+}
+
+/// An expired lease is granted to another node with a greater token; the old holder can
+/// neither renew nor release it any more.
+pub async fn expired_lease_is_granted_to_another(store: &dyn LeaseStore) {
+    let key = unique_key("expiry");
+    let old = must_acquire(store, &key, &node("a"), SHORT_TTL).await;
+    let deadline = std::time::Instant::now() + SHORT_TTL * 20;
+    let new = loop {
+        match store
+            .acquire(&key, &node("b"), LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("acquire")
+        {
+            Acquire::Acquired(token) => break token,
+            Acquire::Held(info) => {
+                assert_eq!(info.holder, node("a"));
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "lease never expired: {info:?}"
+                );
+                tokio::time::sleep(SHORT_TTL / 10).await;
+            }
+        }
+    };
+    assert!(new > old);
+    assert!(
+        !store
+            .renew(&key, &node("a"), old, LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        !store
+            .release(&key, &node("a"), old, OP_TIMEOUT)
+            .await
+            .expect("release")
+    );
+    let info = store
+        .read(&key, OP_TIMEOUT)
+        .await
+        .expect("read")
+        .expect("held");
+    assert_eq!((info.holder, info.token), (node("b"), new));
+}
+
+/// Renewing keeps a lease alive past its original TTL.
+pub async fn renewal_keeps_the_lease(store: &dyn LeaseStore) {
+    let key = unique_key("renewal");
+    let token = must_acquire(store, &key, &node("a"), SHORT_TTL).await;
+    let until = std::time::Instant::now() + SHORT_TTL * 3;
+    while std::time::Instant::now() < until {
+        assert!(
+            store
+                .renew(&key, &node("a"), token, SHORT_TTL, OP_TIMEOUT)
+                .await
+                .expect("renew"),
+            "renewal within the TTL must succeed"
+        );
+        assert!(matches!(
+            store
+                .acquire(&key, &node("b"), LONG_TTL, OP_TIMEOUT)
+                .await
+                .expect("acquire"),
+            Acquire::Held(_)
+        ));
+        tokio::time::sleep(SHORT_TTL / 4).await;
+    }
+}
+
+/// Tokens grow strictly over many terms of alternating holders.
+pub async fn tokens_strictly_increase(store: &dyn LeaseStore) {
+    let key = unique_key("monotonic");
+    let mut last = None;
+    for term in 0..20 {
+        let holder = node(if term % 2 == 0 { "a" } else { "b" });
+        let token = must_acquire(store, &key, &holder, LONG_TTL).await;
+        assert!(
+            last.is_none_or(|l| token > l),
+            "term {term}: {token} after {last:?}"
+        );
+        last = Some(token);
+        assert!(
+            store
+                .release(&key, &holder, token, OP_TIMEOUT)
+                .await
+                .expect("release")
+        );
+    }
+}
+
+/// Of many simultaneous acquires of a free key exactly one wins.
+pub async fn concurrent_acquires_have_one_winner(store: &dyn LeaseStore) {
+    let key = unique_key("race");
+    let nodes: Vec<NodeId> = (0..8).map(|i| node(&format!("n{i}"))).collect();
+    let attempts = nodes
+        .iter()
+        .map(|n| store.acquire(&key, n, LONG_TTL, OP_TIMEOUT));
+    let outcomes = futures_join_all(attempts).await;
+    let winners: Vec<_> = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(Acquire::Acquired(_))))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one winner: {outcomes:?}");
+}
+
+/// A store that can push changes tells a watcher about a release.
+pub async fn watch_reports_release(store: &dyn LeaseStore) {
+    let key = unique_key("watch");
+    let Some(mut watch) = store.watch(&key).await.expect("watch") else {
+        // The store polls; nothing to check here. Its docs must say so.
+        return;
+    };
+    let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    assert!(
+        store
+            .release(&key, &node("a"), token, OP_TIMEOUT)
+            .await
+            .expect("release")
+    );
+    let deadline = tokio::time::Instant::now() + OP_TIMEOUT;
+    loop {
+        let change = tokio::time::timeout_at(deadline, watch.recv())
+            .await
+            .expect("a release must be pushed to watchers")
+            .expect("watch channel open");
+        if change.key == key {
+            break;
+        }
+    }
+}
+
+/// Polls all futures concurrently on the current task (no extra dependency for a join_all).
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut outputs: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (fut, out) in set.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+/// Generates one `#[tokio::test]` per conformance case for a store factory: an expression
+/// evaluating to a future of something that derefs to a [`LeaseStore`] (evaluated afresh per
+/// case).
+#[macro_export]
+macro_rules! lease_store_conformance {
+    ($make:expr) => {
+        $crate::lease_store_conformance!(@cases $make;
+            acquire_free_key_then_read,
+            acquire_refused_while_held,
+            renew_requires_holder_and_token,
+            release_requires_holder_and_token,
+            released_key_is_granted_with_a_greater_token,
+            expired_lease_is_granted_to_another,
+            renewal_keeps_the_lease,
+            tokens_strictly_increase,
+            concurrent_acquires_have_one_winner,
+            watch_reports_release,
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let store = $make.await;
+                $crate::testing::$case(&store).await;
+            }
+        )*
+    };
+}
