@@ -13,7 +13,9 @@
 
 pub mod binaries;
 pub mod error;
+pub mod postgres;
 pub mod process;
 
 pub use error::{Result, TestkitError};
+pub use postgres::{Lsn, ParseLsnError, PostgresServer, PostgresServerBuilder};
 pub use process::{ServerProcess, free_port};
