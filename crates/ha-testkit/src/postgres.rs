@@ -2,8 +2,10 @@
 //!
 //! Each [`PostgresServer`] owns a temporary directory holding its data directory, its unix
 //! socket and its log. The child held by [`ServerProcess`] is the postmaster itself (started as
-//! `postgres -D <data>`, not through `pg_ctl`), so it leads its process group and
-//! [`pause`](PostgresServer::pause) / [`kill`](PostgresServer::kill) reach every backend too.
+//! `postgres -D <data>`, not through `pg_ctl`), so stopping and reaping it is stopping the
+//! server. PostgreSQL moves every child into its own session (`setsid()`), out of the
+//! postmaster's process group, so [`pause`](PostgresServer::pause) and
+//! [`kill`](PostgresServer::kill) also signal the postmaster's descendants one by one.
 //!
 //! Durability is left as in production (`fsync = on`, `synchronous_commit = on`): the crash
 //! tests built on this module prove that committed data survives a SIGKILL, which they could
@@ -330,15 +332,11 @@ impl PostgresServer {
             ])
             .arg("-D")
             .arg(&data_dir)
-            .args(["-R", "-X", "stream", "-C", "-S", &slot, "--no-sync"]);
+            .args(["-R", "-X", "stream", "-C", "-S", &slot, "--no-sync"])
+            // `-R` writes `primary_slot_name` too. Bound the connection: a paused primary
+            // accepts TCP but never answers.
+            .env("PGCONNECT_TIMEOUT", "10");
         run_blocking(backup).await?;
-        // A replica started from a base backup wants the same slot on every reconnect; `-R`
-        // writes it only on some versions, and a repeated line is harmless (the last wins).
-        append(
-            &data_dir.join("postgresql.auto.conf"),
-            &format!("primary_slot_name = '{slot}'\n"),
-        )?;
-
         Self::launch(Launch {
             name: "postgres-replica",
             bin_dir: self.bin_dir.clone(),
@@ -613,7 +611,14 @@ impl PostgresServer {
         let started = Instant::now();
         loop {
             // A failed poll (e.g. a query timing out) is reported only if the deadline passes.
-            let last = match self.replay_lsn().await {
+            // Each poll gets at most the time left, so a paused replica cannot stretch the wait.
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(50));
+            let poll = tokio::time::timeout(left, self.replay_lsn())
+                .await
+                .unwrap_or_else(|_| Err(self.query_error(format!("timed out after {left:?}"))));
+            let last = match poll {
                 Ok(Some(replayed)) if replayed >= lsn => return Ok(()),
                 Ok(Some(replayed)) => format!("last replayed LSN {replayed}"),
                 Ok(None) => {
@@ -974,6 +979,22 @@ mod tests {
         assert_eq!("FFFFFFFF/FFFFFFFF".parse::<Lsn>().unwrap(), Lsn(u64::MAX));
         // PostgreSQL prints upper case but accepts either.
         assert_eq!("0/3000a8".parse::<Lsn>().unwrap(), Lsn(0x30_00A8));
+    }
+
+    #[test]
+    fn port_taken_is_read_from_the_new_part_of_the_log_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        std::fs::write(
+            &log,
+            "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use\n",
+        )
+        .unwrap();
+        assert!(port_was_taken(&log, 0));
+        let end = std::fs::metadata(&log).unwrap().len();
+        assert!(!port_was_taken(&log, end));
+        append(&log, "FATAL:  could not open file \"postgresql.conf\"\n").unwrap();
+        assert!(!port_was_taken(&log, end));
     }
 
     #[test]
