@@ -18,9 +18,11 @@ pub mod binaries;
 #[cfg(feature = "containers")]
 pub mod containers;
 pub mod error;
+pub mod postgres;
 pub mod process;
 pub mod proxy;
 
 pub use error::{Result, TestkitError};
+pub use postgres::{Lsn, ParseLsnError, PostgresServer, PostgresServerBuilder};
 pub use process::{ServerProcess, free_port};
 pub use proxy::{FaultProxy, ProxyMode};
