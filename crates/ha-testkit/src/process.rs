@@ -16,7 +16,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// A running server process.
 ///
 /// The child leads its own process group, so [`pause`](Self::pause), [`kill`](Self::kill) and
-/// the stop on drop reach every process the server forked (PostgreSQL backends, for example).
+/// the stop on drop reach every process the server forked *that stays in that group*.
+/// PostgreSQL's children leave it (each calls `setsid()`), so [`crate::PostgresServer`] also
+/// signals them one by one.
 /// Its stdout and stderr go to a log file whose tail is quoted in start-up errors.
 #[derive(Debug)]
 pub struct ServerProcess {
