@@ -79,7 +79,7 @@ async fn main() {
         from = to;
         if to == Status::Unhealthy {
             // Leader-only work: only a node that leads may fail over, and it says with which token.
-            if let Some(lead) = gate.leadership() {
+            if let Some(lead) = gate.is_leader() {
                 bus.publish(HaEvent::FailoverStarted {
                     at: SystemTime::now(),
                     node: node.clone(),

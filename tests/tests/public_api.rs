@@ -27,7 +27,7 @@ use ha_testkit::{FaultProxy, ProxyMode, Result, ServerProcess, TestkitError, bin
 
 #[test]
 fn metric_list_is_public_and_complete() {
-    assert!(metric::ALL.contains(&metric::LEADER));
+    assert!(metric::ALL.contains(&metric::ELECTION_IS_LEADER));
     const { assert!(DEFAULT_CAPACITY > 0) };
     let bus = EventBus::default();
     let _subscriber: EventSubscriber = bus.subscribe();

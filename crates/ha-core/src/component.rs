@@ -77,7 +77,7 @@ mod tests {
             let stop = ctx.shutdown.child_token();
             let token = stop.clone();
             let handle = tokio::spawn(async move {
-                let lead = ctx.leadership.leadership().map(|l| l.token);
+                let lead = ctx.leadership.is_leader().map(|l| l.token);
                 ctx.bus.publish(HaEvent::FailoverStarted {
                     at: SystemTime::now(),
                     node: ctx.node.clone(),

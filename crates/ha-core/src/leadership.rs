@@ -35,13 +35,9 @@ impl Leadership {
 ///   computed from when the acquire/renew request was *sent*;
 /// - never return a token smaller than one it returned before.
 pub trait LeadershipGate: Send + Sync + Debug {
-    /// The current leadership, or `None` if this node does not lead right now.
-    fn leadership(&self) -> Option<Leadership>;
-
-    /// Whether this node leads right now.
-    fn is_leader(&self) -> bool {
-        self.leadership().is_some()
-    }
+    /// The current leadership, checked against its deadline at call time, or `None` if this
+    /// node does not lead right now.
+    fn is_leader(&self) -> Option<Leadership>;
 }
 
 /// A gate for single-node use: this node always leads, with one fixed token.
@@ -62,7 +58,7 @@ impl AlwaysLeader {
 }
 
 impl LeadershipGate for AlwaysLeader {
-    fn leadership(&self) -> Option<Leadership> {
+    fn is_leader(&self) -> Option<Leadership> {
         Some(Leadership {
             token: self.token,
             valid_until: Instant::now() + ALWAYS_LEADER_HORIZON,
@@ -77,10 +73,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn always_leader_is_valid_whenever_asked() {
         let gate: &dyn LeadershipGate = &AlwaysLeader::new(FencingToken(7));
-        let first = gate.leadership().unwrap();
+        let first = gate.is_leader().unwrap();
         assert_eq!(first.token, FencingToken(7));
         tokio::time::advance(ALWAYS_LEADER_HORIZON * 3).await;
-        let later = gate.leadership().unwrap();
+        let later = gate.is_leader().unwrap();
         assert!(later.is_valid_at(Instant::now()));
         assert!(!first.is_valid_at(Instant::now()), "an old proof expires");
     }

@@ -10,9 +10,11 @@ pub const EVENTS_PUBLISHED_TOTAL: &str = "ha_events_published_total";
 pub const EVENTS_MISSED_TOTAL: &str = "ha_events_missed_total";
 
 /// Gauge, label `key`: 1 while this node leads, else 0.
-pub const LEADER: &str = "ha_leader";
+pub const ELECTION_IS_LEADER: &str = "ha_election_is_leader";
 /// Counter, labels `key`, `change` (`acquired`/`lost`), `reason`: leadership changes.
-pub const LEADERSHIP_CHANGES_TOTAL: &str = "ha_leadership_changes_total";
+pub const ELECTION_TRANSITIONS_TOTAL: &str = "ha_election_transitions_total";
+/// Counter, labels `store`, `op`: lease store operations that failed or timed out.
+pub const ELECTION_STORE_ERRORS_TOTAL: &str = "ha_election_store_errors_total";
 /// Gauge, label `key`: the current fencing token.
 pub const FENCING_TOKEN: &str = "ha_fencing_token";
 /// Histogram, labels `store`, `op`: lease store round-trip time.
@@ -57,8 +59,9 @@ pub const RESTORE_DURATION_SECONDS: &str = "ha_restore_duration_seconds";
 pub const ALL: &[&str] = &[
     EVENTS_PUBLISHED_TOTAL,
     EVENTS_MISSED_TOTAL,
-    LEADER,
-    LEADERSHIP_CHANGES_TOTAL,
+    ELECTION_IS_LEADER,
+    ELECTION_TRANSITIONS_TOTAL,
+    ELECTION_STORE_ERRORS_TOTAL,
     FENCING_TOKEN,
     LEASE_OP_DURATION_SECONDS,
     HEALTH_STATUS,
