@@ -14,6 +14,10 @@
 pub mod binaries;
 pub mod error;
 pub mod process;
+pub mod redis;
+pub mod sentinel;
 
 pub use error::{Result, TestkitError};
 pub use process::{ServerProcess, free_port};
+pub use redis::{RedisServer, RedisServerBuilder, RespConnection, RespValue};
+pub use sentinel::{RedisReplicaSet, SentinelOptions, SentinelSet};
