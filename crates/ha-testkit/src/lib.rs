@@ -21,8 +21,12 @@ pub mod error;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
+pub mod redis;
+pub mod sentinel;
 
 pub use error::{Result, TestkitError};
 pub use postgres::{Lsn, ParseLsnError, PostgresServer, PostgresServerBuilder};
 pub use process::{ServerProcess, free_port};
 pub use proxy::{FaultProxy, ProxyMode};
+pub use redis::{RedisServer, RedisServerBuilder, RespConnection, RespValue};
+pub use sentinel::{RedisReplicaSet, SentinelOptions, SentinelSet};
