@@ -27,11 +27,15 @@
 //! # }
 //! ```
 
+pub mod config;
+pub mod elector;
 pub mod error;
 pub mod memory;
 pub mod store;
 pub mod testing;
 
+pub use config::ElectorConfig;
+pub use elector::{Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo, Role};
 pub use error::{Error, Result};
 pub use memory::MemoryLeaseStore;
 pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, with_timeout};

@@ -1,0 +1,651 @@
+//! `Elector`: campaigns for a lease, renews it while leading, and stops leading at a local
+//! deadline computed from when its last successful request was sent.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use ha_core::backoff::{Backoff, BackoffConfig};
+use ha_core::{
+    EventBus, FencingToken, HaEvent, Leadership, LeadershipGate, LossReason, NodeId, Validate,
+    metric,
+};
+use rand::RngExt;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::ElectorConfig;
+use crate::error::{Error, Result};
+use crate::store::{Acquire, LeaseInfo, LeaseStore, LeaseWatch};
+
+/// Decides whether this node may lead right now (e.g. "am I healthy?"). Called before every
+/// campaign attempt and every renewal, so it must be cheap and must not block.
+pub type Eligibility = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// This node's role, as published on [`Elector::subscribe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Not leading.
+    Follower,
+    /// Leading, until `valid_until` unless renewed. Check [`Elector::is_leader`] before acting:
+    /// it compares the deadline with the clock at call time.
+    Leader(Leadership),
+}
+
+/// Who leads, as this node last saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderInfo {
+    /// The leader.
+    pub node: NodeId,
+    /// Its fencing token.
+    pub token: FencingToken,
+    /// When this node first saw that (node, token) lead.
+    pub since: SystemTime,
+}
+
+/// A change of this node's leadership, on [`Elector::events`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ElectorEvent {
+    /// This node became leader.
+    Acquired {
+        /// The term's token.
+        token: FencingToken,
+        /// The local deadline.
+        valid_until: Instant,
+    },
+    /// The leader renewed; its deadline moved.
+    Renewed {
+        /// The term's token.
+        token: FencingToken,
+        /// The new local deadline.
+        valid_until: Instant,
+    },
+    /// This node stopped leading.
+    Lost {
+        /// The ended term's token.
+        token: FencingToken,
+        /// Why.
+        reason: LossReason,
+    },
+}
+
+enum Command {
+    StepDown(oneshot::Sender<bool>),
+}
+
+/// Builds an [`Elector`].
+#[must_use]
+pub struct ElectorBuilder {
+    store: Arc<dyn LeaseStore>,
+    node: NodeId,
+    config: ElectorConfig,
+    bus: Option<EventBus>,
+    eligibility: Option<Eligibility>,
+}
+
+impl std::fmt::Debug for ElectorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ElectorBuilder")
+            .field("store", &self.store.kind())
+            .field("node", &self.node)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ElectorBuilder {
+    /// Lease timing and key (default: [`ElectorConfig::default`]).
+    pub fn config(mut self, config: ElectorConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Publishes `LeadershipAcquired`/`LeadershipLost` on `bus`.
+    pub fn bus(mut self, bus: EventBus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Only campaigns, and only keeps leading, while `eligible()` says so.
+    pub fn eligibility(mut self, eligible: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.eligibility = Some(Arc::new(eligible));
+        self
+    }
+
+    /// Validates the config and builds the elector; [`Elector::start`] sets it running.
+    pub fn build(self) -> Result<Elector> {
+        self.config.validate()?;
+        let (commands, receiver) = mpsc::channel(8);
+        let (events, _) = broadcast::channel(64);
+        Ok(Elector {
+            shared: Arc::new(Shared {
+                node: self.node,
+                config: self.config,
+                store: self.store,
+                bus: self.bus,
+                eligibility: self.eligibility,
+                role: watch::Sender::new(Role::Follower),
+                leader: watch::Sender::new(None),
+                events,
+            }),
+            commands,
+            pending: Mutex::new(Some(receiver)),
+            task: Mutex::new(None),
+            shutdown: CancellationToken::new(),
+        })
+    }
+}
+
+struct Shared {
+    node: NodeId,
+    config: ElectorConfig,
+    store: Arc<dyn LeaseStore>,
+    bus: Option<EventBus>,
+    eligibility: Option<Eligibility>,
+    role: watch::Sender<Role>,
+    leader: watch::Sender<Option<LeaderInfo>>,
+    events: broadcast::Sender<ElectorEvent>,
+}
+
+/// Leader election for one key on one [`LeaseStore`].
+///
+/// Followers try to acquire the lease every `retry_interval` (jittered) and at once when the
+/// store pushes a release. The leader renews every `renew_interval`. Its leadership is valid
+/// until `renew_deadline` after it *sent* its last successful acquire/renew — before the store
+/// can expire the lease (see [`ElectorConfig`]) — and [`is_leader`](Self::is_leader) checks
+/// that deadline against the clock on every call, so a leader that was paused or cut off from
+/// the store stops acting on time even if its task has not run since.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use ha_core::NodeId;
+/// use ha_election::{Elector, ElectorConfig, MemoryLeaseStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), ha_election::Error> {
+/// let store = Arc::new(MemoryLeaseStore::new());
+/// let elector = Elector::builder(store, NodeId::new("node-a"))
+///     .config(ElectorConfig::with_ttl("orders/leader", Duration::from_secs(2), Duration::from_millis(200)))
+///     .build()?;
+/// let mut role = elector.subscribe();
+/// elector.start();
+/// role.wait_for(|r| matches!(r, ha_election::Role::Leader(_))).await.unwrap();
+/// let lead = elector.is_leader().expect("leads");
+/// println!("leading with token {}", lead.token);
+/// elector.shutdown().await; // releases the lease: a follower takes over in milliseconds
+/// # Ok(())
+/// # }
+/// ```
+pub struct Elector {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+    pending: Mutex<Option<mpsc::Receiver<Command>>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Elector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Elector")
+            .field("node", &self.shared.node)
+            .field("key", &self.shared.config.key)
+            .field("store", &self.shared.store.kind())
+            .field("role", &*self.shared.role.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Elector {
+    /// Starts building an elector for `node` on `store`.
+    pub fn builder(store: Arc<dyn LeaseStore>, node: NodeId) -> ElectorBuilder {
+        ElectorBuilder {
+            store,
+            node,
+            config: ElectorConfig::default(),
+            bus: None,
+            eligibility: None,
+        }
+    }
+
+    /// Spawns the campaign on the current tokio runtime. Calling it again does nothing.
+    pub fn start(&self) {
+        let Some(commands) = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        let span = tracing::info_span!(
+            "elector",
+            node = %self.shared.node,
+            key = %self.shared.config.key,
+            store = self.shared.store.kind()
+        );
+        let runner = Runner {
+            shared: Arc::clone(&self.shared),
+            commands,
+            shutdown: self.shutdown.clone(),
+            holdoff_until: None,
+        };
+        let handle = tokio::spawn(runner.run().instrument(span));
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+    }
+
+    /// This node's leadership, if it leads *now*: the deadline is checked at call time.
+    pub fn is_leader(&self) -> Option<Leadership> {
+        match *self.shared.role.borrow() {
+            Role::Leader(lead) if lead.is_valid_at(Instant::now()) => Some(lead),
+            _ => None,
+        }
+    }
+
+    /// A receiver of role changes (it also sees each renewal's new deadline).
+    pub fn subscribe(&self) -> watch::Receiver<Role> {
+        self.shared.role.subscribe()
+    }
+
+    /// A receiver of [`ElectorEvent`]s, renewals included.
+    pub fn events(&self) -> broadcast::Receiver<ElectorEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Who leads, as this node last saw it (itself included). `None` until it has seen one.
+    pub fn leader(&self) -> Option<LeaderInfo> {
+        self.shared.leader.borrow().clone()
+    }
+
+    /// A receiver of changes of [`leader`](Self::leader).
+    pub fn watch_leader(&self) -> watch::Receiver<Option<LeaderInfo>> {
+        self.shared.leader.subscribe()
+    }
+
+    /// This node.
+    pub fn node(&self) -> &NodeId {
+        &self.shared.node
+    }
+
+    /// The config in use.
+    pub fn config(&self) -> &ElectorConfig {
+        &self.shared.config
+    }
+
+    /// Gives up leadership now: stops acting as leader, releases the lease (compare-and-delete,
+    /// so followers watching the store learn at once), and stays out of the next campaign for
+    /// two retry intervals so another node wins. Returns whether this node was leading.
+    pub async fn step_down(&self) -> bool {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::StepDown(reply)).await.is_err() {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+
+    /// Stops campaigning; a leader first stops acting, then releases its lease. Returns once
+    /// the campaign task has ended.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl LeadershipGate for Elector {
+    fn is_leader(&self) -> Option<Leadership> {
+        Elector::is_leader(self)
+    }
+}
+
+impl Drop for Elector {
+    fn drop(&mut self) {
+        // The task notices the closed command channel, stops acting and releases.
+        self.shutdown.cancel();
+    }
+}
+
+/// The campaign task's state.
+struct Runner {
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
+    holdoff_until: Option<Instant>,
+}
+
+/// What a follower's wait ended with.
+enum Wake {
+    Campaign,
+    Stop,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let key = self.shared.config.key.clone();
+        let mut watch = match self.shared.store.watch(&key).await {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::warn!(error = %e, "lease store cannot push changes; followers poll");
+                None
+            }
+        };
+        let config = &self.shared.config;
+        let mut backoff = Backoff::new(BackoffConfig {
+            initial: (config.retry_interval / 4).max(Duration::from_millis(1)),
+            max: config.retry_interval,
+            ..BackoffConfig::default()
+        });
+        loop {
+            let Some((token, sent)) = self.campaign(&mut watch, &mut backoff).await else {
+                return;
+            };
+            if !self.lead(token, sent).await {
+                return;
+            }
+        }
+    }
+
+    fn eligible(&self) -> bool {
+        self.shared
+            .eligibility
+            .as_ref()
+            .is_none_or(|eligible| eligible())
+    }
+
+    /// Tries to acquire until it wins (returns the token and when the winning request was
+    /// sent) or is told to stop.
+    async fn campaign(
+        &mut self,
+        watch: &mut Option<LeaseWatch>,
+        backoff: &mut Backoff,
+    ) -> Option<(FencingToken, Instant)> {
+        let config = self.shared.config.clone();
+        loop {
+            let now = Instant::now();
+            let delay = if let Some(until) = self.holdoff_until.filter(|until| now < *until) {
+                until - now
+            } else if !self.eligible() {
+                config.retry_interval
+            } else {
+                let sent = Instant::now();
+                let outcome = self
+                    .shared
+                    .store
+                    .acquire(
+                        &config.key,
+                        &self.shared.node,
+                        config.ttl,
+                        config.request_timeout,
+                    )
+                    .await;
+                match outcome {
+                    Ok(Acquire::Acquired(token)) => {
+                        backoff.reset();
+                        if self.shutdown.is_cancelled() {
+                            self.release(token).await;
+                            return None;
+                        }
+                        return Some((token, sent));
+                    }
+                    Ok(Acquire::Held(info)) => {
+                        backoff.reset();
+                        self.observe(&info);
+                        // Poll again around when the lease could expire, never later than a
+                        // jittered retry interval.
+                        let jittered = rand::rng()
+                            .random_range(config.retry_interval / 2..=config.retry_interval);
+                        jittered.min(info.remaining + Duration::from_millis(1))
+                    }
+                    Err(e) => {
+                        self.store_error("acquire", &e);
+                        backoff.next().unwrap_or(config.retry_interval)
+                    }
+                }
+            };
+            match self.wait_as_follower(delay, watch).await {
+                Wake::Campaign => {}
+                Wake::Stop => return None,
+            }
+        }
+    }
+
+    /// Waits `delay`, or less if the store pushes a change of our key; answers commands.
+    async fn wait_as_follower(&mut self, delay: Duration, watch: &mut Option<LeaseWatch>) -> Wake {
+        let deadline = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Wake::Stop,
+                command = self.commands.recv() => match command {
+                    Some(Command::StepDown(reply)) => { let _ = reply.send(false); }
+                    None => return Wake::Stop,
+                },
+                changed = next_change(watch) => {
+                    let ours = changed.is_none_or(|key| key == self.shared.config.key);
+                    let held_off = self.holdoff_until.is_some_and(|until| Instant::now() < until);
+                    if ours && !held_off {
+                        return Wake::Campaign;
+                    }
+                },
+                _ = sleep_until(deadline) => return Wake::Campaign,
+            }
+        }
+    }
+
+    /// Leads until the lease is lost (returns `true`: campaign again) or the elector stops
+    /// (`false`).
+    async fn lead(&mut self, token: FencingToken, sent: Instant) -> bool {
+        let config = self.shared.config.clone();
+        let mut valid_until = sent + config.renew_deadline;
+        if valid_until <= Instant::now() {
+            // The grant arrived too late to act on; give it back rather than lead blind.
+            tracing::warn!(%token, "acquire answered after the deadline it would grant; releasing");
+            self.release(token).await;
+            return true;
+        }
+        self.gained(token, valid_until);
+        let mut next_renew = sent + config.renew_interval;
+        let mut retry = Backoff::new(BackoffConfig {
+            initial: (config.renew_interval / 8).max(Duration::from_millis(1)),
+            max: (config.renew_interval / 2).max(Duration::from_millis(1)),
+            ..BackoffConfig::default()
+        });
+        loop {
+            tokio::select! {
+                biased;
+                _ = sleep_until(valid_until) => {
+                    self.lost(token, LossReason::Expired);
+                    return true;
+                }
+                _ = self.shutdown.cancelled() => {
+                    self.lost(token, LossReason::SteppedDown);
+                    self.release(token).await;
+                    return false;
+                }
+                command = self.commands.recv() => {
+                    self.lost(token, LossReason::SteppedDown);
+                    self.release(token).await;
+                    match command {
+                        Some(Command::StepDown(reply)) => {
+                            self.holdoff_until = Some(Instant::now() + config.retry_interval * 2);
+                            let _ = reply.send(true);
+                            return true;
+                        }
+                        None => return false,
+                    }
+                }
+                _ = sleep_until(next_renew) => {
+                    if !self.eligible() {
+                        self.lost(token, LossReason::NotEligible);
+                        self.release(token).await;
+                        return true;
+                    }
+                    let sent = Instant::now();
+                    let timeout = config.request_timeout.min(valid_until.saturating_duration_since(sent));
+                    let renewal = self.shared.store.renew(&config.key, &self.shared.node, token, config.ttl, timeout);
+                    let outcome = tokio::select! {
+                        outcome = renewal => Some(outcome),
+                        _ = sleep_until(valid_until) => None,
+                    };
+                    match outcome {
+                        None => {
+                            self.lost(token, LossReason::Expired);
+                            return true;
+                        }
+                        Some(Ok(true)) => {
+                            retry.reset();
+                            valid_until = sent + config.renew_deadline;
+                            next_renew = sent + config.renew_interval;
+                            self.renewed(token, valid_until);
+                        }
+                        Some(Ok(false)) => {
+                            self.lost(token, LossReason::Superseded);
+                            return true;
+                        }
+                        Some(Err(e)) => {
+                            self.store_error("renew", &e);
+                            next_renew = Instant::now() + retry.next().unwrap_or(config.renew_interval / 2);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Best-effort compare-and-delete; the lease expires anyway if this fails.
+    async fn release(&self, token: FencingToken) {
+        let config = &self.shared.config;
+        match self
+            .shared
+            .store
+            .release(
+                &config.key,
+                &self.shared.node,
+                token,
+                config.request_timeout,
+            )
+            .await
+        {
+            Ok(true) => tracing::info!(%token, "lease released"),
+            Ok(false) => tracing::info!(%token, "lease already gone when released"),
+            Err(e) => self.store_error("release", &e),
+        }
+    }
+
+    fn observe(&self, info: &LeaseInfo) {
+        self.shared.leader.send_if_modified(|seen| {
+            let same = seen
+                .as_ref()
+                .is_some_and(|s| s.node == info.holder && s.token == info.token);
+            if !same {
+                tracing::debug!(leader = %info.holder, token = %info.token, "leader observed");
+                *seen = Some(LeaderInfo {
+                    node: info.holder.clone(),
+                    token: info.token,
+                    since: SystemTime::now(),
+                });
+            }
+            !same
+        });
+    }
+
+    fn gained(&self, token: FencingToken, valid_until: Instant) {
+        let shared = &self.shared;
+        let key = shared.config.key.clone();
+        shared
+            .role
+            .send_replace(Role::Leader(Leadership { token, valid_until }));
+        shared.leader.send_replace(Some(LeaderInfo {
+            node: shared.node.clone(),
+            token,
+            since: SystemTime::now(),
+        }));
+        tracing::info!(%token, "leadership acquired");
+        metrics::gauge!(metric::ELECTION_IS_LEADER, "key" => key.clone()).set(1.0);
+        metrics::gauge!(metric::FENCING_TOKEN, "key" => key.clone()).set(token.get() as f64);
+        metrics::counter!(metric::ELECTION_TRANSITIONS_TOTAL, "key" => key.clone(), "change" => "acquired", "reason" => "won")
+            .increment(1);
+        let _ = shared
+            .events
+            .send(ElectorEvent::Acquired { token, valid_until });
+        if let Some(bus) = &shared.bus {
+            bus.publish(HaEvent::LeadershipAcquired {
+                at: SystemTime::now(),
+                node: shared.node.clone(),
+                key,
+                token,
+            });
+        }
+    }
+
+    fn renewed(&self, token: FencingToken, valid_until: Instant) {
+        self.shared
+            .role
+            .send_replace(Role::Leader(Leadership { token, valid_until }));
+        tracing::debug!(%token, "lease renewed");
+        let _ = self
+            .shared
+            .events
+            .send(ElectorEvent::Renewed { token, valid_until });
+    }
+
+    /// Stops acting as leader. Always called before any release, so that no other node can
+    /// be granted the lease while this one still reports itself as leader.
+    fn lost(&self, token: FencingToken, reason: LossReason) {
+        let shared = &self.shared;
+        let key = shared.config.key.clone();
+        shared.role.send_replace(Role::Follower);
+        shared.leader.send_if_modified(|seen| {
+            let ours = seen.as_ref().is_some_and(|s| s.node == shared.node);
+            if ours {
+                *seen = None;
+            }
+            ours
+        });
+        tracing::warn!(%token, reason = reason.as_str(), "leadership lost");
+        metrics::gauge!(metric::ELECTION_IS_LEADER, "key" => key.clone()).set(0.0);
+        metrics::counter!(metric::ELECTION_TRANSITIONS_TOTAL, "key" => key.clone(), "change" => "lost", "reason" => reason.as_str())
+            .increment(1);
+        let _ = shared.events.send(ElectorEvent::Lost { token, reason });
+        if let Some(bus) = &shared.bus {
+            bus.publish(HaEvent::LeadershipLost {
+                at: SystemTime::now(),
+                node: shared.node.clone(),
+                key,
+                token,
+                reason,
+            });
+        }
+    }
+
+    fn store_error(&self, op: &'static str, error: &Error) {
+        tracing::warn!(op, error = %error, "lease store error");
+        metrics::counter!(metric::ELECTION_STORE_ERRORS_TOTAL, "store" => self.shared.store.kind(), "op" => op)
+            .increment(1);
+    }
+}
+
+/// The next pushed change: `Some(key)`, or `None` when changes were missed (lagged) — which
+/// callers treat as "maybe ours". Pends forever without a watch; drops a closed one.
+async fn next_change(watch: &mut Option<LeaseWatch>) -> Option<String> {
+    let Some(receiver) = watch.as_mut() else {
+        return std::future::pending().await;
+    };
+    match receiver.recv().await {
+        Ok(change) => Some(change.key),
+        Err(broadcast::error::RecvError::Lagged(_)) => None,
+        Err(broadcast::error::RecvError::Closed) => {
+            *watch = None;
+            std::future::pending().await
+        }
+    }
+}

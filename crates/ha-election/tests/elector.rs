@@ -1,0 +1,277 @@
+//! The elector on the in-memory store under paused tokio time: deterministic timing of
+//! acquisition, renewal, handover, partitions and eligibility.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{FaultyStore, Invariants};
+use ha_core::{EventBus, HaEvent, LossReason, NodeId};
+use ha_election::{Elector, ElectorConfig, ElectorEvent, LeaseStore, MemoryLeaseStore, Role};
+use tokio::time::Instant;
+
+const TTL: Duration = Duration::from_secs(2);
+const RETRY: Duration = Duration::from_millis(200);
+
+fn config() -> ElectorConfig {
+    ElectorConfig::with_ttl("test/leader", TTL, RETRY)
+}
+
+fn elector(store: Arc<dyn LeaseStore>, name: &str) -> Elector {
+    let e = Elector::builder(store, NodeId::new(name))
+        .config(config())
+        .build()
+        .expect("valid config");
+    e.start();
+    e
+}
+
+/// Advances paused time in small steps until `done`, checking the invariants at every step.
+async fn run_until(
+    inv: &mut Invariants,
+    electors: &[&Elector],
+    limit: Duration,
+    mut done: impl FnMut(Option<usize>) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let leader = inv.check(electors);
+        if done(leader) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not done within {limit:?}; terms {:?}",
+            inv.terms()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_node_leads_and_keeps_renewing() {
+    let store = Arc::new(MemoryLeaseStore::new());
+    let a = elector(store.clone(), "a");
+    let mut events = a.events();
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
+    let first = a.is_leader().unwrap();
+    // Ten TTLs later it still leads, on the same term, with a later deadline.
+    tokio::time::sleep(TTL * 10).await;
+    let later = a.is_leader().expect("renewals keep leadership");
+    assert_eq!(later.token, first.token);
+    assert!(later.valid_until > first.valid_until);
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        ElectorEvent::Acquired { .. }
+    ));
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        ElectorEvent::Renewed { .. }
+    ));
+    assert_eq!(a.leader().unwrap().node, NodeId::new("a"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_learn_who_leads() {
+    let store = Arc::new(MemoryLeaseStore::new());
+    let a = elector(store.clone(), "a");
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
+    let b = elector(store.clone(), "b");
+    let mut seen = b.watch_leader();
+    seen.wait_for(|l| l.is_some()).await.unwrap();
+    let info = b.leader().unwrap();
+    assert_eq!(info.node, NodeId::new("a"));
+    assert_eq!(info.token, a.is_leader().unwrap().token);
+    assert!(b.is_leader().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_hands_over_in_milliseconds() {
+    let store = Arc::new(MemoryLeaseStore::new());
+    let (a, b, c) = (
+        elector(store.clone(), "a"),
+        elector(store.clone(), "b"),
+        elector(store.clone(), "c"),
+    );
+    let all = [&a, &b, &c];
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &all, TTL, |l| l.is_some()).await;
+    let leader = inv.check(&all).unwrap();
+    all[leader].shutdown().await;
+    let handover = run_until(&mut inv, &all, TTL * 2, |l| l.is_some_and(|i| i != leader)).await;
+    // The store pushes the release: followers do not wait for their retry interval.
+    assert!(
+        handover <= Duration::from_millis(10),
+        "handover took {handover:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn crashed_leader_is_replaced_within_ttl_plus_retry() {
+    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let fa = FaultyStore::new(memory.clone());
+    let a = elector(fa.clone(), "a");
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
+    let b = elector(memory.clone(), "b");
+    // A crash as the store sees it: no more renewals and no release, ever. (Process kills are
+    // in the real-server tests; here the node's link dies and the node is never heard again.)
+    fa.partition(true);
+    let crashed_at = Instant::now();
+    std::mem::forget(a);
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&b], TTL * 3, |l| l == Some(0)).await;
+    let took = crashed_at.elapsed();
+    assert!(took <= TTL + RETRY, "failover took {took:?}");
+    assert!(
+        took >= TTL - config().renew_interval,
+        "b cannot win before the lease expires: {took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn partitioned_leader_stops_before_the_store_lets_another_lead() {
+    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let (fa, fb) = (
+        FaultyStore::new(memory.clone()),
+        FaultyStore::new(memory.clone()),
+    );
+    let a = elector(fa.clone(), "a");
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
+    let b = elector(fb.clone(), "b");
+    fa.partition(true);
+    let cut_at = Instant::now();
+    let mut a_lost_at = None;
+    let mut b_won_at = None;
+    run_until(&mut inv, &[&a, &b], TTL * 3, |leader| {
+        if a_lost_at.is_none() && a.is_leader().is_none() {
+            a_lost_at = Some(Instant::now());
+        }
+        if leader == Some(1) && b_won_at.is_none() {
+            b_won_at = Some(Instant::now());
+        }
+        b_won_at.is_some()
+    })
+    .await;
+    let (lost, won) = (a_lost_at.unwrap(), b_won_at.unwrap());
+    assert!(lost < won, "a must stop before b starts");
+    assert!(
+        lost - cut_at <= config().renew_deadline,
+        "a stopped {:?} after the cut",
+        lost - cut_at
+    );
+    assert!(matches!(*a.subscribe().borrow(), Role::Follower));
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_leader_is_not_leader_when_it_wakes() {
+    // A leader whose renewal answers arrive late (a process pause around the request) must
+    // check the clock, not its last belief.
+    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let fa = FaultyStore::new(memory.clone());
+    let a = elector(fa.clone(), "a");
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
+    let lead = a.is_leader().unwrap();
+    fa.set_delays(Duration::ZERO, TTL * 2);
+    tokio::time::sleep_until(lead.valid_until).await;
+    assert!(
+        a.is_leader().is_none(),
+        "past its deadline a node does not lead, whatever it last heard"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn step_down_lets_another_node_win() {
+    let store = Arc::new(MemoryLeaseStore::new());
+    let (a, b) = (elector(store.clone(), "a"), elector(store.clone(), "b"));
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a, &b], TTL, |l| l.is_some()).await;
+    let leader = inv.check(&[&a, &b]).unwrap();
+    let (old, new) = if leader == 0 { (&a, &b) } else { (&b, &a) };
+    assert!(old.step_down().await);
+    assert!(old.is_leader().is_none());
+    run_until(&mut inv, &[&a, &b], Duration::from_millis(50), |l| {
+        l == Some(1 - leader)
+    })
+    .await;
+    assert!(new.is_leader().is_some());
+    assert!(
+        !old.step_down().await,
+        "a follower has nothing to step down from"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ineligible_node_steps_down_and_does_not_campaign() {
+    let store = Arc::new(MemoryLeaseStore::new());
+    let healthy = Arc::new(AtomicBool::new(true));
+    let flag = healthy.clone();
+    let bus = EventBus::default();
+    let mut bus_events = bus.subscribe();
+    let a = Elector::builder(store.clone(), NodeId::new("a"))
+        .config(config())
+        .bus(bus)
+        .eligibility(move || flag.load(Ordering::SeqCst))
+        .build()
+        .unwrap();
+    a.start();
+    let b = elector(store.clone(), "b");
+    let mut inv = Invariants::default();
+    // Make sure `a` leads first: b starts after a won.
+    run_until(&mut inv, &[&a, &b], TTL * 3, |l| l.is_some()).await;
+    if inv.check(&[&a, &b]) == Some(1) {
+        b.step_down().await;
+        run_until(&mut inv, &[&a, &b], TTL, |l| l == Some(0)).await;
+    }
+    healthy.store(false, Ordering::SeqCst);
+    run_until(&mut inv, &[&a, &b], TTL, |l| l == Some(1)).await;
+    // Long after, the ineligible node still does not campaign even when b steps down.
+    b.step_down().await;
+    tokio::time::sleep(TTL * 3).await;
+    assert!(a.is_leader().is_none());
+    let mut reasons = Vec::new();
+    while let Ok(event) = bus_events.try_recv() {
+        if let HaEvent::LeadershipLost { reason, .. } = event {
+            reasons.push(reason);
+        }
+    }
+    assert!(reasons.contains(&LossReason::NotEligible), "{reasons:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bus_reports_acquired_then_lost_with_the_same_token() {
+    let store = Arc::new(MemoryLeaseStore::new());
+    let bus = EventBus::default();
+    let mut events = bus.subscribe();
+    let a = Elector::builder(store, NodeId::new("a"))
+        .config(config())
+        .bus(bus)
+        .build()
+        .unwrap();
+    a.start();
+    let HaEvent::LeadershipAcquired {
+        token, key, node, ..
+    } = events.recv().await.unwrap()
+    else {
+        panic!("first event must be the acquisition");
+    };
+    assert_eq!((key.as_str(), node.as_str()), ("test/leader", "a"));
+    a.shutdown().await;
+    match events.recv().await.unwrap() {
+        HaEvent::LeadershipLost {
+            token: lost,
+            reason,
+            ..
+        } => {
+            assert_eq!(lost, token);
+            assert_eq!(reason, LossReason::SteppedDown);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
