@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ha_core::{BoxError, ConfigError};
+use ha_core::{BoxError, ConfigError, FencingToken};
 
 /// A lease store or elector failure. Says which store, which operation and which key.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,17 @@ pub enum Error {
         key: String,
         /// What was wrong with it.
         detail: String,
+    },
+    /// A fence refused a write: a greater token has already been admitted for the resource,
+    /// so the writer is a deposed leader.
+    #[error("stale fencing token {token} for `{resource}`: token {highest} was already admitted")]
+    StaleToken {
+        /// The fenced resource.
+        resource: String,
+        /// The rejected token.
+        token: FencingToken,
+        /// The greatest token admitted so far.
+        highest: FencingToken,
     },
     /// A config broke a rule.
     #[error(transparent)]

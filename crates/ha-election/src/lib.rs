@@ -30,6 +30,7 @@
 pub mod config;
 pub mod elector;
 pub mod error;
+pub mod fence;
 pub mod memory;
 pub mod store;
 pub mod testing;
@@ -37,5 +38,6 @@ pub mod testing;
 pub use config::ElectorConfig;
 pub use elector::{Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo, Role};
 pub use error::{Error, Result};
+pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
 pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, with_timeout};

@@ -275,3 +275,26 @@ async fn bus_reports_acquired_then_lost_with_the_same_token() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_deposed_leaders_fenced_write_is_rejected() {
+    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let fa = FaultyStore::new(memory.clone());
+    let a = elector(fa.clone(), "a");
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
+    let fence = ha_election::MemoryFence::default();
+    // `a` checks it leads and prepares a write with its token... then stalls.
+    let stale = a.is_leader().unwrap().token;
+    fence.admit("orders", stale).unwrap();
+    fa.partition(true);
+    let b = elector(memory.clone(), "b");
+    run_until(&mut inv, &[&a, &b], TTL * 3, |l| l == Some(1)).await;
+    let fresh = b.is_leader().unwrap().token;
+    fence.admit("orders", fresh).unwrap();
+    // `a` wakes and its in-flight write arrives: refused, naming both tokens.
+    let err = fence.admit("orders", stale).unwrap_err();
+    assert!(
+        matches!(err, ha_election::Error::StaleToken { token, highest, .. } if token == stale && highest == fresh)
+    );
+}
