@@ -1,6 +1,7 @@
 //! `Elector`: campaigns for a lease, renews it while leading, and stops leading at a local
 //! deadline computed from when its last successful request was sent.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -18,7 +19,7 @@ use tracing::Instrument;
 
 use crate::config::ElectorConfig;
 use crate::error::{Error, Result};
-use crate::store::{Acquire, LeaseInfo, LeaseStore, LeaseWatch};
+use crate::store::{Acquire, LeaseInfo, LeaseStore, LeaseWatch, Member};
 
 /// Decides whether this node may lead right now (e.g. "am I healthy?"). Called before every
 /// campaign attempt and every renewal, so it must be cheap and must not block.
@@ -84,6 +85,7 @@ pub struct ElectorBuilder {
     config: ElectorConfig,
     bus: Option<EventBus>,
     eligibility: Option<Eligibility>,
+    meta: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for ElectorBuilder {
@@ -115,6 +117,12 @@ impl ElectorBuilder {
         self
     }
 
+    /// What this node says about itself in its membership heartbeats (address, version, …).
+    pub fn member_meta(mut self, meta: BTreeMap<String, String>) -> Self {
+        self.meta = meta;
+        self
+    }
+
     /// Validates the config and builds the elector; [`Elector::start`] sets it running.
     pub fn build(self) -> Result<Elector> {
         self.config.validate()?;
@@ -127,13 +135,14 @@ impl ElectorBuilder {
                 store: self.store,
                 bus: self.bus,
                 eligibility: self.eligibility,
+                meta: self.meta,
                 role: watch::Sender::new(Role::Follower),
                 leader: watch::Sender::new(None),
                 events,
             }),
             commands,
             pending: Mutex::new(Some(receiver)),
-            task: Mutex::new(None),
+            task: Mutex::new(Vec::new()),
             shutdown: CancellationToken::new(),
         })
     }
@@ -145,6 +154,7 @@ struct Shared {
     store: Arc<dyn LeaseStore>,
     bus: Option<EventBus>,
     eligibility: Option<Eligibility>,
+    meta: BTreeMap<String, String>,
     role: watch::Sender<Role>,
     leader: watch::Sender<Option<LeaderInfo>>,
     events: broadcast::Sender<ElectorEvent>,
@@ -184,7 +194,7 @@ pub struct Elector {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
     pending: Mutex<Option<mpsc::Receiver<Command>>>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: Mutex<Vec<JoinHandle<()>>>,
     shutdown: CancellationToken,
 }
 
@@ -208,6 +218,7 @@ impl Elector {
             config: ElectorConfig::default(),
             bus: None,
             eligibility: None,
+            meta: BTreeMap::new(),
         }
     }
 
@@ -233,8 +244,24 @@ impl Elector {
             shutdown: self.shutdown.clone(),
             holdoff_until: None,
         };
-        let handle = tokio::spawn(runner.run().instrument(span));
-        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        let campaign = tokio::spawn(runner.run().instrument(span.clone()));
+        let beats = tokio::spawn(
+            heartbeats(Arc::clone(&self.shared), self.shutdown.clone()).instrument(span),
+        );
+        let mut tasks = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        tasks.push(campaign);
+        tasks.push(beats);
+    }
+
+    /// The live members of this election (every elector of the key, leader or not), as the
+    /// store knows them: each elector heartbeats every `renew_interval` with a `ttl` lifetime,
+    /// so a dead node drops out within one `ttl`.
+    pub async fn members(&self) -> Result<Vec<Member>> {
+        let config = &self.shared.config;
+        self.shared
+            .store
+            .members(&members_group(&config.key), config.request_timeout)
+            .await
     }
 
     /// This node's leadership, if it leads *now*: the deadline is checked at call time.
@@ -286,16 +313,12 @@ impl Elector {
         answer.await.unwrap_or(false)
     }
 
-    /// Stops campaigning; a leader first stops acting, then releases its lease. Returns once
-    /// the campaign task has ended.
+    /// Stops campaigning and heartbeating; a leader first stops acting, then releases its
+    /// lease. Returns once the elector's tasks have ended.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(&mut *self.task.lock().unwrap_or_else(PoisonError::into_inner));
+        for task in tasks {
             let _ = task.await;
         }
     }
@@ -631,6 +654,47 @@ impl Runner {
         tracing::warn!(op, error = %error, "lease store error");
         metrics::counter!(metric::ELECTION_STORE_ERRORS_TOTAL, "store" => self.shared.store.kind(), "op" => op)
             .increment(1);
+    }
+}
+
+/// The membership group of an election key.
+fn members_group(key: &str) -> String {
+    format!("{key}/members")
+}
+
+/// Beats every `renew_interval` until shutdown. A store without membership is told once.
+async fn heartbeats(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let config = &shared.config;
+    let group = members_group(&config.key);
+    let mut tick = tokio::time::interval(config.renew_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let beat = shared
+            .store
+            .heartbeat(
+                &group,
+                &shared.node,
+                &shared.meta,
+                config.ttl,
+                config.request_timeout,
+            )
+            .await;
+        match beat {
+            Ok(()) => {}
+            Err(e @ Error::Unsupported { .. }) => {
+                tracing::warn!(error = %e, "membership unavailable on this store");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(op = "heartbeat", error = %e, "lease store error");
+                metrics::counter!(metric::ELECTION_STORE_ERRORS_TOTAL, "store" => shared.store.kind(), "op" => "heartbeat")
+                    .increment(1);
+            }
+        }
     }
 }
 

@@ -55,6 +55,16 @@ pub enum Error {
         /// The greatest token admitted so far.
         highest: FencingToken,
     },
+    /// The store does not implement this operation.
+    #[error("{store} lease store does not support {op} (of `{key}`)")]
+    Unsupported {
+        /// Which store.
+        store: &'static str,
+        /// The operation.
+        op: &'static str,
+        /// The key or group it was asked about.
+        key: String,
+    },
     /// A config broke a rule.
     #[error(transparent)]
     Config(#[from] ConfigError),

@@ -40,4 +40,4 @@ pub use elector::{Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo
 pub use error::{Error, Result};
 pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
-pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, with_timeout};
+pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};

@@ -1,7 +1,7 @@
 //! `MemoryLeaseStore`: the in-process lease store, for single-process services and
 //! deterministic tests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::error::Result;
-use crate::store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, with_timeout};
+use crate::store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
 
 const KIND: &str = "memory";
 
@@ -33,6 +33,14 @@ pub struct MemoryLeaseStore {
 struct State {
     leases: HashMap<String, Entry>,
     last_token: HashMap<String, u64>,
+    members: HashMap<String, BTreeMap<NodeId, Heartbeat>>,
+}
+
+/// A member's last heartbeat.
+#[derive(Debug, Clone)]
+struct Heartbeat {
+    meta: BTreeMap<String, String>,
+    expires_at: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -186,5 +194,51 @@ impl LeaseStore for MemoryLeaseStore {
 
     async fn watch(&self, _key: &str) -> Result<Option<LeaseWatch>> {
         Ok(Some(self.changes.subscribe()))
+    }
+
+    async fn heartbeat(
+        &self,
+        group: &str,
+        node: &NodeId,
+        meta: &BTreeMap<String, String>,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<()> {
+        with_timeout(KIND, "heartbeat", group, timeout, async {
+            self.with_state(|state, now| {
+                let members = state.members.entry(group.to_owned()).or_default();
+                // Drop the dead while we are here, so the map stays bounded by live nodes.
+                members.retain(|_, beat| now < beat.expires_at);
+                members.insert(
+                    node.clone(),
+                    Heartbeat {
+                        meta: meta.clone(),
+                        expires_at: now + ttl,
+                    },
+                );
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
+        with_timeout(KIND, "members", group, timeout, async {
+            Ok(self.with_state(|state, now| {
+                state
+                    .members
+                    .get(group)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, beat)| now < beat.expires_at)
+                    .map(|(node, beat)| Member {
+                        node: node.clone(),
+                        meta: beat.meta.clone(),
+                        remaining: beat.expires_at.saturating_duration_since(now),
+                    })
+                    .collect()
+            }))
+        })
+        .await
     }
 }

@@ -1,5 +1,6 @@
 //! The `LeaseStore` trait: the compare-and-set operations every election backend provides.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
@@ -29,6 +30,17 @@ pub enum Acquire {
     Acquired(FencingToken),
     /// Someone (possibly this same node, from an earlier life) holds an unexpired lease.
     Held(LeaseInfo),
+}
+
+/// A live member of a group, as [`LeaseStore::members`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The node.
+    pub node: NodeId,
+    /// What the node said about itself in its last heartbeat (address, version, zone, …).
+    pub meta: BTreeMap<String, String>,
+    /// Time left before the member drops out unless it beats again, by the store's clock.
+    pub remaining: Duration,
 }
 
 /// A notification that a lease key changed hands or was freed, so followers can campaign at
@@ -99,6 +111,36 @@ pub trait LeaseStore: Send + Sync + Debug {
     async fn watch(&self, key: &str) -> Result<Option<LeaseWatch>> {
         let _ = key;
         Ok(None)
+    }
+
+    /// Records that `node` is alive in `group` for `ttl` (store clock), with `meta`; each call
+    /// replaces the previous meta and restarts the TTL. A store without membership returns
+    /// [`Error::Unsupported`].
+    async fn heartbeat(
+        &self,
+        group: &str,
+        node: &NodeId,
+        meta: &BTreeMap<String, String>,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<()> {
+        let _ = (node, meta, ttl, timeout);
+        Err(Error::Unsupported {
+            store: self.kind(),
+            op: "heartbeat",
+            key: group.to_owned(),
+        })
+    }
+
+    /// The members of `group` whose last heartbeat has not expired, sorted by node id. A store
+    /// without membership returns [`Error::Unsupported`].
+    async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
+        let _ = timeout;
+        Err(Error::Unsupported {
+            store: self.kind(),
+            op: "members",
+            key: group.to_owned(),
+        })
     }
 }
 

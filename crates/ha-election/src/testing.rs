@@ -327,6 +327,79 @@ pub async fn watch_reports_release(store: &dyn LeaseStore) {
     }
 }
 
+/// Heartbeats list members with their latest meta, sorted by node id.
+pub async fn heartbeats_list_members_with_meta(store: &dyn LeaseStore) {
+    let group = unique_key("members");
+    let meta =
+        |zone: &str| std::collections::BTreeMap::from([("zone".to_owned(), zone.to_owned())]);
+    assert!(
+        store
+            .members(&group, OP_TIMEOUT)
+            .await
+            .expect("members")
+            .is_empty()
+    );
+    store
+        .heartbeat(&group, &node("b"), &meta("z2"), LONG_TTL, OP_TIMEOUT)
+        .await
+        .expect("beat");
+    store
+        .heartbeat(&group, &node("a"), &meta("z1"), LONG_TTL, OP_TIMEOUT)
+        .await
+        .expect("beat");
+    store
+        .heartbeat(&group, &node("a"), &meta("z3"), LONG_TTL, OP_TIMEOUT)
+        .await
+        .expect("beat");
+    let members = store.members(&group, OP_TIMEOUT).await.expect("members");
+    let seen: Vec<(String, String)> = members
+        .iter()
+        .map(|m| (m.node.to_string(), m.meta["zone"].clone()))
+        .collect();
+    assert_eq!(seen, [("a".into(), "z3".into()), ("b".into(), "z2".into())]);
+    assert!(
+        members
+            .iter()
+            .all(|m| m.remaining <= LONG_TTL && m.remaining > LONG_TTL / 2)
+    );
+    assert!(
+        store
+            .members(&unique_key("other-group"), OP_TIMEOUT)
+            .await
+            .expect("members")
+            .is_empty(),
+        "groups are separate"
+    );
+}
+
+/// A member that stops beating drops out within its TTL; one that keeps beating stays.
+pub async fn silent_members_drop_out(store: &dyn LeaseStore) {
+    let group = unique_key("members-expiry");
+    let none = std::collections::BTreeMap::new();
+    store
+        .heartbeat(&group, &node("quiet"), &none, SHORT_TTL, OP_TIMEOUT)
+        .await
+        .expect("beat");
+    let deadline = std::time::Instant::now() + SHORT_TTL * 20;
+    loop {
+        store
+            .heartbeat(&group, &node("alive"), &none, SHORT_TTL, OP_TIMEOUT)
+            .await
+            .expect("beat");
+        let members = store.members(&group, OP_TIMEOUT).await.expect("members");
+        let names: Vec<&str> = members.iter().map(|m| m.node.as_str()).collect();
+        assert!(names.contains(&"alive"), "{names:?}");
+        if !names.contains(&"quiet") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "silent member never dropped out"
+        );
+        tokio::time::sleep(SHORT_TTL / 10).await;
+    }
+}
+
 /// Polls all futures concurrently on the current task (no extra dependency for a join_all).
 async fn futures_join_all<F: std::future::Future>(
     futures: impl IntoIterator<Item = F>,
@@ -373,6 +446,8 @@ macro_rules! lease_store_conformance {
             tokens_strictly_increase,
             concurrent_acquires_have_one_winner,
             watch_reports_release,
+            heartbeats_list_members_with_meta,
+            silent_members_drop_out,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

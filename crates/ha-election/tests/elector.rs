@@ -298,3 +298,38 @@ async fn a_deposed_leaders_fenced_write_is_rejected() {
         matches!(err, ha_election::Error::StaleToken { token, highest, .. } if token == stale && highest == fresh)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn members_lists_live_electors_and_drops_dead_ones_within_ttl() {
+    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let fb = FaultyStore::new(memory.clone());
+    let a = Elector::builder(memory.clone(), NodeId::new("a"))
+        .config(config())
+        .member_meta([("addr".to_owned(), "10.0.0.1:80".to_owned())].into())
+        .build()
+        .unwrap();
+    a.start();
+    let b = elector(fb.clone(), "b");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let names = |m: Vec<ha_election::Member>| {
+        m.into_iter()
+            .map(|m| m.node.to_string())
+            .collect::<Vec<_>>()
+    };
+    let members = a.members().await.unwrap();
+    assert_eq!(members[0].meta["addr"], "10.0.0.1:80");
+    assert_eq!(names(members), ["a", "b"]);
+    fb.partition(true); // b goes silent
+    let silent_at = Instant::now();
+    loop {
+        if names(a.members().await.unwrap()) == ["a"] {
+            break;
+        }
+        assert!(
+            silent_at.elapsed() <= TTL + Duration::from_millis(10),
+            "b still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = b;
+}

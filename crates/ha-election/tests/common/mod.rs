@@ -2,13 +2,16 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ha_core::{FencingToken, NodeId};
-use ha_election::{Acquire, Elector, LeaseInfo, LeaseStore, LeaseWatch, Result, with_timeout};
+use ha_election::{
+    Acquire, Elector, LeaseInfo, LeaseStore, LeaseWatch, Member, Result, with_timeout,
+};
 
 /// One node's view of a shared store, with that node's faults: a partition (requests never
 /// answer) and delays before the request reaches the store or before the answer comes back.
@@ -136,6 +139,28 @@ impl LeaseStore for FaultyStore {
 
     async fn watch(&self, key: &str) -> Result<Option<LeaseWatch>> {
         self.inner.watch(key).await
+    }
+
+    async fn heartbeat(
+        &self,
+        group: &str,
+        node: &NodeId,
+        meta: &BTreeMap<String, String>,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.around(
+            "heartbeat",
+            group,
+            timeout,
+            self.inner.heartbeat(group, node, meta, ttl, INNER),
+        )
+        .await
+    }
+
+    async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
+        self.around("members", group, timeout, self.inner.members(group, INNER))
+            .await
     }
 }
 
