@@ -32,6 +32,7 @@ pub mod elector;
 pub mod error;
 pub mod fence;
 pub mod memory;
+pub mod pg_fence;
 pub mod store;
 pub mod testing;
 
@@ -40,4 +41,5 @@ pub use elector::{Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo
 pub use error::{Error, Result};
 pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
+pub use pg_fence::PgFence;
 pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
