@@ -2,6 +2,7 @@
 //! transaction and leaves nothing behind; concurrent fenced writers commit in token order.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use std::time::Duration;
 
 use ha_core::FencingToken;
