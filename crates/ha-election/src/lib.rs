@@ -2,8 +2,13 @@
 //!
 //! A [`LeaseStore`] holds named leases — each held by at most one node, with a TTL measured by
 //! the store's own clock and a [`FencingToken`](ha_core::FencingToken) that grows with every
-//! acquisition. Stores: [`MemoryLeaseStore`] (in-process, the embedded default); Redis and
-//! PostgreSQL stores follow. Every store passes the same conformance suite ([`testing`]).
+//! acquisition. Stores:
+//! - [`MemoryLeaseStore`]: in-process, the embedded default;
+//! - [`PostgresLeaseStore`]: a table, a token sequence and `LISTEN`/`NOTIFY` in PostgreSQL
+//!   (sqlx), timed by the database's `now()`;
+//! - a Redis store follows.
+//!
+//! Every store passes the same conformance suite ([`testing`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -29,9 +34,11 @@
 
 pub mod error;
 pub mod memory;
+pub mod postgres;
 pub mod store;
 pub mod testing;
 
 pub use error::{Error, Result};
 pub use memory::MemoryLeaseStore;
+pub use postgres::{PostgresLeaseStore, PostgresLeaseStoreOptions};
 pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, with_timeout};
