@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ha_core::{Backoff, BackoffConfig, ConfigError, FencingToken, NodeId};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Executor, Row};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::error::{Error, Result};
@@ -400,62 +400,66 @@ impl PostgresLeaseStore {
     pub async fn migrate(&self) -> Result<()> {
         let sql = &self.inner.sql;
         let table = sql.lock_name.as_str();
-        with_timeout(KIND, "migrate", table, self.inner.options.migrate_timeout, async {
-            let err = |e| store_error("migrate", table, e);
-            let mut tx = self.inner.pool.begin().await.map_err(err)?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-                .bind(MIGRATE_LOCK_CLASS)
-                .bind(table)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-            if let Some(create_schema) = &sql.create_schema {
-                sqlx::raw_sql(create_schema)
-                    .execute(&mut *tx)
+        with_timeout(
+            KIND,
+            "migrate",
+            table,
+            self.inner.options.migrate_timeout,
+            async {
+                let err = |e| store_error("migrate", table, e);
+                let mut tx = self.inner.pool.begin().await.map_err(err)?;
+                // One named `&mut PgConnection` rather than `&mut *tx` per query: the latter makes
+                // the future's `Send` depend on a higher-ranked `Executor` bound rustc cannot prove.
+                let conn: &mut PgConnection = &mut tx;
+                sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+                    .bind(MIGRATE_LOCK_CLASS)
+                    .bind(table)
+                    .execute(&mut *conn)
                     .await
                     .map_err(err)?;
-            }
-            sqlx::raw_sql(&sql.create_versions)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-            let current: i32 = sqlx::query_scalar(&sql.current_version)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(err)?;
-            for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
-                tracing::debug!(
-                    store = KIND,
-                    table,
-                    version = migration.version,
-                    name = migration.name,
-                    "applying lease store migration"
-                );
-                sqlx::raw_sql(&sql.migration_sql(migration))
-                    .execute(&mut *tx)
+                if let Some(create_schema) = &sql.create_schema {
+                    conn.execute(create_schema.as_str()).await.map_err(err)?;
+                }
+                conn.execute(sql.create_versions.as_str())
                     .await
                     .map_err(err)?;
-                sqlx::query(&sql.record_version)
-                    .bind(migration.version)
-                    .bind(migration.name)
-                    .execute(&mut *tx)
+                let current: i32 = sqlx::query_scalar(&sql.current_version)
+                    .fetch_one(&mut *conn)
                     .await
                     .map_err(err)?;
-            }
-            tx.commit().await.map_err(err)?;
-            let latest = MIGRATIONS.last().map_or(0, |m| m.version);
-            if current > latest {
-                tracing::warn!(
-                    store = KIND,
-                    table,
-                    current,
-                    latest,
-                    "lease schema is newer than this build knows; using it as is"
-                );
-            }
-            tracing::debug!(store = KIND, table, from = current, "lease schema migrated");
-            Ok(())
-        })
+                for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+                    tracing::debug!(
+                        store = KIND,
+                        table,
+                        version = migration.version,
+                        name = migration.name,
+                        "applying lease store migration"
+                    );
+                    conn.execute(sql.migration_sql(migration).as_str())
+                        .await
+                        .map_err(err)?;
+                    sqlx::query(&sql.record_version)
+                        .bind(migration.version)
+                        .bind(migration.name)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(err)?;
+                }
+                tx.commit().await.map_err(err)?;
+                let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+                if current > latest {
+                    tracing::warn!(
+                        store = KIND,
+                        table,
+                        current,
+                        latest,
+                        "lease schema is newer than this build knows; using it as is"
+                    );
+                }
+                tracing::debug!(store = KIND, table, from = current, "lease schema migrated");
+                Ok(())
+            },
+        )
         .await
     }
 
@@ -625,7 +629,7 @@ fn remaining(ms: i64) -> Duration {
 /// A duration as whole microseconds (PostgreSQL's resolution), rounded up so a tiny TTL is
 /// not zero, saturating.
 fn micros(d: Duration) -> i64 {
-    let rounded = d.as_micros() + u128::from(d.subsec_nanos() % 1000 != 0);
+    let rounded = d.as_micros() + u128::from(!d.subsec_nanos().is_multiple_of(1000));
     i64::try_from(rounded).unwrap_or(i64::MAX)
 }
 
@@ -787,7 +791,14 @@ mod tests {
 
     #[test]
     fn options_reject_names_that_would_need_escaping() {
-        for bad in ["", "1abc", "a-b", "a\"b", "a'b", &"x".repeat(MAX_TABLE_NAME + 1)] {
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a\"b",
+            "a'b",
+            &"x".repeat(MAX_TABLE_NAME + 1),
+        ] {
             let err = PostgresLeaseStoreOptions::new()
                 .table(bad)
                 .validate()
@@ -815,6 +826,18 @@ mod tests {
         let migration = sql.migration_sql(&MIGRATIONS[0]);
         assert!(!migration.contains("{{"), "{migration}");
         assert!(migration.contains("CREATE TABLE IF NOT EXISTS \"ha\".\"l\""));
+    }
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[tokio::test]
+    async fn futures_are_send_so_callers_can_spawn_them() {
+        let connect = PostgresLeaseStore::connect("postgres://nowhere");
+        assert_send(&connect);
+        let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
+        let store = PostgresLeaseStore::from_pool(pool);
+        assert_send(&store.migrate());
+        assert_send(&store.watch("k"));
     }
 
     #[test]
