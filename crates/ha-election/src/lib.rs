@@ -2,8 +2,13 @@
 //!
 //! A [`LeaseStore`] holds named leases — each held by at most one node, with a TTL measured by
 //! the store's own clock and a [`FencingToken`](ha_core::FencingToken) that grows with every
-//! acquisition. Stores: [`MemoryLeaseStore`] (in-process, the embedded default); Redis and
-//! PostgreSQL stores follow. Every store passes the same conformance suite ([`testing`]).
+//! acquisition. Stores:
+//! - [`MemoryLeaseStore`]: in-process, the embedded default;
+//! - [`PostgresLeaseStore`]: a table, a token sequence and `LISTEN`/`NOTIFY` in PostgreSQL
+//!   (sqlx), timed by the database's `now()`;
+//! - a Redis store follows.
+//!
+//! Every store passes the same conformance suite ([`testing`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -33,6 +38,7 @@ pub mod error;
 pub mod fence;
 pub mod memory;
 pub mod pg_fence;
+pub mod postgres;
 pub mod store;
 pub mod testing;
 
@@ -42,4 +48,5 @@ pub use error::{Error, Result};
 pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
 pub use pg_fence::PgFence;
+pub use postgres::{PostgresLeaseStore, PostgresLeaseStoreOptions};
 pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};

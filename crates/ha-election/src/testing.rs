@@ -2,11 +2,12 @@
 //!
 //! Each case is a public async function taking the store under test; the
 //! [`lease_store_conformance!`](crate::lease_store_conformance) macro turns them into one
-//! `#[tokio::test]` per case for a store factory:
+//! `#[tokio::test]` per case for a store factory. The factory yields the store and a guard
+//! (e.g. the test server) that lives until the case ends:
 //!
 //! ```
 //! mod memory_conformance {
-//!     ha_election::lease_store_conformance!(async { ha_election::MemoryLeaseStore::new() });
+//!     ha_election::lease_store_conformance!(async { (ha_election::MemoryLeaseStore::new(), ()) });
 //! }
 //! ```
 //!
@@ -430,8 +431,9 @@ async fn futures_join_all<F: std::future::Future>(
 }
 
 /// Generates one `#[tokio::test]` per conformance case for a store factory: an expression
-/// evaluating to a future of something that derefs to a [`LeaseStore`] (evaluated afresh per
-/// case).
+/// evaluating to a future of `(store, guard)`, where `store` implements [`LeaseStore`] and
+/// `guard` (a server, a temp dir, `()`) is kept alive until the case ends. The expression is
+/// evaluated afresh per case.
 #[macro_export]
 macro_rules! lease_store_conformance {
     ($make:expr) => {
@@ -454,7 +456,7 @@ macro_rules! lease_store_conformance {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                let store = $make.await;
+                let (store, _guard) = $make.await;
                 $crate::testing::$case(&store).await;
             }
         )*

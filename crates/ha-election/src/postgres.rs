@@ -1,0 +1,934 @@
+//! `PostgresLeaseStore`: leases in a PostgreSQL table, tokens from a sequence, changes pushed
+//! with `LISTEN`/`NOTIFY`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ha_core::{Backoff, BackoffConfig, ConfigError, FencingToken, NodeId};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Executor, Row};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::error::{Error, Result};
+use crate::store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
+
+const KIND: &str = "postgres";
+
+/// Capacity of the broadcast channel behind [`LeaseStore::watch`]; a watcher that falls
+/// further behind is told it lagged.
+const WATCH_CAPACITY: usize = 64;
+
+/// How often an acquire is retried when its statement was refused but found no live holder
+/// either: a concurrent grant or release moved the row between our snapshot and our write.
+const ACQUIRE_ATTEMPTS: usize = 5;
+
+/// Longest table name: the derived names (`<table>_schema_version`, `<table>_token_seq`) must
+/// stay within PostgreSQL's 63-byte identifiers.
+const MAX_TABLE_NAME: usize = 63 - "_schema_version".len();
+
+/// Class id of the advisory lock `migrate` takes (the object id is a hash of the table name),
+/// so it cannot collide with an application's single-key advisory locks.
+const MIGRATE_LOCK_CLASS: i32 = 0x4841_4c45; // "HALE"
+
+/// One versioned schema change, shipped with the crate.
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, in version order. Append only: a released migration never changes.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "leases",
+        sql: include_str!("../migrations/0001_leases.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "members",
+        sql: include_str!("../migrations/0002_members.sql"),
+    },
+];
+
+/// Where a [`PostgresLeaseStore`] keeps its leases and how it connects.
+///
+/// ```
+/// use std::time::Duration;
+/// use ha_election::PostgresLeaseStoreOptions;
+///
+/// let options = PostgresLeaseStoreOptions::new()
+///     .schema("ha")
+///     .table("leases")
+///     .acquire_timeout(Duration::from_secs(2));
+/// assert_eq!(options.channel_name(), "leases");
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PostgresLeaseStoreOptions {
+    schema: Option<String>,
+    table: String,
+    channel: Option<String>,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    migrate_timeout: Duration,
+}
+
+impl Default for PostgresLeaseStoreOptions {
+    fn default() -> Self {
+        Self {
+            schema: None,
+            table: "ha_leases".to_owned(),
+            channel: None,
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+            migrate_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl PostgresLeaseStoreOptions {
+    /// The defaults: table `ha_leases` on the connection's `search_path`, channel `ha_leases`,
+    /// a pool of 4 connections with a 5 s acquire timeout, 30 s for `migrate`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The schema holding the lease table (created by `migrate` if missing). Default: none,
+    /// i.e. the first schema of the connection's `search_path`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// The lease table's name (default `ha_leases`). The token sequence is `<table>_token_seq`
+    /// and the schema-version table `<table>_schema_version`.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The `NOTIFY` channel for lease changes (default: the table's name).
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = Some(channel.into());
+        self
+    }
+
+    /// The pool size used by [`PostgresLeaseStore::connect_with`] (default 4). The watch
+    /// listener, if any, holds one more connection of its own.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// How long waiting for a pooled connection (including connecting) may take in the pools
+    /// this store builds (default 5 s). Each operation is bounded by its own timeout anyway.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Bound on one [`PostgresLeaseStore::migrate`] run, lock wait included (default 30 s).
+    pub fn migrate_timeout(mut self, timeout: Duration) -> Self {
+        self.migrate_timeout = timeout;
+        self
+    }
+
+    /// The channel lease changes are notified on.
+    pub fn channel_name(&self) -> &str {
+        self.channel.as_deref().unwrap_or(&self.table)
+    }
+
+    /// Checks names (plain identifiers: letters, digits, `_`, not starting with a digit) and
+    /// limits, naming the field that broke a rule.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(schema) = &self.schema {
+            check_identifier("schema", schema, 63)?;
+        }
+        check_identifier("table", &self.table, MAX_TABLE_NAME)?;
+        let channel = self.channel_name();
+        ha_core::config::non_empty("channel", channel)?;
+        ha_core::config::ensure(channel.len() <= 63, "channel", || {
+            "must be at most 63 bytes".to_owned()
+        })?;
+        ha_core::config::at_least("max_connections", self.max_connections, 1)?;
+        ha_core::config::positive("acquire_timeout", self.acquire_timeout)?;
+        ha_core::config::positive("migrate_timeout", self.migrate_timeout)
+    }
+}
+
+fn check_identifier(field: &str, name: &str, max_len: usize) -> Result<(), ConfigError> {
+    let mut chars = name.chars();
+    let plain = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    ha_core::config::ensure(plain && name.len() <= max_len, field, || {
+        format!(
+            "must be 1 to {max_len} ASCII letters, digits or `_`, not starting with a digit \
+             (got {name:?})"
+        )
+    })
+}
+
+/// The store's SQL, rendered once with its quoted names.
+#[derive(Debug)]
+struct Statements {
+    /// The schema-qualified lease table name, unquoted, hashed into the migrate lock key.
+    lock_name: String,
+    create_schema: Option<String>,
+    create_versions: String,
+    current_version: String,
+    record_version: String,
+    table: String,
+    sequence: String,
+    members_table: String,
+    acquire: String,
+    renew: String,
+    release: String,
+    read: String,
+    heartbeat: String,
+    list_members: String,
+}
+
+impl Statements {
+    fn new(options: &PostgresLeaseStoreOptions) -> Self {
+        let qualify = |name: &str| match &options.schema {
+            Some(schema) => format!("\"{schema}\".\"{name}\""),
+            None => format!("\"{name}\""),
+        };
+        let table = qualify(&options.table);
+        let sequence = qualify(&format!("{}_token_seq", options.table));
+        let members = qualify(&format!("{}_members", options.table));
+        let versions = qualify(&format!("{}_schema_version", options.table));
+        // `nextval` takes the sequence name as text; quoted identifiers cannot contain `'`
+        // (validated), so the literal needs no escaping.
+        let remaining_ms = "floor(extract(epoch FROM l.expires_at - now()) * 1000)::bigint";
+        Self {
+            lock_name: match &options.schema {
+                Some(schema) => format!("{schema}.{}", options.table),
+                None => options.table.clone(),
+            },
+            create_schema: options
+                .schema
+                .as_ref()
+                .map(|s| format!("CREATE SCHEMA IF NOT EXISTS \"{s}\"")),
+            create_versions: format!(
+                "CREATE TABLE IF NOT EXISTS {versions} (\
+                 version integer PRIMARY KEY, \
+                 name text NOT NULL, \
+                 applied_at timestamptz NOT NULL DEFAULT now())"
+            ),
+            current_version: format!("SELECT coalesce(max(version), 0) FROM {versions}"),
+            record_version: format!("INSERT INTO {versions} (version, name) VALUES ($1, $2)"),
+            // One round trip. The upsert takes a free key, or an expired lease whose token is
+            // smaller than ours: `nextval` is drawn before the row lock is waited for, so a
+            // statement that drew earlier may commit later, and must not then overwrite a
+            // greater token. The notification is sent only for a granted row (LATERAL on it)
+            // and only on commit. A refused attempt reports the live holder from the same
+            // statement's snapshot; the caller falls back to a fresh read when that snapshot
+            // predates a concurrent grant.
+            acquire: format!(
+                "WITH granted AS (\
+                   INSERT INTO {table} AS cur (key, holder, token, expires_at, acquired_at) \
+                   VALUES ($1, $2, nextval('{sequence}'), now() + $3 * interval '1 microsecond', now()) \
+                   ON CONFLICT (key) DO UPDATE \
+                     SET holder = excluded.holder, token = excluded.token, \
+                         expires_at = excluded.expires_at, acquired_at = excluded.acquired_at \
+                     WHERE cur.expires_at <= now() AND cur.token < excluded.token \
+                   RETURNING cur.key, cur.token\
+                 ) \
+                 SELECT true AS granted, g.token, NULL::text AS holder, NULL::bigint AS remaining_ms \
+                   FROM granted g CROSS JOIN LATERAL pg_notify($4, g.key) \
+                 UNION ALL \
+                 SELECT false, l.token, l.holder, {remaining_ms} \
+                   FROM {table} l \
+                  WHERE l.key = $1 AND l.expires_at > now() \
+                    AND NOT EXISTS (SELECT 1 FROM granted)"
+            ),
+            renew: format!(
+                "UPDATE {table} SET expires_at = now() + $4 * interval '1 microsecond' \
+                 WHERE key = $1 AND holder = $2 AND token = $3 AND expires_at > now()"
+            ),
+            // The row stays, marked free, so its token keeps bounding the next grant.
+            release: format!(
+                "WITH released AS (\
+                   UPDATE {table} SET expires_at = '-infinity' \
+                   WHERE key = $1 AND holder = $2 AND token = $3 AND expires_at > '-infinity' \
+                   RETURNING key\
+                 ) \
+                 SELECT true FROM released r CROSS JOIN LATERAL pg_notify($4, r.key)"
+            ),
+            read: format!(
+                "SELECT l.holder, l.token, {remaining_ms} AS remaining_ms \
+                 FROM {table} l WHERE l.key = $1 AND l.expires_at > now()"
+            ),
+            // Upserts this node's beat and, in the same statement, drops the group's dead
+            // rows (never this node's, which the upsert touches), keeping the table bounded.
+            heartbeat: format!(
+                "WITH gc AS (\
+                   DELETE FROM {members} WHERE grp = $1 AND node <> $2 AND expires_at <= now()\
+                 ) \
+                 INSERT INTO {members} (grp, node, meta_keys, meta_values, expires_at) \
+                 VALUES ($1, $2, $3, $4, now() + $5 * interval '1 microsecond') \
+                 ON CONFLICT (grp, node) DO UPDATE \
+                   SET meta_keys = excluded.meta_keys, meta_values = excluded.meta_values, \
+                       expires_at = excluded.expires_at"
+            ),
+            list_members: format!(
+                "SELECT m.node, m.meta_keys, m.meta_values, \
+                        floor(extract(epoch FROM m.expires_at - now()) * 1000)::bigint AS remaining_ms \
+                 FROM {members} m WHERE m.grp = $1 AND m.expires_at > now() ORDER BY m.node"
+            ),
+            table,
+            sequence,
+            members_table: members,
+        }
+    }
+
+    fn migration_sql(&self, migration: &Migration) -> String {
+        migration
+            .sql
+            .replace("{{table}}", &self.table)
+            .replace("{{sequence}}", &self.sequence)
+            .replace("{{members}}", &self.members_table)
+    }
+}
+
+/// Leases in a PostgreSQL table, fencing tokens from a PostgreSQL sequence.
+///
+/// How it meets the [`LeaseStore`] rules:
+/// - **The store's clock.** Expiry is decided and remaining time computed in SQL with
+///   `now()` (the statement's start in autocommit) — never the client's clock. TTLs travel
+///   as microseconds. `now()` is at or after the moment the request was sent, so the
+///   server-side expiry is never earlier than the deadline an elector computes from its send
+///   time.
+/// - **Compare-and-set, one statement each.** Acquire is one `INSERT … ON CONFLICT DO UPDATE …
+///   WHERE expired` (a CTE also returns the refusing holder in the same round trip); renew is
+///   one `UPDATE … WHERE key, holder, token and unexpired`; release is one CTE that frees the
+///   row only for `(holder, token)` and notifies. Row locks serialise concurrent writers; of
+///   simultaneous acquires of a free or expired key exactly one wins.
+/// - **Tokens.** Each grant takes `nextval` of a `CACHE 1` sequence and additionally requires
+///   the new token to exceed the row's current one, so a statement that drew its value early
+///   but committed late cannot lower a key's token. Rows are never deleted (a release sets
+///   `expires_at = '-infinity'`), so the row's token bounds the next grant. Sequences are
+///   WAL-logged: tokens survive restarts and crashes; after a crash the sequence may jump
+///   ahead (PostgreSQL logs values in advance), which keeps it monotonic. A granted token is
+///   only returned after its row committed, so crash recovery never hands it out again —
+///   provided commits are durable: [`connect`](Self::connect) sets `synchronous_commit = on`
+///   on its connections; with [`from_pool`](Self::from_pool) that is the pool's business.
+///   With asynchronous replication, a promoted replica may lack the last grants and repeat
+///   their tokens: use synchronous replication for the lease database.
+/// - **Timeouts.** Every operation runs under [`with_timeout`]; sqlx failures become
+///   [`Error::Store`], a row that does not decode becomes [`Error::Corrupt`].
+///
+/// **Watching.** [`watch`](LeaseStore::watch) returns a receiver fed by one background task
+/// per store that `LISTEN`s on the channel; grants and releases `NOTIFY` it with the key as
+/// payload (sent on commit). Notifications are not queued for a disconnected listener: while
+/// the listener's connection is down, changes are missed. When it reconnects, the task sends
+/// one [`LeaseChange`] for every watched key so watchers re-read; followers should still
+/// poll at their own pace (a silently partitioned connection is only noticed by TCP). The
+/// task ends when the last clone of the store is dropped; its receivers then see `Closed`.
+///
+/// ```no_run
+/// # async fn demo() -> ha_election::Result<()> {
+/// use std::time::Duration;
+/// use ha_election::{LeaseStore, PostgresLeaseStore};
+///
+/// let store = PostgresLeaseStore::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+/// let lease = store.read("orders/leader", Duration::from_secs(1)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PostgresLeaseStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: PgPool,
+    options: PostgresLeaseStoreOptions,
+    sql: Statements,
+    watcher: tokio::sync::Mutex<Option<Watcher>>,
+}
+
+/// The running listener task: dropping `_stop` (with the store) ends it.
+#[derive(Debug)]
+struct Watcher {
+    changes: broadcast::Sender<LeaseChange>,
+    watched: Arc<Mutex<HashSet<String>>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl PostgresLeaseStore {
+    /// Connects with the default [`PostgresLeaseStoreOptions`] and runs
+    /// [`migrate`](Self::migrate).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PostgresLeaseStoreOptions::default()).await
+    }
+
+    /// Builds a small pool for `url` (size and acquire timeout from `options`, sessions with
+    /// `synchronous_commit = on`) and runs [`migrate`](Self::migrate).
+    pub async fn connect_with(url: &str, options: PostgresLeaseStoreOptions) -> Result<Self> {
+        options.validate()?;
+        let connect: PgConnectOptions = url.parse().map_err(|e| store_error("connect", "", e))?;
+        let connect = connect
+            .options([("synchronous_commit", "on")])
+            .application_name("ha-election");
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect);
+        let store = Self::from_pool_with(pool, options)?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Uses an existing pool with the default options. Does not migrate: call
+    /// [`migrate`](Self::migrate) once before use (it is idempotent).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self::build(pool, PostgresLeaseStoreOptions::default())
+    }
+
+    /// Uses an existing pool with `options` (the pool settings in them are ignored). Does not
+    /// migrate.
+    pub fn from_pool_with(pool: PgPool, options: PostgresLeaseStoreOptions) -> Result<Self> {
+        options.validate()?;
+        Ok(Self::build(pool, options))
+    }
+
+    fn build(pool: PgPool, options: PostgresLeaseStoreOptions) -> Self {
+        let sql = Statements::new(&options);
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                options,
+                sql,
+                watcher: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The pool the store runs its operations on.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The options the store was built with.
+    pub fn options(&self) -> &PostgresLeaseStoreOptions {
+        &self.inner.options
+    }
+
+    /// Creates (or upgrades) the lease table, the token sequence and the schema-version table.
+    ///
+    /// Idempotent and safe to run from many nodes at once: it runs in one transaction under a
+    /// transaction-scoped advisory lock keyed by the table name, applies only the shipped
+    /// migrations newer than the recorded version, and records each. Bounded by the
+    /// options' `migrate_timeout`.
+    pub async fn migrate(&self) -> Result<()> {
+        let sql = &self.inner.sql;
+        let table = sql.lock_name.as_str();
+        with_timeout(
+            KIND,
+            "migrate",
+            table,
+            self.inner.options.migrate_timeout,
+            async {
+                let err = |e| store_error("migrate", table, e);
+                let mut tx = self.inner.pool.begin().await.map_err(err)?;
+                // One named `&mut PgConnection` rather than `&mut *tx` per query: the latter makes
+                // the future's `Send` depend on a higher-ranked `Executor` bound rustc cannot prove.
+                let conn: &mut PgConnection = &mut tx;
+                sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+                    .bind(MIGRATE_LOCK_CLASS)
+                    .bind(table)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+                if let Some(create_schema) = &sql.create_schema {
+                    conn.execute(create_schema.as_str()).await.map_err(err)?;
+                }
+                conn.execute(sql.create_versions.as_str())
+                    .await
+                    .map_err(err)?;
+                let current: i32 = sqlx::query_scalar(&sql.current_version)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(err)?;
+                for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+                    tracing::debug!(
+                        store = KIND,
+                        table,
+                        version = migration.version,
+                        name = migration.name,
+                        "applying lease store migration"
+                    );
+                    conn.execute(sql.migration_sql(migration).as_str())
+                        .await
+                        .map_err(err)?;
+                    sqlx::query(&sql.record_version)
+                        .bind(migration.version)
+                        .bind(migration.name)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(err)?;
+                }
+                tx.commit().await.map_err(err)?;
+                let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+                if current > latest {
+                    tracing::warn!(
+                        store = KIND,
+                        table,
+                        current,
+                        latest,
+                        "lease schema is newer than this build knows; using it as is"
+                    );
+                }
+                tracing::debug!(store = KIND, table, from = current, "lease schema migrated");
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// The fresh-snapshot read behind `read` and the refused-acquire fallback.
+    async fn read_row(&self, op: &'static str, key: &str) -> Result<Option<LeaseInfo>> {
+        let row = sqlx::query(&self.inner.sql.read)
+            .bind(key)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| store_error(op, key, e))?;
+        row.map(|row| {
+            Ok(LeaseInfo {
+                holder: NodeId::new(decode::<String>(&row, "holder", key)?),
+                token: token(decode(&row, "token", key)?, key)?,
+                remaining: remaining(decode(&row, "remaining_ms", key)?),
+            })
+        })
+        .transpose()
+    }
+
+    async fn start_watcher(&self, key: &str) -> Result<Watcher> {
+        let listener_pool = listener_pool(&self.inner.pool, &self.inner.options);
+        let channel = self.inner.options.channel_name().to_owned();
+        let listener = listen(&listener_pool, &channel, key).await?;
+        let (changes, _) = broadcast::channel(WATCH_CAPACITY);
+        let watched = Arc::new(Mutex::new(HashSet::new()));
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(forward_notifications(
+            listener,
+            listener_pool,
+            channel,
+            changes.clone(),
+            Arc::clone(&watched),
+            stopped,
+        ));
+        Ok(Watcher {
+            changes,
+            watched,
+            _stop: stop,
+        })
+    }
+}
+
+/// A one-connection pool for the listener, from the store pool's connect options, so the
+/// listener neither takes an operation's connection nor connects without a timeout.
+fn listener_pool(pool: &PgPool, options: &PostgresLeaseStoreOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(options.acquire_timeout)
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
+async fn listen(pool: &PgPool, channel: &str, key: &str) -> Result<PgListener> {
+    let err = |e| store_error("watch", key, e);
+    let mut listener = PgListener::connect_with(pool).await.map_err(err)?;
+    listener.listen(channel).await.map_err(err)?;
+    Ok(listener)
+}
+
+/// The watch task: forwards each notification's payload (a key) to the broadcast channel
+/// until the store is dropped, re-listening with backoff when the connection fails.
+async fn forward_notifications(
+    mut listener: PgListener,
+    pool: PgPool,
+    channel: String,
+    changes: broadcast::Sender<LeaseChange>,
+    watched: Arc<Mutex<HashSet<String>>>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    // After a reconnection, changes made while disconnected were missed: tell every watcher
+    // of every watched key to re-read.
+    let resync = || {
+        let keys: Vec<String> = watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect();
+        for key in keys {
+            let _ = changes.send(LeaseChange { key });
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            _ = &mut stopped => break,
+            next = listener.try_recv() => next,
+        };
+        match next {
+            Ok(Some(notification)) => {
+                let key = notification.payload().to_owned();
+                tracing::debug!(store = KIND, %key, "lease change notified");
+                let _ = changes.send(LeaseChange { key });
+            }
+            Ok(None) => {
+                // sqlx reconnected and re-listened before returning.
+                tracing::warn!(
+                    store = KIND,
+                    %channel,
+                    "lease listener reconnected; changes made meanwhile were missed"
+                );
+                resync();
+            }
+            Err(error) => {
+                tracing::warn!(store = KIND, %channel, %error, "lease listener failed; reconnecting");
+                let mut backoff = Backoff::new(BackoffConfig::default());
+                listener = loop {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    match listen(&pool, &channel, "").await {
+                        Ok(listener) => break listener,
+                        Err(error) => {
+                            tracing::debug!(store = KIND, %channel, %error, "lease listener still down");
+                        }
+                    }
+                };
+                tracing::info!(store = KIND, %channel, "lease listener reconnected");
+                resync();
+            }
+        }
+    }
+    tracing::debug!(store = KIND, %channel, "lease listener stopped");
+    // Closing the pool closes the listener's connection instead of leaving it to idle out.
+    drop(listener);
+    pool.close().await;
+}
+
+fn store_error(op: &'static str, key: &str, source: sqlx::Error) -> Error {
+    Error::Store {
+        store: KIND,
+        op,
+        key: key.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+fn corrupt(key: &str, detail: String) -> Error {
+    Error::Corrupt {
+        store: KIND,
+        key: key.to_owned(),
+        detail,
+    }
+}
+
+fn decode<'r, T>(row: &'r PgRow, column: &str, key: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(column)
+        .map_err(|e| corrupt(key, format!("column `{column}`: {e}")))
+}
+
+fn token(value: i64, key: &str) -> Result<FencingToken> {
+    u64::try_from(value)
+        .ok()
+        .filter(|&t| t > 0)
+        .map(FencingToken)
+        .ok_or_else(|| corrupt(key, format!("token {value} is not positive")))
+}
+
+fn remaining(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// A duration as whole microseconds (PostgreSQL's resolution), rounded up so a tiny TTL is
+/// not zero, saturating.
+fn micros(d: Duration) -> i64 {
+    let rounded = d.as_micros() + u128::from(!d.subsec_nanos().is_multiple_of(1000));
+    i64::try_from(rounded).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl LeaseStore for PostgresLeaseStore {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn acquire(
+        &self,
+        key: &str,
+        holder: &NodeId,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<Acquire> {
+        with_timeout(KIND, "acquire", key, timeout, async {
+            let sql = &self.inner.sql;
+            for attempt in 1..=ACQUIRE_ATTEMPTS {
+                let row = sqlx::query(&sql.acquire)
+                    .bind(key)
+                    .bind(holder.as_str())
+                    .bind(micros(ttl))
+                    .bind(self.inner.options.channel_name())
+                    .fetch_optional(&self.inner.pool)
+                    .await
+                    .map_err(|e| store_error("acquire", key, e))?;
+                if let Some(row) = row {
+                    let tok = token(decode(&row, "token", key)?, key)?;
+                    if decode::<bool>(&row, "granted", key)? {
+                        tracing::debug!(store = KIND, key, %holder, token = %tok, "lease acquired");
+                        return Ok(Acquire::Acquired(tok));
+                    }
+                    let info = LeaseInfo {
+                        holder: NodeId::new(decode::<String>(&row, "holder", key)?),
+                        token: tok,
+                        remaining: remaining(decode(&row, "remaining_ms", key)?),
+                    };
+                    tracing::debug!(store = KIND, key, %holder, held_by = %info.holder, "lease held");
+                    return Ok(Acquire::Held(info));
+                }
+                // Refused, yet our snapshot showed no live holder: a concurrent statement
+                // changed the row after our snapshot was taken. Look again with a fresh one.
+                if let Some(info) = self.read_row("acquire", key).await? {
+                    tracing::debug!(store = KIND, key, %holder, held_by = %info.holder, "lease held");
+                    return Ok(Acquire::Held(info));
+                }
+                tracing::debug!(store = KIND, key, %holder, attempt, "acquire raced; retrying");
+            }
+            Err(Error::Store {
+                store: KIND,
+                op: "acquire",
+                key: key.to_owned(),
+                source: format!(
+                    "no grant and no live holder in {ACQUIRE_ATTEMPTS} attempts: the row kept \
+                     changing, or it holds a token the sequence is behind of"
+                )
+                .into(),
+            })
+        })
+        .await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        holder: &NodeId,
+        token: FencingToken,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<bool> {
+        with_timeout(KIND, "renew", key, timeout, async {
+            let Ok(token_value) = i64::try_from(token.get()) else {
+                // No token this store issued is that large.
+                return Ok(false);
+            };
+            let done = sqlx::query(&self.inner.sql.renew)
+                .bind(key)
+                .bind(holder.as_str())
+                .bind(token_value)
+                .bind(micros(ttl))
+                .execute(&self.inner.pool)
+                .await
+                .map_err(|e| store_error("renew", key, e))?;
+            let renewed = done.rows_affected() == 1;
+            tracing::debug!(store = KIND, key, %holder, %token, renewed, "lease renew");
+            Ok(renewed)
+        })
+        .await
+    }
+
+    async fn release(
+        &self,
+        key: &str,
+        holder: &NodeId,
+        token: FencingToken,
+        timeout: Duration,
+    ) -> Result<bool> {
+        with_timeout(KIND, "release", key, timeout, async {
+            let Ok(token_value) = i64::try_from(token.get()) else {
+                return Ok(false);
+            };
+            let row = sqlx::query(&self.inner.sql.release)
+                .bind(key)
+                .bind(holder.as_str())
+                .bind(token_value)
+                .bind(self.inner.options.channel_name())
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(|e| store_error("release", key, e))?;
+            let released = row.is_some();
+            tracing::debug!(store = KIND, key, %holder, %token, released, "lease release");
+            Ok(released)
+        })
+        .await
+    }
+
+    async fn read(&self, key: &str, timeout: Duration) -> Result<Option<LeaseInfo>> {
+        with_timeout(KIND, "read", key, timeout, async {
+            let info = self.read_row("read", key).await?;
+            tracing::debug!(store = KIND, key, holder = ?info.as_ref().map(|i| &i.holder), "lease read");
+            Ok(info)
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        group: &str,
+        node: &NodeId,
+        meta: &BTreeMap<String, String>,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<()> {
+        with_timeout(KIND, "heartbeat", group, timeout, async {
+            let (keys, values): (Vec<&str>, Vec<&str>) =
+                meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+            sqlx::query(&self.inner.sql.heartbeat)
+                .bind(group)
+                .bind(node.as_str())
+                .bind(keys)
+                .bind(values)
+                .bind(micros(ttl))
+                .execute(&self.inner.pool)
+                .await
+                .map_err(|e| store_error("heartbeat", group, e))?;
+            tracing::debug!(store = KIND, group, %node, "member heartbeat");
+            Ok(())
+        })
+        .await
+    }
+
+    async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
+        with_timeout(KIND, "members", group, timeout, async {
+            let rows = sqlx::query(&self.inner.sql.list_members)
+                .bind(group)
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(|e| store_error("members", group, e))?;
+            rows.iter()
+                .map(|row| {
+                    let node: String = decode(row, "node", group)?;
+                    let keys: Vec<String> = decode(row, "meta_keys", group)?;
+                    let values: Vec<String> = decode(row, "meta_values", group)?;
+                    if keys.len() != values.len() {
+                        return Err(corrupt(
+                            group,
+                            format!("member {node}: meta keys and values differ in length"),
+                        ));
+                    }
+                    Ok(Member {
+                        node: NodeId::new(node),
+                        meta: keys.into_iter().zip(values).collect(),
+                        remaining: remaining(decode(row, "remaining_ms", group)?),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Subscribes to grants and releases on the store's channel (all keys: filter on
+    /// [`LeaseChange::key`]). The first call starts the listener and returns once it is
+    /// `LISTEN`ing, so every change committed after the call returns is delivered (while the
+    /// connection holds; see the type's docs).
+    async fn watch(&self, key: &str) -> Result<Option<LeaseWatch>> {
+        let timeout = self.inner.options.acquire_timeout;
+        with_timeout(KIND, "watch", key, timeout, async {
+            let mut slot = self.inner.watcher.lock().await;
+            let watcher = match slot.take() {
+                Some(watcher) => watcher,
+                None => {
+                    let watcher = self.start_watcher(key).await?;
+                    tracing::debug!(store = KIND, key, "lease listener started");
+                    watcher
+                }
+            };
+            watcher
+                .watched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key.to_owned());
+            let changes = watcher.changes.subscribe();
+            *slot = Some(watcher);
+            Ok(Some(changes))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_reject_names_that_would_need_escaping() {
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a\"b",
+            "a'b",
+            &"x".repeat(MAX_TABLE_NAME + 1),
+        ] {
+            let err = PostgresLeaseStoreOptions::new()
+                .table(bad)
+                .validate()
+                .unwrap_err();
+            assert!(err.to_string().contains("table"), "{err}");
+        }
+        assert!(
+            PostgresLeaseStoreOptions::new()
+                .schema("bad schema")
+                .validate()
+                .is_err()
+        );
+        PostgresLeaseStoreOptions::new()
+            .schema("ha_2")
+            .table("Leases_x")
+            .validate()
+            .expect("plain identifiers are fine");
+    }
+
+    #[test]
+    fn statements_use_quoted_qualified_names() {
+        let sql = Statements::new(&PostgresLeaseStoreOptions::new().schema("ha").table("l"));
+        assert!(sql.acquire.contains("INSERT INTO \"ha\".\"l\" AS cur"));
+        assert!(sql.acquire.contains("nextval('\"ha\".\"l_token_seq\"')"));
+        let migration = sql.migration_sql(&MIGRATIONS[0]);
+        assert!(!migration.contains("{{"), "{migration}");
+        assert!(migration.contains("CREATE TABLE IF NOT EXISTS \"ha\".\"l\""));
+    }
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[tokio::test]
+    async fn futures_are_send_so_callers_can_spawn_them() {
+        let connect = PostgresLeaseStore::connect("postgres://nowhere");
+        assert_send(&connect);
+        let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
+        let store = PostgresLeaseStore::from_pool(pool);
+        assert_send(&store.migrate());
+        assert_send(&store.watch("k"));
+    }
+
+    #[test]
+    fn ttl_microseconds_round_up_and_saturate() {
+        assert_eq!(micros(Duration::from_millis(300)), 300_000);
+        assert_eq!(micros(Duration::from_nanos(1)), 1);
+        assert_eq!(micros(Duration::MAX), i64::MAX);
+    }
+}
