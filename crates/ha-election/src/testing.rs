@@ -305,11 +305,12 @@ pub async fn concurrent_acquires_have_one_winner(store: &dyn LeaseStore) {
 /// A store that can push changes tells a watcher about a release.
 pub async fn watch_reports_release(store: &dyn LeaseStore) {
     let key = unique_key("watch");
+    // Subscribe after the grant, so only the release can satisfy the case.
+    let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
     let Some(mut watch) = store.watch(&key).await.expect("watch") else {
         // The store polls; nothing to check here. Its docs must say so.
         return;
     };
-    let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
     assert!(
         store
             .release(&key, &node("a"), token, OP_TIMEOUT)
