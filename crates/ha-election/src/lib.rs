@@ -2,8 +2,9 @@
 //!
 //! A [`LeaseStore`] holds named leases — each held by at most one node, with a TTL measured by
 //! the store's own clock and a [`FencingToken`](ha_core::FencingToken) that grows with every
-//! acquisition. Stores: [`MemoryLeaseStore`] (in-process, the embedded default); Redis and
-//! PostgreSQL stores follow. Every store passes the same conformance suite ([`testing`]).
+//! acquisition. Stores: [`MemoryLeaseStore`] (in-process, the embedded default) and
+//! [`RedisLeaseStore`] (Redis standalone or behind Sentinel, via fred); a PostgreSQL store
+//! follows. Every store passes the same conformance suite ([`testing`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -29,9 +30,11 @@
 
 pub mod error;
 pub mod memory;
+pub mod redis;
 pub mod store;
 pub mod testing;
 
 pub use error::{Error, Result};
 pub use memory::MemoryLeaseStore;
+pub use redis::RedisLeaseStore;
 pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, with_timeout};
