@@ -254,7 +254,7 @@ impl RedisLeaseStore {
     /// # }
     /// ```
     pub async fn connect(url: &str) -> Result<Self> {
-        let config = Config::from_url(url).map_err(|e| store_error("connect", url, e))?;
+        let config = Config::from_url(url).map_err(|e| store_error("connect", &redact(url), e))?;
         let mut settings = Settings::new(config.server.clone());
         settings.config = Config {
             fail_fast: true,
