@@ -4,9 +4,10 @@
 //! the store's own clock and a [`FencingToken`](ha_core::FencingToken) that grows with every
 //! acquisition. Stores:
 //! - [`MemoryLeaseStore`]: in-process, the embedded default;
+//! - [`RedisLeaseStore`]: Redis standalone or behind Sentinel (fred), one Lua script round trip
+//!   per operation, timed by Redis's `PX` expiry;
 //! - [`PostgresLeaseStore`]: a table, a token sequence and `LISTEN`/`NOTIFY` in PostgreSQL
-//!   (sqlx), timed by the database's `now()`;
-//! - a Redis store follows.
+//!   (sqlx), timed by the database's `now()`.
 //!
 //! Every store passes the same conformance suite ([`testing`]).
 //!
@@ -39,6 +40,7 @@ pub mod fence;
 pub mod memory;
 pub mod pg_fence;
 pub mod postgres;
+pub mod redis;
 pub mod store;
 pub mod testing;
 
@@ -49,4 +51,5 @@ pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
 pub use pg_fence::PgFence;
 pub use postgres::{PostgresLeaseStore, PostgresLeaseStoreOptions};
+pub use redis::RedisLeaseStore;
 pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};

@@ -1,0 +1,760 @@
+//! `RedisLeaseStore`: leases in Redis (standalone or behind Sentinel), one Lua script call per
+//! operation, fencing tokens floored by the server's clock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::clients::SubscriberClient;
+use fred::prelude::{
+    Client, ClientLike, Config, ConnectionConfig, EventInterface, LuaInterface, PerformanceConfig,
+    PubsubInterface, ReconnectPolicy, ServerConfig, TcpConfig,
+};
+use fred::types::config::UnresponsiveConfig;
+use fred::types::{ConnectHandle, Value};
+use ha_core::{FencingToken, NodeId};
+use tokio::sync::{OnceCell, broadcast};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
+
+const KIND: &str = "redis";
+
+/// The lease script (see `lease.lua` next to this file for its contract).
+const SCRIPT: &str = include_str!("lease.lua");
+
+/// Where acquire and release announce a change; the payload is the lease key.
+pub const CHANGE_CHANNEL: &str = "ha:lease-changes";
+
+/// Prefix of every key this store writes: `ha:lease:{<key>}` holds the record and
+/// `ha:lease:{<key>}:token` the last token. The braces keep both in one cluster hash slot.
+pub const KEY_PREFIX: &str = "ha:lease:";
+
+/// Bounds the TCP connect (and, for Sentinel, each sentinel query) of every (re)connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A connection with a command unanswered for this long is closed and reopened: it is most
+/// likely half-open (a partition, a frozen server), and later commands must not queue behind it.
+pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
+
+/// Bounds `connect` as a whole: the first connection, `SCRIPT LOAD`, and for Sentinel the
+/// master lookup.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Capacity of each watched key's change channel; a slow watcher is told it lagged.
+const WATCH_CAPACITY: usize = 64;
+
+/// The record key of lease `key`.
+pub fn record_key(key: &str) -> String {
+    format!("{KEY_PREFIX}{{{key}}}")
+}
+
+/// The key holding the last token handed out for lease `key` (no expiry).
+pub fn counter_key(key: &str) -> String {
+    format!("{KEY_PREFIX}{{{key}}}:token")
+}
+
+/// The sorted set of members of `group`, scored by expiry (server milliseconds).
+pub fn members_key(group: &str) -> String {
+    format!("ha:members:{{{group}}}")
+}
+
+/// The hash of each member's meta in `group`.
+pub fn members_meta_key(group: &str) -> String {
+    format!("ha:members:{{{group}}}:meta")
+}
+
+/// Leases in Redis, through [fred](https://docs.rs/fred): a standalone server
+/// ([`connect`](Self::connect)) or the master of a Sentinel-managed set
+/// ([`connect_sentinel`](Self::connect_sentinel)).
+///
+/// # How it meets the [`LeaseStore`] rules
+///
+/// - **Store clock.** A lease is one string key `ha:lease:{<key>}` = `<token>\n<holder>` with a
+///   `PX` expiry: Redis's clock decides when it lapses, never the client's.
+/// - **Atomic, one round trip.** acquire, renew, release and read are each one `EVALSHA` of a
+///   single Lua script (loaded with `SCRIPT LOAD` at connect). A script runs atomically, so
+///   check-and-set cannot interleave with another client. If the server forgot the script (a
+///   restart, a failover to a node that never loaded it, `SCRIPT FLUSH`) the `NOSCRIPT` reply
+///   makes the store load it again and retry once: two extra round trips, only then.
+/// - **Compare-and-set.** renew and release compare the whole record with the expected
+///   `<token>\n<holder>`; an expired key reads as absent, so an expired lease neither renews
+///   nor releases.
+/// - **Tokens only grow, even across data loss.** acquire takes
+///   `token = max(last + 1, TIME in µs)`, where `last` is the per-key counter
+///   `ha:lease:{<key>}:token` (no expiry) and `TIME` is the server's clock, then stores the token
+///   as the new `last`. If the counter is lost (restart without persistence, a failover that
+///   lost the write) the floor still exceeds every earlier token, provided that
+///   1. the server's clock (after a failover: the new master's clock) is not behind the clock
+///      that issued the earlier tokens — a clock step backwards, or a new master whose clock
+///      lags the old one, by more than the outage breaks it; and
+///   2. tokens did not run ahead of the clock by more than the outage lasted. They only run
+///      ahead when one key is acquired more than once per microsecond on average; each
+///      acquisition needs a release or an expiry and a round trip first, so in practice the
+///      lead is zero and any outage (a restart takes milliseconds) suffices.
+///
+///   Tokens are microseconds since the Unix epoch (about 1.7 × 10^15), exact in the script's
+///   Lua doubles below 2^53, i.e. until the year 2255.
+/// - **Timeouts.** Every operation runs under [`with_timeout`] and fails with
+///   [`Error::Timeout`] naming the operation and key. A timed-out operation may still have been
+///   applied by the server.
+///
+/// fred's own settings: connect timeout [`CONNECT_TIMEOUT`]; a connection whose command stays
+/// unanswered for [`UNRESPONSIVE_AFTER`] is dropped and reopened; reconnects back off
+/// exponentially from 50 ms to 2 s with jitter and never give up; no command timeout of fred's
+/// own (each operation's `timeout` governs); and each command is written at most once — fred does
+/// not resend a lease operation after a connection broke mid-flight (the caller, normally the
+/// elector, decides whether to retry; a resent acquire would only ever see its own lease).
+///
+/// # Across a Sentinel failover
+///
+/// Redis replication is asynchronous, and this store does not use `WAIT` or rely on
+/// `min-replicas-to-write`. So a lease write the old master acknowledged may be missing on the
+/// promoted replica. What that means:
+///
+/// - **Not guaranteed: one holder *in Redis*.** If an acquire or renew was lost, the new master
+///   may grant the lease to another node while the old holder still believes its lease runs.
+///   Two nodes can then both hold the lease, each by its own store's view, for at most the old
+///   lease's TTL.
+/// - **Guaranteed by the elector: bounded overlap of *acting*.** The old holder stops acting as
+///   leader at its local deadline (computed from when its last successful acquire/renew was
+///   *sent*, minus a drift margin), and any renew it sends to the new master fails the
+///   compare-and-set. So it acts for at most one TTL after its last successful renewal.
+/// - **Holds in practice: fencing.** The new holder's token comes from the new master's clock
+///   floor (or its replicated counter + 1), so it is greater than the old holder's token as long
+///   as the two masters' clocks are synchronised to within the failover time (seconds: Sentinel
+///   first waits out `down-after-milliseconds`). Downstream writes checked with fencing tokens
+///   therefore reject the old leader even during the overlap.
+///
+/// Mitigation not used here: running `WAIT 1 <ms>` after each acquire/renew (or configuring
+/// `min-replicas-to-write` on the master) makes the write reach a replica before it counts,
+/// which narrows — but, with asynchronous replication and Sentinel's choice of replica, does not
+/// close — the window; it costs a second round trip per operation and blocks leases when all
+/// replicas are down. Use it on the server side (`min-replicas-to-write 1`,
+/// `min-replicas-max-lag`) if that trade is right for you; this store then sees the master's
+/// `NOREPLICAS` refusals as [`Error::Store`].
+///
+/// # Watching
+///
+/// [`watch`](LeaseStore::watch) opens one extra connection (a fred subscriber client, on the
+/// first call) subscribed to [`CHANGE_CHANNEL`], where acquire and release publish the lease key
+/// in the same script. Redis pub/sub is fire-and-forget: a notification published while that
+/// connection is down (a reconnect, a failover) is lost. After every reconnect the store
+/// resubscribes and then sends a [`LeaseChange`] for each watched key, so watchers re-check
+/// instead of waiting for their next poll; followers must still poll, since an *expiry* is never
+/// published at all.
+#[derive(Clone)]
+pub struct RedisLeaseStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    /// The router task of `client`; aborted on drop so a dropped store stops reconnecting.
+    connection: ConnectHandle,
+    sha: String,
+    target: String,
+    config: Settings,
+    watcher: OnceCell<Watcher>,
+}
+
+/// Everything needed to open another connection like the first one (for the subscriber).
+#[derive(Clone)]
+struct Settings {
+    config: Config,
+    performance: PerformanceConfig,
+    connection: ConnectionConfig,
+    reconnect: ReconnectPolicy,
+}
+
+type Senders = Arc<Mutex<HashMap<String, broadcast::Sender<LeaseChange>>>>;
+
+struct Watcher {
+    senders: Senders,
+    tasks: Vec<JoinHandle<()>>,
+    connection: ConnectHandle,
+}
+
+impl fmt::Debug for RedisLeaseStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLeaseStore")
+            .field("target", &self.inner.target)
+            .field("script", &self.inner.sha)
+            .field("watching", &self.inner.watcher.initialized())
+            .finish()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.connection.abort();
+        if let Some(watcher) = self.watcher.get() {
+            watcher.connection.abort();
+            for task in &watcher.tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Settings {
+    fn new(server: ServerConfig) -> Self {
+        let config = Config {
+            server,
+            // Report a first connection that fails instead of retrying silently.
+            fail_fast: true,
+            ..Config::default()
+        };
+        let connection = ConnectionConfig {
+            connection_timeout: CONNECT_TIMEOUT,
+            internal_command_timeout: CONNECT_TIMEOUT,
+            // Never write a lease operation twice on the caller's behalf.
+            max_command_attempts: 1,
+            unresponsive: UnresponsiveConfig {
+                max_timeout: Some(UNRESPONSIVE_AFTER),
+                interval: Duration::from_secs(1),
+            },
+            tcp: TcpConfig {
+                nodelay: Some(true),
+                ..TcpConfig::default()
+            },
+            ..ConnectionConfig::default()
+        };
+        let mut reconnect = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);
+        reconnect.set_jitter(50);
+        Self {
+            config,
+            performance: PerformanceConfig::default(),
+            connection,
+            reconnect,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(
+            self.config.clone(),
+            Some(self.performance.clone()),
+            Some(self.connection.clone()),
+            Some(self.reconnect.clone()),
+        )
+    }
+
+    fn subscriber(&self) -> SubscriberClient {
+        SubscriberClient::new(
+            self.config.clone(),
+            Some(self.performance.clone()),
+            Some(self.connection.clone()),
+            Some(self.reconnect.clone()),
+        )
+    }
+}
+
+impl RedisLeaseStore {
+    /// Connects to a standalone server at `url` (`redis://[user:password@]host:port[/db]`) and
+    /// loads the lease script.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), ha_election::Error> {
+    /// let store = ha_election::RedisLeaseStore::connect("redis://127.0.0.1:6379").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config = Config::from_url(url).map_err(|e| store_error("connect", &redact(url), e))?;
+        let mut settings = Settings::new(config.server.clone());
+        settings.config = Config {
+            fail_fast: true,
+            ..config
+        };
+        Self::start(settings, redact(url)).await
+    }
+
+    /// Connects to the master that the Sentinels at `sentinels` know as `master_name`, and
+    /// loads the lease script. After a failover fred asks the sentinels again and reconnects
+    /// to the new master.
+    pub async fn connect_sentinel(sentinels: &[SocketAddr], master_name: &str) -> Result<Self> {
+        let hosts = sentinels
+            .iter()
+            .map(|addr| (addr.ip().to_string(), addr.port()))
+            .collect();
+        let server = ServerConfig::new_sentinel(hosts, master_name);
+        let list: Vec<String> = sentinels.iter().map(ToString::to_string).collect();
+        let target = format!("sentinel {master_name} via {}", list.join(","));
+        Self::start(Settings::new(server), target).await
+    }
+
+    async fn start(settings: Settings, target: String) -> Result<Self> {
+        with_timeout(KIND, "connect", &target, CONNECT_DEADLINE, async {
+            let client = settings.client();
+            let connection = client
+                .init()
+                .await
+                .map_err(|e| store_error("connect", &target, e))?;
+            let sha = match client.script_load::<String, _>(SCRIPT).await {
+                Ok(sha) => sha,
+                Err(e) => {
+                    connection.abort();
+                    return Err(store_error("connect", &target, e));
+                }
+            };
+            tracing::debug!(store = KIND, %target, script = %sha, "connected; lease script loaded");
+            Ok(Self {
+                inner: Arc::new(Inner {
+                    client,
+                    connection,
+                    sha,
+                    target: target.clone(),
+                    config: settings,
+                    watcher: OnceCell::new(),
+                }),
+            })
+        })
+        .await
+    }
+
+    /// Runs the lease script for `op` on `key`: one `EVALSHA`, plus `SCRIPT LOAD` and a second
+    /// `EVALSHA` if the server answers `NOSCRIPT`.
+    async fn run(&self, op: &'static str, key: &str, args: Vec<String>) -> Result<Value> {
+        self.run_on(op, key, vec![record_key(key), counter_key(key)], args)
+            .await
+    }
+
+    /// Runs the script for `op` with explicit `keys` (`key` names the subject in errors).
+    async fn run_on(
+        &self,
+        op: &'static str,
+        key: &str,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value> {
+        let client = &self.inner.client;
+        let first = client
+            .evalsha::<Value, _, _, _>(self.inner.sha.as_str(), keys.clone(), args.clone())
+            .await;
+        let reply = match first {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                tracing::debug!(
+                    store = KIND,
+                    op,
+                    key,
+                    "server lost the lease script; reloading"
+                );
+                client
+                    .script_load::<String, _>(SCRIPT)
+                    .await
+                    .map_err(|e| self.error(op, key, e))?;
+                client
+                    .evalsha::<Value, _, _, _>(self.inner.sha.as_str(), keys, args)
+                    .await
+            }
+            other => other,
+        };
+        reply.map_err(|e| self.error(op, key, e))
+    }
+
+    fn error(&self, op: &'static str, key: &str, error: fred::error::Error) -> Error {
+        let details = error.details();
+        if details.starts_with("CORRUPT") || details.starts_with("WRONGTYPE") {
+            return Error::Corrupt {
+                store: KIND,
+                key: key.to_owned(),
+                detail: details.to_owned(),
+            };
+        }
+        store_error(op, key, error)
+    }
+
+    async fn watcher(&self) -> Result<&Watcher> {
+        self.inner
+            .watcher
+            .get_or_try_init(|| Watcher::start(&self.inner.config, &self.inner.target))
+            .await
+    }
+}
+
+impl Watcher {
+    async fn start(settings: &Settings, target: &str) -> Result<Self> {
+        with_timeout(KIND, "watch", CHANGE_CHANNEL, CONNECT_DEADLINE, async {
+            let subscriber = settings.subscriber();
+            let connection = subscriber
+                .init()
+                .await
+                .map_err(|e| store_error("watch", target, e))?;
+            // Taken before subscribing, so no message published after SUBSCRIBE returns is missed.
+            let mut messages = subscriber.message_rx();
+            let mut reconnects = subscriber.reconnect_rx();
+            if let Err(e) = subscriber.subscribe(CHANGE_CHANNEL).await {
+                connection.abort();
+                return Err(store_error("watch", target, e));
+            }
+            let senders = Senders::default();
+            let forward = tokio::spawn({
+                let senders = senders.clone();
+                async move {
+                    loop {
+                        match messages.recv().await {
+                            Ok(message) => {
+                                if let Some(key) = message.value.as_str() {
+                                    notify(&senders, Some(&key));
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                                tracing::debug!(store = KIND, missed, "lease change feed lagged");
+                                notify(&senders, None);
+                            }
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        }
+                    }
+                }
+            });
+            let resubscribe = tokio::spawn({
+                let senders = senders.clone();
+                let subscriber = subscriber.clone();
+                async move {
+                    loop {
+                        match reconnects.recv().await {
+                            Ok(server) => {
+                                if let Err(e) = subscriber.resubscribe_all().await {
+                                    tracing::warn!(store = KIND, %server, error = %e, "resubscribing to lease changes failed");
+                                }
+                                tracing::debug!(store = KIND, %server, "lease change feed reconnected; telling every watcher to re-check");
+                                // Changes published while disconnected are lost: say "maybe".
+                                notify(&senders, None);
+                            }
+                            Err(broadcast::error::RecvError::Lagged(_)) => notify(&senders, None),
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        }
+                    }
+                }
+            });
+            Ok(Self {
+                senders,
+                tasks: vec![forward, resubscribe],
+                connection,
+            })
+        })
+        .await
+    }
+
+    fn subscribe(&self, key: &str) -> LeaseWatch {
+        let mut senders = self.senders.lock().unwrap_or_else(PoisonError::into_inner);
+        senders
+            .entry(key.to_owned())
+            .or_insert_with(|| broadcast::channel(WATCH_CAPACITY).0)
+            .subscribe()
+    }
+}
+
+/// Tells the watchers of `key` (of every key if `None`) that it changed; forgets keys nobody
+/// watches any more.
+fn notify(senders: &Senders, key: Option<&str>) {
+    let mut senders = senders.lock().unwrap_or_else(PoisonError::into_inner);
+    match key {
+        Some(key) => {
+            if let Some(sender) = senders.get(key) {
+                let change = LeaseChange {
+                    key: key.to_owned(),
+                };
+                if sender.send(change).is_err() {
+                    senders.remove(key);
+                }
+            }
+        }
+        None => senders.retain(|key, sender| sender.send(LeaseChange { key: key.clone() }).is_ok()),
+    }
+}
+
+fn store_error(op: &'static str, key: &str, error: fred::error::Error) -> Error {
+    Error::Store {
+        store: KIND,
+        op,
+        key: key.to_owned(),
+        source: Box::new(error),
+    }
+}
+
+/// The URL without its password, for logs and errors.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn ttl_millis(ttl: Duration) -> String {
+    // PX and PEXPIRE refuse 0; a sub-millisecond lease is a 1 ms lease.
+    ttl.as_millis().clamp(1, u128::from(u64::MAX)).to_string()
+}
+
+fn record(holder: &NodeId, token: FencingToken) -> String {
+    format!("{}\n{}", token.get(), holder.as_str())
+}
+
+fn corrupt(key: &str, detail: impl Into<String>) -> Error {
+    Error::Corrupt {
+        store: KIND,
+        key: key.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+fn text(key: &str, value: &Value, what: &str) -> Result<String> {
+    value
+        .as_str()
+        .map(|s| s.into_owned())
+        .ok_or_else(|| corrupt(key, format!("{what}: expected a string, got {value:?}")))
+}
+
+fn integer(key: &str, value: &Value, what: &str) -> Result<i64> {
+    value
+        .as_i64()
+        .ok_or_else(|| corrupt(key, format!("{what}: expected an integer, got {value:?}")))
+}
+
+fn parse_token(key: &str, text: &str) -> Result<FencingToken> {
+    text.parse()
+        .map(FencingToken)
+        .map_err(|_| corrupt(key, format!("token {text:?} is not an unsigned integer")))
+}
+
+/// Parses a lease record `<token>\n<holder>` and its `PTTL`.
+fn parse_info(key: &str, record: &Value, pttl: &Value) -> Result<LeaseInfo> {
+    let record = text(key, record, "lease record")?;
+    let Some((token, holder)) = record.split_once('\n') else {
+        return Err(corrupt(
+            key,
+            format!("record {record:?} is not `<token>\\n<holder>`"),
+        ));
+    };
+    let pttl = integer(key, pttl, "PTTL")?;
+    let Ok(remaining) = u64::try_from(pttl) else {
+        return Err(corrupt(
+            key,
+            format!("the lease record has no expiry (PTTL {pttl})"),
+        ));
+    };
+    Ok(LeaseInfo {
+        holder: NodeId::new(holder),
+        token: parse_token(key, token)?,
+        remaining: Duration::from_millis(remaining),
+    })
+}
+
+fn flag(key: &str, value: &Value) -> Result<bool> {
+    match integer(key, value, "script reply")? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(corrupt(key, format!("script answered {other}, not 0 or 1"))),
+    }
+}
+
+#[async_trait]
+impl LeaseStore for RedisLeaseStore {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn acquire(
+        &self,
+        key: &str,
+        holder: &NodeId,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<Acquire> {
+        with_timeout(KIND, "acquire", key, timeout, async {
+            let args = vec![
+                "acquire".to_owned(),
+                holder.as_str().to_owned(),
+                ttl_millis(ttl),
+                CHANGE_CHANNEL.to_owned(),
+                key.to_owned(),
+            ];
+            let reply = self.run("acquire", key, args).await?;
+            let items = match &reply {
+                Value::Array(items) => items.as_slice(),
+                _ => &[],
+            };
+            let outcome = match items {
+                [granted, token] if integer(key, granted, "acquire flag")? == 1 => {
+                    Acquire::Acquired(parse_token(key, &text(key, token, "token")?)?)
+                }
+                [granted, record, pttl] if integer(key, granted, "acquire flag")? == 0 => {
+                    Acquire::Held(parse_info(key, record, pttl)?)
+                }
+                _ => return Err(corrupt(key, format!("acquire answered {reply:?}"))),
+            };
+            tracing::debug!(store = KIND, key, %holder, ?outcome, "acquire");
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        holder: &NodeId,
+        token: FencingToken,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<bool> {
+        with_timeout(KIND, "renew", key, timeout, async {
+            let args = vec!["renew".to_owned(), record(holder, token), ttl_millis(ttl)];
+            let renewed = flag(key, &self.run("renew", key, args).await?)?;
+            tracing::debug!(store = KIND, key, %holder, %token, renewed, "renew");
+            Ok(renewed)
+        })
+        .await
+    }
+
+    async fn release(
+        &self,
+        key: &str,
+        holder: &NodeId,
+        token: FencingToken,
+        timeout: Duration,
+    ) -> Result<bool> {
+        with_timeout(KIND, "release", key, timeout, async {
+            let args = vec![
+                "release".to_owned(),
+                record(holder, token),
+                CHANGE_CHANNEL.to_owned(),
+                key.to_owned(),
+            ];
+            let released = flag(key, &self.run("release", key, args).await?)?;
+            tracing::debug!(store = KIND, key, %holder, %token, released, "release");
+            Ok(released)
+        })
+        .await
+    }
+
+    async fn read(&self, key: &str, timeout: Duration) -> Result<Option<LeaseInfo>> {
+        with_timeout(KIND, "read", key, timeout, async {
+            let reply = self.run("read", key, vec!["read".to_owned()]).await?;
+            let info = match &reply {
+                Value::Null => None,
+                Value::Array(items) => match items.as_slice() {
+                    [record, pttl] => Some(parse_info(key, record, pttl)?),
+                    _ => return Err(corrupt(key, format!("read answered {reply:?}"))),
+                },
+                _ => return Err(corrupt(key, format!("read answered {reply:?}"))),
+            };
+            tracing::debug!(store = KIND, key, ?info, "read");
+            Ok(info)
+        })
+        .await
+    }
+
+    async fn watch(&self, key: &str) -> Result<Option<LeaseWatch>> {
+        let watch = self.watcher().await?.subscribe(key);
+        tracing::debug!(store = KIND, key, "watching");
+        Ok(Some(watch))
+    }
+
+    async fn heartbeat(
+        &self,
+        group: &str,
+        node: &NodeId,
+        meta: &BTreeMap<String, String>,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<()> {
+        with_timeout(KIND, "heartbeat", group, timeout, async {
+            let meta =
+                serde_json::to_string(meta).map_err(|e| corrupt(group, format!("meta: {e}")))?;
+            let keys = vec![members_key(group), members_meta_key(group)];
+            let args = vec![
+                "heartbeat".to_owned(),
+                node.to_string(),
+                ttl_millis(ttl),
+                meta,
+            ];
+            let reply = self.run_on("heartbeat", group, keys, args).await?;
+            flag(group, &reply)?;
+            tracing::debug!(store = KIND, group, %node, "member heartbeat");
+            Ok(())
+        })
+        .await
+    }
+
+    async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
+        with_timeout(KIND, "members", group, timeout, async {
+            let keys = vec![members_key(group), members_meta_key(group)];
+            let reply = self
+                .run_on("members", group, keys, vec!["members".to_owned()])
+                .await?;
+            let Value::Array(items) = &reply else {
+                return Err(corrupt(group, format!("members answered {reply:?}")));
+            };
+            items
+                .chunks(3)
+                .map(|row| {
+                    let [node, meta, remaining] = row else {
+                        return Err(corrupt(group, format!("members answered {reply:?}")));
+                    };
+                    let meta = text(group, meta, "member meta")?;
+                    let meta: BTreeMap<String, String> = serde_json::from_str(&meta)
+                        .map_err(|e| corrupt(group, format!("member meta {meta:?}: {e}")))?;
+                    Ok(Member {
+                        node: NodeId::new(text(group, node, "member")?),
+                        meta,
+                        remaining: Duration::from_millis(
+                            u64::try_from(integer(group, remaining, "member ttl")?).unwrap_or(0),
+                        ),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_holders_may_contain_newlines() {
+        let holder = NodeId::new("node\nwith newline");
+        let text = record(&holder, FencingToken(1_700_000_000_000_000));
+        let info = parse_info("k", &Value::String(text.into()), &Value::Integer(1500)).unwrap();
+        assert_eq!(info.holder, holder);
+        assert_eq!(info.token, FencingToken(1_700_000_000_000_000));
+        assert_eq!(info.remaining, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn unreadable_records_are_corrupt() {
+        for (record, pttl) in [
+            ("no-newline", 10),
+            ("abc\nnode", 10),
+            ("-1\nnode", 10),
+            ("5\nnode", -1),
+        ] {
+            let err =
+                parse_info("k", &Value::String(record.into()), &Value::Integer(pttl)).unwrap_err();
+            assert!(
+                matches!(err, Error::Corrupt { .. }),
+                "{record:?}/{pttl}: {err}"
+            );
+            assert!(!err.is_retryable());
+        }
+    }
+
+    #[test]
+    fn keys_share_a_hash_slot_and_urls_hide_passwords() {
+        assert_eq!(record_key("orders/leader"), "ha:lease:{orders/leader}");
+        assert_eq!(
+            counter_key("orders/leader"),
+            "ha:lease:{orders/leader}:token"
+        );
+        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(ttl_millis(Duration::from_micros(10)), "1");
+    }
+}
