@@ -5,8 +5,9 @@
 //! cargo run --release --example election-node -- --store memory --key K --node-id a --ttl 2s --retry 200ms
 //! ```
 //!
-//! `--store` is `memory` (a store private to this process, for trying it out) or a
-//! `redis://` / `postgres://` URL once those stores are built in. Each line is
+//! `--store` is `memory` (a store private to this process, for trying it out), a `redis://`
+//! URL or a `postgres://` URL; three nodes on one Redis or PostgreSQL elect one leader. Each
+//! line is
 //! `{"event":"acquired"|"renewed"|"lost"|"released","node":ID,"token":N,"mono_ns":T,
 //! "valid_until_mono_ns":D,"reason":R}` where the `*_mono_ns` fields are CLOCK_MONOTONIC
 //! nanoseconds (comparable across processes on one machine) and `valid_until_mono_ns` is this
@@ -18,7 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ha_core::{LossReason, NodeId};
-use ha_election::{Elector, ElectorConfig, ElectorEvent, LeaseStore, MemoryLeaseStore};
+use ha_election::{
+    Elector, ElectorConfig, ElectorEvent, LeaseStore, MemoryLeaseStore, PostgresLeaseStore,
+    RedisLeaseStore,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
@@ -58,10 +62,17 @@ fn parse_duration(flag: &str, text: &str) -> Result<Duration, String> {
 }
 
 async fn connect(url: &str) -> Result<Arc<dyn LeaseStore>, String> {
+    let failed = |e: ha_election::Error| format!("--store: {e}");
     match url.split("://").next().unwrap_or_default() {
         "memory" => Ok(Arc::new(MemoryLeaseStore::new())),
+        "redis" => Ok(Arc::new(
+            RedisLeaseStore::connect(url).await.map_err(failed)?,
+        )),
+        "postgres" | "postgresql" => Ok(Arc::new(
+            PostgresLeaseStore::connect(url).await.map_err(failed)?,
+        )),
         scheme => Err(format!(
-            "--store: unsupported store `{scheme}` (use memory)"
+            "--store: unsupported store `{scheme}` (use memory, redis://… or postgres://…)"
         )),
     }
 }
