@@ -254,8 +254,8 @@ impl Elector {
     }
 
     /// The live members of this election (every elector of the key, leader or not), as the
-    /// store knows them: each elector heartbeats every `renew_interval` with a `ttl` lifetime,
-    /// so a dead node drops out within one `ttl`.
+    /// store knows them: each elector heartbeats every `ttl / 3` with a `ttl` lifetime, so a
+    /// dead node drops out within one `ttl`.
     pub async fn members(&self) -> Result<Vec<Member>> {
         let config = &self.shared.config;
         self.shared
@@ -662,11 +662,12 @@ fn members_group(key: &str) -> String {
     format!("{key}/members")
 }
 
-/// Beats every `renew_interval` until shutdown. A store without membership is told once.
+/// Beats every `ttl / 3` until shutdown. A store without membership is told once.
 async fn heartbeats(shared: Arc<Shared>, shutdown: CancellationToken) {
     let config = &shared.config;
     let group = members_group(&config.key);
-    let mut tick = tokio::time::interval(config.renew_interval);
+    // A third of the TTL: a live member survives two lost beats, a dead one is gone within a TTL.
+    let mut tick = tokio::time::interval(config.ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -54,6 +54,9 @@ struct Shared {
     active: AtomicUsize,
     accepted: AtomicU64,
     dropped: AtomicU64,
+    /// Reads forwarded client → server: with request/response protocols and Nagle off, one
+    /// per request round trip.
+    requests: AtomicU64,
 }
 
 impl FaultProxy {
@@ -77,6 +80,7 @@ impl FaultProxy {
             active: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task_shared = Arc::clone(&shared);
@@ -144,6 +148,13 @@ impl FaultProxy {
     /// Connections accepted since start (including dropped ones).
     pub fn accepted_connections(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Chunks forwarded from clients to the server since start. A client that sends one
+    /// request and waits for its answer produces one chunk per round trip, so the difference
+    /// across N operations counts their round trips.
+    pub fn requests_forwarded(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
     }
 
     /// Connections closed on accept by [`ProxyMode::DropNew`].
@@ -229,8 +240,13 @@ async fn serve(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let up = pump(client_read, server_write, shared.mode.subscribe());
-    let down = pump(server_read, client_write, shared.mode.subscribe());
+    let up = pump(
+        client_read,
+        server_write,
+        shared.mode.subscribe(),
+        Some(&shared.requests),
+    );
+    let down = pump(server_read, client_write, shared.mode.subscribe(), None);
     tokio::select! {
         _ = cuts.changed() => {}
         _ = async { tokio::join!(up, down) } => {}
@@ -242,6 +258,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<ProxyMode>,
+    forwarded: Option<&AtomicU64>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -269,6 +286,9 @@ async fn pump(
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+        if let Some(counter) = forwarded {
+            counter.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -330,7 +350,13 @@ mod tests {
         let proxy = FaultProxy::start(echo_server().await).unwrap();
         let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
         assert_eq!(round_trip(&mut s, b"hello", LONG).await.unwrap(), b"hello");
+        assert_eq!(round_trip(&mut s, b"again", LONG).await.unwrap(), b"again");
         assert_eq!(proxy.active_connections(), 1);
+        assert_eq!(
+            proxy.requests_forwarded(),
+            2,
+            "one chunk per request round trip"
+        );
         drop(s);
         eventually("connection to close", || proxy.active_connections() == 0).await;
     }

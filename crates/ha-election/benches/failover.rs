@@ -1,0 +1,219 @@
+//! Failover benchmark: three electors on a real server (redis-server, then PostgreSQL), each
+//! through its own fault proxy, ttl 2 s, retry 200 ms. Prints `name value unit` lines:
+//! crash failover and graceful handover times over many trials, split-brain violations seen by
+//! a 1 ms invariant checker across all trials, and store round trips per renewal.
+//!
+//! `cargo bench -p ha-election --bench failover` (set `HA_BENCH_TRIALS` to change the trial
+//! count, default 20).
+#![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark prints; setup failures panic
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ha_core::NodeId;
+use ha_election::{Elector, ElectorConfig, LeaseStore, PostgresLeaseStore, RedisLeaseStore};
+use ha_testkit::{FaultProxy, PostgresServer, ProxyMode, RedisServer};
+use tokio::time::Instant;
+
+const TTL: Duration = Duration::from_secs(2);
+const RETRY: Duration = Duration::from_millis(200);
+
+type Connect = Arc<
+    dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = Arc<dyn LeaseStore>> + Send>> + Send + Sync,
+>;
+
+struct Node {
+    proxy: FaultProxy,
+    elector: Elector,
+}
+
+struct Bench {
+    upstream: SocketAddr,
+    connect: Connect,
+    key: String,
+    nodes: Vec<Node>,
+    next_id: usize,
+    violations: u64,
+}
+
+impl Bench {
+    async fn add(&mut self) {
+        let proxy = FaultProxy::start(self.upstream).unwrap();
+        let store = (self.connect)(proxy.addr()).await;
+        let elector = Elector::builder(store, NodeId::new(format!("n{}", self.next_id)))
+            .config(ElectorConfig::with_ttl(self.key.clone(), TTL, RETRY))
+            .build()
+            .unwrap();
+        elector.start();
+        self.next_id += 1;
+        self.nodes.push(Node { proxy, elector });
+    }
+
+    /// One invariant check; returns the leader's index.
+    fn check(&mut self) -> Option<usize> {
+        let leaders: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].elector.is_leader().is_some())
+            .collect();
+        if leaders.len() > 1 {
+            self.violations += 1;
+        }
+        leaders.first().copied()
+    }
+
+    async fn wait_leader(&mut self, except: Option<&NodeId>) -> (usize, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(i) = self.check()
+                && Some(self.nodes[i].elector.node()) != except
+            {
+                return (i, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < TTL * 5,
+                "no leader after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn crash_trial(&mut self) -> Duration {
+        let (leader, _) = self.wait_leader(None).await;
+        let node = self.nodes.remove(leader);
+        let id = node.elector.node().clone();
+        node.proxy.set_mode(ProxyMode::Blackhole);
+        let crashed_at = Instant::now();
+        // Drop without a reachable store: its release is lost, like a killed process.
+        let shutdown = tokio::spawn(async move {
+            node.elector.shutdown().await;
+            drop(node.proxy);
+        });
+        let (_, _) = self.wait_leader(Some(&id)).await;
+        let took = crashed_at.elapsed();
+        shutdown.await.unwrap();
+        self.add().await;
+        took
+    }
+
+    async fn graceful_trial(&mut self) -> Duration {
+        let (leader, _) = self.wait_leader(None).await;
+        let node = self.nodes.remove(leader);
+        let id = node.elector.node().clone();
+        let started = Instant::now();
+        node.elector.shutdown().await;
+        let (_, _) = self.wait_leader(Some(&id)).await;
+        let took = started.elapsed();
+        drop(node.proxy);
+        self.add().await;
+        took
+    }
+}
+
+/// Round trips per renewal: N direct renewals through a fresh proxy, counting the requests it
+/// forwards to the server.
+async fn roundtrips_per_renewal(upstream: SocketAddr, connect: &Connect) -> f64 {
+    const N: u64 = 50;
+    let proxy = FaultProxy::start(upstream).unwrap();
+    let store = connect(proxy.addr()).await;
+    let node = NodeId::new("rt");
+    let key = "bench/roundtrips";
+    let timeout = Duration::from_secs(2);
+    let ha_election::Acquire::Acquired(token) =
+        store.acquire(key, &node, TTL, timeout).await.unwrap()
+    else {
+        panic!("fresh key must be free");
+    };
+    let before = proxy.requests_forwarded();
+    for _ in 0..N {
+        assert!(store.renew(key, &node, token, TTL, timeout).await.unwrap());
+    }
+    let used = proxy.requests_forwarded() - before;
+    store.release(key, &node, token, timeout).await.unwrap();
+    used as f64 / N as f64
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+async fn run(prefix: &str, store: &str, upstream: SocketAddr, connect: Connect, trials: usize) {
+    let roundtrips = roundtrips_per_renewal(upstream, &connect).await;
+    let mut bench = Bench {
+        upstream,
+        connect,
+        key: format!("bench/{prefix}"),
+        nodes: Vec::new(),
+        next_id: 0,
+        violations: 0,
+    };
+    for _ in 0..3 {
+        bench.add().await;
+    }
+    let mut crash = Vec::new();
+    let mut graceful = Vec::new();
+    for _ in 0..trials {
+        crash.push(bench.crash_trial().await);
+        graceful.push(bench.graceful_trial().await);
+    }
+    crash.sort();
+    graceful.sort();
+    println!(
+        "{prefix}failover_crash_ms_p50 {} ms",
+        ms(percentile(&crash, 0.5))
+    );
+    println!(
+        "{prefix}failover_crash_ms_max {} ms",
+        ms(*crash.last().unwrap())
+    );
+    println!(
+        "{prefix}handover_graceful_ms_p50 {} ms",
+        ms(percentile(&graceful, 0.5))
+    );
+    println!(
+        "{prefix}handover_graceful_ms_max {} ms",
+        ms(*graceful.last().unwrap())
+    );
+    println!("{prefix}split_brain_violations {} count", bench.violations);
+    println!("{store}_roundtrips_per_renewal {roundtrips:.2} count");
+    println!("{prefix}trials {trials} count");
+}
+
+#[tokio::main]
+async fn main() {
+    let trials: usize = std::env::var("HA_BENCH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+
+    let redis = RedisServer::start().await.unwrap();
+    let connect: Connect = Arc::new(|addr| {
+        Box::pin(async move {
+            Arc::new(
+                RedisLeaseStore::connect(&format!("redis://{addr}"))
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn LeaseStore>
+        })
+    });
+    run("", "redis", redis.addr(), connect, trials).await;
+
+    let pg = PostgresServer::start().await.unwrap();
+    let connect: Connect = Arc::new(|addr| {
+        Box::pin(async move {
+            Arc::new(
+                PostgresLeaseStore::connect(&format!("postgres://postgres@{addr}/postgres"))
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn LeaseStore>
+        })
+    });
+    run("pg_", "pg", pg.addr(), connect, trials).await;
+}
