@@ -274,6 +274,61 @@ mod postgres {
         graceful_handover_under_one_retry(server.addr(), connect()).await;
     }
 
+    /// The process-pause story on real PostgreSQL: the leader takes its token, stalls (cut
+    /// off), is replaced, then its write arrives after the new leader's — and is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_leaders_fenced_write_is_rejected() {
+        use ha_election::{Error, PgFence};
+        use sqlx::{Connection, PgConnection};
+
+        let server = PostgresServer::start().await.unwrap();
+        let mut db = PgConnection::connect(&server.url()).await.unwrap();
+        PgFence::new().migrate(&mut db).await.unwrap();
+        sqlx::query("CREATE TABLE ledger (writer text NOT NULL)")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        async fn fenced_write(
+            db: &mut PgConnection,
+            writer: &str,
+            token: FencingToken,
+        ) -> Result<(), Error> {
+            let mut tx = db.begin().await.unwrap();
+            PgFence::new().admit(&mut tx, "ledger", token).await?;
+            sqlx::query("INSERT INTO ledger VALUES ($1)")
+                .bind(writer)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            Ok(())
+        }
+
+        let mut c = Cluster::start(server.addr(), connect(), "faults/fence").await;
+        let old = c.leader().await;
+        let stale = c.electors[old].as_ref().unwrap().is_leader().unwrap().token;
+        fenced_write(&mut db, "old", stale).await.unwrap();
+        c.proxies[old].set_mode(ProxyMode::Blackhole); // the old leader stalls
+        c.until(TTL * 2 + SLACK, |l| l.is_some_and(|i| i != old))
+            .await;
+        let leader = c.check().unwrap();
+        let fresh = c.electors[leader]
+            .as_ref()
+            .unwrap()
+            .is_leader()
+            .unwrap()
+            .token;
+        fenced_write(&mut db, "new", fresh).await.unwrap();
+        // The old leader's in-flight write lands now.
+        let err = fenced_write(&mut db, "old-late", stale).await.unwrap_err();
+        assert!(matches!(err, Error::StaleToken { .. }), "{err}");
+        let writers: Vec<String> = sqlx::query_scalar("SELECT writer FROM ledger ORDER BY writer")
+            .fetch_all(&mut db)
+            .await
+            .unwrap();
+        assert_eq!(writers, ["new", "old"]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn crash_restart_keeps_tokens_growing() {
         let mut server = PostgresServer::start().await.unwrap();

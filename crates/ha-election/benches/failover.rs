@@ -4,7 +4,7 @@
 //! a 1 ms invariant checker across all trials, and store round trips per renewal.
 //!
 //! `cargo bench -p ha-election --bench failover` (set `HA_BENCH_TRIALS` to change the trial
-//! count, default 20).
+//! count, default 20; `HA_BENCH_STORES=redis` or `=pg` to run one store).
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark prints; setup failures panic
 
 use std::future::Future;
@@ -193,6 +193,16 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
 
+    let stores = std::env::var("HA_BENCH_STORES").unwrap_or_else(|_| "redis,pg".into());
+    if stores.split(',').any(|s| s == "redis") {
+        bench_redis(trials).await;
+    }
+    if stores.split(',').any(|s| s == "pg") {
+        bench_pg(trials).await;
+    }
+}
+
+async fn bench_redis(trials: usize) {
     let redis = RedisServer::start().await.unwrap();
     let connect: Connect = Arc::new(|addr| {
         Box::pin(async move {
@@ -204,7 +214,9 @@ async fn main() {
         })
     });
     run("", "redis", redis.addr(), connect, trials).await;
+}
 
+async fn bench_pg(trials: usize) {
     let pg = PostgresServer::start().await.unwrap();
     let connect: Connect = Arc::new(|addr| {
         Box::pin(async move {

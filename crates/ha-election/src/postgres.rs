@@ -351,7 +351,48 @@ struct Inner {
     pool: PgPool,
     options: PostgresLeaseStoreOptions,
     sql: Statements,
+    connections: Connections,
     watcher: tokio::sync::Mutex<Option<Watcher>>,
+}
+
+/// The connections lease operations run on, taken from the pool once and then kept outside
+/// its checkout/release cycle: sqlx's pool pings every connection it takes back, which would
+/// make every operation two round trips. A connection whose operation did not finish (an
+/// error, or a timeout that cancelled it mid-query) is dropped, never reused, so no half-read
+/// answer can reach the next operation.
+#[derive(Debug)]
+struct Connections {
+    idle: Mutex<Vec<PgConnection>>,
+    max_idle: usize,
+}
+
+/// A connection checked out of [`Connections`]; [`finish`](Self::finish) returns it, dropping
+/// it closes it.
+struct Checkout<'a> {
+    conn: Option<PgConnection>,
+    home: &'a Connections,
+}
+
+impl Checkout<'_> {
+    fn conn(&mut self) -> &mut PgConnection {
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a checkout holds its connection until finished"))
+    }
+
+    /// The operation completed: the connection is clean and may serve the next one.
+    fn finish(mut self) {
+        if let Some(conn) = self.conn.take() {
+            let mut idle = self
+                .home
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < self.home.max_idle {
+                idle.push(conn);
+            }
+        }
+    }
 }
 
 /// The running listener task: dropping `_stop` (with the store) ends it.
@@ -380,6 +421,9 @@ impl PostgresLeaseStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            // Connections leave the pool for the store's own idle list (see `Connections`); no
+            // ping when they are taken: a dead one fails its operation, which callers retry.
+            .test_before_acquire(false)
             .connect_lazy_with(connect);
         let store = Self::from_pool_with(pool, options)?;
         store.migrate().await?;
@@ -404,6 +448,10 @@ impl PostgresLeaseStore {
         Self {
             inner: Arc::new(Inner {
                 pool,
+                connections: Connections {
+                    idle: Mutex::new(Vec::new()),
+                    max_idle: usize::try_from(options.max_connections).unwrap_or(1).max(1),
+                },
                 options,
                 sql,
                 watcher: tokio::sync::Mutex::new(None),
@@ -411,7 +459,7 @@ impl PostgresLeaseStore {
         }
     }
 
-    /// The pool the store runs its operations on.
+    /// The pool the store takes its connections from (and migrates through).
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
     }
@@ -493,13 +541,39 @@ impl PostgresLeaseStore {
         .await
     }
 
+    /// A connection for one operation: an idle one, or a new one from the pool.
+    async fn checkout(&self, op: &'static str, key: &str) -> Result<Checkout<'_>> {
+        let home = &self.inner.connections;
+        let idle = home
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => self
+                .inner
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| store_error(op, key, e))?
+                .detach(),
+        };
+        Ok(Checkout {
+            conn: Some(conn),
+            home,
+        })
+    }
+
     /// The fresh-snapshot read behind `read` and the refused-acquire fallback.
     async fn read_row(&self, op: &'static str, key: &str) -> Result<Option<LeaseInfo>> {
+        let mut checkout = self.checkout(op, key).await?;
         let row = sqlx::query(&self.inner.sql.read)
             .bind(key)
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional(checkout.conn())
             .await
             .map_err(|e| store_error(op, key, e))?;
+        checkout.finish();
         row.map(|row| {
             Ok(LeaseInfo {
                 holder: NodeId::new(decode::<String>(&row, "holder", key)?),
@@ -679,14 +753,16 @@ impl LeaseStore for PostgresLeaseStore {
         with_timeout(KIND, "acquire", key, timeout, async {
             let sql = &self.inner.sql;
             for attempt in 1..=ACQUIRE_ATTEMPTS {
+                let mut checkout = self.checkout("acquire", key).await?;
                 let row = sqlx::query(&sql.acquire)
                     .bind(key)
                     .bind(holder.as_str())
                     .bind(micros(ttl))
                     .bind(self.inner.options.channel_name())
-                    .fetch_optional(&self.inner.pool)
+                    .fetch_optional(checkout.conn())
                     .await
                     .map_err(|e| store_error("acquire", key, e))?;
+                checkout.finish();
                 if let Some(row) = row {
                     let tok = token(decode(&row, "token", key)?, key)?;
                     if decode::<bool>(&row, "granted", key)? {
@@ -736,14 +812,16 @@ impl LeaseStore for PostgresLeaseStore {
                 // No token this store issued is that large.
                 return Ok(false);
             };
+            let mut checkout = self.checkout("renew", key).await?;
             let done = sqlx::query(&self.inner.sql.renew)
                 .bind(key)
                 .bind(holder.as_str())
                 .bind(token_value)
                 .bind(micros(ttl))
-                .execute(&self.inner.pool)
+                .execute(checkout.conn())
                 .await
                 .map_err(|e| store_error("renew", key, e))?;
+            checkout.finish();
             let renewed = done.rows_affected() == 1;
             tracing::debug!(store = KIND, key, %holder, %token, renewed, "lease renew");
             Ok(renewed)
@@ -762,14 +840,16 @@ impl LeaseStore for PostgresLeaseStore {
             let Ok(token_value) = i64::try_from(token.get()) else {
                 return Ok(false);
             };
+            let mut checkout = self.checkout("release", key).await?;
             let row = sqlx::query(&self.inner.sql.release)
                 .bind(key)
                 .bind(holder.as_str())
                 .bind(token_value)
                 .bind(self.inner.options.channel_name())
-                .fetch_optional(&self.inner.pool)
+                .fetch_optional(checkout.conn())
                 .await
                 .map_err(|e| store_error("release", key, e))?;
+            checkout.finish();
             let released = row.is_some();
             tracing::debug!(store = KIND, key, %holder, %token, released, "lease release");
             Ok(released)
@@ -797,15 +877,17 @@ impl LeaseStore for PostgresLeaseStore {
         with_timeout(KIND, "heartbeat", group, timeout, async {
             let (keys, values): (Vec<&str>, Vec<&str>) =
                 meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+            let mut checkout = self.checkout("heartbeat", group).await?;
             sqlx::query(&self.inner.sql.heartbeat)
                 .bind(group)
                 .bind(node.as_str())
                 .bind(keys)
                 .bind(values)
                 .bind(micros(ttl))
-                .execute(&self.inner.pool)
+                .execute(checkout.conn())
                 .await
                 .map_err(|e| store_error("heartbeat", group, e))?;
+            checkout.finish();
             tracing::debug!(store = KIND, group, %node, "member heartbeat");
             Ok(())
         })
@@ -814,11 +896,13 @@ impl LeaseStore for PostgresLeaseStore {
 
     async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
         with_timeout(KIND, "members", group, timeout, async {
+            let mut checkout = self.checkout("members", group).await?;
             let rows = sqlx::query(&self.inner.sql.list_members)
                 .bind(group)
-                .fetch_all(&self.inner.pool)
+                .fetch_all(checkout.conn())
                 .await
                 .map_err(|e| store_error("members", group, e))?;
+            checkout.finish();
             rows.iter()
                 .map(|row| {
                     let node: String = decode(row, "node", group)?;
