@@ -67,6 +67,9 @@ async fn acquire_eventually(
             .await
         {
             Ok(Acquire::Acquired(token)) => return token,
+            // An earlier attempt was granted but its answer was lost (a timeout or a dropped
+            // connection mid-failover): the grant is ours all the same.
+            Ok(Acquire::Held(info)) if info.holder == *holder => return info.token,
             Ok(Acquire::Held(info)) => format!("held: {info:?}"),
             Err(e) => format!("error: {e}"),
         };
