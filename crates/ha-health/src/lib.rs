@@ -1,8 +1,37 @@
 //! Dependency-aware health checks.
 //!
-//! This crate will hold the `HealthCheck` trait and built-in checks (Redis, PostgreSQL, TCP,
-//! HTTP, command, disk, memory, CPU, closure), the `HealthChecker` that runs them on their own
-//! schedules over a dependency DAG, latency baselines, named anomaly rules and a phi-accrual
-//! failure detector, and criticality-aware aggregation into a [`ha_core::Status`].
+//! So far this crate holds the pure, I/O-free core of health checking: state machines and
+//! statistics that take `now` as an argument and never read a clock.
 //!
-//! Status: not built yet (issue 4). The crate exists so that the workspace layout is final.
+//! - [`phi`] — [`PhiAccrualDetector`]: how suspicious is the silence since the last heartbeat.
+//! - [`threshold`] — [`ThresholdState`]: Kubernetes-probe semantics, a status flips only after
+//!   N consecutive failures or M consecutive successes.
+//!
+//! Not built yet (issue 4): the `HealthCheck` trait and built-in checks (Redis, PostgreSQL,
+//! TCP, HTTP, command, disk, memory, CPU, closure), the `HealthChecker` that runs them on their
+//! own schedules over a dependency DAG, and criticality-aware aggregation into a
+//! [`ha_core::Status`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use ha_health::{PhiAccrualDetector, PhiConfig, Suspicion};
+//! use tokio::time::Instant;
+//!
+//! let mut peer = PhiAccrualDetector::new(PhiConfig::default())?;
+//! let start = Instant::now();
+//! for i in 0..5 {
+//!     peer.heartbeat(start + Duration::from_secs(i));
+//! }
+//! let last = start + Duration::from_secs(4);
+//! assert_eq!(peer.state(last + Duration::from_millis(900)), Suspicion::Available);
+//! assert_eq!(peer.state(last + Duration::from_secs(10)), Suspicion::Failed);
+//! # Ok::<(), ha_health::Error>(())
+//! ```
+
+pub mod error;
+pub mod phi;
+pub mod threshold;
+
+pub use error::Error;
+pub use phi::{PhiAccrualDetector, PhiConfig, Suspicion};
+pub use threshold::{Outcome, ThresholdConfig, ThresholdState, Transition};
