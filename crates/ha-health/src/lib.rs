@@ -4,6 +4,8 @@
 //! statistics that take `now` as an argument and never read a clock.
 //!
 //! - [`phi`] — [`PhiAccrualDetector`]: how suspicious is the silence since the last heartbeat.
+//! - [`baseline`] — [`Baseline`]: per-check latency percentiles (time window of histograms),
+//!   EWMA with variance, success rate and failure streak over the last N results.
 //! - [`threshold`] — [`ThresholdState`]: Kubernetes-probe semantics, a status flips only after
 //!   N consecutive failures or M consecutive successes.
 //!
@@ -28,10 +30,12 @@
 //! # Ok::<(), ha_health::Error>(())
 //! ```
 
+pub mod baseline;
 pub mod error;
 pub mod phi;
 pub mod threshold;
 
+pub use baseline::{Baseline, BaselineConfig, Observation};
 pub use error::Error;
 pub use phi::{PhiAccrualDetector, PhiConfig, Suspicion};
 pub use threshold::{Outcome, ThresholdConfig, ThresholdState, Transition};
