@@ -4,6 +4,9 @@
 //! statistics that take `now` as an argument and never read a clock.
 //!
 //! - [`phi`] — [`PhiAccrualDetector`]: how suspicious is the silence since the last heartbeat.
+//! - [`anomaly`] — named [`Rule`]s (latency over p95, EWMA z-score, consecutive failures,
+//!   success-rate floor, rising trend) that judge the latest result against a baseline:
+//!   statistics, not machine learning.
 //! - [`baseline`] — [`Baseline`]: per-check latency percentiles (time window of histograms),
 //!   EWMA with variance, success rate and failure streak over the last N results.
 //! - [`threshold`] — [`ThresholdState`]: Kubernetes-probe semantics, a status flips only after
@@ -30,11 +33,13 @@
 //! # Ok::<(), ha_health::Error>(())
 //! ```
 
+pub mod anomaly;
 pub mod baseline;
 pub mod error;
 pub mod phi;
 pub mod threshold;
 
+pub use anomaly::{Anomaly, Rule};
 pub use baseline::{Baseline, BaselineConfig, Observation};
 pub use error::Error;
 pub use phi::{PhiAccrualDetector, PhiConfig, Suspicion};
