@@ -435,6 +435,24 @@ mod tests {
         assert_eq!(trend(&[1.0, 2.0, 3.0]), None);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn no_rule_fires_before_the_baseline_is_established(
+            min_samples in 1usize..30,
+            history in proptest::collection::vec((0u64..5000, proptest::bool::ANY), 0..30),
+            latest in (0u64..1_000_000, proptest::bool::ANY),
+        ) {
+            let mut b = Baseline::new(BaselineConfig { min_samples, ..BaselineConfig::default() })
+                .unwrap();
+            let now = Instant::now();
+            for (latency, success) in history.iter().take(min_samples - 1) {
+                b.record(now, Observation { latency: ms(*latency), success: *success });
+            }
+            let latest = Observation { latency: ms(latest.0), success: latest.1 };
+            proptest::prop_assert!(check(&Rule::defaults(), &b, now, &latest).is_empty());
+        }
+    }
+
     #[test]
     fn rules_deserialize_by_name_with_defaults_and_validate() {
         let rules: Vec<Rule> = serde_json::from_str(

@@ -237,14 +237,12 @@ impl Baseline {
 
     /// The exponentially weighted moving average of successful latencies.
     pub fn ewma_latency(&self) -> Option<Duration> {
-        self.ewma
-            .map(|e| Duration::from_secs_f64(e.mean_ms / 1000.0))
+        self.ewma.map(|e| ms_to_duration(e.mean_ms))
     }
 
     /// The exponentially weighted standard deviation of successful latencies.
     pub fn ewma_std_dev(&self) -> Option<Duration> {
-        self.ewma
-            .map(|e| Duration::from_secs_f64(e.variance_ms2.sqrt() / 1000.0))
+        self.ewma.map(|e| ms_to_duration(e.variance_ms2.sqrt()))
     }
 
     /// How many EWMA standard deviations `latency` lies above (positive) or below the EWMA.
@@ -393,6 +391,16 @@ fn empty_histogram() -> Histogram<u64> {
 
 fn duration_ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Milliseconds back to a `Duration`, saturating: an absurd latency (say `Duration::MAX` from a
+/// caller's sentinel) must not panic the baseline.
+fn ms_to_duration(ms: f64) -> Duration {
+    Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(if ms > 0.0 {
+        Duration::MAX
+    } else {
+        Duration::ZERO
+    })
 }
 
 #[cfg(test)]
@@ -565,6 +573,28 @@ mod tests {
             if streak < window {
                 prop_assert_eq!(b.consecutive_failures() as usize, streak);
             }
+        }
+
+        #[test]
+        fn ewma_stays_within_the_successful_latencies(
+            latencies in proptest::collection::vec(0u64..10_000_000, 1..100),
+            alpha in 0.01f64..=1.0,
+        ) {
+            let mut b = baseline(BaselineConfig { ewma_alpha: alpha, ..BaselineConfig::default() });
+            let t0 = Instant::now();
+            for l in &latencies {
+                b.record(t0, Observation::success(Duration::from_micros(*l)));
+                b.record(t0, Observation::failure(Duration::MAX));
+            }
+            let (lo, hi) = (latencies.iter().min().unwrap(), latencies.iter().max().unwrap());
+            let mean = b.ewma_latency().unwrap();
+            // One microsecond of slack for float rounding.
+            prop_assert!(mean + Duration::from_micros(1) >= Duration::from_micros(*lo));
+            prop_assert!(mean <= Duration::from_micros(*hi + 1));
+            prop_assert!(b.z_score(Duration::MAX).unwrap().is_finite());
+            // An absurd success does not panic either.
+            b.record(t0, Observation::success(Duration::MAX));
+            prop_assert!(b.ewma_latency().is_some() && b.p99(t0).is_some());
         }
 
         #[test]

@@ -49,7 +49,8 @@ pub struct PhiConfig {
     /// φ at and above which the peer is suspected, an early warning below `threshold`
     /// (default 3.0: one chance in a thousand that a heartbeat this late is normal).
     pub suspect_threshold: f64,
-    /// How many inter-arrival intervals to keep (default 1000); older ones are dropped.
+    /// How many inter-arrival intervals to keep (default 1000, at most 2²⁰); older ones are
+    /// dropped.
     pub max_sample_size: usize,
     /// Floor for the standard deviation (default 100 ms), so that very regular heartbeats do
     /// not make a slightly late one look like a failure.
@@ -104,7 +105,16 @@ impl Validate for PhiConfig {
                 )
             },
         )?;
-        config::at_least("max_sample_size", self.max_sample_size, 1)?;
+        config::ensure(
+            (1..=MAX_SAMPLE_SIZE).contains(&self.max_sample_size),
+            "max_sample_size",
+            || {
+                format!(
+                    "must be between 1 and {MAX_SAMPLE_SIZE}, got {}",
+                    self.max_sample_size
+                )
+            },
+        )?;
         config::positive("min_std_deviation", self.min_std_deviation)?;
         config::positive("first_heartbeat_estimate", self.first_heartbeat_estimate)
     }
@@ -256,6 +266,11 @@ impl PhiAccrualDetector {
     }
 }
 
+/// Longest interval recorded, in microseconds (2⁴⁰ µs ≈ 12.7 days).
+const MAX_INTERVAL_MICROS: u64 = 1 << 40;
+/// Largest allowed `max_sample_size` (2²⁰), which keeps the window's integer sums in range.
+const MAX_SAMPLE_SIZE: usize = 1 << 20;
+
 /// The sliding window of intervals, with running sums so mean and variance cost O(1).
 ///
 /// Sums are integers (microseconds, `u128`) rather than floats: a detector runs for months,
@@ -285,7 +300,11 @@ impl History {
     }
 
     fn push(&mut self, interval: Duration) {
-        let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        // Capped at ~12.7 days, so with at most 2²⁰ samples `n · Σx²` stays below 2¹²⁰ and the
+        // integer sums cannot overflow; a longer gap is a failure whatever its exact length.
+        let micros = u64::try_from(interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .min(MAX_INTERVAL_MICROS);
         if self.intervals.len() >= self.max
             && let Some(old) = self.intervals.pop_front()
         {
@@ -465,6 +484,13 @@ mod tests {
                 ..ok.clone()
             }),
             "min_std_deviation"
+        );
+        assert_eq!(
+            bad(PhiConfig {
+                max_sample_size: MAX_SAMPLE_SIZE + 1,
+                ..ok.clone()
+            }),
+            "max_sample_size"
         );
         let err = PhiAccrualDetector::new(PhiConfig {
             threshold: f64::NAN,
