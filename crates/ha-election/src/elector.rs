@@ -490,13 +490,11 @@ impl Runner {
                     return true;
                 }
                 _ = self.shutdown.cancelled() => {
-                    self.lost(token, LossReason::SteppedDown);
-                    self.release(token).await;
+                    self.give_up(token, LossReason::SteppedDown).await;
                     return false;
                 }
                 command = self.commands.recv() => {
-                    self.lost(token, LossReason::SteppedDown);
-                    self.release(token).await;
+                    self.give_up(token, LossReason::SteppedDown).await;
                     match command {
                         Some(Command::StepDown(reply)) => {
                             self.holdoff_until = Some(Instant::now() + config.retry_interval * 2);
@@ -508,8 +506,7 @@ impl Runner {
                 }
                 _ = sleep_until(next_renew) => {
                     if !self.eligible() {
-                        self.lost(token, LossReason::NotEligible);
-                        self.release(token).await;
+                        self.give_up(token, LossReason::NotEligible).await;
                         return true;
                     }
                     let sent = Instant::now();
@@ -542,6 +539,13 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// Leaves leadership on purpose: stops acting first, then releases, in that order, so no
+    /// other node can be granted the lease while this one still reports itself as leader.
+    async fn give_up(&self, token: FencingToken, reason: LossReason) {
+        self.lost(token, reason);
+        self.release(token).await;
     }
 
     /// Best-effort compare-and-delete; the lease expires anyway if this fails.
