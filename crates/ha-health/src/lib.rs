@@ -59,12 +59,14 @@
 
 pub mod anomaly;
 pub mod baseline;
+pub mod check;
 pub mod error;
 pub mod phi;
 pub mod threshold;
 
 pub use anomaly::{Anomaly, Rule};
 pub use baseline::{Baseline, BaselineConfig, Observation};
+pub use check::{CheckResult, HealthCheck};
 pub use error::Error;
 pub use phi::{PhiAccrualDetector, PhiConfig, Suspicion};
 pub use threshold::{Outcome, ThresholdConfig, ThresholdState, Transition};
