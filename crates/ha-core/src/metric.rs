@@ -25,6 +25,8 @@ pub const LEASE_OP_DURATION_SECONDS: &str = "ha_lease_op_duration_seconds";
 pub const HEALTH_STATUS: &str = "ha_health_status";
 /// Histogram, label `check`: health check latency.
 pub const HEALTH_CHECK_DURATION_SECONDS: &str = "ha_health_check_duration_seconds";
+/// Counter, label `check`: health check runs that failed (including timeouts).
+pub const HEALTH_CHECK_FAILURES_TOTAL: &str = "ha_health_check_failures_total";
 /// Counter, labels `check`, `rule`: anomalies detected.
 pub const ANOMALIES_TOTAL: &str = "ha_anomalies_total";
 
@@ -66,6 +68,7 @@ pub const ALL: &[&str] = &[
     LEASE_OP_DURATION_SECONDS,
     HEALTH_STATUS,
     HEALTH_CHECK_DURATION_SECONDS,
+    HEALTH_CHECK_FAILURES_TOTAL,
     ANOMALIES_TOTAL,
     CIRCUIT_STATE,
     CIRCUIT_CALLS_TOTAL,

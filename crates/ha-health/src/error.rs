@@ -2,7 +2,7 @@
 
 use ha_core::ConfigError;
 
-/// Everything that can go wrong in `ha-health`.
+/// Everything that can go wrong in `ha-health`: bad config and bad check registrations.
 ///
 /// New variants may be added in any release, so matches need a wildcard arm.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -17,13 +17,55 @@ pub enum Error {
         #[source]
         source: ConfigError,
     },
+    /// A check's config broke one of its rules.
+    #[error("invalid config of check `{check}`: {source}")]
+    CheckConfig {
+        /// The check's name.
+        check: String,
+        /// The field and the rule it broke.
+        #[source]
+        source: ConfigError,
+    },
+    /// Two checks were registered under one name.
+    #[error("two checks are named `{name}`; names must be unique")]
+    DuplicateCheck {
+        /// The repeated name.
+        name: String,
+    },
+    /// A check depends on a name no check has.
+    #[error("check `{check}` depends on `{dependency}`, which is not registered")]
+    UnknownDependency {
+        /// The depending check.
+        check: String,
+        /// The missing dependency.
+        dependency: String,
+    },
+    /// Checks depend on each other in a cycle, so no order can run dependencies first.
+    #[error("checks depend on each other in a cycle: {}", cycle_text(.cycle))]
+    DependencyCycle {
+        /// The checks on the cycle, each depending on the next and the last on the first.
+        cycle: Vec<String>,
+    },
+}
+
+fn cycle_text(cycle: &[String]) -> String {
+    let mut text = cycle.join(" -> ");
+    if let Some(first) = cycle.first() {
+        text.push_str(" -> ");
+        text.push_str(first);
+    }
+    text
 }
 
 impl Error {
     /// Whether trying the same thing again might succeed. A bad config never fixes itself.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Config { .. } => false,
+            Error::Config { .. }
+            | Error::CheckConfig { .. }
+            | Error::DuplicateCheck { .. }
+            | Error::UnknownDependency { .. }
+            | Error::DependencyCycle { .. } => false,
         }
     }
 

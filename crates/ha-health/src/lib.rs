@@ -60,13 +60,22 @@
 pub mod anomaly;
 pub mod baseline;
 pub mod check;
+pub mod checker;
+pub mod config;
 pub mod error;
+pub mod graph;
 pub mod phi;
+pub mod report;
+pub mod rollup;
 pub mod threshold;
 
 pub use anomaly::{Anomaly, Rule};
 pub use baseline::{Baseline, BaselineConfig, Observation};
 pub use check::{CheckResult, HealthCheck};
+pub use checker::{HealthChecker, HealthCheckerBuilder};
+pub use config::{CheckConfig, CheckerConfig};
 pub use error::Error;
+pub use graph::DependencyGraph;
 pub use phi::{PhiAccrualDetector, PhiConfig, Suspicion};
+pub use report::{CheckReport, HealthReport};
 pub use threshold::{Outcome, ThresholdConfig, ThresholdState, Transition};
