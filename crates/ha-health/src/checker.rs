@@ -256,6 +256,7 @@ impl HealthChecker {
                     latency_ms: LatencySummary::of(&state.baseline, now),
                     success_rate: state.baseline.success_rate(),
                     consecutive_failures: state.threshold.consecutive_failures(),
+                    consecutive_successes: state.threshold.consecutive_successes(),
                     runs: state.runs,
                     last_run: state.last.as_ref().map(|l| since(l.at).into()),
                     last_detail: state.last.as_ref().map(|l| l.detail.clone()),

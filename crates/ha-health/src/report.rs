@@ -67,6 +67,8 @@ pub struct CheckReport {
     pub success_rate: Option<f64>,
     /// Failed runs in a row.
     pub consecutive_failures: u32,
+    /// Passed runs in a row.
+    pub consecutive_successes: u32,
     /// Runs so far.
     pub runs: u64,
     /// When the last run finished.
