@@ -60,6 +60,7 @@
 pub mod anomaly;
 pub mod baseline;
 pub mod check;
+pub mod checks;
 pub mod error;
 pub mod phi;
 pub mod threshold;
@@ -67,6 +68,10 @@ pub mod threshold;
 pub use anomaly::{Anomaly, Rule};
 pub use baseline::{Baseline, BaselineConfig, Observation};
 pub use check::{CheckResult, HealthCheck};
+pub use checks::{
+    CommandCheck, CpuCheck, DiskCheck, FnCheck, HttpCheck, MemoryCheck, PostgresCheck, RedisCheck,
+    RedisRole, TcpCheck, UsageThresholds,
+};
 pub use error::Error;
 pub use phi::{PhiAccrualDetector, PhiConfig, Suspicion};
 pub use threshold::{Outcome, ThresholdConfig, ThresholdState, Transition};
