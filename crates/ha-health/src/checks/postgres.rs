@@ -83,10 +83,16 @@ impl PostgresCheck {
     /// pool's maintenance task is spawned on it).
     pub async fn connect(name: impl Into<String>, url: &str) -> Result<Self, Error> {
         let name = name.into();
-        let mut options: PgConnectOptions = url.parse().map_err(|e| {
-            let rule = format!("is not a PostgreSQL URL: {e}");
-            Error::config("postgres check", ConfigError::new("url", rule))
-        })?;
+        let url_error =
+            |rule: String| Error::config("postgres check", ConfigError::new("url", rule));
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(url_error(
+                "must start with postgres:// or postgresql://".to_owned(),
+            ));
+        }
+        let mut options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| url_error(format!("is not a PostgreSQL URL: {e}")))?;
         if options.get_application_name().is_none() {
             options = options.application_name(&format!("ha-health/{name}"));
         }
@@ -132,11 +138,15 @@ impl PostgresCheck {
     }
 
     async fn probe(&self) -> Result<(Duration, bool, i64, i32), String> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| format!("cannot get a connection: {e}"))?;
+        let mut conn = self.pool.acquire().await.map_err(|e| match e {
+            // sqlx keeps retrying a refused connection until the deadline and then reports
+            // only the timeout.
+            sqlx::Error::PoolTimedOut => format!(
+                "no connection within {:?} (server down or unreachable, or the pool exhausted)",
+                self.pool.options().get_acquire_timeout()
+            ),
+            e => format!("cannot get a connection: {e}"),
+        })?;
         let started = Instant::now();
         sqlx::query("SELECT 1")
             .execute(&mut *conn)

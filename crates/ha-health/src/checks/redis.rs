@@ -16,6 +16,10 @@ use crate::{CheckResult, Error, HealthCheck};
 /// [`RedisCheck::connect`], and the first connection as a whole.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// URL schemes [`RedisCheck::connect`] accepts: a standalone server, or the master behind
+/// Sentinels (fred's `redis-sentinel://` form). Not a cluster: `ROLE` is a per-node question.
+const SCHEMES: [&str; 4] = ["redis", "valkey", "redis-sentinel", "valkey-sentinel"];
+
 /// The replication role a [`RedisCheck`] can require.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RedisRole {
@@ -48,10 +52,12 @@ impl RedisRole {
 /// The measured latency is `PING`'s round trip.
 ///
 /// Every command is sent with fred's per-command options `fail_fast` (fail at once while the
-/// client is disconnected or reconnecting, instead of queueing until it is back), one
-/// attempt (never resent), and a timeout ([`Self::DEFAULT_COMMAND_TIMEOUT`]). So a dead server makes
-/// the check fail in about a round trip, and a frozen one within the timeout. The check sends
-/// only `PING` and `ROLE`: it writes nothing.
+/// client is disconnected or reconnecting, instead of queueing until it is back), one write
+/// attempt, and a timeout ([`Self::DEFAULT_COMMAND_TIMEOUT`], 2 s). So once the client knows
+/// the server is gone, a run fails in microseconds; a run whose command was already sent when
+/// the connection broke (fred keeps such commands for after a reconnect) or that waits on a
+/// frozen server fails at the timeout. The check sends only `PING` and `ROLE`: it writes
+/// nothing.
 ///
 /// ```no_run
 /// use ha_health::HealthCheck;
@@ -95,8 +101,9 @@ impl Drop for RedisCheck {
 
 impl RedisCheck {
     /// Bounds each command of a run (`PING`, `ROLE`) unless set with
-    /// [`command_timeout`](Self::command_timeout).
-    pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+    /// [`command_timeout`](Self::command_timeout). Short, because it is also what bounds a run
+    /// during which the server dies (see the type's docs).
+    pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
     /// A check using `client`, a fred client the application already has (connected, or
     /// connecting: until it is connected, runs are `Unhealthy`). Its connection, reconnect
@@ -116,8 +123,9 @@ impl RedisCheck {
         }
     }
 
-    /// Builds a client for `url` (`redis://[user:password@]host:port[/db]`) and waits for its
-    /// first connection, for at most 3 s.
+    /// Builds a client for `url` (`redis://[user:password@]host:port[/db]`, or fred's
+    /// `redis-sentinel://host:port?sentinelServiceName=<master>` form) and waits for its first
+    /// connection, for at most 3 s.
     ///
     /// Fails with [`Error::Config`] (field `url`) if the URL is not a Redis URL, and with
     /// [`Error::Connect`] if the server does not answer in time. Later, the client reconnects
@@ -126,10 +134,16 @@ impl RedisCheck {
     /// the check is dropped.
     pub async fn connect(name: impl Into<String>, url: &str) -> Result<Self, Error> {
         let name = name.into();
-        let config = Config::from_url(url).map_err(|e| {
-            let rule = format!("is not a Redis URL: {}", e.details());
-            Error::config("redis check", ConfigError::new("url", rule))
-        })?;
+        let url_error = |rule: String| Error::config("redis check", ConfigError::new("url", rule));
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        if !SCHEMES.contains(&scheme) {
+            return Err(url_error(format!(
+                "must start with one of {}:// (no TLS support), got {scheme:?}",
+                SCHEMES.join("://, ")
+            )));
+        }
+        let config = Config::from_url(url)
+            .map_err(|e| url_error(format!("is not a Redis URL: {}", e.details())))?;
         let target = config
             .server
             .hosts()
