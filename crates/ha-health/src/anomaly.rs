@@ -32,6 +32,7 @@
 //! ```
 
 use std::fmt;
+use std::time::Duration;
 
 use ha_core::config::{self, ConfigError, Validate};
 use serde::Deserialize;
@@ -64,6 +65,10 @@ pub enum Rule {
         /// Multiple of the p95 that counts as anomalous.
         #[serde(default = "default_p95_factor")]
         factor: f64,
+        /// And by at least this much (default 1 ms), so sub-millisecond jitter of a fast check
+        /// is not an anomaly.
+        #[serde(default = "default_min_excess", with = "config::duration")]
+        min_excess: Duration,
     },
     /// A successful result's latency is more than `z` EWMA standard deviations above the
     /// EWMA (default 3.0). See [`Baseline::z_score`] for the standard deviation's floor.
@@ -71,6 +76,9 @@ pub enum Rule {
         /// The z-score threshold.
         #[serde(default = "default_z")]
         z: f64,
+        /// And by at least this much above the EWMA (default 1 ms).
+        #[serde(default = "default_min_excess", with = "config::duration")]
+        min_excess: Duration,
     },
     /// The latest result failed and it is the `n`-th or later failure in a row (default 3).
     ConsecutiveFailures {
@@ -94,6 +102,9 @@ pub enum Rule {
         /// How much slower the newest quarter must be than the oldest.
         #[serde(default = "default_trend_factor")]
         factor: f64,
+        /// And by at least this much (default 1 ms).
+        #[serde(default = "default_min_excess", with = "config::duration")]
+        min_excess: Duration,
     },
 }
 
@@ -112,6 +123,9 @@ fn default_floor() -> f64 {
 fn default_trend_factor() -> f64 {
     1.5
 }
+fn default_min_excess() -> Duration {
+    Duration::from_millis(1)
+}
 
 impl Rule {
     /// Every rule with its default parameter.
@@ -119,8 +133,12 @@ impl Rule {
         vec![
             Rule::LatencyOverP95 {
                 factor: default_p95_factor(),
+                min_excess: default_min_excess(),
             },
-            Rule::EwmaZScore { z: default_z() },
+            Rule::EwmaZScore {
+                z: default_z(),
+                min_excess: default_min_excess(),
+            },
             Rule::ConsecutiveFailures {
                 n: default_failures(),
             },
@@ -129,6 +147,7 @@ impl Rule {
             },
             Rule::Trend {
                 factor: default_trend_factor(),
+                min_excess: default_min_excess(),
             },
         ]
     }
@@ -162,9 +181,12 @@ impl Rule {
         };
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         match *self {
-            Rule::LatencyOverP95 { factor } => {
+            Rule::LatencyOverP95 { factor, min_excess } => {
                 let p95 = baseline.p95(now)?;
-                if latest.success && ms(latest.latency) > factor * ms(p95) {
+                if latest.success
+                    && ms(latest.latency) > factor * ms(p95)
+                    && latest.latency.saturating_sub(p95) >= min_excess
+                {
                     return fired(format!(
                         "latency {:.1} ms is over {factor} × p95 ({:.1} ms)",
                         ms(latest.latency),
@@ -173,10 +195,12 @@ impl Rule {
                 }
                 None
             }
-            Rule::EwmaZScore { z } => {
+            Rule::EwmaZScore { z, min_excess } => {
                 let score = baseline.z_score(latest.latency)?;
-                if latest.success && score > z {
-                    let mean = baseline.ewma_latency().map(ms).unwrap_or_default();
+                let mean = baseline.ewma_latency()?;
+                if latest.success && score > z && latest.latency.saturating_sub(mean) >= min_excess
+                {
+                    let mean = ms(mean);
                     return fired(format!(
                         "latency {:.1} ms is {score:.1} standard deviations above the EWMA \
                          ({mean:.1} ms), limit {z}",
@@ -203,7 +227,7 @@ impl Rule {
                 }
                 None
             }
-            Rule::Trend { factor } => {
+            Rule::Trend { factor, min_excess } => {
                 let series: Vec<f64> = baseline
                     .recent()
                     .chain(std::iter::once(latest))
@@ -211,7 +235,7 @@ impl Rule {
                     .map(|o| ms(o.latency))
                     .collect();
                 let (slope, first, last) = trend(&series)?;
-                if slope > 0.0 && last > factor * first {
+                if slope > 0.0 && last > factor * first && last - first >= ms(min_excess) {
                     return fired(format!(
                         "latency rising: {slope:.3} ms per result, median of the newest quarter \
                          {last:.1} ms vs {first:.1} ms for the oldest (limit {factor} ×)"
@@ -231,10 +255,10 @@ impl Validate for Rule {
             })
         };
         let result = match *self {
-            Rule::LatencyOverP95 { factor } | Rule::Trend { factor } => {
+            Rule::LatencyOverP95 { factor, .. } | Rule::Trend { factor, .. } => {
                 finite_positive("factor", factor)
             }
-            Rule::EwmaZScore { z } => finite_positive("z", z),
+            Rule::EwmaZScore { z, .. } => finite_positive("z", z),
             Rule::ConsecutiveFailures { n } => config::at_least("n", n, 1),
             Rule::SuccessRateBelow { floor } => {
                 config::ensure(floor > 0.0 && floor <= 1.0, "floor", || {
@@ -299,7 +323,6 @@ fn median(values: &[f64]) -> f64 {
 mod tests {
     use super::*;
     use crate::baseline::BaselineConfig;
-    use std::time::Duration;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -326,9 +349,26 @@ mod tests {
     }
 
     #[test]
+    fn sub_millisecond_jitter_is_not_an_anomaly() {
+        let us = Duration::from_micros;
+        let mut b = Baseline::new(BaselineConfig::default()).unwrap();
+        let now = Instant::now();
+        for i in 0..30 {
+            b.record(now, Observation::success(us(100 + (i % 3) * 10)));
+        }
+        // 0.9 ms is 7 × the p95 and far above the EWMA, yet only 0.8 ms slower: noise.
+        assert!(check(&Rule::defaults(), &b, now, &Observation::success(us(900))).is_empty());
+        let found = check(&Rule::defaults(), &b, now, &Observation::success(us(2500)));
+        assert_eq!(found[0].rule, "latency_over_p95", "{found:?}");
+    }
+
+    #[test]
     fn latency_over_p95() {
         let (b, now) = steady(30, ms(10));
-        let rule = Rule::LatencyOverP95 { factor: 2.0 };
+        let rule = Rule::LatencyOverP95 {
+            factor: 2.0,
+            min_excess: ms(1),
+        };
         assert!(!fired(rule.clone(), &b, now, Observation::success(ms(19))));
         let a = rule
             .evaluate(&b, now, &Observation::success(ms(25)))
@@ -353,7 +393,10 @@ mod tests {
                 Observation::success(ms(if i % 2 == 0 { 10 } else { 20 })),
             );
         }
-        let z = Rule::EwmaZScore { z: 3.0 };
+        let z = Rule::EwmaZScore {
+            z: 3.0,
+            min_excess: ms(1),
+        };
         assert!(!fired(z.clone(), &b, now, Observation::success(ms(20))));
         assert!(fired(z, &b, now, Observation::success(ms(60))));
     }
@@ -387,7 +430,10 @@ mod tests {
     #[test]
     fn trend_needs_a_rising_slope_and_a_slower_newest_quarter() {
         let now = Instant::now();
-        let rule = Rule::Trend { factor: 1.5 };
+        let rule = Rule::Trend {
+            factor: 1.5,
+            min_excess: ms(1),
+        };
         // Rising from 10 ms to 29 ms over 20 results: fires.
         let mut rising = Baseline::new(BaselineConfig::default()).unwrap();
         for i in 0..20 {
@@ -463,9 +509,27 @@ mod tests {
                 {"rule": "trend"}]"#,
         )
         .unwrap();
-        assert_eq!(rules[0], Rule::LatencyOverP95 { factor: 3.0 });
-        assert_eq!(rules[1], Rule::EwmaZScore { z: 3.0 });
-        assert_eq!(rules[4], Rule::Trend { factor: 1.5 });
+        assert_eq!(
+            rules[0],
+            Rule::LatencyOverP95 {
+                factor: 3.0,
+                min_excess: ms(1)
+            }
+        );
+        assert_eq!(
+            rules[1],
+            Rule::EwmaZScore {
+                z: 3.0,
+                min_excess: ms(1)
+            }
+        );
+        assert_eq!(
+            rules[4],
+            Rule::Trend {
+                factor: 1.5,
+                min_excess: ms(1)
+            }
+        );
         for (rule, default) in rules.iter().zip(Rule::defaults()) {
             assert_eq!(rule.name(), default.name());
             assert!(rule.validate().is_ok());

@@ -467,6 +467,14 @@ impl Shared {
         tracing::trace!(check = %entry.name, outcome = ?result.outcome, ?latency, detail = %result.detail, "check ran");
 
         let mut resolution = lock(&self.resolution);
+        // Early warnings go out before the status change the same result may cause. A check
+        // whose dependency is down fails because of it: its anomalies would be the same
+        // outage raised again.
+        if resolution.resolved[i].root_cause.is_none() {
+            for found in anomalies.into_iter().chain(raised) {
+                self.anomaly(entry, found);
+            }
+        }
         if let Some(t) = transition {
             resolution.own[i] = t.to;
             resolution.own_cause[i] = (t.to != Status::Healthy).then(|| result.detail.clone());
@@ -479,18 +487,6 @@ impl Shared {
                     self.status_changed(&resolution, n, old.status, new.status);
                 }
             }
-        }
-        // A check whose dependency is down fails because of it: its anomalies would be the
-        // same outage raised again.
-        if resolution.resolved[i].root_cause.is_some() {
-            return;
-        }
-        drop(resolution);
-        for found in anomalies {
-            self.anomaly(entry, found);
-        }
-        if let Some(found) = raised {
-            self.anomaly(entry, found);
         }
     }
 

@@ -135,14 +135,14 @@ impl CheckConfig {
 
     /// The φ-accrual settings in use: `phi` if set, else Akka's defaults fitted to this
     /// check's schedule — the first expected interval is `interval`, and the standard
-    /// deviation floor is a quarter of it (at least 100 ms). A check that runs like clockwork
+    /// deviation floor is a quarter of it. A check that runs like clockwork
     /// is then *suspected* (φ ≈ 4.7 ≥ 3) once one run is missing and *failed* (φ ≥ 8) after
     /// two, while the status waits for `failure_threshold` failed runs: the early warning
     /// comes first.
     pub fn phi_config(&self) -> PhiConfig {
         self.phi.clone().unwrap_or_else(|| PhiConfig {
             first_heartbeat_estimate: self.interval,
-            min_std_deviation: (self.interval / 4).max(Duration::from_millis(100)),
+            min_std_deviation: (self.interval / 4).max(Duration::from_millis(1)),
             ..PhiConfig::default()
         })
     }

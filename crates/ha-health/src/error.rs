@@ -46,6 +46,17 @@ pub enum Error {
         /// The checks on the cycle, each depending on the next and the last on the first.
         cycle: Vec<String>,
     },
+    /// A check's constructor could not reach what the check is to watch (e.g.
+    /// `RedisCheck::connect` got no first connection).
+    #[error("check `{check}` could not connect to {target}: {detail}")]
+    Connect {
+        /// The check's name.
+        check: String,
+        /// What it tried to reach, without credentials, e.g. `127.0.0.1:6379`.
+        target: String,
+        /// The client's error.
+        detail: String,
+    },
 }
 
 fn cycle_text(cycle: &[String]) -> String {
@@ -58,7 +69,8 @@ fn cycle_text(cycle: &[String]) -> String {
 }
 
 impl Error {
-    /// Whether trying the same thing again might succeed. A bad config never fixes itself.
+    /// Whether trying the same thing again might succeed. A bad config never fixes itself; a
+    /// server that did not answer may answer later.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Config { .. }
@@ -66,6 +78,7 @@ impl Error {
             | Error::DuplicateCheck { .. }
             | Error::UnknownDependency { .. }
             | Error::DependencyCycle { .. } => false,
+            Error::Connect { .. } => true,
         }
     }
 

@@ -61,6 +61,7 @@ pub mod anomaly;
 pub mod baseline;
 pub mod check;
 pub mod checker;
+pub mod checks;
 pub mod config;
 pub mod error;
 pub mod graph;
@@ -73,6 +74,10 @@ pub use anomaly::{Anomaly, Rule};
 pub use baseline::{Baseline, BaselineConfig, Observation};
 pub use check::{CheckResult, HealthCheck};
 pub use checker::{HealthChecker, HealthCheckerBuilder};
+pub use checks::{
+    CommandCheck, CpuCheck, DiskCheck, FnCheck, HttpCheck, MemoryCheck, PostgresCheck, RedisCheck,
+    RedisRole, TcpCheck, UsageThresholds,
+};
 pub use config::{CheckConfig, CheckerConfig};
 pub use error::Error;
 pub use graph::DependencyGraph;
