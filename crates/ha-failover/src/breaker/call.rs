@@ -386,17 +386,14 @@ mod tests {
                 poll_once(call.as_mut()).await.is_none(),
                 "admitted, running"
             );
-            assert_eq!(b.snapshot().half_open_in_flight, 1);
+            assert_eq!(b.snapshot().trials_in_flight, 1);
             assert!(
                 ok(&b).await.unwrap_err().is_rejected(),
                 "the one slot is taken"
             );
         } // dropped mid-call
         let s = b.snapshot();
-        assert_eq!(
-            (s.state, s.half_open_in_flight),
-            (CircuitState::HalfOpen, 0)
-        );
+        assert_eq!((s.state, s.trials_in_flight), (CircuitState::HalfOpen, 0));
         assert_eq!((s.cancelled_calls, s.half_open_successes), (1, 0));
         ok(&b).await.unwrap();
         ok(&b).await.unwrap();
@@ -429,6 +426,11 @@ mod tests {
         let closer = b.try_acquire().unwrap();
         closer.record_success();
         assert_eq!(b.state(), CircuitState::Closed);
+        assert_eq!(
+            b.snapshot().trials_in_flight,
+            1,
+            "the late trial still runs"
+        );
         late.record_failure();
         let s = b.snapshot();
         assert_eq!(
@@ -437,6 +439,42 @@ mod tests {
             "a trial of an ended period is ignored"
         );
         assert_eq!((s.window_calls, s.failed_calls), (0, 4));
+        assert_eq!(s.trials_in_flight, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trial_keeps_its_slot_into_the_next_half_open_period() {
+        let b = breaker(BreakerConfig {
+            permitted_calls_in_half_open: 2,
+            ..config()
+        });
+        trip(&b).await;
+        advance(10 * S).await;
+        let failing = b.try_acquire().unwrap();
+        let slow = b.try_acquire().unwrap();
+        failing.record_failure();
+        assert_eq!(b.state(), CircuitState::Open);
+        advance(10 * S).await;
+
+        let next = b.try_acquire().unwrap();
+        assert!(next.is_trial());
+        assert_eq!(b.state(), CircuitState::HalfOpen);
+        let r = b.try_acquire().unwrap_err();
+        assert_eq!(
+            r.state,
+            CircuitState::HalfOpen,
+            "the old trial holds the other slot"
+        );
+        slow.record_success();
+        assert_eq!(
+            b.snapshot().half_open_successes,
+            0,
+            "its success decides nothing"
+        );
+        let second = b.try_acquire().unwrap();
+        next.record_success();
+        second.record_success();
+        assert_eq!(b.state(), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,16 +3,19 @@
 //!
 //! # The state word
 //!
-//! `word` packs, in one `AtomicU64`: the state (bits 0–7), the number of half-open trial calls
-//! in flight (bits 8–23) and an epoch (bits 24–63) that grows by one at every transition.
+//! `word` packs, in one `AtomicU64`: the state (bits 0–7), the number of trial calls in flight
+//! (bits 8–23) and an epoch (bits 24–63) that grows by one at every transition.
 //!
 //! - **Closed admission** is one `Acquire` load: no lock, no allocation, no write to shared
 //!   memory (a hot breaker shared by many threads does not bounce a cache line on admission).
-//! - **Half-open admission** reserves a trial slot with a compare-and-swap on the word, so no
-//!   more than `permitted_calls_in_half_open` trials are ever in flight. A trial that completes
-//!   or is cancelled (its permit dropped) gives its slot back with another compare-and-swap,
-//!   but only if the epoch is still the one it was admitted in: a trial that outlives its
-//!   half-open period can neither free a slot of the next one nor sway its decision.
+//! - **Half-open admission** reserves a trial slot with a compare-and-swap on the word, only
+//!   while fewer than `permitted_calls_in_half_open` trials are in flight. A trial gives its
+//!   slot back, with another compare-and-swap, exactly once: when it completes or when it is
+//!   cancelled (its permit dropped). So the count is always the number of trial permits alive,
+//!   and no more than the permitted number of trials ever run at once — also across half-open
+//!   periods: a trial that outlives its period (another trial failed and the breaker opened
+//!   and came back to half-open) keeps its slot until it ends. Its outcome, though, decides
+//!   nothing: only trials of the current epoch move the state.
 //! - **Open rejection** reads the clock and the open deadline (`open_until`), no lock.
 //!
 //! # The lock
@@ -246,15 +249,22 @@ impl Core {
                         return Err(self.reject(CircuitState::Open, Some(left)));
                     }
                     // The wait is over: the first caller to get here moves the breaker to
-                    // half-open and takes the first trial slot; the others then compete
-                    // for the remaining slots like any half-open caller.
+                    // half-open and, in the same atomic step, takes a trial slot; the others
+                    // then compete for the remaining slots like any half-open caller. Trials
+                    // of earlier periods may still hold slots, but never all of them: the
+                    // trial whose outcome ended the last half-open period freed its own, and
+                    // no trial is admitted outside half-open. The check stays all the same.
                     let mut rec = self.lock();
-                    let again = self.word.load(Acquire);
-                    if again == cur {
-                        let new = self.transition(&mut rec, w, HALF_OPEN, 1, now, "wait_elapsed");
-                        return Ok(self.ticket(new.epoch(), true, Some(now)));
+                    let again = Word(self.word.load(Acquire));
+                    if again.epoch() == w.epoch() {
+                        let (new, reserved) =
+                            self.transition(&mut rec, w, HALF_OPEN, true, now, "wait_elapsed");
+                        if reserved {
+                            return Ok(self.ticket(new.epoch(), true, Some(now)));
+                        }
+                        return Err(self.reject(CircuitState::HalfOpen, None));
                     }
-                    cur = again;
+                    cur = again.0;
                 }
             }
         }
@@ -305,6 +315,9 @@ impl Core {
             self.handles.success.increment(1);
         }
 
+        if ticket.trial {
+            self.release_slot();
+        }
         let w = Word(self.word.load(Acquire));
         if w.epoch() != ticket.epoch {
             // Admitted by a state that has ended: counted above, but it decides nothing.
@@ -312,7 +325,6 @@ impl Core {
         }
         if ticket.trial {
             debug_assert_eq!(w.state_bits(), HALF_OPEN);
-            self.release_slot(ticket.epoch);
             let now = *now.get_or_insert_with(Instant::now);
             if failed || slow {
                 let reason = if failed {
@@ -320,11 +332,11 @@ impl Core {
                 } else {
                     "half_open_slow_call"
                 };
-                self.transition(&mut rec, w, OPEN, 0, now, reason);
+                self.transition(&mut rec, w, OPEN, false, now, reason);
             } else {
                 rec.half_open_successes = rec.half_open_successes.saturating_add(1);
                 if rec.half_open_successes >= self.config.success_threshold {
-                    self.transition(&mut rec, w, CLOSED, 0, now, "success_threshold");
+                    self.transition(&mut rec, w, CLOSED, false, now, "success_threshold");
                 }
             }
             return;
@@ -355,7 +367,7 @@ impl Core {
         };
         if let Some(reason) = reason {
             let now = now.unwrap_or_else(Instant::now);
-            self.transition(&mut rec, w, OPEN, 0, now, reason);
+            self.transition(&mut rec, w, OPEN, false, now, reason);
         }
     }
 
@@ -365,16 +377,17 @@ impl Core {
         self.cancelled.fetch_add(1, Relaxed);
         self.handles.cancelled.increment(1);
         if ticket.trial {
-            self.release_slot(ticket.epoch);
+            self.release_slot();
         }
     }
 
-    /// Frees one trial slot of half-open period `epoch`, if that period is still current.
-    fn release_slot(&self, epoch: u64) {
+    /// Frees the trial slot of a trial that ended, whatever the state is now.
+    fn release_slot(&self) {
         let mut cur = self.word.load(Acquire);
         loop {
             let w = Word(cur);
-            if w.epoch() != epoch || w.state_bits() != HALF_OPEN || w.in_flight() == 0 {
+            debug_assert!(w.in_flight() > 0, "a trial slot was freed twice");
+            if w.in_flight() == 0 {
                 return;
             }
             match self
@@ -387,17 +400,18 @@ impl Core {
         }
     }
 
-    /// Moves from `from` (the current word, read under the lock) to state `to` with
-    /// `in_flight` trial slots taken, and reports it. Returns the new word.
+    /// Moves from `from` (the current state and epoch, read under the lock) to state `to`,
+    /// keeping the trial count and, with `reserve`, taking one more trial slot if one is free.
+    /// Reports the change; returns the new word and whether the slot was taken.
     fn transition(
         &self,
         rec: &mut Record,
         from: Word,
         to: u64,
-        in_flight: u64,
+        reserve: bool,
         now: Instant,
         reason: &'static str,
-    ) -> Word {
+    ) -> (Word, bool) {
         let mut wait = None;
         match to {
             OPEN => {
@@ -418,12 +432,25 @@ impl Core {
                 rec.consecutive_opens = 0;
             }
         }
-        let new = Word::new(to, in_flight, from.epoch().wrapping_add(1));
-        // Lock-free writers only move the trial count of the old epoch; overwriting it is
-        // what ends that epoch.
-        self.word.store(new.0, Release);
+        // Under the lock only the trial count can change concurrently (admissions and
+        // releases), so the loop only retries to carry the latest count over.
+        let permitted = u64::from(self.config.permitted_calls_in_half_open);
+        let mut cur = self.word.load(Acquire);
+        let (new, reserved) = loop {
+            let in_flight = Word(cur).in_flight();
+            let reserved = reserve && in_flight < permitted;
+            let new = Word::new(
+                to,
+                in_flight + u64::from(reserved),
+                from.epoch().wrapping_add(1),
+            );
+            match self.word.compare_exchange_weak(cur, new.0, AcqRel, Acquire) {
+                Ok(_) => break (new, reserved),
+                Err(actual) => cur = actual,
+            }
+        };
         self.report(from.state(), new.state(), reason, wait);
-        new
+        (new, reserved)
     }
 
     fn report(
@@ -479,7 +506,7 @@ impl Core {
             failure_rate: totals.rate(totals.failures, min),
             slow_call_rate: totals.rate(totals.slow, min),
             consecutive_failures: rec.consecutive_failures,
-            half_open_in_flight: u32::try_from(w.in_flight()).unwrap_or(u32::MAX),
+            trials_in_flight: u32::try_from(w.in_flight()).unwrap_or(u32::MAX),
             half_open_successes: rec.half_open_successes,
             consecutive_opens: rec.consecutive_opens,
             retry_after,

@@ -308,11 +308,11 @@ mod tests {
             poll_fn(|cx| Poll::Ready(hanging.as_mut().poll(cx).is_pending())).await,
             "the trial runs"
         );
-        assert_eq!(b.snapshot().half_open_in_flight, 1);
+        assert_eq!(b.snapshot().trials_in_flight, 1);
         let r = svc.ready().await.unwrap().call("ok").await;
         assert!(r.unwrap_err().is_rejected(), "the only slot is taken");
         drop(hanging);
-        assert_eq!(b.snapshot().half_open_in_flight, 0);
+        assert_eq!(b.snapshot().trials_in_flight, 0);
         assert_eq!(svc.ready().await.unwrap().call("ok").await, Ok("ok"));
         assert_eq!(b.state(), CircuitState::Closed);
     }

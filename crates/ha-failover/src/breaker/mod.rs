@@ -56,7 +56,9 @@
 //! what happens when a [`call`](CircuitBreaker::call) future is cancelled. So concurrent
 //! callers never run more trials than permitted, and a cancelled trial cannot leave the
 //! breaker stuck in half-open. A trial still running when its half-open period ends (another
-//! trial failed, or enough succeeded) is counted in the totals but changes nothing.
+//! trial failed, or enough succeeded) keeps its slot until it ends — the limit holds across
+//! periods too — but its outcome changes nothing. Calls admitted while closed are not trials
+//! and do not count against the limit, even if they are still running in half-open.
 //! Cancelling is the only way out of a call that hangs: wrap calls in a timeout.
 //!
 //! # Cost
@@ -269,7 +271,7 @@ impl<P> fmt::Debug for CircuitBreakerBuilder<P> {
 ///
 /// Report the outcome with [`record_success`](Self::record_success) or
 /// [`record_failure`](Self::record_failure). Dropped unrecorded, the call counts as
-/// cancelled: it frees its half-open trial slot, if it had one, and records nothing.
+/// cancelled: it frees its trial slot, if it had one, and records nothing.
 #[must_use = "dropping a permit unrecorded counts the call as cancelled"]
 pub struct Permit<'a> {
     core: &'a Core,
@@ -417,8 +419,10 @@ pub struct BreakerSnapshot {
     pub slow_call_rate: Option<f64>,
     /// Failures in a row, in the closed state.
     pub consecutive_failures: u32,
-    /// Trial calls in flight (half-open only).
-    pub half_open_in_flight: u32,
+    /// Trial calls admitted and not yet finished or cancelled; never more than
+    /// `permitted_calls_in_half_open`. May be non-zero outside half-open: a trial keeps its
+    /// slot until it ends, even after its half-open period ended.
+    pub trials_in_flight: u32,
     /// Successful trials in the current half-open period.
     pub half_open_successes: u32,
     /// Opens since the breaker last closed (drives the wait backoff).
