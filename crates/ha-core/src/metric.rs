@@ -30,8 +30,8 @@ pub const ANOMALIES_TOTAL: &str = "ha_anomalies_total";
 
 /// Gauge, label `circuit`: 0 closed, 1 half-open, 2 open.
 pub const CIRCUIT_STATE: &str = "ha_circuit_state";
-/// Counter, labels `circuit`, `outcome` (`success`, `failure`, `slow`, `rejected`,
-/// `cancelled`): calls through a breaker.
+/// Counter, labels `circuit`, `outcome` (`success`, `failure`, `slow` — succeeded, slowly —,
+/// `rejected`, `cancelled`): calls through a breaker.
 pub const CIRCUIT_CALLS_TOTAL: &str = "ha_circuit_calls_total";
 /// Counter, labels `circuit`, `from`, `to`: breaker state changes.
 pub const CIRCUIT_TRANSITIONS_TOTAL: &str = "ha_circuit_transitions_total";

@@ -109,6 +109,8 @@ impl<P> CircuitBreaker<P> {
 mod tests {
     use std::future::{Future, pending, poll_fn};
     use std::pin::pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::task::Poll;
     use std::time::Duration;
 
@@ -519,6 +521,122 @@ mod tests {
                 (Open, HalfOpen),
                 (HalfOpen, Closed)
             ]
+        );
+    }
+
+    /// A recorder that keeps every counter and gauge as an atomic, keyed by
+    /// `name{label=value,...}` with labels sorted.
+    #[derive(Default)]
+    struct TestRecorder {
+        values: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
+    }
+
+    impl TestRecorder {
+        fn slot(&self, key: &metrics::Key) -> Arc<AtomicU64> {
+            let mut labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            labels.sort();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            Arc::clone(self.values.lock().unwrap().entry(name).or_default())
+        }
+
+        fn get(&self, name: &str) -> u64 {
+            self.values
+                .lock()
+                .unwrap()
+                .get(name)
+                .map_or(0, |v| v.load(Ordering::SeqCst))
+        }
+    }
+
+    impl metrics::Recorder for TestRecorder {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            metrics::Counter::from_arc(self.slot(key))
+        }
+        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::from_arc(self.slot(key))
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_and_transitions_are_counted_and_the_state_gauge_follows() {
+        let rec = TestRecorder::default();
+        let b = metrics::with_local_recorder(&rec, || breaker(config()));
+        let state = || f64::from_bits(rec.get("ha_circuit_state{circuit=test}"));
+        let calls = |outcome: &str| {
+            rec.get(&format!(
+                "ha_circuit_calls_total{{circuit=test,outcome={outcome}}}"
+            ))
+        };
+        let moves = |from: &str, to: &str| {
+            rec.get(&format!(
+                "ha_circuit_transitions_total{{circuit=test,from={from},to={to}}}"
+            ))
+        };
+        assert_eq!(state(), 0.0);
+        ok(&b).await.unwrap();
+        trip(&b).await;
+        assert_eq!(state(), 2.0);
+        ok(&b).await.unwrap_err();
+        advance(10 * S).await;
+        let trial = b.try_acquire().unwrap();
+        assert_eq!(state(), 1.0);
+        drop(trial);
+        ok(&b).await.unwrap();
+        ok(&b).await.unwrap();
+        assert_eq!(state(), 0.0);
+        assert_eq!(
+            [
+                calls("success"),
+                calls("failure"),
+                calls("slow"),
+                calls("rejected"),
+                calls("cancelled")
+            ],
+            [3, 3, 0, 1, 1]
+        );
+        assert_eq!(
+            [
+                moves("closed", "open"),
+                moves("open", "half_open"),
+                moves("half_open", "open"),
+                moves("half_open", "closed")
+            ],
+            [1, 1, 0, 1]
         );
     }
 

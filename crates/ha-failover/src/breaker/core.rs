@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime};
 use ha_core::{CircuitState, EventBus, HaEvent, NodeId, metric};
 use tokio::time::Instant;
 
-use super::config::BreakerConfig;
+use super::config::{BreakerConfig, MAX_PERMITTED_IN_HALF_OPEN};
 use super::window::Window;
 use super::{BreakerSnapshot, Rejected};
 
@@ -55,6 +55,8 @@ const EPOCH_SHIFT: u32 = 24;
 /// Epochs wrap after 2^40 transitions; a permit would have to outlive that many to be
 /// mistaken for a current one.
 const EPOCH_MASK: u64 = (1 << 40) - 1;
+// The trial count must fit its 16 bits, with room for the +1 of a reservation.
+const _: () = assert!((MAX_PERMITTED_IN_HALF_OPEN as u64) < (IN_FLIGHT_MASK >> IN_FLIGHT_SHIFT));
 
 /// A decoded state word.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -97,7 +99,8 @@ impl Ticket {
     }
 }
 
-/// The metric handles, resolved once at build time so that recording is an atomic add.
+/// The metric handles, all resolved once at build time (so recording is an atomic add, and
+/// every metric of a breaker goes to the recorder that was installed when it was built).
 struct Handles {
     success: metrics::Counter,
     failure: metrics::Counter,
@@ -105,11 +108,28 @@ struct Handles {
     rejected: metrics::Counter,
     cancelled: metrics::Counter,
     state: metrics::Gauge,
+    /// The four possible transitions, in the order of [`transition_index`].
+    transitions: [metrics::Counter; 4],
 }
 
 impl Handles {
     fn register(name: &Arc<str>) -> Self {
-        let calls = |outcome: &'static str| metrics::counter!(metric::CIRCUIT_CALLS_TOTAL, "circuit" => Arc::clone(name), "outcome" => outcome);
+        use CircuitState::{Closed, HalfOpen, Open};
+        let calls = |outcome: &'static str| {
+            metrics::counter!(
+                metric::CIRCUIT_CALLS_TOTAL,
+                "circuit" => Arc::clone(name),
+                "outcome" => outcome
+            )
+        };
+        let transition = |from: CircuitState, to: CircuitState| {
+            metrics::counter!(
+                metric::CIRCUIT_TRANSITIONS_TOTAL,
+                "circuit" => Arc::clone(name),
+                "from" => from.as_str(),
+                "to" => to.as_str()
+            )
+        };
         Self {
             success: calls("success"),
             failure: calls("failure"),
@@ -117,7 +137,26 @@ impl Handles {
             rejected: calls("rejected"),
             cancelled: calls("cancelled"),
             state: metrics::gauge!(metric::CIRCUIT_STATE, "circuit" => Arc::clone(name)),
+            transitions: [
+                transition(Closed, Open),
+                transition(Open, HalfOpen),
+                transition(HalfOpen, Open),
+                transition(HalfOpen, Closed),
+            ],
         }
+    }
+}
+
+/// Where a transition's counter is in [`Handles::transitions`]; `None` for a move the state
+/// machine never makes.
+fn transition_index(from: CircuitState, to: CircuitState) -> Option<usize> {
+    use CircuitState::{Closed, HalfOpen, Open};
+    match (from, to) {
+        (Closed, Open) => Some(0),
+        (Open, HalfOpen) => Some(1),
+        (HalfOpen, Open) => Some(2),
+        (HalfOpen, Closed) => Some(3),
+        _ => None,
     }
 }
 
@@ -461,13 +500,10 @@ impl Core {
         wait: Option<Duration>,
     ) {
         self.handles.state.set(gauge_value(to));
-        metrics::counter!(
-            metric::CIRCUIT_TRANSITIONS_TOTAL,
-            "circuit" => Arc::clone(&self.name),
-            "from" => from.as_str(),
-            "to" => to.as_str()
-        )
-        .increment(1);
+        debug_assert!(transition_index(from, to).is_some(), "{from} -> {to}");
+        if let Some(i) = transition_index(from, to) {
+            self.handles.transitions[i].increment(1);
+        }
         if let Some(wait) = wait {
             tracing::warn!(
                 circuit = %self.name, %from, %to, reason,
@@ -548,6 +584,5 @@ mod tests {
         let wrapped = Word::new(OPEN, 0, EPOCH_MASK.wrapping_add(1));
         assert_eq!(wrapped.epoch(), 0);
         assert_eq!(wrapped.state(), CircuitState::Open);
-        assert!(u64::from(super::super::config::MAX_PERMITTED_IN_HALF_OPEN) < 0xffff);
     }
 }

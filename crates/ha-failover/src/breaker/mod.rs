@@ -74,7 +74,7 @@
 //! otherwise), sets the `ha_circuit_state` gauge and counts `ha_circuit_transitions_total`.
 //! Every call is counted in `ha_circuit_calls_total` by outcome: `success`, `failure`,
 //! `slow` (succeeded, slowly), `rejected`, `cancelled`. The metric handles are registered
-//! when the breaker is built, with the recorder installed then.
+//! when the breaker is built, with the recorder installed then: install the recorder first.
 
 mod call;
 pub mod config;
