@@ -46,6 +46,24 @@ fn every_public_path_is_reachable() {
     assert_eq!(breaker.name(), "api");
 }
 
+fn send_sync_static<T: Send + Sync + 'static>() {}
+fn send<T: Send>(_: &T) {}
+
+#[test]
+fn handles_and_futures_cross_threads() {
+    send_sync_static::<CircuitBreaker>();
+    send_sync_static::<CircuitBreaker<fn(&std::io::Error) -> bool>>();
+    send_sync_static::<OwnedPermit>();
+    send_sync_static::<Rejected>();
+    send_sync_static::<Error>();
+    let breaker = CircuitBreaker::builder("api").build().unwrap();
+    let call = breaker.call(async { Ok::<_, std::io::Error>(()) });
+    send(&call);
+    let permit = breaker.try_acquire().unwrap();
+    send(&permit);
+    permit.record_success();
+}
+
 #[test]
 fn errors_carry_the_config_and_field() {
     let err = CircuitBreaker::builder("api")

@@ -58,7 +58,8 @@
 //! breaker stuck in half-open. A trial still running when its half-open period ends (another
 //! trial failed, or enough succeeded) keeps its slot until it ends — the limit holds across
 //! periods too — but its outcome changes nothing. Calls admitted while closed are not trials
-//! and do not count against the limit, even if they are still running in half-open.
+//! and do not count against the limit, even if they are still running in half-open (their
+//! outcomes, too, change nothing once the closed period they belong to has ended).
 //! Cancelling is the only way out of a call that hangs: wrap calls in a timeout.
 //!
 //! # Cost
