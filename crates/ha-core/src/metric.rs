@@ -32,8 +32,11 @@ pub const ANOMALIES_TOTAL: &str = "ha_anomalies_total";
 
 /// Gauge, label `circuit`: 0 closed, 1 half-open, 2 open.
 pub const CIRCUIT_STATE: &str = "ha_circuit_state";
-/// Counter, labels `circuit`, `outcome`: calls through a breaker.
+/// Counter, labels `circuit`, `outcome` (`success`, `failure`, `slow` — succeeded, slowly —,
+/// `rejected`, `cancelled`): calls through a breaker.
 pub const CIRCUIT_CALLS_TOTAL: &str = "ha_circuit_calls_total";
+/// Counter, labels `circuit`, `from`, `to`: breaker state changes.
+pub const CIRCUIT_TRANSITIONS_TOTAL: &str = "ha_circuit_transitions_total";
 /// Counter, labels `component`, `outcome`: failovers run.
 pub const FAILOVERS_TOTAL: &str = "ha_failovers_total";
 /// Histogram, label `component`: failover duration.
@@ -72,6 +75,7 @@ pub const ALL: &[&str] = &[
     ANOMALIES_TOTAL,
     CIRCUIT_STATE,
     CIRCUIT_CALLS_TOTAL,
+    CIRCUIT_TRANSITIONS_TOTAL,
     FAILOVERS_TOTAL,
     FAILOVER_DURATION_SECONDS,
     REPLICATION_LAG_BYTES,

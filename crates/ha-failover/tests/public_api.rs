@@ -1,0 +1,84 @@
+//! Compiles against every public path of `ha-failover`, so a rename or a lost re-export breaks
+//! this test before it breaks a user.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use ha_core::{CircuitState, Validate};
+use ha_failover::breaker::config::{MAX_COUNT_WINDOW, MAX_PERMITTED_IN_HALF_OPEN, MAX_TIME_WINDOW};
+use ha_failover::breaker::{
+    AllErrors, BreakerConfig, BreakerSnapshot, CallError, CircuitBreaker, CircuitBreakerBuilder,
+    CircuitBreakerLayer, CircuitBreakerService, FailurePredicate, OwnedPermit, Permit, Rejected,
+    ResponseFuture, SlidingWindow, WaitBackoff,
+};
+use ha_failover::error::Error;
+
+#[test]
+fn every_public_path_is_reachable() {
+    // Root re-exports name the same types as the module paths.
+    let builder: CircuitBreakerBuilder = CircuitBreaker::builder("api");
+    let breaker: ha_failover::CircuitBreaker<AllErrors> = builder.build().unwrap();
+    let _: &ha_failover::BreakerConfig = breaker.config() as &BreakerConfig;
+    let _: ha_failover::SlidingWindow = SlidingWindow::Count(1);
+    let _: Option<ha_failover::Rejected> = None::<Rejected>;
+    let _: Option<ha_failover::CallError<()>> = None::<CallError<()>>;
+    let _: Option<ha_failover::Error> = None::<Error>;
+    let _: Option<ha_failover::OwnedPermit> = None::<OwnedPermit>;
+    let _: Option<ha_failover::Permit<'_>> = None::<Permit<'_>>;
+    let _: ha_failover::BreakerSnapshot = breaker.snapshot() as BreakerSnapshot;
+    let _: ha_failover::CircuitBreakerLayer = CircuitBreakerLayer::new(breaker.clone());
+    let _: CircuitBreakerService<(), AllErrors> = CircuitBreakerService::new((), breaker.clone());
+    let _: Option<ResponseFuture<std::future::Ready<Result<(), ()>>, AllErrors>> = None;
+    let _ = WaitBackoff::default();
+
+    assert!(BreakerConfig::default().validate().is_ok());
+    let _: (u32, u32, Duration) = (
+        MAX_COUNT_WINDOW,
+        MAX_PERMITTED_IN_HALF_OPEN,
+        MAX_TIME_WINDOW,
+    );
+    assert!(FailurePredicate::<std::io::Error>::is_failure(
+        &AllErrors,
+        &std::io::Error::other("x")
+    ));
+    assert_eq!(breaker.state(), CircuitState::Closed);
+    assert_eq!(breaker.name(), "api");
+}
+
+fn send_sync_static<T: Send + Sync + 'static>() {}
+fn send<T: Send>(_: &T) {}
+
+#[test]
+fn handles_and_futures_cross_threads() {
+    send_sync_static::<CircuitBreaker>();
+    send_sync_static::<CircuitBreaker<fn(&std::io::Error) -> bool>>();
+    send_sync_static::<OwnedPermit>();
+    send_sync_static::<Rejected>();
+    send_sync_static::<Error>();
+    let breaker = CircuitBreaker::builder("api").build().unwrap();
+    let call = breaker.call(async { Ok::<_, std::io::Error>(()) });
+    send(&call);
+    let permit = breaker.try_acquire().unwrap();
+    send(&permit);
+    permit.record_success();
+}
+
+#[test]
+fn errors_carry_the_config_and_field() {
+    let err = CircuitBreaker::builder("api")
+        .config(BreakerConfig {
+            minimum_calls: 0,
+            ..BreakerConfig::default()
+        })
+        .build()
+        .unwrap_err();
+    match &err {
+        Error::Config { what, source } => {
+            assert_eq!(*what, "circuit breaker");
+            assert_eq!(source.field, "minimum_calls");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(!err.is_retryable());
+}
