@@ -1,61 +1,69 @@
-//! Dependency-aware health checks: so far, the pure core — failure detection, debouncing,
-//! latency baselines and anomaly rules, all taking `now` as an argument and reading no clock.
+//! Dependency-aware health checks: probes of real components run on their own schedules,
+//! debounced like Kubernetes probes, with root-cause suppression over a dependency DAG,
+//! latency baselines, anomaly rules and φ-accrual failure suspicion, rolled up by criticality
+//! into an overall status, named groups and a JSON report.
 //!
 //! ```
 //! use std::time::Duration;
-//! use ha_core::Status;
-//! use ha_health::{anomaly, Baseline, BaselineConfig, Observation, Outcome, PhiAccrualDetector,
-//!     PhiConfig, Rule, Suspicion, ThresholdConfig, ThresholdState};
-//! use tokio::time::Instant;
+//! use ha_core::{Criticality, EventBus, HaEvent, Status};
+//! use ha_health::{CheckConfig, CheckResult, DiskCheck, FnCheck, HealthChecker};
 //!
-//! let start = Instant::now();
-//! let at = |ms: u64| start + Duration::from_millis(ms);
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), ha_health::Error> {
+//! let bus = EventBus::default();
+//! let mut events = bus.subscribe();
+//! let every_second = CheckConfig::default().interval(Duration::from_secs(1));
+//! let checker = HealthChecker::builder()
+//!     .bus(bus.clone())
+//!     .check(FnCheck::new("db", || async { CheckResult::unhealthy("connection refused") }),
+//!            every_second.clone().group("readiness"))
+//!     .check(FnCheck::new("api", || async { CheckResult::healthy("ok") }),
+//!            every_second.clone().depends_on("db").group("readiness").group("liveness"))
+//!     .check(DiskCheck::new("disk", "/"),
+//!            every_second.criticality(Criticality::Low))
+//!     .start()?; // returns at once: every check is `Unknown` until its first run
 //!
-//! // A peer heartbeats every second; 10 s of silence is a failure.
-//! let mut peer = PhiAccrualDetector::new(PhiConfig::default())?;
-//! for i in 0..5 {
-//!     peer.heartbeat(at(i * 1000));
+//! tokio::time::sleep(Duration::from_millis(2500)).await; // `db` failed three runs in a row
+//! assert_eq!(checker.status(), Status::Unhealthy);
+//! let report = checker.report();
+//! let api = report.checks.iter().find(|c| c.name == "api").unwrap();
+//! assert_eq!(api.cause.as_deref(), Some("dependency db is unhealthy")); // the root cause, once
+//! assert_eq!(api.check_status, Status::Healthy); // `api` itself answers
+//! println!("{}", serde_json::to_string_pretty(&report).unwrap());
+//!
+//! // Status changes (only changes) are events on the bus.
+//! while let Ok(event) = events.try_recv() {
+//!     if let HaEvent::HealthChanged { component, from, to, cause, .. } = event {
+//!         println!("{component}: {from} -> {to} ({cause:?})");
+//!     }
 //! }
-//! assert_eq!(peer.state(at(4900)), Suspicion::Available);
-//! assert_eq!(peer.state(at(14_000)), Suspicion::Failed);
-//!
-//! // A check answers in ~10 ms; then one answer takes 90 ms.
-//! let mut baseline = Baseline::new(BaselineConfig::default())?;
-//! let mut status = ThresholdState::new(ThresholdConfig::default())?;
-//! for i in 0..30 {
-//!     let ok = Observation::success(Duration::from_millis(10 + i % 3));
-//!     baseline.record(at(i * 1000), ok);
-//!     status.record(Outcome::Healthy);
-//! }
-//! let slow = Observation::success(Duration::from_millis(90));
-//! let found = anomaly::check(&Rule::defaults(), &baseline, at(30_000), &slow);
-//! assert_eq!(found[0].rule, "latency_over_p95");
-//! // Slow is an anomaly to report, not a status change.
-//! assert_eq!(status.record(Outcome::Healthy), None);
-//! assert_eq!(status.status(), Status::Healthy);
-//! # Ok::<(), ha_health::Error>(())
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! # What is here
 //!
-//! - [`phi`] — [`PhiAccrualDetector`]: how suspicious is the silence since the last heartbeat
-//!   (Hayashibara et al., as Akka implements it), reported as [`Suspicion`].
-//! - [`threshold`] — [`ThresholdState`]: Kubernetes-probe semantics; a status flips to
-//!   `Unhealthy` only after N consecutive failures, back up only after M consecutive passes.
-//! - [`baseline`] — [`Baseline`]: per-check latency percentiles over a time window
-//!   (hdrhistogram ring), EWMA with variance for z-scores, success rate and failure streak over
-//!   the last N results.
-//! - [`anomaly`] — named [`Rule`]s (latency over p95, EWMA z-score, consecutive failures,
-//!   success-rate floor, rising trend) that judge the latest result against a baseline:
+//! - [`check`] — the [`HealthCheck`] trait (object safe, cancel-safe, writes nothing) and
+//!   [`CheckResult`]; [`checks`] — the built-ins: [`RedisCheck`] (`PING`, `ROLE`),
+//!   [`PostgresCheck`] (`SELECT 1`, recovery state, connections vs `max_connections`),
+//!   [`TcpCheck`], [`HttpCheck`], [`CommandCheck`], [`DiskCheck`] (statvfs), [`MemoryCheck`]
+//!   and [`CpuCheck`] (sysinfo), [`FnCheck`] (a closure).
+//! - [`checker`] — [`HealthChecker`]: a task per check with its own interval and timeout,
+//!   missed ticks skipped, a bound on concurrent runs, phases spread over the interval;
+//!   publishes `HealthChanged` (transitions only) and `AnomalyDetected`, records `ha_health_*`
+//!   metrics. [`config`] — [`CheckConfig`] and [`CheckerConfig`].
+//! - [`graph`] — [`DependencyGraph`]: unknown dependencies and cycles refused by name, stable
+//!   topological order, root-cause suppression. [`rollup`] — criticality-aware aggregation.
+//!   [`report`] — the serializable [`HealthReport`].
+//! - [`phi`] — [`PhiAccrualDetector`]: how suspicious is the silence since the last success
+//!   (Hayashibara et al., as Akka implements it), reported as [`Suspicion`]: suspected before
+//!   failed. [`threshold`] — [`ThresholdState`]: N consecutive failures to go down, M passes
+//!   to come back. [`baseline`] — [`Baseline`]: latency percentiles over a sliding window
+//!   (hdrhistogram ring), EWMA with variance, success rate. [`anomaly`] — named [`Rule`]s:
 //!   statistics, not machine learning.
-//! - [`Error`] — the crate's one error type.
 //!
-//! # Not built yet (issue 4)
-//!
-//! The `HealthCheck` trait and built-in checks (Redis, PostgreSQL, TCP, HTTP, command, disk,
-//! memory, CPU, closure), the `HealthChecker` that runs them on their own schedules over a
-//! dependency DAG, and criticality-aware aggregation into a [`ha_core::Status`]. They will
-//! drive the types above with `tokio::time::Instant`, which is why every `now` here is one.
+//! The pure parts (phi, threshold, baseline, anomaly, graph, rollup) read no clock: every
+//! method takes `now: tokio::time::Instant`, so the checker's logic is tested on paused time.
 
 pub mod anomaly;
 pub mod baseline;
