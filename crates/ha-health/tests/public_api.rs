@@ -11,7 +11,38 @@ use ha_health::baseline::{Baseline, BaselineConfig, Observation};
 use ha_health::error::Error;
 use ha_health::phi::{self, PhiAccrualDetector, PhiConfig, Suspicion};
 use ha_health::threshold::{Outcome, ThresholdConfig, ThresholdState, Transition};
+use ha_health::{check, checker, checks, config, graph, report, rollup};
 use tokio::time::Instant;
+
+#[test]
+fn every_checker_path_is_reachable() {
+    let _: Option<&dyn check::HealthCheck> = None;
+    let _: check::CheckResult = ha_health::CheckResult::healthy("ok");
+    let _: fn() -> checker::HealthCheckerBuilder = ha_health::HealthChecker::builder;
+    let _: Option<checker::HealthChecker> = None;
+    let _: config::CheckConfig = ha_health::CheckConfig::default();
+    let _: config::CheckerConfig = ha_health::CheckerConfig::default();
+    let _: Option<graph::DependencyGraph> = None::<ha_health::DependencyGraph>;
+    let _: Option<graph::Resolved> = None;
+    let _: Option<report::HealthReport> = None::<ha_health::HealthReport>;
+    let _: Option<report::CheckReport> = None::<ha_health::CheckReport>;
+    let _: Option<report::LatencySummary> = None;
+    let _: Option<report::Timestamp> = None;
+    let _ = rollup::rollup([]);
+    let _ = rollup::contribution(ha_core::Criticality::Low, ha_core::Status::Unhealthy);
+    let _: Option<checks::RedisCheck> = None::<ha_health::RedisCheck>;
+    let _: Option<checks::PostgresCheck> = None::<ha_health::PostgresCheck>;
+    let _: Option<checks::TcpCheck> = None::<ha_health::TcpCheck>;
+    let _: Option<checks::HttpCheck> = None::<ha_health::HttpCheck>;
+    let _: Option<checks::CommandCheck> = None::<ha_health::CommandCheck>;
+    let _: Option<checks::DiskCheck> = None::<ha_health::DiskCheck>;
+    let _: Option<checks::MemoryCheck> = None::<ha_health::MemoryCheck>;
+    let _: Option<checks::CpuCheck> = None::<ha_health::CpuCheck>;
+    let _: Option<checks::RedisRole> = None::<ha_health::RedisRole>;
+    let _: Option<checks::UsageThresholds> = None::<ha_health::UsageThresholds>;
+    let f = checks::FnCheck::new("f", || async { ha_health::CheckResult::healthy("ok") });
+    let _: &dyn ha_health::HealthCheck = &f;
+}
 
 #[test]
 fn every_public_path_is_reachable() {
