@@ -105,8 +105,9 @@ impl PrimaryFence for NoFence {
     }
 }
 
-/// Shuts a reachable primary down from SQL: signals its postmaster for a fast shutdown with
-/// `COPY … TO PROGRAM 'kill -INT <pid>'`. Needs a superuser or `pg_execute_server_program`,
+/// Shuts a reachable primary down from SQL: signals its postmaster (pid from
+/// `postmaster.pid` in its data directory) for a fast shutdown with
+/// `COPY … TO PROGRAM 'kill -INT …'`. Needs a superuser or `pg_execute_server_program`,
 /// and `kill` on the server's host. It stops the server; it cannot stop one that does not
 /// answer (for that, use a [`CommandFence`] that cuts power or network).
 #[derive(Debug, Clone, Copy, Default)]
@@ -115,15 +116,23 @@ pub struct SqlShutdownFence;
 #[async_trait]
 impl PrimaryFence for SqlShutdownFence {
     async fn fence(&self, primary: &PgMember) -> Result<(), String> {
-        let pid: i32 = primary
-            .run("reading pg_postmaster_pid()", |pool| async move {
-                sqlx::query_scalar("SELECT pg_postmaster_pid()")
+        let data_dir: String = primary
+            .run("reading data_directory", |pool| async move {
+                sqlx::query_scalar("SELECT current_setting('data_directory')")
                     .fetch_one(&pool)
                     .await
             })
             .await
             .map_err(|e| e.to_string())?;
-        let copy = format!("COPY (SELECT 1) TO PROGRAM 'kill -INT {pid}'");
+        if data_dir.contains(['\'', '\\']) {
+            return Err(format!(
+                "cannot quote data_directory {data_dir:?} for the shell"
+            ));
+        }
+        // The first line of postmaster.pid is the postmaster's pid; SIGINT = fast shutdown.
+        let copy = format!(
+            "COPY (SELECT 1) TO PROGRAM 'kill -INT $(head -n 1 ''{data_dir}/postmaster.pid'')'"
+        );
         primary
             .run("signalling the postmaster", |pool| async move {
                 sqlx::query(&copy).execute(&pool).await
