@@ -196,6 +196,37 @@ pub enum HaEvent {
         /// The leader's fencing token.
         token: Option<FencingToken>,
     },
+    /// Redis Sentinel switched a monitored master (`+switch-master`).
+    RedisMasterSwitched {
+        /// When it was observed.
+        at: SystemTime,
+        /// The node that observed it.
+        node: NodeId,
+        /// The monitored master's name in Sentinel.
+        master: String,
+        /// The old master's `ip:port`.
+        from: String,
+        /// The new master's `ip:port`.
+        to: String,
+    },
+    /// Redis Sentinel marked an instance down or up again (`+sdown`, `-sdown`, `+odown`,
+    /// `-odown`).
+    RedisInstanceStatus {
+        /// When it was observed.
+        at: SystemTime,
+        /// The node that observed it.
+        node: NodeId,
+        /// The monitored master's name in Sentinel.
+        master: String,
+        /// The instance's `ip:port`.
+        instance: String,
+        /// `master`, `slave` or `sentinel`.
+        kind: String,
+        /// Down (`+`) or up again (`-`).
+        down: bool,
+        /// Objectively (a quorum of sentinels agrees) rather than subjectively (one sentinel).
+        objective: bool,
+    },
     /// A backup was written and verified.
     BackupCompleted {
         /// When.
@@ -264,6 +295,8 @@ impl HaEvent {
             | HaEvent::ReplicationLagBreached { at, .. }
             | HaEvent::ReplicationLagRecovered { at, .. }
             | HaEvent::ReplicaPromoted { at, .. }
+            | HaEvent::RedisMasterSwitched { at, .. }
+            | HaEvent::RedisInstanceStatus { at, .. }
             | HaEvent::BackupCompleted { at, .. }
             | HaEvent::BackupFailed { at, .. }
             | HaEvent::RestoreCompleted { at, .. }
@@ -286,6 +319,8 @@ impl HaEvent {
             | HaEvent::ReplicationLagBreached { node, .. }
             | HaEvent::ReplicationLagRecovered { node, .. }
             | HaEvent::ReplicaPromoted { node, .. }
+            | HaEvent::RedisMasterSwitched { node, .. }
+            | HaEvent::RedisInstanceStatus { node, .. }
             | HaEvent::BackupCompleted { node, .. }
             | HaEvent::BackupFailed { node, .. }
             | HaEvent::RestoreCompleted { node, .. }
@@ -308,6 +343,8 @@ impl HaEvent {
             HaEvent::ReplicationLagBreached { .. } => "replication_lag_breached",
             HaEvent::ReplicationLagRecovered { .. } => "replication_lag_recovered",
             HaEvent::ReplicaPromoted { .. } => "replica_promoted",
+            HaEvent::RedisMasterSwitched { .. } => "redis_master_switched",
+            HaEvent::RedisInstanceStatus { .. } => "redis_instance_status",
             HaEvent::BackupCompleted { .. } => "backup_completed",
             HaEvent::BackupFailed { .. } => "backup_failed",
             HaEvent::RestoreCompleted { .. } => "restore_completed",
