@@ -4,7 +4,8 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::Error;
 
@@ -147,12 +148,19 @@ impl PgMember {
         }
     }
 
-    /// Whether the server answers `SELECT 1` within the query timeout.
+    /// Whether the server answers `SELECT 1` on a fresh connection within the query timeout.
+    ///
+    /// A fresh connection, not the pool: sqlx's pool retries a refused connection until its
+    /// acquire timeout, so a server that is down would look merely slow for that long.
     pub async fn is_reachable(&self) -> bool {
-        self.run("SELECT 1", |pool| async move {
-            sqlx::query("SELECT 1").execute(&pool).await
-        })
-        .await
-        .is_ok()
+        let probe = async {
+            let mut conn = PgConnection::connect_with(&self.options).await?;
+            sqlx::query("SELECT 1").execute(&mut conn).await?;
+            conn.close().await
+        };
+        matches!(
+            tokio::time::timeout(self.query_timeout, probe).await,
+            Ok(Ok(()))
+        )
     }
 }
