@@ -39,7 +39,8 @@ impl PgMember {
     pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
     /// A member reached at `url` (`postgres://user@host:port/db`). Connects lazily: an
-    /// unreachable server is an error on first use, not here.
+    /// unreachable server is an error on first use, not here. Must be called inside a Tokio
+    /// runtime (the pool starts its upkeep task).
     pub fn new(name: impl Into<String>, url: &str) -> Result<Self, Error> {
         let name = name.into();
         let options: PgConnectOptions = url.parse().map_err(|e| Error::Connect {
