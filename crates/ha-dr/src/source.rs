@@ -310,3 +310,76 @@ fn is_contained(path: &Path) -> bool {
     path.components()
         .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar stream of `entries` (path, type, link target, content), written with raw
+    /// header names so that paths `tar::Builder` would refuse can be made.
+    type Entry<'a> = (&'a str, tar::EntryType, &'a str, &'a [u8]);
+
+    fn hostile_tar(entries: &[Entry<'_>]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, link, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            let name = &mut header.as_gnu_mut().expect("gnu header").name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_entry_type(*kind);
+            header.set_mode(0o644);
+            header.set_size(data.len() as u64);
+            if !link.is_empty() {
+                header.set_link_name(link).expect("link name");
+            }
+            header.set_cksum();
+            builder.append(&header, *data).expect("append");
+        }
+        builder.into_inner().expect("tar")
+    }
+
+    fn extract(tar: &[u8]) -> (Result<u64>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dest = dir.path().join("dest");
+        fs::create_dir(&dest).expect("dest");
+        let result = extract_dir("b1", &mut &tar[..], &dest);
+        (result, dir)
+    }
+
+    #[test]
+    fn entries_escaping_the_target_are_refused() {
+        use tar::EntryType::{Link, Regular, Symlink};
+        let cases: Vec<Vec<Entry<'_>>> = vec![
+            vec![("../evil", Regular, "", b"x")],
+            vec![("a/../../evil", Regular, "", b"x")],
+            vec![("/tmp/ha-dr-evil", Regular, "", b"x")],
+            vec![("hard", Link, "../../etc/passwd", b"")],
+            vec![
+                ("link", Symlink, "..", b""),
+                ("link/evil", Regular, "", b"x"),
+            ],
+        ];
+        for entries in cases {
+            let (result, dir) = extract(&hostile_tar(&entries));
+            let err = result.expect_err(entries[entries.len() - 1].0);
+            assert!(matches!(err, Error::UnsafeEntry { .. }), "{err}");
+            assert!(!dir.path().join("evil").exists());
+        }
+        assert!(!Path::new("/tmp/ha-dr-evil").exists());
+    }
+
+    #[test]
+    fn a_link_pointing_outside_is_restored_as_a_link_only() {
+        use tar::EntryType::{Regular, Symlink};
+        let (result, dir) = extract(&hostile_tar(&[
+            ("out", Symlink, "/etc", b""),
+            ("ok.txt", Regular, "", b"fine"),
+        ]));
+        assert_eq!(result.expect("extract"), 2);
+        let dest = dir.path().join("dest");
+        assert_eq!(
+            fs::read_link(dest.join("out")).expect("link").to_str(),
+            Some("/etc")
+        );
+        assert_eq!(fs::read(dest.join("ok.txt")).expect("file"), b"fine");
+    }
+}
