@@ -61,7 +61,9 @@
 //! file, config, PostgreSQL), [`Repository`] backup / list / verify / restore / restore test
 //! / prune; retention ([`retention`]).
 //!
-//! Not built (yet): the CLI, the scheduler and RPO tracking, the benchmark.
+//! The `ha-dr` binary (keygen, backup, list, verify, restore, prune).
+//!
+//! Not built (yet): the scheduler and RPO tracking, the benchmark.
 
 pub mod error;
 pub mod format;

@@ -18,7 +18,7 @@ pub enum Source {
     /// A directory tree, as a tar stream: regular files, directories and symlinks (stored as
     /// links, never followed), with permissions and mtimes. Sockets are skipped.
     Dir(PathBuf),
-    /// One regular file's bytes.
+    /// One file's bytes (a regular file, or a pipe such as `/dev/stdin`).
     File(PathBuf),
     /// A config value, serialised to JSON, with the environment variables named in an
     /// allow-list (never a deny-list: nothing is captured unless named).
@@ -170,15 +170,19 @@ fn tar_err(e: io::Error, path: &Path) -> Error {
 /// Writes one file's bytes into `out`.
 pub(crate) fn write_file(path: &Path, out: &mut dyn Write) -> Result<Details> {
     let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    if !file
+    // Anything readable but a directory: regular files, and pipes such as `/dev/stdin`.
+    if file
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
-        .is_file()
+        .is_dir()
     {
         return Err(Error::io(
             "back up file",
             path,
-            io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "a directory (use a dir source)",
+            ),
         ));
     }
     io::copy(&mut file, out).map_err(|e| match from_io(e, String::new) {
