@@ -1,5 +1,27 @@
 //! Disaster recovery: encrypted, compressed, verified backups.
 //!
+//! A [`Repository`] backs [`Source`]s (a directory tree, a file, a config value, a PostgreSQL
+//! database) up into a [`BackupStore`], and verifies, restores and prunes them:
+//!
+//! ```
+//! use ha_dr::{KeyRing, LocalStore, MasterKey, Repository, RestoreTarget, Source};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> ha_dr::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! std::fs::write(dir.path().join("app.conf"), "replicas = 3\n").unwrap();
+//!
+//! let key = MasterKey::keygen(&dir.path().join("backup.key"))?; // 32 random bytes, mode 0600
+//! let repo = Repository::new(LocalStore::open(dir.path().join("store"))?, KeyRing::new(key));
+//! let backup = repo.backup(&Source::file(dir.path().join("app.conf")), &[]).await?;
+//!
+//! repo.verify(&backup.id).await?; // every segment, the sizes, the SHA-256
+//! let target = dir.path().join("restored.conf");
+//! repo.restore(&backup.id, &RestoreTarget::Path(target.clone()), false).await?;
+//! assert_eq!(std::fs::read(&target).unwrap(), b"replicas = 3\n");
+//! # Ok(()) }
+//! ```
+//!
 //! # The format, version 1
 //!
 //! A backup is two objects in a [`BackupStore`]: its data and its [`Manifest`]. The manifest
@@ -54,16 +76,42 @@
 //! and reads with any of several; a backup whose key is not in the ring fails with
 //! [`Error::MissingKey`] naming the key id.
 //!
+//! # Operations
+//!
+//! - **Backup** streams the source through SHA-256, zstd (multithreaded: one worker per core by
+//!   default, [`Repository::zstd_workers`]) and the segmenter into the store; memory stays
+//!   bounded by a few segments and zstd's window, whatever the input size. PostgreSQL is
+//!   dumped with `pg_dump -Fc -Z0 --snapshot=…` from a repeatable-read transaction that also
+//!   counts every table's rows (recorded in the manifest for restore tests); the exit status
+//!   is checked and the child is killed if the backup is abandoned.
+//! - **Verify** authenticates the manifest, then reads every segment and checks the final
+//!   flag, the stored and plaintext sizes and the SHA-256.
+//! - **Restore** verifies while it streams and writes nothing in place until the whole backup
+//!   checked out: directories are extracted beside the target and renamed into place (tar
+//!   entries escaping the target are refused; symlinks are restored as links; modes and
+//!   mtimes are kept), files likewise; a database is restored by `pg_restore` into a fresh
+//!   temporary database that is renamed to the target name at the end (and dropped on any
+//!   error). A non-empty directory, an existing file or an existing database is refused
+//!   unless `force`; restoring over a database with `force` first takes a safety backup of it.
+//! - **Restore test** restores into a scratch directory or scratch database, compares entry
+//!   or per-table row counts with the manifest, and reports the duration (measured RTO).
+//! - **Prune** applies a [`RetentionPolicy`] (restic's calendar buckets, UTC) per source.
+//!
+//! Events: [`ha_core::HaEvent::BackupCompleted`], `BackupFailed` and `RestoreCompleted` when
+//! [`Repository::events`] is set. Metrics: `ha_backups_total`, `ha_backup_duration_seconds`,
+//! `ha_backup_size_bytes`, `ha_restore_duration_seconds` (names from [`ha_core::metric`]).
+//!
 //! # Status
 //!
-//! Built: the format and key ring ([`format`], [`key`], [`manifest`]); the [`BackupStore`]
-//! trait, the [`LocalStore`] and the conformance suite ([`testing`]); sources (directory,
-//! file, config, PostgreSQL), [`Repository`] backup / list / verify / restore / restore test
-//! / prune; retention ([`retention`]).
+//! Built: everything above, the [`LocalStore`] and its conformance suite ([`testing`]), and
+//! the `ha-dr` binary (`keygen`, `backup`, `list [--json]`, `verify [--restore-test]`,
+//! `restore`, `prune [--dry-run]`).
 //!
-//! The `ha-dr` binary (keygen, backup, list, verify, restore, prune).
-//!
-//! Not built (yet): the scheduler and RPO tracking, the benchmark.
+//! Not built: the scheduler (per-source intervals or cron, leader-only runs through
+//! `LeadershipGate`, retries with backoff), RPO tracking and `RpoBreached` events, RTO
+//! targets; an object-store `BackupStore`; the cargo-fuzz target for the reader (the
+//! tamper battery and the segmenter proptest stand in for now); a progress bar in the CLI;
+//! restoring ownership (tar entries carry uid/gid; restore keeps modes and mtimes, not owners).
 
 pub mod error;
 pub mod format;
