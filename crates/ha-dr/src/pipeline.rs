@@ -26,6 +26,9 @@ pub(crate) struct Compress {
 
 type Segments = SegmentWriter<Box<dyn DataWriter>>;
 
+/// Bytes of input per zstd worker job when compressing on several threads.
+const MT_JOB_SIZE: u32 = 1 << 20;
+
 enum Sink {
     Zstd(zstd::stream::write::Encoder<'static, Segments>),
     Plain(Segments),
@@ -74,6 +77,11 @@ impl BackupWriter {
             encoder.include_checksum(false).map_err(zstd_err)?;
             if compress.workers > 0 {
                 encoder.multithread(compress.workers).map_err(zstd_err)?;
+                // zstd's default job (4 windows, 8 MiB at level 3) per worker costs ~80 MiB
+                // of RSS with 2 workers; 1 MiB jobs keep both cores busy in a fraction of it.
+                encoder
+                    .set_parameter(zstd::zstd_safe::CParameter::JobSize(MT_JOB_SIZE))
+                    .map_err(zstd_err)?;
             }
             (
                 Sink::Zstd(encoder),
