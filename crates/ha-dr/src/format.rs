@@ -1,7 +1,7 @@
 //! The data format: header, and the STREAM segmenter and reader over AES-256-GCM.
 //!
 //! The spec is in the [crate docs](crate#the-format-version-1); this module is its one
-//! implementation. [`SegmentWriter`] and [`SegmentReader`] each hold one segment (64 KiB plus
+//! implementation. `SegmentWriter` and `SegmentReader` each hold one segment (64 KiB plus
 //! a tag) in memory, whatever the size of the stream.
 
 use std::fmt;
