@@ -1,8 +1,139 @@
 //! Disaster recovery: encrypted, compressed, verified backups.
 //!
-//! This crate will hold the backup format (zstd, then AES-256-GCM segments in the STREAM
-//! construction with an authenticated header and manifest), sources (PostgreSQL via `pg_dump`,
-//! directory trees, config), the `BackupStore` trait with a local-directory store, verify,
-//! restore, calendar-bucket retention, leader-only schedules and RPO/RTO tracking.
+//! A [`Repository`] backs [`Source`]s (a directory tree, a file, a config value, a PostgreSQL
+//! database) up into a [`BackupStore`], and verifies, restores and prunes them:
 //!
-//! Status: not built yet (issue 5). The crate exists so that the workspace layout is final.
+//! ```
+//! use ha_dr::{KeyRing, LocalStore, MasterKey, Repository, RestoreTarget, Source};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> ha_dr::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! std::fs::write(dir.path().join("app.conf"), "replicas = 3\n").unwrap();
+//!
+//! let key = MasterKey::keygen(&dir.path().join("backup.key"))?; // 32 random bytes, mode 0600
+//! let repo = Repository::new(LocalStore::open(dir.path().join("store"))?, KeyRing::new(key));
+//! let backup = repo.backup(&Source::file(dir.path().join("app.conf")), &[]).await?;
+//!
+//! repo.verify(&backup.id).await?; // every segment, the sizes, the SHA-256
+//! let target = dir.path().join("restored.conf");
+//! repo.restore(&backup.id, &RestoreTarget::Path(target.clone()), false).await?;
+//! assert_eq!(std::fs::read(&target).unwrap(), b"replicas = 3\n");
+//! # Ok(()) }
+//! ```
+//!
+//! # The format, version 1
+//!
+//! A backup is two objects in a [`BackupStore`]: its data and its [`Manifest`]. The manifest
+//! is written last; a backup without a manifest does not exist.
+//!
+//! ## Data
+//!
+//! The source stream is compressed with zstd (streaming, default level 3, one or more frames),
+//! then cut into segments of `segment_size` plaintext bytes (65 536) and sealed with
+//! AES-256-GCM in the STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizár 2015, as in
+//! age):
+//!
+//! ```text
+//! header   = magic version compression cipher reserved segment_size salt
+//!            key_id_len key_id backup_id_len backup_id
+//!   magic        8 bytes  89 48 41 44 52 0D 0A 1A  ("\x89HADR\r\n\x1a")
+//!   version      1 byte   1
+//!   compression  1 byte   0 none, 1 zstd
+//!   cipher       1 byte   1 = AES-256-GCM STREAM, data key by HKDF-SHA-256
+//!   reserved     1 byte   0
+//!   segment_size 4 bytes  little-endian, 65536 (readers accept 1 KiB ..= 4 MiB)
+//!   salt         32 bytes random per backup
+//!   key_id       u8 length + ASCII [0-9a-z] (the master key's id)
+//!   backup_id    u8 length + ASCII [A-Za-z0-9._-]
+//! data     = header segment_0 … segment_n          (n ≥ 0)
+//! segment  = AES-256-GCM(data_key, nonce_i, aad = header bytes, plaintext_i) ‖ 16-byte tag
+//! nonce_i  = 11-byte big-endian i ‖ last flag (0x01 on the final segment, else 0x00)
+//! data_key = HKDF-SHA-256(salt, master key, info = "ha-dr v1 data key\0" ‖ backup_id)
+//! ```
+//!
+//! Every segment but the last holds exactly `segment_size` plaintext bytes; the last holds
+//! 1 ..= `segment_size` bytes, or 0 only when the whole stream is empty. Since the whole header
+//! is the associated data of every segment and the data key is bound to the backup id, a
+//! changed header byte, a segment moved, dropped or taken from another backup, and a
+//! truncation (at a segment boundary the new last segment was sealed without the last flag)
+//! each fail authentication. Readers hold one segment at a time.
+//!
+//! ## Manifest
+//!
+//! JSON, in an envelope `{"ha_dr_manifest": 1, "key_id", "hmac_sha256", "manifest"}`; the MAC
+//! is HMAC-SHA-256 over the exact bytes of the `manifest` value, with a key derived from the
+//! master key by HKDF-SHA-256 (salt `"ha-dr v1 manifest salt"`, info `"ha-dr v1 manifest
+//! key"`). The manifest holds: `format_version`, `id`, `kind`, `source` (description),
+//! `tags`, `created`, `duration`, `plaintext_bytes`, `stored_bytes`, `plaintext_sha256`,
+//! `compression`, `cipher`, `segment_size`, `key_id` and kind-specific `details`.
+//!
+//! ## Keys
+//!
+//! A master key is 32 random bytes ([`MasterKey::keygen`] writes a file with mode 0600 and
+//! refuses to overwrite; [`MasterKey::from_env`] reads hex or base64). Its id is the first
+//! 8 bytes of SHA-256(`"ha-dr key id v1\0"` ‖ key), in hex. A [`KeyRing`] writes with one key
+//! and reads with any of several; a backup whose key is not in the ring fails with
+//! [`Error::MissingKey`] naming the key id.
+//!
+//! # Operations
+//!
+//! - **Backup** streams the source through SHA-256, zstd (multithreaded: one worker per core by
+//!   default, [`Repository::zstd_workers`]) and the segmenter into the store; memory stays
+//!   bounded by a few segments and zstd's window, whatever the input size. PostgreSQL is
+//!   dumped with `pg_dump -Fc -Z0 --snapshot=…` from a repeatable-read transaction that also
+//!   counts every table's rows (recorded in the manifest for restore tests); the exit status
+//!   is checked and the child is killed if the backup is abandoned.
+//! - **Verify** authenticates the manifest, then reads every segment and checks the final
+//!   flag, the stored and plaintext sizes and the SHA-256.
+//! - **Restore** verifies while it streams and writes nothing in place until the whole backup
+//!   checked out: directories are extracted beside the target and renamed into place (tar
+//!   entries escaping the target are refused; symlinks are restored as links; modes and
+//!   mtimes are kept), files likewise; a database is restored by `pg_restore` into a fresh
+//!   temporary database that is renamed to the target name at the end (and dropped on any
+//!   error). A non-empty directory, an existing file or an existing database is refused
+//!   unless `force`; restoring over a database with `force` first takes a safety backup of it.
+//! - **Restore test** restores into a scratch directory or scratch database, compares entry
+//!   or per-table row counts with the manifest, and reports the duration (measured RTO).
+//! - **Prune** applies a [`RetentionPolicy`] (restic's calendar buckets, UTC) per source.
+//!
+//! Events: [`ha_core::HaEvent::BackupCompleted`], `BackupFailed` and `RestoreCompleted` when
+//! [`Repository::events`] is set. Metrics: `ha_backups_total`, `ha_backup_duration_seconds`,
+//! `ha_backup_size_bytes`, `ha_restore_duration_seconds` (names from [`ha_core::metric`]).
+//!
+//! # Status
+//!
+//! Built: everything above, the [`LocalStore`] and its conformance suite ([`testing`]), and
+//! the `ha-dr` binary (`keygen`, `backup`, `list [--json]`, `verify [--restore-test]`,
+//! `restore`, `prune [--dry-run]`).
+//!
+//! Not built: the scheduler (per-source intervals or cron, leader-only runs through
+//! `LeadershipGate`, retries with backoff), RPO tracking and `RpoBreached` events, RTO
+//! targets; an object-store `BackupStore`; the cargo-fuzz target for the reader (the
+//! tamper battery and the segmenter proptest stand in for now); a progress bar in the CLI;
+//! restoring ownership (tar entries carry uid/gid; restore keeps modes and mtimes, not owners).
+
+pub mod error;
+pub mod format;
+pub mod key;
+pub mod manifest;
+pub mod pg;
+mod pipeline;
+pub mod repo;
+pub mod retention;
+pub mod source;
+pub mod store;
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
+pub use key::{KeyId, KeyRing, MasterKey};
+pub use manifest::{BackupKind, Compression, Details, Manifest};
+pub use pg::PgTools;
+pub use repo::{
+    Checked, DEFAULT_ZSTD_LEVEL, PruneGroup, PruneReport, Repository, RestoreTarget,
+    ScratchPostgres,
+};
+pub use retention::{Decision, RetentionPolicy};
+pub use source::{ConfigSnapshot, Source};
+pub use store::{BackupStore, DataWriter, LocalStore};

@@ -1,0 +1,382 @@
+//! `ha-dr`: encrypted, verified backups from the command line.
+//!
+//! Every error ends the process with status 1 and one line on stderr saying why.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ha_dr::{
+    BackupId, KeyRing, LocalStore, MasterKey, PgTools, Repository, RestoreTarget, RetentionPolicy,
+    ScratchPostgres, Source,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "ha-dr",
+    version,
+    about = "Encrypted, compressed, verified backups"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Creates a new master key file (32 random bytes, mode 0600); prints its key id.
+    Keygen {
+        /// Where to write the key; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Backs up each source given; prints one backup id per line.
+    Backup {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// A directory tree.
+        #[arg(long = "dir", value_name = "PATH")]
+        dirs: Vec<PathBuf>,
+        /// A PostgreSQL database URL.
+        #[arg(long = "pg", value_name = "URL")]
+        pgs: Vec<String>,
+        /// A file (or `/dev/stdin`).
+        #[arg(long = "file", value_name = "PATH")]
+        files: Vec<PathBuf>,
+        /// Tags for the manifests.
+        #[arg(long = "tag", value_name = "T")]
+        tags: Vec<String>,
+        /// zstd level (0: no compression).
+        #[arg(long, default_value_t = ha_dr::DEFAULT_ZSTD_LEVEL)]
+        zstd_level: i32,
+    },
+    /// Lists backups (oldest first).
+    List {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// JSON (one array of manifests) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verifies one backup, or all: every segment, sizes and SHA-256.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The backup (default: all of them).
+        #[arg(long)]
+        id: Option<String>,
+        /// Also restore into a scratch location and check what arrived; reports the RTO.
+        #[arg(long)]
+        restore_test: bool,
+        /// For restore tests of PostgreSQL backups: a server to create a scratch database on.
+        #[arg(long, value_name = "URL")]
+        scratch_pg: Option<String>,
+    },
+    /// Restores a backup to a path or a new database.
+    Restore {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The backup.
+        #[arg(long)]
+        id: String,
+        /// The target path (a directory for dir backups, a file otherwise).
+        #[arg(
+            long,
+            value_name = "PATH",
+            conflicts_with = "pg",
+            required_unless_present = "pg"
+        )]
+        to: Option<PathBuf>,
+        /// The target database URL (postgres backups).
+        #[arg(long, value_name = "URL")]
+        pg: Option<String>,
+        /// Replace existing data (a database is backed up first).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Deletes backups that no keep rule keeps (per source).
+    Prune {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Show what would go, and why each kept backup stays; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RepoArgs {
+    /// The store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// The master key file (default: the key in the HA_DR_KEY environment variable).
+    #[arg(long, value_name = "KEYFILE")]
+    key_file: Option<PathBuf>,
+    /// More key files to read older backups with (after a rotation).
+    #[arg(long = "read-key-file", value_name = "KEYFILE")]
+    read_key_files: Vec<PathBuf>,
+    /// Directory of pg_dump / pg_restore (default: PATH).
+    #[arg(long, value_name = "DIR")]
+    pg_bin: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    /// Keep the n newest.
+    #[arg(long, default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest of each of the last n hours with backups.
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: u32,
+    /// … days.
+    #[arg(long, default_value_t = 0)]
+    keep_daily: u32,
+    /// … ISO weeks.
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: u32,
+    /// … months.
+    #[arg(long, default_value_t = 0)]
+    keep_monthly: u32,
+    /// … years.
+    #[arg(long, default_value_t = 0)]
+    keep_yearly: u32,
+}
+
+impl RepoArgs {
+    fn tools(&self) -> PgTools {
+        PgTools {
+            bin_dir: self.pg_bin.clone(),
+        }
+    }
+
+    fn open(&self) -> ha_dr::Result<Repository> {
+        let writer = match &self.key_file {
+            Some(path) => MasterKey::load(path)?,
+            None => MasterKey::from_env(ha_dr::key::KEY_ENV)?,
+        };
+        let mut ring = KeyRing::new(writer);
+        for path in &self.read_key_files {
+            ring = ring.with_reader(MasterKey::load(path)?);
+        }
+        Ok(Repository::new(LocalStore::open(&self.store)?, ring))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn fail(reason: &str) -> ExitCode {
+    // One line, whatever the error text holds.
+    let line = reason.replace('\n', " ");
+    let _ = writeln!(std::io::stderr(), "ha-dr: {line}");
+    ExitCode::FAILURE
+}
+
+fn out(text: &str) -> ha_dr::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").map_err(|source| ha_dr::Error::Stream {
+        context: "write to stdout".into(),
+        source,
+    })
+}
+
+fn json<T: serde::Serialize>(value: &T) -> ha_dr::Result<String> {
+    serde_json::to_string_pretty(value).map_err(|e| ha_dr::Error::Task(e.to_string()))
+}
+
+async fn run(command: Command) -> ha_dr::Result<ExitCode> {
+    match command {
+        Command::Keygen { out: path } => {
+            let key = MasterKey::keygen(&path)?;
+            out(&format!(
+                "key id {} written to {}",
+                key.id(),
+                path.display()
+            ))?;
+        }
+        Command::Backup {
+            repo,
+            dirs,
+            pgs,
+            files,
+            tags,
+            zstd_level,
+        } => {
+            let tools = repo.tools();
+            let sources: Vec<Source> = dirs
+                .into_iter()
+                .map(Source::dir)
+                .chain(
+                    pgs.into_iter()
+                        .map(|url| Source::postgres(url, tools.clone())),
+                )
+                .chain(files.into_iter().map(Source::file))
+                .collect();
+            if sources.is_empty() {
+                return Err(ha_core::ConfigError::new(
+                    "sources",
+                    "give at least one --dir, --pg or --file",
+                )
+                .into());
+            }
+            let repo = repo.open()?.zstd_level(zstd_level);
+            for source in &sources {
+                let manifest = repo.backup(source, &tags).await?;
+                out(manifest.id.as_str())?;
+            }
+        }
+        Command::List {
+            store,
+            json: as_json,
+        } => {
+            let store = LocalStore::open(&store)?;
+            // Listing reads manifests without a key; any ring will do.
+            let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([0; 32])));
+            let manifests = repo.list().await?;
+            if as_json {
+                out(&json(&manifests)?)?;
+            } else {
+                for m in manifests {
+                    out(&format!(
+                        "{}\t{}\t{}\t{} bytes\t{}\t{}",
+                        m.id,
+                        m.kind,
+                        humantime::format_rfc3339_seconds(m.created),
+                        m.stored_bytes,
+                        m.source,
+                        m.tags.join(",")
+                    ))?;
+                }
+            }
+        }
+        Command::Verify {
+            repo,
+            id,
+            restore_test,
+            scratch_pg,
+        } => {
+            let scratch = scratch_pg.map(|url| ScratchPostgres {
+                url,
+                tools: repo.tools(),
+            });
+            let repo = repo.open()?;
+            let ids = match id {
+                Some(id) => vec![BackupId::parse(&id)?],
+                None => repo.list().await?.into_iter().map(|m| m.id).collect(),
+            };
+            let mut failed = 0usize;
+            for id in &ids {
+                let result = if restore_test {
+                    repo.restore_test(id, scratch.as_ref()).await
+                } else {
+                    repo.verify(id).await
+                };
+                match result {
+                    Ok(checked) if restore_test => out(&format!(
+                        "ok {id} restore test in {:.3}s (measured RTO): {}",
+                        checked.duration.as_secs_f64(),
+                        checked.detail
+                    ))?,
+                    Ok(checked) => out(&format!(
+                        "ok {id} verified in {:.3}s",
+                        checked.duration.as_secs_f64()
+                    ))?,
+                    Err(e) if ids.len() == 1 => return Err(e),
+                    Err(e) => {
+                        failed += 1;
+                        out(&format!("FAILED {id}: {e}"))?;
+                    }
+                }
+            }
+            if failed > 0 {
+                return Ok(fail(&format!(
+                    "{failed} of {} backups failed verification",
+                    ids.len()
+                )));
+            }
+        }
+        Command::Restore {
+            repo,
+            id,
+            to,
+            pg,
+            force,
+        } => {
+            let target = match (to, pg) {
+                (Some(path), None) => RestoreTarget::Path(path),
+                (None, Some(url)) => RestoreTarget::Postgres {
+                    url,
+                    tools: repo.tools(),
+                },
+                _ => {
+                    return Err(ha_core::ConfigError::new("target", "give --to or --pg").into());
+                }
+            };
+            let repo = repo.open()?;
+            let checked = repo.restore(&BackupId::parse(&id)?, &target, force).await?;
+            out(&format!(
+                "restored {id} in {:.3}s",
+                checked.duration.as_secs_f64()
+            ))?;
+        }
+        Command::Prune {
+            store,
+            policy,
+            dry_run,
+            json: as_json,
+        } => {
+            let policy = RetentionPolicy {
+                keep_last: policy.keep_last,
+                keep_hourly: policy.keep_hourly,
+                keep_daily: policy.keep_daily,
+                keep_weekly: policy.keep_weekly,
+                keep_monthly: policy.keep_monthly,
+                keep_yearly: policy.keep_yearly,
+            };
+            ha_core::config::Validate::validate(&policy)?;
+            let store = LocalStore::open(&store)?;
+            let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([0; 32])));
+            let report = repo.prune(&policy, dry_run).await?;
+            if as_json {
+                out(&json(&report)?)?;
+            } else {
+                for group in &report.groups {
+                    out(&format!("{} {}", group.kind, group.source))?;
+                    for d in &group.decisions {
+                        let verdict = match (d.keep, dry_run) {
+                            (true, _) => format!("keep   ({})", d.reasons.join(", ")),
+                            (false, true) => "would remove".to_owned(),
+                            (false, false) => "removed".to_owned(),
+                        };
+                        out(&format!(
+                            "  {}  {}  {verdict}",
+                            d.id,
+                            humantime::format_rfc3339_seconds(d.created)
+                        ))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

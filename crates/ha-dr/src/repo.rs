@@ -1,0 +1,810 @@
+//! [`Repository`]: backup, list, verify, restore, restore-test and prune over one store and
+//! key ring.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ha_core::{EventBus, HaEvent, NodeId};
+use serde::Serialize;
+
+use crate::error::{Error, Result, from_io};
+use crate::format::{BackupId, FORMAT_VERSION};
+use crate::key::{KeyRing, random_array};
+use crate::manifest::{BackupKind, Details, Manifest};
+use crate::pg::{self, PgTools};
+use crate::pipeline::{BackupReader, BackupWriter, Compress};
+use crate::retention::{self, Decision, RetentionPolicy};
+use crate::source::{self, Source};
+use crate::store::{BackupStore, sync_dir, sync_parent};
+
+/// The default zstd level.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Where to restore a backup to.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum RestoreTarget {
+    /// A path: a directory for `dir` backups (created; it must be absent or empty unless
+    /// `force`), a file for the other kinds (for `postgres`, the `pg_dump -Fc` archive).
+    Path(PathBuf),
+    /// A database, created by the restore (`postgres` backups only). The URL names it.
+    Postgres {
+        /// `postgresql://user@host:port/database`.
+        url: String,
+        /// Where `pg_restore` is.
+        tools: PgTools,
+    },
+}
+
+/// Where `verify --restore-test` may restore a `postgres` backup to: a server on which a
+/// scratch database is created and dropped.
+#[derive(Clone, Debug)]
+pub struct ScratchPostgres {
+    /// Any database URL on the scratch server (its database part is replaced).
+    pub url: String,
+    /// Where `pg_restore` is.
+    pub tools: PgTools,
+}
+
+/// The outcome of a verify or restore.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Checked {
+    /// The authenticated manifest of the backup.
+    pub manifest: Manifest,
+    /// How long the operation took (for a restore or restore test: the measured RTO).
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// What was compared beyond the stream checks (restore tests), in words.
+    pub detail: String,
+}
+
+/// The outcome of a prune.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct PruneReport {
+    /// Every backup, grouped by source, with whether and why it is kept.
+    pub groups: Vec<PruneGroup>,
+    /// The backups removed (empty on a dry run).
+    pub removed: Vec<BackupId>,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// Retention decisions for the backups of one source.
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneGroup {
+    /// The backup kind.
+    pub kind: BackupKind,
+    /// The source description.
+    pub source: String,
+    /// Decisions, newest first.
+    pub decisions: Vec<Decision>,
+}
+
+/// Backups of any source, in one store, with one key ring.
+///
+/// Methods are `async`; the streaming work runs on `tokio`'s blocking threads. Events
+/// ([`HaEvent::BackupCompleted`], [`HaEvent::BackupFailed`], [`HaEvent::RestoreCompleted`])
+/// go to the bus given with [`events`](Self::events).
+///
+/// ```no_run
+/// # async fn demo() -> ha_dr::Result<()> {
+/// use ha_dr::{KeyRing, LocalStore, MasterKey, Repository, RestoreTarget, Source};
+///
+/// let key = MasterKey::load("/etc/ha/backup.key".as_ref())?;
+/// let repo = Repository::new(LocalStore::open("/var/backups/ha")?, KeyRing::new(key));
+/// let manifest = repo.backup(&Source::dir("/srv/data"), &[]).await?;
+/// repo.verify(&manifest.id).await?;
+/// repo.restore(&manifest.id, &RestoreTarget::Path("/srv/data-restored".into()), false).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Repository {
+    store: Arc<dyn BackupStore>,
+    keys: KeyRing,
+    compress: Compress,
+    events: Option<(EventBus, NodeId)>,
+}
+
+impl Repository {
+    /// A repository over `store`, writing with the ring's writer key. Compression: zstd
+    /// level 3 on as many threads as the machine has cores.
+    pub fn new(store: impl BackupStore, keys: KeyRing) -> Self {
+        Self::with_store(Arc::new(store), keys)
+    }
+
+    /// As [`new`](Self::new), with a shared store.
+    pub fn with_store(store: Arc<dyn BackupStore>, keys: KeyRing) -> Self {
+        let workers = std::thread::available_parallelism()
+            .map(|n| u32::try_from(n.get()).unwrap_or(1))
+            .unwrap_or(1);
+        Self {
+            store,
+            keys,
+            compress: Compress {
+                level: DEFAULT_ZSTD_LEVEL,
+                workers: if workers > 1 { workers } else { 0 },
+            },
+            events: None,
+        }
+    }
+
+    /// The zstd level (1..=22; 0 stores uncompressed). Default 3.
+    #[must_use]
+    pub fn zstd_level(mut self, level: i32) -> Self {
+        self.compress.level = level.clamp(0, 22);
+        self
+    }
+
+    /// zstd worker threads (0: compress on the backup's own thread). Default: one per core
+    /// when there are several.
+    #[must_use]
+    pub fn zstd_workers(mut self, workers: u32) -> Self {
+        self.compress.workers = workers;
+        self
+    }
+
+    /// Publishes backup and restore events on `bus` as `node`.
+    #[must_use]
+    pub fn events(mut self, bus: EventBus, node: NodeId) -> Self {
+        self.events = Some((bus, node));
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn BackupStore> {
+        &self.store
+    }
+
+    /// The key ring.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    fn publish(&self, event: impl FnOnce(SystemTime, NodeId) -> HaEvent) {
+        if let Some((bus, node)) = &self.events {
+            bus.publish(event(SystemTime::now(), node.clone()));
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// Backs `source` up; returns the manifest once data and manifest are durable.
+    pub async fn backup(&self, source: &Source, tags: &[String]) -> Result<Manifest> {
+        let kind = source.kind();
+        let result = self.backup_inner(source, tags).await;
+        match &result {
+            Ok(m) => {
+                metrics::counter!(ha_core::metric::BACKUPS_TOTAL, "kind" => kind.as_str(), "outcome" => "success").increment(1);
+                metrics::histogram!(ha_core::metric::BACKUP_DURATION_SECONDS, "kind" => kind.as_str()).record(m.duration.as_secs_f64());
+                metrics::gauge!(ha_core::metric::BACKUP_SIZE_BYTES, "kind" => kind.as_str())
+                    .set(m.stored_bytes as f64);
+                tracing::info!(backup_id = %m.id, kind = %kind, bytes = m.stored_bytes, duration = ?m.duration, "backup completed");
+                self.publish(|at, node| HaEvent::BackupCompleted {
+                    at,
+                    node,
+                    backup_id: m.id.to_string(),
+                    kind: kind.as_str().to_owned(),
+                    bytes: m.stored_bytes,
+                    duration: m.duration,
+                });
+            }
+            Err(e) => {
+                metrics::counter!(ha_core::metric::BACKUPS_TOTAL, "kind" => kind.as_str(), "outcome" => "failure").increment(1);
+                tracing::warn!(kind = %kind, error = %e, "backup failed");
+                self.publish(|at, node| HaEvent::BackupFailed {
+                    at,
+                    node,
+                    kind: kind.as_str().to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        result
+    }
+
+    async fn backup_inner(&self, source: &Source, tags: &[String]) -> Result<Manifest> {
+        let created = SystemTime::now();
+        let clock = Instant::now();
+        let kind = source.kind();
+        let id = BackupId::generate(kind.as_str(), created)?;
+        let snapshot = match source {
+            Source::Postgres { url, .. } => Some(pg::Snapshot::take(url).await?),
+            _ => None,
+        };
+        let snapshot_info = snapshot
+            .as_ref()
+            .map(|s| (s.name.clone(), s.table_rows.clone()));
+        let store = Arc::clone(&self.store);
+        let key = self.keys.writer().clone();
+        let compress = self.compress;
+        let task_source = source.clone();
+        let task_id = id.clone();
+        let written = Self::blocking(move || {
+            let mut writer = BackupWriter::new(&*store, &task_id, &key, compress)?;
+            let details = match &task_source {
+                Source::Dir(path) => source::write_dir(path, &mut writer)?,
+                Source::File(path) => source::write_file(path, &mut writer)?,
+                Source::Config(config) => source::write_config(config, &mut writer)?,
+                Source::Postgres { url, tools } => {
+                    let (name, table_rows) = snapshot_info.unwrap_or_default();
+                    let mut child = pg::spawn_dump(tools, url, &name)?;
+                    let stdout = child.child_mut().and_then(|c| c.stdout.take());
+                    if let Some(mut stdout) = stdout {
+                        io::copy(&mut stdout, &mut writer)
+                            .map_err(|e| from_io(e, || "stream pg_dump output".into()))?;
+                    }
+                    child.wait()?;
+                    Details::Postgres { table_rows }
+                }
+            };
+            Ok((writer.finish()?, details))
+        })
+        .await;
+        if let Some(snapshot) = snapshot {
+            snapshot.close().await;
+        }
+        let (written, details) = written?;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            id: id.clone(),
+            kind,
+            source: source.describe(),
+            tags: tags.to_vec(),
+            created,
+            duration: clock.elapsed(),
+            plaintext_bytes: written.plaintext_bytes,
+            stored_bytes: written.stored_bytes,
+            plaintext_sha256: written.sha256,
+            compression: written.compression,
+            cipher: "aes-256-gcm-stream".into(),
+            segment_size: crate::format::SEGMENT_SIZE,
+            key_id: self.keys.writer().id().clone(),
+            details,
+        };
+        let sealed = manifest.seal(self.keys.writer())?;
+        let store = Arc::clone(&self.store);
+        Self::blocking(move || store.put_manifest(&id, &sealed)).await?;
+        Ok(manifest)
+    }
+
+    /// Every backup's manifest, oldest first, read without authentication (no key is
+    /// needed to list); manifests that cannot be read are skipped with a warning.
+    pub async fn list(&self) -> Result<Vec<Manifest>> {
+        let store = Arc::clone(&self.store);
+        Self::blocking(move || {
+            let mut out = Vec::new();
+            for id in store.list()? {
+                let read = store
+                    .get_manifest(&id)
+                    .and_then(|bytes| Manifest::read_unverified(&bytes, &id));
+                match read {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        tracing::warn!(backup_id = %id, error = %e, "unreadable manifest skipped")
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The authenticated manifest of `id`.
+    pub async fn manifest(&self, id: &BackupId) -> Result<Manifest> {
+        let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+        Self::blocking(move || Manifest::open(&store.get_manifest(&id)?, &id, &keys)).await
+    }
+
+    /// Reads every segment of `id`: checks every tag, the final-segment flag, the stored and
+    /// plaintext sizes and the SHA-256.
+    pub async fn verify(&self, id: &BackupId) -> Result<Checked> {
+        let clock = Instant::now();
+        let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+        let manifest = Self::blocking(move || {
+            let mut reader = BackupReader::open(&*store, &keys, &id)?;
+            reader.drain()?;
+            Ok(reader.manifest().clone())
+        })
+        .await?;
+        Ok(Checked {
+            manifest,
+            duration: clock.elapsed(),
+            detail: "every segment, the sizes and the SHA-256 check out".into(),
+        })
+    }
+
+    /// Restores `id` to `target`, verifying as it streams. Nothing appears at the target
+    /// unless the whole backup verified: directories and files are written beside the target
+    /// and renamed into place; databases are restored into a temporary database and renamed.
+    /// Refuses a target holding data unless `force`; a database restored over with `force`
+    /// is first backed up itself (tag `pre-restore-safety`).
+    pub async fn restore(
+        &self,
+        id: &BackupId,
+        target: &RestoreTarget,
+        force: bool,
+    ) -> Result<Checked> {
+        let clock = Instant::now();
+        let manifest = match target {
+            RestoreTarget::Path(path) => {
+                let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+                let path = path.clone();
+                Self::blocking(move || {
+                    let mut reader = BackupReader::open(&*store, &keys, &id)?;
+                    restore_to_path(&mut reader, &path, force)?;
+                    Ok(reader.manifest().clone())
+                })
+                .await?
+            }
+            RestoreTarget::Postgres { url, tools } => {
+                self.restore_database(id, url, tools, force).await?
+            }
+        };
+        let duration = clock.elapsed();
+        self.restored(&manifest, duration);
+        Ok(Checked {
+            manifest,
+            duration,
+            detail: "restored".into(),
+        })
+    }
+
+    fn restored(&self, manifest: &Manifest, duration: Duration) {
+        metrics::histogram!(ha_core::metric::RESTORE_DURATION_SECONDS, "kind" => manifest.kind.as_str())
+            .record(duration.as_secs_f64());
+        tracing::info!(backup_id = %manifest.id, duration = ?duration, "restore completed");
+        self.publish(|at, node| HaEvent::RestoreCompleted {
+            at,
+            node,
+            backup_id: manifest.id.to_string(),
+            duration,
+        });
+    }
+
+    async fn restore_database(
+        &self,
+        id: &BackupId,
+        url: &str,
+        tools: &PgTools,
+        force: bool,
+    ) -> Result<Manifest> {
+        let manifest = self.manifest(id).await?;
+        if manifest.kind != BackupKind::Postgres {
+            return Err(Error::Unsupported(format!(
+                "backup {id} is a {} backup; only postgres backups restore into a database",
+                manifest.kind
+            )));
+        }
+        let target = pg::database_of(url)?;
+        let mut admin = pg::admin(url).await?;
+        let exists = pg::database_exists(&mut admin, &target).await?;
+        if exists && !force {
+            return Err(Error::TargetNotEmpty {
+                target: pg::redact(url),
+                reason: format!("database {target} exists"),
+            });
+        }
+        let suffix: [u8; 4] = random_array()?;
+        let prefix: String = target.chars().take(40).collect();
+        let temp = format!("{prefix}_hadr_restore_{}", hex::encode(suffix));
+        self.restore_into_new_database(id, url, &temp, tools)
+            .await?;
+        if let Err(e) = self
+            .swap_in(&mut admin, url, tools, &target, &temp, exists)
+            .await
+        {
+            let drop_temp = format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                pg::quote_ident(&temp)
+            );
+            let _ = pg::execute(&mut admin, &drop_temp).await;
+            return Err(e);
+        }
+        Ok(manifest)
+    }
+
+    /// Puts the restored database `temp` in the place of `target`, after a safety backup of
+    /// `target` if it `exists`.
+    async fn swap_in(
+        &self,
+        admin: &mut sqlx::PgConnection,
+        url: &str,
+        tools: &PgTools,
+        target: &str,
+        temp: &str,
+        exists: bool,
+    ) -> Result<()> {
+        if exists {
+            let safety = self
+                .backup(
+                    &Source::postgres(url, tools.clone()),
+                    &["pre-restore-safety".to_owned()],
+                )
+                .await?;
+            tracing::info!(backup_id = %safety.id, database = %target, "safety backup taken before restoring over it");
+            let drop_target = format!("DROP DATABASE {} WITH (FORCE)", pg::quote_ident(target));
+            pg::execute(admin, &drop_target).await?;
+        }
+        let rename = format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            pg::quote_ident(temp),
+            pg::quote_ident(target)
+        );
+        pg::execute(admin, &rename).await
+    }
+
+    /// Creates database `name` on `url`'s server and restores `id` into it; drops it again on
+    /// any error.
+    async fn restore_into_new_database(
+        &self,
+        id: &BackupId,
+        url: &str,
+        name: &str,
+        tools: &PgTools,
+    ) -> Result<()> {
+        let mut admin = pg::admin(url).await?;
+        let quoted = pg::quote_ident(name);
+        pg::execute(
+            &mut admin,
+            &format!("CREATE DATABASE {quoted} TEMPLATE template0"),
+        )
+        .await?;
+        let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+        let db_url = pg::with_database(url, name)?;
+        let tools = tools.clone();
+        let result = Self::blocking(move || {
+            let mut reader = BackupReader::open(&*store, &keys, &id)?;
+            let mut child = pg::spawn_restore(&tools, &db_url)?;
+            let stdin = child.child_mut().and_then(|c| c.stdin.take());
+            pipe_verified(&mut reader, stdin)?;
+            child.wait()
+        })
+        .await;
+        if result.is_err() {
+            let _ = pg::execute(
+                &mut admin,
+                &format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"),
+            )
+            .await;
+        }
+        result
+    }
+
+    /// Verifies `id`, then restores it into a scratch location and checks what arrived:
+    /// the entry count of a directory, the row count of every table of a database (in a
+    /// scratch database on `scratch_pg`, dropped afterwards). The duration is the measured
+    /// RTO.
+    pub async fn restore_test(
+        &self,
+        id: &BackupId,
+        scratch_pg: Option<&ScratchPostgres>,
+    ) -> Result<Checked> {
+        let clock = Instant::now();
+        let manifest = self.manifest(id).await?;
+        let detail = match manifest.kind {
+            BackupKind::Postgres => {
+                let scratch = scratch_pg.ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "a restore test of postgres backup {id} needs a scratch server (scratch_pg)"
+                    ))
+                })?;
+                let suffix: [u8; 4] = random_array()?;
+                let name = format!("hadr_restore_test_{}", hex::encode(suffix));
+                self.restore_into_new_database(id, &scratch.url, &name, &scratch.tools)
+                    .await?;
+                let counted = async {
+                    let mut conn = pg::connect(&pg::with_database(&scratch.url, &name)?).await?;
+                    let rows = pg::table_rows(&mut conn).await;
+                    let _ = sqlx::Connection::close(conn).await;
+                    rows
+                }
+                .await;
+                let mut admin = pg::admin(&scratch.url).await?;
+                let _ = pg::execute(
+                    &mut admin,
+                    &format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        pg::quote_ident(&name)
+                    ),
+                )
+                .await;
+                let counted = counted?;
+                let expected = match &manifest.details {
+                    Details::Postgres { table_rows } => table_rows.clone(),
+                    _ => BTreeMap::new(),
+                };
+                if counted != expected {
+                    return Err(Error::corrupt(
+                        id.as_str(),
+                        format!(
+                            "restored row counts {counted:?} differ from the dumped ones {expected:?}"
+                        ),
+                    ));
+                }
+                format!("{} tables, row counts match", counted.len())
+            }
+            _ => {
+                let (store, keys, id2) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+                let expected = match &manifest.details {
+                    Details::Dir { entries } => Some(*entries),
+                    _ => None,
+                };
+                Self::blocking(move || {
+                    let scratch = ScratchDir::new()?;
+                    let mut reader = BackupReader::open(&*store, &keys, &id2)?;
+                    let target = scratch.path.join("restored");
+                    let entries = restore_to_path(&mut reader, &target, false)?;
+                    match (expected, entries) {
+                        (Some(want), Some(got)) if want != got => Err(Error::corrupt(
+                            id2.as_str(),
+                            format!("restored {got} entries, the backup recorded {want}"),
+                        )),
+                        (_, Some(got)) => Ok(format!("{got} entries restored")),
+                        _ => Ok(format!(
+                            "{} bytes restored",
+                            reader.manifest().plaintext_bytes
+                        )),
+                    }
+                })
+                .await?
+            }
+        };
+        let duration = clock.elapsed();
+        self.restored(&manifest, duration);
+        Ok(Checked {
+            manifest,
+            duration,
+            detail,
+        })
+    }
+
+    /// Applies `policy` to the backups of each source (grouped by kind and source
+    /// description) and, unless `dry_run`, deletes those it does not keep. Also removes
+    /// leftovers of crashed backups older than a day.
+    pub async fn prune(&self, policy: &RetentionPolicy, dry_run: bool) -> Result<PruneReport> {
+        let manifests = self.list().await?;
+        let mut groups: BTreeMap<(BackupKind, String), Vec<(BackupId, SystemTime)>> =
+            BTreeMap::new();
+        for m in manifests {
+            groups
+                .entry((m.kind, m.source))
+                .or_default()
+                .push((m.id, m.created));
+        }
+        let groups: Vec<PruneGroup> = groups
+            .into_iter()
+            .map(|((kind, source), backups)| PruneGroup {
+                kind,
+                source,
+                decisions: retention::apply(policy, &backups),
+            })
+            .collect();
+        let doomed: Vec<BackupId> = groups
+            .iter()
+            .flat_map(|g| g.decisions.iter().filter(|d| !d.keep).map(|d| d.id.clone()))
+            .collect();
+        let removed = if dry_run {
+            Vec::new()
+        } else {
+            let store = Arc::clone(&self.store);
+            Self::blocking(move || {
+                for id in &doomed {
+                    store.delete(id)?;
+                }
+                store.cleanup(Duration::from_secs(24 * 3600))?;
+                Ok(doomed)
+            })
+            .await?
+        };
+        Ok(PruneReport {
+            groups,
+            removed,
+            dry_run,
+        })
+    }
+}
+
+/// Copies the verified stream into a child's stdin. If the child stops reading early, the
+/// rest is still read (and so verified) before returning; the child's exit status tells
+/// whether it got what it needed.
+fn pipe_verified(reader: &mut BackupReader, stdin: Option<std::process::ChildStdin>) -> Result<()> {
+    let id = reader.manifest().id.clone();
+    let mut stdin = stdin;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| from_io(e, || format!("read backup {id}")))?;
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(pipe) = &mut stdin {
+            match pipe.write_all(&buf[..n]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => stdin = None,
+                Err(e) => return Err(from_io(e, || "write to pg_restore".into())),
+            }
+        }
+    }
+}
+
+/// A scratch directory under the system temp dir, removed on drop.
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    fn new() -> Result<Self> {
+        let suffix: [u8; 6] = random_array()?;
+        let path = std::env::temp_dir().join(format!("ha-dr-restore-test-{}", hex::encode(suffix)));
+        fs::create_dir(&path).map_err(|e| Error::io("create scratch directory", &path, e))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Restores to a path by kind; returns the entry count for directories.
+fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Result<Option<u64>> {
+    let kind = reader.manifest().kind;
+    let id = reader.manifest().id.to_string();
+    check_target(target, kind == BackupKind::Dir, force)?;
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| Error::io("create", &parent, e))?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "target".into());
+    let suffix: [u8; 6] = random_array()?;
+    let temp = parent.join(format!(".ha-dr-restore-{name}-{}", hex::encode(suffix)));
+    let result = if kind == BackupKind::Dir {
+        (|| {
+            fs::create_dir(&temp).map_err(|e| Error::io("create", &temp, e))?;
+            let entries = source::extract_dir(&id, reader, &temp)?;
+            reader.drain()?;
+            sync_tree(&temp)?;
+            Ok(Some(entries))
+        })()
+    } else {
+        (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)
+                .map_err(|e| Error::io("create", &temp, e))?;
+            io::copy(reader, &mut file).map_err(|e| match from_io(e, String::new) {
+                Error::Stream { source, .. } => Error::io("write", &temp, source),
+                other => other,
+            })?;
+            file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
+            Ok(None)
+        })()
+    };
+    match result {
+        Ok(entries) => {
+            replace(&temp, target, force)?;
+            Ok(entries)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&temp);
+            let _ = fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+/// Refuses a target that holds data, unless `force`.
+fn check_target(target: &Path, want_dir: bool, force: bool) -> Result<()> {
+    let refuse = |reason: &str| Error::TargetNotEmpty {
+        target: target.display().to_string(),
+        reason: reason.to_owned(),
+    };
+    let meta = match fs::symlink_metadata(target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("stat", target, e)),
+    };
+    if meta.is_dir() {
+        let empty = fs::read_dir(target)
+            .map_err(|e| Error::io("list", target, e))?
+            .next()
+            .is_none();
+        if !want_dir {
+            return Err(refuse("it is a directory"));
+        }
+        if !empty && !force {
+            return Err(refuse("the directory is not empty"));
+        }
+    } else if !force {
+        return Err(refuse("it exists"));
+    }
+    Ok(())
+}
+
+/// Moves the verified `temp` to `target`, replacing what is there (already checked).
+fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
+    match fs::symlink_metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("stat", target, e)),
+        Ok(meta) => {
+            let empty_dir = meta.is_dir()
+                && fs::read_dir(target)
+                    .map_err(|e| Error::io("list", target, e))?
+                    .next()
+                    .is_none();
+            if empty_dir {
+                fs::remove_dir(target).map_err(|e| Error::io("remove", target, e))?;
+            } else if force {
+                let suffix: [u8; 6] = random_array()?;
+                let old = target.with_file_name(format!(
+                    ".ha-dr-old-{}-{}",
+                    target
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    hex::encode(suffix)
+                ));
+                fs::rename(target, &old).map_err(|e| Error::io("move aside", target, e))?;
+                fs::rename(temp, target).map_err(|e| Error::io("rename into place", target, e))?;
+                sync_parent(target)?;
+                let removed = if meta.is_dir() {
+                    fs::remove_dir_all(&old)
+                } else {
+                    fs::remove_file(&old)
+                };
+                return removed.map_err(|e| Error::io("remove old", &old, e));
+            } else {
+                return Err(Error::TargetNotEmpty {
+                    target: target.display().to_string(),
+                    reason: "it appeared during the restore".into(),
+                });
+            }
+        }
+    }
+    fs::rename(temp, target).map_err(|e| Error::io("rename into place", target, e))?;
+    sync_parent(target)
+}
+
+/// fsyncs every regular file and directory under `root`.
+fn sync_tree(root: &Path) -> Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let file_type = entry
+                .file_type()
+                .map_err(|e| Error::io("stat", entry.path(), e))?;
+            if file_type.is_dir() {
+                stack.push(entry.path());
+            } else if file_type.is_file() {
+                let path = entry.path();
+                // Read-only files open for reading; fsync works on any descriptor.
+                fs::File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::io("fsync", &path, e))?;
+            }
+        }
+        sync_dir(&dir)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! The `ha-dr` binary, run as a user would: exit statuses, one-line errors, and a backup
+//! killed mid-way.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn ha_dr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ha-dr"))
+        .args(args)
+        .env_remove("HA_DR_KEY")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = ha_dr(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Fails with status 1 and exactly one line on stderr; returns it.
+fn fails(args: &[&str]) -> String {
+    let out = ha_dr(args);
+    assert_eq!(out.status.code(), Some(1), "{args:?} must fail");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.starts_with("ha-dr: "), "{err}");
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn keygen_backup_list_verify_restore_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, key) = (dir.path().join("store"), dir.path().join("key"));
+    let text = ok(&["keygen", "--out", s(&key)]);
+    assert!(text.starts_with("key id "), "{text}");
+    assert!(fails(&["keygen", "--out", s(&key)]).contains("must not exist"));
+
+    let src = dir.path().join("src");
+    common::sample_tree(&src);
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "remember\n").unwrap();
+    let ids = ok(&[
+        "backup",
+        "--store",
+        s(&store),
+        "--key-file",
+        s(&key),
+        "--dir",
+        s(&src),
+        "--file",
+        s(&file),
+        "--tag",
+        "manual",
+    ]);
+    let ids: Vec<&str> = ids.lines().collect();
+    assert_eq!(ids.len(), 2);
+    assert!(
+        ids[0].starts_with("dir-") && ids[1].starts_with("file-"),
+        "{ids:?}"
+    );
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&["list", "--store", s(&store), "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[0]["tags"][0], "manual");
+    assert!(ok(&["list", "--store", s(&store)]).contains(ids[0]));
+
+    let verified = ok(&["verify", "--store", s(&store), "--key-file", s(&key)]);
+    assert_eq!(
+        verified.lines().filter(|l| l.starts_with("ok ")).count(),
+        2,
+        "{verified}"
+    );
+    let tested = ok(&[
+        "verify",
+        "--store",
+        s(&store),
+        "--key-file",
+        s(&key),
+        "--id",
+        ids[0],
+        "--restore-test",
+    ]);
+    assert!(tested.contains("measured RTO"), "{tested}");
+
+    let out = dir.path().join("out");
+    ok(&[
+        "restore",
+        "--store",
+        s(&store),
+        "--key-file",
+        s(&key),
+        "--id",
+        ids[0],
+        "--to",
+        s(&out),
+    ]);
+    assert_eq!(common::describe_tree(&out), common::describe_tree(&src));
+    let err = fails(&[
+        "restore",
+        "--store",
+        s(&store),
+        "--key-file",
+        s(&key),
+        "--id",
+        ids[0],
+        "--to",
+        s(&out),
+    ]);
+    assert!(err.contains("refusing"), "{err}");
+
+    // A wrong key names the key the backup needs.
+    let other = dir.path().join("other-key");
+    ok(&["keygen", "--out", s(&other)]);
+    let err = fails(&[
+        "verify",
+        "--store",
+        s(&store),
+        "--key-file",
+        s(&other),
+        "--id",
+        ids[1],
+    ]);
+    assert!(err.contains("not in the key ring"), "{err}");
+    let err = fails(&["verify", "--store", s(&store), "--id", ids[1]]);
+    assert!(err.contains("HA_DR_KEY"), "{err}");
+
+    let dry = ok(&[
+        "prune",
+        "--store",
+        s(&store),
+        "--keep-last",
+        "1",
+        "--dry-run",
+    ]);
+    assert!(dry.contains("keep   (newest, last)"), "{dry}");
+    let err = fails(&["prune", "--store", s(&store)]);
+    assert!(err.contains("keep"), "{err}");
+}
+
+#[test]
+fn a_backup_killed_mid_way_leaves_no_visible_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, key) = (dir.path().join("store"), dir.path().join("key"));
+    ok(&["keygen", "--out", s(&key)]);
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"earlier").unwrap();
+    let earlier = ok(&[
+        "backup",
+        "--store",
+        s(&store),
+        "--key-file",
+        s(&key),
+        "--file",
+        s(&file),
+    ]);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ha-dr"))
+        .args([
+            "backup",
+            "--store",
+            s(&store),
+            "--key-file",
+            s(&key),
+            "--file",
+            "/dev/stdin",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Pipe writes block until the child reads: once 16 MiB went in, it is mid-backup.
+    for chunk in 0..16 {
+        stdin.write_all(&common::noise(1 << 20, chunk)).unwrap();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&["list", "--store", s(&store), "--json"])).unwrap();
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "only the earlier backup"
+    );
+    let leftovers: Vec<String> = common::names(&store)
+        .into_iter()
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "the killed write left its temp file: {leftovers:?}"
+    );
+    // The store is not corrupt: the earlier backup verifies, and cleanup takes the leftover.
+    ok(&[
+        "verify",
+        "--store",
+        s(&store),
+        "--key-file",
+        s(&key),
+        "--id",
+        earlier.trim(),
+    ]);
+    let store_handle = ha_dr::LocalStore::open(&store).unwrap();
+    let removed = ha_dr::BackupStore::cleanup(&store_handle, std::time::Duration::ZERO).unwrap();
+    assert_eq!(removed, leftovers);
+}
