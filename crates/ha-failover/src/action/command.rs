@@ -1,7 +1,6 @@
 //! [`CommandAction`]: runs a program, without a shell, and wants exit status 0.
 
 use std::ffi::OsString;
-use std::fmt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -217,12 +216,6 @@ fn check(status: ExitStatus, program: &Program, tail: &[u8]) -> Result<(), Actio
         message.push_str(stderr);
     }
     Err(ActionError::failed(message))
-}
-
-impl fmt::Display for CommandAction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.failover.display())
-    }
 }
 
 #[async_trait]

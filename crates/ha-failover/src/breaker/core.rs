@@ -92,6 +92,11 @@ fn tag_of(epoch: u64) -> u64 {
     epoch & COUNT_MASK
 }
 
+/// The tag of `w`'s period if it is a closed one (whose successes go in the window).
+fn closed_tag(w: Word) -> Option<u64> {
+    (w.state_bits() == CLOSED).then(|| tag_of(w.epoch()))
+}
+
 /// An atomic alone on its cache line (two, as adjacent-line prefetchers pair them).
 #[repr(align(128))]
 #[derive(Debug, Default)]
@@ -451,19 +456,19 @@ impl Core {
     }
 
     /// Takes every lock-free success counted so far, re-tags the slots with `retag`, and
-    /// records the successes: all of them in the totals, and those of the closed period `w`
-    /// (the current word) in the window, where they end any failure streak. Under the lock.
-    fn drain(&self, rec: &mut Record, w: Word, retag: u64) {
+    /// records the successes: all of them in the totals, and those tagged `window_tag` (the
+    /// current closed period, if they may still decide something) in the window, where they
+    /// end any failure streak. Under the lock.
+    fn drain(&self, rec: &mut Record, window_tag: Option<u64>, retag: u64) {
         if !self.lock_free_successes {
             return;
         }
-        let closed_tag = (w.state_bits() == CLOSED).then(|| tag_of(w.epoch()));
         let mut current = 0;
         for slot in &*self.slots {
             let old = slot.0.swap(retag << TAG_SHIFT, AcqRel);
             let count = old & COUNT_MASK;
             rec.successful += count;
-            if Some(old >> TAG_SHIFT) == closed_tag {
+            if Some(old >> TAG_SHIFT) == window_tag {
                 current += count;
             }
         }
@@ -494,7 +499,7 @@ impl Core {
     pub(super) fn finish(&self, ticket: &Ticket, failed: bool) {
         let mut rec = self.lock();
         let current = Word(self.word.load(Acquire));
-        self.drain(&mut rec, current, tag_of(current.epoch()));
+        self.drain(&mut rec, closed_tag(current), tag_of(current.epoch()));
         self.record(&mut rec, ticket, failed);
         self.refresh_fast(&rec, Word(self.word.load(Acquire)));
     }
@@ -616,9 +621,11 @@ impl Core {
         now: Instant,
         reason: &'static str,
     ) -> (Word, bool) {
-        // Lock-free successes of the ending period must not land in the next one.
+        // Lock-free successes of the ending period must not land in the next one. Those that
+        // landed since this section's first drain came after the call that decided this
+        // transition: they are counted, and decide nothing.
         self.fast.0.store(NO_FAST, Release);
-        self.drain(rec, from, tag_of(from.epoch().wrapping_add(1)));
+        self.drain(rec, None, tag_of(from.epoch().wrapping_add(1)));
         let mut wait = None;
         match to {
             OPEN => {
@@ -696,7 +703,7 @@ impl Core {
     pub(super) fn snapshot(&self) -> BreakerSnapshot {
         let mut rec = self.lock();
         let w = Word(self.word.load(Acquire));
-        self.drain(&mut rec, w, tag_of(w.epoch()));
+        self.drain(&mut rec, closed_tag(w), tag_of(w.epoch()));
         self.refresh_fast(&rec, w);
         let now = Instant::now();
         let totals = rec.window.totals(self.second(now));

@@ -705,26 +705,29 @@ impl Shared {
     /// Handles `first` and every event already waiting behind it, so that failures reported
     /// together are queued together and started in dependency order.
     fn on_event(&self, first: Result<HaEvent, RecvError>, health: &mut Option<EventSubscriber>) {
-        let mut next = Some(first.map_err(|e| match e {
-            RecvError::Lagged { missed } => TryRecvError::Lagged { missed },
-            _ => TryRecvError::Closed,
-        }));
+        let mut next = Some(first);
         while let Some(event) = next.take() {
             match event {
                 Ok(event) => self.on_health(&event),
-                Err(TryRecvError::Lagged { missed }) => tracing::warn!(
+                Err(RecvError::Lagged { missed }) => tracing::warn!(
                     missed,
                     "the failover manager missed health events; statuses may be stale until \
                      the next change"
                 ),
-                Err(TryRecvError::Empty) => return,
                 Err(_) => {
                     tracing::warn!("the health event bus closed; only reports count from now on");
                     *health = None;
                     return;
                 }
             }
-            next = health.as_mut().map(EventSubscriber::try_recv);
+            next = match health.as_mut().map(EventSubscriber::try_recv) {
+                None | Some(Err(TryRecvError::Empty)) => None,
+                Some(Ok(event)) => Some(Ok(event)),
+                Some(Err(TryRecvError::Lagged { missed })) => {
+                    Some(Err(RecvError::Lagged { missed }))
+                }
+                Some(Err(_)) => Some(Err(RecvError::Closed)),
+            };
         }
     }
 
