@@ -107,7 +107,10 @@ pub struct ComponentConfig {
     pub timeout: Duration,
     /// How long after a failover of this component ended another may start (default 5 min):
     /// flap protection. A request in the cooldown waits for its end, and is dropped if the
-    /// component recovers first. Zero turns it off.
+    /// component recovers first. Zero turns it off. Five minutes gives a promoted standby time
+    /// to settle (connections move, caches warm) and an operator time to look before the
+    /// component is switched again, while a component that stays down still fails over again
+    /// within minutes.
     #[serde(with = "config::duration")]
     pub cooldown: Duration,
 }

@@ -5,7 +5,6 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use std::time::Duration;
 //! use ha_core::{AlwaysLeader, EventBus, FencingToken, HaEvent};
 //! use ha_failover::{ComponentConfig, FailoverManager, Outcome, Router, RouterSwitch};
 //!
@@ -61,12 +60,14 @@
 //! not lead, nothing starts: the request is recorded as skipped (once), and waits, asking the
 //! gate again every `leadership_retry_interval` (default 1 s) while the component stays
 //! failed, so a node that becomes leader takes over what is still to do. The failover runs
-//! with the fencing token of the leadership that started it, in its [`ActionContext`].
+//! with the fencing token of the leadership that started it, in its
+//! [`ActionContext`](crate::ActionContext).
 //!
 //! Leadership lost while an action runs does not cancel it (cancelling midway can leave more
 //! damage than finishing), but nothing new starts, and the action can see it:
-//! [`ActionContext::ensure_leader`] fails once the gate no longer grants the same token, and
-//! downstream systems that fence reject the old token once a new leader has used a newer one.
+//! [`ActionContext::ensure_leader`](crate::ActionContext::ensure_leader) fails once the gate
+//! no longer grants the same token, and downstream systems that fence reject the old token
+//! once a new leader has used a newer one. A failed step is rolled back under the same token.
 //! The built-in [`RouterSwitch`](crate::RouterSwitch) checks just before it switches;
 //! [`CommandAction`](crate::CommandAction) and [`HttpAction`](crate::HttpAction) hand the
 //! token to the program or endpoint.
