@@ -159,6 +159,18 @@ pub enum HaEvent {
         /// Why it was rolled back.
         reason: String,
     },
+    /// A failover was asked for but not run: this node did not lead, the component was in
+    /// its cooldown, or the waiting queue was full. Nothing was changed.
+    FailoverSkipped {
+        /// When.
+        at: SystemTime,
+        /// The node that skipped it.
+        node: NodeId,
+        /// The component.
+        component: String,
+        /// Why, e.g. "not the leader".
+        reason: String,
+    },
     /// A replica's lag went over its bound.
     ReplicationLagBreached {
         /// When.
@@ -292,6 +304,7 @@ impl HaEvent {
             | HaEvent::FailoverCompleted { at, .. }
             | HaEvent::FailoverFailed { at, .. }
             | HaEvent::FailoverRolledBack { at, .. }
+            | HaEvent::FailoverSkipped { at, .. }
             | HaEvent::ReplicationLagBreached { at, .. }
             | HaEvent::ReplicationLagRecovered { at, .. }
             | HaEvent::ReplicaPromoted { at, .. }
@@ -316,6 +329,7 @@ impl HaEvent {
             | HaEvent::FailoverCompleted { node, .. }
             | HaEvent::FailoverFailed { node, .. }
             | HaEvent::FailoverRolledBack { node, .. }
+            | HaEvent::FailoverSkipped { node, .. }
             | HaEvent::ReplicationLagBreached { node, .. }
             | HaEvent::ReplicationLagRecovered { node, .. }
             | HaEvent::ReplicaPromoted { node, .. }
@@ -340,6 +354,7 @@ impl HaEvent {
             HaEvent::FailoverCompleted { .. } => "failover_completed",
             HaEvent::FailoverFailed { .. } => "failover_failed",
             HaEvent::FailoverRolledBack { .. } => "failover_rolled_back",
+            HaEvent::FailoverSkipped { .. } => "failover_skipped",
             HaEvent::ReplicationLagBreached { .. } => "replication_lag_breached",
             HaEvent::ReplicationLagRecovered { .. } => "replication_lag_recovered",
             HaEvent::ReplicaPromoted { .. } => "replica_promoted",

@@ -3,8 +3,10 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::error::Error;
 use crate::id::FencingToken;
 
 /// Proof of leadership at the moment it was asked for.
@@ -38,6 +40,23 @@ pub trait LeadershipGate: Send + Sync + Debug {
     /// The current leadership, checked against its deadline at call time, or `None` if this
     /// node does not lead right now.
     fn is_leader(&self) -> Option<Leadership>;
+}
+
+/// Gives up this node's leadership on purpose, so that another node is elected: a forced
+/// re-election.
+///
+/// Implemented by `ha-election`'s elector; used by `ha-failover`'s step-down action, so that
+/// neither crate depends on the other.
+///
+/// To ensure correctness, an implementation must:
+/// - stop acting as leader (its [`LeadershipGate`] answers `None`) *before* it gives the
+///   leadership up in the shared store, so that two nodes never act at once;
+/// - return `Ok` only if this node was leading and has now stopped;
+/// - return [`Error::NotLeader`] if this node did not lead (there was nothing to give up).
+#[async_trait]
+pub trait StepDown: Send + Sync + Debug {
+    /// Gives up the leadership now.
+    async fn step_down(&self) -> Result<(), Error>;
 }
 
 /// A gate for single-node use: this node always leads, with one fixed token.

@@ -4,8 +4,8 @@
 //! server: node ids and [`FencingToken`]s, [`Status`] (with a total "worse than" order) and
 //! [`Criticality`], the [`HaEvent`]s every state change is reported as, the [`EventBus`] that
 //! carries them, the [`Component`] lifecycle, the [`LeadershipGate`] that lets leader-only work
-//! ask "do I lead now, with which token?", config conventions ([`config`]), exponential
-//! [`backoff`] with full jitter, and the [`metric`] names.
+//! ask "do I lead now, with which token?" and the [`StepDown`] that gives leadership up, config
+//! conventions ([`config`]), exponential [`backoff`] with full jitter, and the [`metric`] names.
 //!
 //! ```
 //! use std::time::SystemTime;
@@ -48,6 +48,6 @@ pub use config::{ConfigError, Validate};
 pub use error::{BoxError, Error};
 pub use event::{HaEvent, LossReason};
 pub use id::{FencingToken, NodeId};
-pub use leadership::{AlwaysLeader, Leadership, LeadershipGate};
+pub use leadership::{AlwaysLeader, Leadership, LeadershipGate, StepDown};
 pub use status::{CircuitState, Criticality, Status};
 pub use tokio_util::sync::CancellationToken;

@@ -37,10 +37,23 @@ pub const CIRCUIT_STATE: &str = "ha_circuit_state";
 pub const CIRCUIT_CALLS_TOTAL: &str = "ha_circuit_calls_total";
 /// Counter, labels `circuit`, `from`, `to`: breaker state changes.
 pub const CIRCUIT_TRANSITIONS_TOTAL: &str = "ha_circuit_transitions_total";
-/// Counter, labels `component`, `outcome`: failovers run.
+/// Counter, labels `component`, `outcome` (`completed`, `failed`, `timed_out`,
+/// `verify_failed`): failovers run.
 pub const FAILOVERS_TOTAL: &str = "ha_failovers_total";
-/// Histogram, label `component`: failover duration.
+/// Histogram, label `component`: failover duration (failover, verify and any rollback).
 pub const FAILOVER_DURATION_SECONDS: &str = "ha_failover_duration_seconds";
+/// Counter, label `component`: failure thresholds crossed (failovers asked for).
+pub const FAILOVER_TRIGGERS_TOTAL: &str = "ha_failover_triggers_total";
+/// Counter, labels `component`, `reason` (`not_leader`, `cooldown`, `queue_full`,
+/// `shutdown`): failovers asked for and not run.
+pub const FAILOVER_SKIPPED_TOTAL: &str = "ha_failover_skipped_total";
+/// Counter, labels `component`, `outcome` (`rolled_back`, `failed`, `timed_out`,
+/// `unsupported`): rollbacks of failovers that did not complete.
+pub const FAILOVER_ROLLBACKS_TOTAL: &str = "ha_failover_rollbacks_total";
+/// Gauge: failovers running now.
+pub const FAILOVER_IN_FLIGHT: &str = "ha_failover_in_flight";
+/// Gauge: failovers waiting for a free slot.
+pub const FAILOVER_QUEUED: &str = "ha_failover_queued";
 
 /// Gauge, label `replica`: replication lag in bytes.
 pub const REPLICATION_LAG_BYTES: &str = "ha_replication_lag_bytes";
@@ -78,6 +91,11 @@ pub const ALL: &[&str] = &[
     CIRCUIT_TRANSITIONS_TOTAL,
     FAILOVERS_TOTAL,
     FAILOVER_DURATION_SECONDS,
+    FAILOVER_TRIGGERS_TOTAL,
+    FAILOVER_SKIPPED_TOTAL,
+    FAILOVER_ROLLBACKS_TOTAL,
+    FAILOVER_IN_FLIGHT,
+    FAILOVER_QUEUED,
     REPLICATION_LAG_BYTES,
     REPLICATION_LAG_SECONDS,
     PROMOTIONS_TOTAL,

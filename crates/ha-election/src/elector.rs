@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use ha_core::backoff::{Backoff, BackoffConfig};
 use ha_core::{
-    EventBus, FencingToken, HaEvent, Leadership, LeadershipGate, LossReason, NodeId, Validate,
-    metric,
+    EventBus, FencingToken, HaEvent, Leadership, LeadershipGate, LossReason, NodeId, StepDown,
+    Validate, metric,
 };
 use rand::RngExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -327,6 +327,24 @@ impl Elector {
 impl LeadershipGate for Elector {
     fn is_leader(&self) -> Option<Leadership> {
         Elector::is_leader(self)
+    }
+}
+
+/// A forced re-election through [`Elector::step_down`], for callers that know only
+/// `ha_core`'s trait (e.g. `ha-failover`'s step-down action).
+#[async_trait::async_trait]
+impl StepDown for Elector {
+    /// Steps down; [`ha_core::Error::NotLeader`] if this node did not lead (or the elector was
+    /// shut down).
+    async fn step_down(&self) -> std::result::Result<(), ha_core::Error> {
+        if Elector::step_down(self).await {
+            Ok(())
+        } else {
+            Err(ha_core::Error::NotLeader {
+                node: self.shared.node.clone(),
+                operation: "step down".into(),
+            })
+        }
     }
 }
 

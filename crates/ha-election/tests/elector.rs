@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{FaultyStore, Invariants};
-use ha_core::{EventBus, HaEvent, LossReason, NodeId};
+use ha_core::{EventBus, HaEvent, LossReason, NodeId, StepDown};
 use ha_election::{Elector, ElectorConfig, ElectorEvent, LeaseStore, MemoryLeaseStore, Role};
 use tokio::time::Instant;
 
@@ -205,6 +205,12 @@ async fn step_down_lets_another_node_win() {
         !old.step_down().await,
         "a follower has nothing to step down from"
     );
+    // The same through ha-core's trait, as ha-failover's step-down action calls it.
+    let err = StepDown::step_down(old).await.unwrap_err();
+    assert!(matches!(err, ha_core::Error::NotLeader { .. }), "{err}");
+    let as_trait: &dyn StepDown = new;
+    as_trait.step_down().await.unwrap();
+    assert!(new.is_leader().is_none());
 }
 
 #[tokio::test(start_paused = true)]

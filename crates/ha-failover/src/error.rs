@@ -5,7 +5,8 @@ use ha_core::ConfigError;
 use crate::breaker::Rejected;
 
 /// Everything that can go wrong in `ha-failover` (outside a protected call's own errors,
-/// which [`CallError`](crate::breaker::CallError) carries).
+/// which [`CallError`](crate::breaker::CallError) carries, and a failover action's, which
+/// [`ActionError`](crate::ActionError) carries into the history).
 ///
 /// New variants may be added in any release, so matches need a wildcard arm.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -23,6 +24,63 @@ pub enum Error {
     /// A circuit breaker refused a call.
     #[error(transparent)]
     Rejected(#[from] Rejected),
+    /// A component's config broke one of its rules.
+    #[error("invalid config of component `{component}`: {source}")]
+    ComponentConfig {
+        /// The component.
+        component: String,
+        /// The field and the rule it broke.
+        #[source]
+        source: ConfigError,
+    },
+    /// Two components were registered under one name.
+    #[error("two components are named `{component}`; names must be unique")]
+    DuplicateComponent {
+        /// The repeated name.
+        component: String,
+    },
+    /// A component depends on a name no component has.
+    #[error("component `{component}` depends on `{dependency}`, which is not registered")]
+    UnknownDependency {
+        /// The depending component.
+        component: String,
+        /// The missing dependency.
+        dependency: String,
+    },
+    /// Components depend on each other in a cycle, so no order can fail dependencies over
+    /// first.
+    #[error("components depend on each other in a cycle: {}", cycle_text(.cycle))]
+    DependencyCycle {
+        /// The components on the cycle, each depending on the next and the last on the first.
+        cycle: Vec<String>,
+    },
+    /// A report named a component that is not registered.
+    #[error("no component `{component}` is registered")]
+    UnknownComponent {
+        /// The name given.
+        component: String,
+    },
+    /// A failover was requested while `capacity` others were waiting; it was refused (and
+    /// recorded as such).
+    #[error("failover of `{component}` refused: {capacity} failovers are already waiting")]
+    QueueFull {
+        /// The component.
+        component: String,
+        /// The queue's capacity (`max_queued_failovers`).
+        capacity: usize,
+    },
+    /// The manager was shut down.
+    #[error("the failover manager was shut down")]
+    Stopped,
+}
+
+fn cycle_text(cycle: &[String]) -> String {
+    let mut text = cycle.join(" -> ");
+    if let Some(first) = cycle.first() {
+        text.push_str(" -> ");
+        text.push_str(first);
+    }
+    text
 }
 
 impl Error {
@@ -30,8 +88,36 @@ impl Error {
     /// bad config never fixes itself.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Config { .. } => false,
+            Error::Config { .. }
+            | Error::ComponentConfig { .. }
+            | Error::DuplicateComponent { .. }
+            | Error::UnknownDependency { .. }
+            | Error::DependencyCycle { .. }
+            | Error::UnknownComponent { .. }
+            | Error::Stopped => false,
             Error::Rejected(r) => r.is_retryable(),
+            // Slots free up as running failovers end.
+            Error::QueueFull { .. } => true,
+        }
+    }
+
+    /// The dependency graph's complaint, in terms of components. The graph is ha-health's,
+    /// shared with the health checks; its errors speak of checks.
+    pub(crate) fn from_graph(error: ha_health::Error) -> Self {
+        match error {
+            ha_health::Error::DuplicateCheck { name } => {
+                Error::DuplicateComponent { component: name }
+            }
+            ha_health::Error::UnknownDependency { check, dependency } => Error::UnknownDependency {
+                component: check,
+                dependency,
+            },
+            ha_health::Error::DependencyCycle { cycle } => Error::DependencyCycle { cycle },
+            // The graph reports nothing else; keep the text if that ever changes.
+            other => Error::Config {
+                what: "failover manager",
+                source: ConfigError::new("depends_on", other.to_string()),
+            },
         }
     }
 }

@@ -232,3 +232,73 @@ async fn random_outcomes_and_cancellations_never_exceed_the_trial_limit_nor_stic
     })
     .await;
 }
+
+/// Closed-state successes skip the lock once the window holds `minimum_calls` calls; threads
+/// racing failures (which take the lock and may open the breaker) against them must lose no
+/// call and leak no success of an ended period into the next.
+#[test]
+fn lock_free_successes_are_all_counted_across_transitions() {
+    const THREADS: u64 = 4;
+    const CALLS: u64 = 20_000;
+    let breaker = CircuitBreaker::builder("lock-free")
+        .config(BreakerConfig {
+            failure_threshold: Some(3),
+            failure_rate_threshold: Some(50.0),
+            sliding_window: ha_failover::SlidingWindow::Count(20),
+            minimum_calls: 10,
+            wait_duration: Duration::from_millis(1),
+            permitted_calls_in_half_open: 2,
+            success_threshold: 1,
+            ..BreakerConfig::default()
+        })
+        .build()
+        .unwrap();
+    let (succeeded, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (breaker, succeeded, failed) = (&breaker, &succeeded, &failed);
+            s.spawn(move || {
+                let mut rng = Rng((t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let mut held = Vec::new();
+                for _ in 0..CALLS {
+                    if let Ok(permit) = breaker.try_acquire() {
+                        held.push(permit);
+                    }
+                    // Finish calls out of order, some after the period that admitted them.
+                    if held.len() > 3 || rng.below(2) == 0 {
+                        let Some(permit) = held.pop() else { continue };
+                        if rng.below(10) == 0 {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            permit.record_failure();
+                        } else {
+                            succeeded.fetch_add(1, Ordering::SeqCst);
+                            permit.record_success();
+                        }
+                    }
+                }
+                for permit in held {
+                    succeeded.fetch_add(1, Ordering::SeqCst);
+                    permit.record_success();
+                }
+            });
+        }
+    });
+    let s = breaker.snapshot();
+    assert_eq!(s.successful_calls, succeeded.load(Ordering::SeqCst) as u64);
+    assert_eq!(s.failed_calls, failed.load(Ordering::SeqCst) as u64);
+    assert_eq!(s.trials_in_flight, 0);
+    assert!(s.window_calls <= 20);
+    assert!(s.window_failures <= s.window_calls);
+    // Quiet again: the window fills with successes only, so no failure is left in it and a
+    // burst of lock-free successes is all recorded.
+    std::thread::sleep(Duration::from_millis(2));
+    for _ in 0..100 {
+        if let Ok(permit) = breaker.try_acquire() {
+            permit.record_success();
+        }
+    }
+    let s = breaker.snapshot();
+    assert_eq!(s.state, CircuitState::Closed, "{s:?}");
+    assert_eq!((s.window_calls, s.window_failures), (20, 0), "{s:?}");
+    assert_eq!(s.consecutive_failures, 0);
+}

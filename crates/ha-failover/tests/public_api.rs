@@ -6,6 +6,10 @@
 use std::time::Duration;
 
 use ha_core::{CircuitState, Validate};
+use ha_failover::action::{
+    ActionContext, ActionError, CommandAction, FailoverAction, HttpAction, HttpMethod, Router,
+    RouterSwitch, StepDownAction, Target,
+};
 use ha_failover::breaker::config::{MAX_COUNT_WINDOW, MAX_PERMITTED_IN_HALF_OPEN, MAX_TIME_WINDOW};
 use ha_failover::breaker::{
     AllErrors, BreakerConfig, BreakerSnapshot, CallError, CircuitBreaker, CircuitBreakerBuilder,
@@ -13,6 +17,11 @@ use ha_failover::breaker::{
     ResponseFuture, SlidingWindow, WaitBackoff,
 };
 use ha_failover::error::Error;
+use ha_failover::manager::config::{ComponentConfig, FailoverConfig, HealthEvents};
+use ha_failover::manager::history::{
+    FailoverRecord, FailureKind, Outcome, SkipReason, Step, StepFailure, Trigger, TriggerSource,
+};
+use ha_failover::manager::{ComponentState, FailoverManager, FailoverManagerBuilder, Phase};
 
 #[test]
 fn every_public_path_is_reachable() {
@@ -46,6 +55,43 @@ fn every_public_path_is_reachable() {
     assert_eq!(breaker.name(), "api");
 }
 
+#[test]
+fn every_failover_path_is_reachable() {
+    // Root re-exports name the same types as the module paths.
+    let _: Option<ha_failover::FailoverManager> = None::<FailoverManager>;
+    let _: Option<ha_failover::FailoverManagerBuilder> = None::<FailoverManagerBuilder>;
+    let _: ha_failover::FailoverConfig = FailoverConfig::default();
+    let _: ha_failover::ComponentConfig = ComponentConfig::default();
+    let _: ha_failover::HealthEvents = HealthEvents::Transitions;
+    let _: Option<ha_failover::FailoverRecord> = None::<FailoverRecord>;
+    let _: Option<ha_failover::Trigger> = None::<Trigger>;
+    let _: ha_failover::TriggerSource = TriggerSource::Report;
+    let _: ha_failover::Outcome = Outcome::Skipped {
+        reason: SkipReason::Cooldown,
+    };
+    let _: ha_failover::SkipReason = SkipReason::NotLeader;
+    let _: ha_failover::StepFailure = StepFailure {
+        step: Step::Verify,
+        kind: FailureKind::TimedOut(Duration::from_secs(1)),
+    };
+    let _: ha_failover::Step = Step::Rollback;
+    let _: ha_failover::FailureKind = FailureKind::Error(String::new());
+    let _: ha_failover::Phase = Phase::Idle;
+    let _: Option<ha_failover::ComponentState> = None::<ComponentState>;
+    let _: Option<ha_failover::ActionContext> = None::<ActionContext>;
+    let _: ha_failover::ActionError = ActionError::unsupported("x");
+    let _: ha_failover::CommandAction = CommandAction::new("true", Vec::<String>::new());
+    let _: ha_failover::HttpAction = HttpAction::new(HttpMethod::Get, "http://127.0.0.1/").unwrap();
+    let _: ha_failover::HttpMethod = HttpMethod::Post;
+    let router: ha_failover::Router<u8> = Router::new(1, 2);
+    let _: ha_failover::RouterSwitch<u8> = RouterSwitch::new(router);
+    let _: ha_failover::Target = Target::Primary;
+    let _: Option<ha_failover::StepDownAction> = None::<StepDownAction>;
+    // The action trait is object safe.
+    let _: Option<std::sync::Arc<dyn FailoverAction>> = None;
+    let _: Option<Box<dyn ha_failover::FailoverAction>> = None;
+}
+
 fn send_sync_static<T: Send + Sync + 'static>() {}
 fn send<T: Send>(_: &T) {}
 
@@ -56,6 +102,15 @@ fn handles_and_futures_cross_threads() {
     send_sync_static::<OwnedPermit>();
     send_sync_static::<Rejected>();
     send_sync_static::<Error>();
+    send_sync_static::<FailoverManager>();
+    send_sync_static::<ActionContext>();
+    send_sync_static::<ActionError>();
+    send_sync_static::<FailoverRecord>();
+    send_sync_static::<Router<String>>();
+    send_sync_static::<RouterSwitch<String>>();
+    send_sync_static::<CommandAction>();
+    send_sync_static::<HttpAction>();
+    send_sync_static::<StepDownAction>();
     let breaker = CircuitBreaker::builder("api").build().unwrap();
     let call = breaker.call(async { Ok::<_, std::io::Error>(()) });
     send(&call);

@@ -17,11 +17,36 @@
 //!   and came back to half-open) keeps its slot until it ends. Its outcome, though, decides
 //!   nothing: only trials of the current epoch move the state.
 //! - **Open rejection** reads the clock and the open deadline (`open_until`), no lock.
+//! - **Closed successes** are recorded without the lock when they cannot change the state
+//!   (see below): one compare-and-swap on a per-thread slot.
+//!
+//! # Lock-free successes
+//!
+//! In the closed state, with a count-based window and the slow-call rule off, a success
+//! cannot open the breaker once the window holds `minimum_calls` calls and no failure streak
+//! is running: it resets no streak, and it can only lower the failure rate (it adds a call and
+//! evicts one, perhaps a failure). Only reaching `minimum_calls` can make a success open the
+//! breaker (the rate may already be over the threshold), and that is why the rule waits for
+//! it. While those conditions hold, the lock holder publishes the epoch in `fast`, and a
+//! success admitted in that epoch just adds one to a counter in one of [`SUCCESS_SLOTS`]
+//! cache-line-sized slots, picked per thread, so two threads never write the same line. Each
+//! slot packs the epoch's low 32 bits (its tag) with the count; the increment is a
+//! compare-and-swap that fails over to the locked path if the tag is not the caller's epoch.
+//!
+//! Every locked section first *drains* the slots (swaps them to zero, tagged with the current
+//! epoch) and records the drained successes into the window before anything else, so the
+//! lock holder sees every success that completed before it; a success that lands after the
+//! drain is ordered after the lock holder's call, which is a valid order for calls that
+//! overlapped. A transition clears `fast` and drains and re-tags every slot before it changes
+//! the word: a success of the ended epoch that lands after that finds the wrong tag, takes
+//! the lock and is counted but decides nothing, as any call that outlives its period.
 //!
 //! # The lock
 //!
-//! Recording an outcome takes `record` (a `std::sync::Mutex`, held for a few dozen
-//! instructions, never across an `.await`): the sliding window, the failure streak and the
+//! Recording a failure, a trial's outcome, a timed call or a call while the window is not
+//! ready for lock-free successes takes `record` (a `std::sync::Mutex`, held for a few dozen
+//! instructions — more when it first records a batch of drained successes, at most one pass
+//! over the window — never across an `.await`): the sliding window, the failure streak and the
 //! half-open success count change together, and the decision to open must see all of them at
 //! once. Every transition happens under this lock too, including the lazy open → half-open
 //! one made by the first call after the wait, so a transition is decided once, by one thread,
@@ -29,7 +54,7 @@
 //! count within an epoch). Transition events are published while the lock is held so that
 //! subscribers see them in the order they happened. A lock-free window was not worth its
 //! complexity: recording is not the path the issue asks to keep lock-free, and std's mutex
-//! costs one uncontended atomic on the way in and out.
+//! costs one uncontended atomic on the way in and out; the common case, a success, skips it.
 
 use std::fmt;
 use std::sync::atomic::AtomicU64;
@@ -40,7 +65,7 @@ use std::time::{Duration, SystemTime};
 use ha_core::{CircuitState, EventBus, HaEvent, NodeId, metric};
 use tokio::time::Instant;
 
-use super::config::{BreakerConfig, MAX_PERMITTED_IN_HALF_OPEN};
+use super::config::{BreakerConfig, MAX_PERMITTED_IN_HALF_OPEN, SlidingWindow};
 use super::window::Window;
 use super::{BreakerSnapshot, Rejected};
 
@@ -55,6 +80,48 @@ const EPOCH_SHIFT: u32 = 24;
 /// Epochs wrap after 2^40 transitions; a permit would have to outlive that many to be
 /// mistaken for a current one.
 const EPOCH_MASK: u64 = (1 << 40) - 1;
+/// The slots lock-free successes are counted in; threads are spread over them round-robin.
+const SUCCESS_SLOTS: usize = 16;
+/// A slot: the epoch tag (the epoch's low 32 bits) in the high half, the count in the low.
+const TAG_SHIFT: u32 = 32;
+const COUNT_MASK: u64 = u32::MAX as u64;
+/// `fast` when lock-free successes are off (no tag has its high half set).
+const NO_FAST: u64 = u64::MAX;
+
+fn tag_of(epoch: u64) -> u64 {
+    epoch & COUNT_MASK
+}
+
+/// The tag of `w`'s period if it is a closed one (whose successes go in the window).
+fn closed_tag(w: Word) -> Option<u64> {
+    (w.state_bits() == CLOSED).then(|| tag_of(w.epoch()))
+}
+
+/// An atomic alone on its cache line (two, as adjacent-line prefetchers pair them).
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Padded(AtomicU64);
+
+/// The slot the calling thread counts its lock-free successes in.
+#[inline]
+fn slot_index() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        // `const`: a plain thread-local read, no lazy-initialisation check on every call.
+        static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    SLOT.with(|slot| {
+        let mut i = slot.get();
+        if i == usize::MAX {
+            i = NEXT.fetch_add(1, Relaxed) % SUCCESS_SLOTS;
+            slot.set(i);
+        }
+        i
+    })
+}
+
 // The trial count must fit its 16 bits, with room for the +1 of a reservation.
 const _: () = assert!((MAX_PERMITTED_IN_HALF_OPEN as u64) < (IN_FLIGHT_MASK >> IN_FLIGHT_SHIFT));
 
@@ -189,6 +256,14 @@ pub(super) struct Core {
     config: BreakerConfig,
     /// Whether calls are timed (only with the slow-call rule on: no clock read otherwise).
     timed: bool,
+    /// Whether successes may ever skip the lock: count window, calls not timed.
+    lock_free_successes: bool,
+    /// Whether a success can open the breaker at all (the failure-rate rule is on).
+    success_can_open: bool,
+    /// The epoch tag whose closed-state successes may skip the lock, or [`NO_FAST`].
+    fast: Padded,
+    /// Lock-free success counts (see the module docs).
+    slots: Box<[Padded]>,
     /// The origin of `open_until` and of the time window's seconds.
     base: Instant,
     word: AtomicU64,
@@ -219,10 +294,18 @@ impl Core {
     ) -> Self {
         let handles = Handles::register(&name);
         handles.state.set(gauge_value(CircuitState::Closed));
-        Self {
+        let timed = config.slow_call_rate_threshold.is_some();
+        let lock_free_successes =
+            !timed && matches!(config.sliding_window, SlidingWindow::Count(_));
+        let core = Self {
             node,
             bus,
-            timed: config.slow_call_rate_threshold.is_some(),
+            timed,
+            lock_free_successes,
+            success_can_open: config.failure_rate_threshold.is_some(),
+            fast: Padded(AtomicU64::new(NO_FAST)),
+            // Every slot starts tagged with epoch 0, the first closed period.
+            slots: (0..SUCCESS_SLOTS).map(|_| Padded::default()).collect(),
             base: Instant::now(),
             word: AtomicU64::new(Word::new(CLOSED, 0, 0).0),
             open_until: AtomicU64::new(0),
@@ -240,7 +323,11 @@ impl Core {
             handles,
             config,
             name,
-        }
+        };
+        let rec = core.lock();
+        core.refresh_fast(&rec, Word(core.word.load(Acquire)));
+        drop(rec);
+        core
     }
 
     pub(super) fn name(&self) -> &Arc<str> {
@@ -333,9 +420,92 @@ impl Core {
         }
     }
 
+    /// Records a successful call: without the lock when it cannot change the state, else as
+    /// [`finish`](Self::finish) does.
+    #[inline]
+    pub(super) fn succeed(&self, ticket: &Ticket) {
+        if !ticket.trial && ticket.started.is_none() && self.count_success(ticket.epoch) {
+            return;
+        }
+        self.finish(ticket, false);
+    }
+
+    /// Counts a closed-state success of `epoch` in this thread's slot, if lock-free successes
+    /// are on for that epoch; `false` if the caller must take the lock.
+    #[inline]
+    fn count_success(&self, epoch: u64) -> bool {
+        let tag = tag_of(epoch);
+        if self.fast.0.load(Acquire) != tag {
+            return false;
+        }
+        let slot = &self.slots[slot_index()].0;
+        let mut cur = slot.load(Relaxed);
+        loop {
+            if cur >> TAG_SHIFT != tag || cur & COUNT_MASK == COUNT_MASK {
+                return false;
+            }
+            // The tag check and the increment are one step: a drain or re-tag between the
+            // load and here makes it fail and look again.
+            match slot.compare_exchange_weak(cur, cur + 1, AcqRel, Relaxed) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        self.handles.success.increment(1);
+        true
+    }
+
+    /// Takes every lock-free success counted so far, re-tags the slots with `retag`, and
+    /// records the successes: all of them in the totals, and those tagged `window_tag` (the
+    /// current closed period, if they may still decide something) in the window, where they
+    /// end any failure streak. Under the lock.
+    fn drain(&self, rec: &mut Record, window_tag: Option<u64>, retag: u64) {
+        if !self.lock_free_successes {
+            return;
+        }
+        let mut current = 0;
+        for slot in &*self.slots {
+            let old = slot.0.swap(retag << TAG_SHIFT, AcqRel);
+            let count = old & COUNT_MASK;
+            rec.successful += count;
+            if Some(old >> TAG_SHIFT) == window_tag {
+                current += count;
+            }
+        }
+        if current > 0 {
+            rec.window.record_successes(current);
+            rec.consecutive_failures = 0;
+        }
+    }
+
+    /// Turns lock-free successes on for the closed period `w` if a success cannot change its
+    /// state now, else off. Under the lock.
+    fn refresh_fast(&self, rec: &Record, w: Word) {
+        let on = self.lock_free_successes
+            && w.state_bits() == CLOSED
+            && rec.consecutive_failures == 0
+            && (!self.success_can_open
+                || rec
+                    .window
+                    .count_calls()
+                    .is_some_and(|calls| calls >= u64::from(self.config.minimum_calls)));
+        let value = if on { tag_of(w.epoch()) } else { NO_FAST };
+        if self.fast.0.load(Relaxed) != value {
+            self.fast.0.store(value, Release);
+        }
+    }
+
     /// Records the outcome of an admitted call.
     pub(super) fn finish(&self, ticket: &Ticket, failed: bool) {
         let mut rec = self.lock();
+        let current = Word(self.word.load(Acquire));
+        self.drain(&mut rec, closed_tag(current), tag_of(current.epoch()));
+        self.record(&mut rec, ticket, failed);
+        self.refresh_fast(&rec, Word(self.word.load(Acquire)));
+    }
+
+    /// [`finish`](Self::finish) after the drain.
+    fn record(&self, rec: &mut Record, ticket: &Ticket, failed: bool) {
         let mut now = (ticket.started.is_some() || rec.window.is_time_based()).then(Instant::now);
         let slow = match (ticket.started, now) {
             (Some(started), Some(now)) => {
@@ -371,11 +541,11 @@ impl Core {
                 } else {
                     "half_open_slow_call"
                 };
-                self.transition(&mut rec, w, OPEN, false, now, reason);
+                self.transition(rec, w, OPEN, false, now, reason);
             } else {
                 rec.half_open_successes = rec.half_open_successes.saturating_add(1);
                 if rec.half_open_successes >= self.config.success_threshold {
-                    self.transition(&mut rec, w, CLOSED, false, now, "success_threshold");
+                    self.transition(rec, w, CLOSED, false, now, "success_threshold");
                 }
             }
             return;
@@ -406,7 +576,7 @@ impl Core {
         };
         if let Some(reason) = reason {
             let now = now.unwrap_or_else(Instant::now);
-            self.transition(&mut rec, w, OPEN, false, now, reason);
+            self.transition(rec, w, OPEN, false, now, reason);
         }
     }
 
@@ -451,6 +621,11 @@ impl Core {
         now: Instant,
         reason: &'static str,
     ) -> (Word, bool) {
+        // Lock-free successes of the ending period must not land in the next one. Those that
+        // landed since this section's first drain came after the call that decided this
+        // transition: they are counted, and decide nothing.
+        self.fast.0.store(NO_FAST, Release);
+        self.drain(rec, None, tag_of(from.epoch().wrapping_add(1)));
         let mut wait = None;
         match to {
             OPEN => {
@@ -488,6 +663,7 @@ impl Core {
                 Err(actual) => cur = actual,
             }
         };
+        self.refresh_fast(rec, new);
         self.report(from.state(), new.state(), reason, wait);
         (new, reserved)
     }
@@ -527,6 +703,8 @@ impl Core {
     pub(super) fn snapshot(&self) -> BreakerSnapshot {
         let mut rec = self.lock();
         let w = Word(self.word.load(Acquire));
+        self.drain(&mut rec, closed_tag(w), tag_of(w.epoch()));
+        self.refresh_fast(&rec, w);
         let now = Instant::now();
         let totals = rec.window.totals(self.second(now));
         let min = self.config.minimum_calls;

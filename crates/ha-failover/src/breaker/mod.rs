@@ -65,8 +65,12 @@
 //! # Cost
 //!
 //! Admission in the closed state is one atomic load: no lock, no allocation (and no clock
-//! read unless the slow-call rule is on). Recording an outcome takes a short lock; see the
-//! `core` module source for why.
+//! read unless the slow-call rule is on). Recording a success in the closed state is one
+//! compare-and-swap on a per-thread slot, also without lock, allocation or clock read, once
+//! the window holds `minimum_calls` calls and no failure streak runs — with a count-based
+//! window and the slow-call rule off (the defaults). Failures, trials, timed calls and calls
+//! of a time-based window take a short lock; see the `core` module source for why. The
+//! `breaker` benchmark measures both paths beside failsafe-rs.
 //!
 //! # What is reported
 //!
@@ -282,9 +286,10 @@ pub struct Permit<'a> {
 
 impl Permit<'_> {
     /// The call succeeded (with the slow-call rule on, it may still count as slow).
+    #[inline]
     pub fn record_success(mut self) {
         self.done = true;
-        self.core.finish(&self.ticket, false);
+        self.core.succeed(&self.ticket);
     }
 
     /// The call failed.
@@ -327,9 +332,10 @@ pub struct OwnedPermit {
 
 impl OwnedPermit {
     /// The call succeeded (with the slow-call rule on, it may still count as slow).
+    #[inline]
     pub fn record_success(mut self) {
         self.done = true;
-        self.core.finish(&self.ticket, false);
+        self.core.succeed(&self.ticket);
     }
 
     /// The call failed.

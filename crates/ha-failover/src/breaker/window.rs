@@ -131,6 +131,37 @@ impl Window {
         }
     }
 
+    /// Records `n` successful, fast calls at once, as `n` calls to [`record`](Self::record)
+    /// would. Count windows only (the successes the breaker records without its lock).
+    pub(super) fn record_successes(&mut self, n: u64) {
+        match &mut self.0 {
+            Kind::Count(w) if n >= w.ring.len() as u64 => {
+                // Every call in the window is one of these.
+                w.ring.fill(0);
+                w.next = 0;
+                w.len = w.ring.len();
+                w.totals = Totals {
+                    calls: w.ring.len() as u64,
+                    failures: 0,
+                    slow: 0,
+                };
+            }
+            _ => {
+                for _ in 0..n {
+                    self.record(0, false, false);
+                }
+            }
+        }
+    }
+
+    /// Calls in a count window (a time window's count depends on the time: `None`).
+    pub(super) fn count_calls(&self) -> Option<u64> {
+        match &self.0 {
+            Kind::Count(w) => Some(w.totals.calls),
+            Kind::Time(_) => None,
+        }
+    }
+
     /// The totals as of `second` (a time window first drops the seconds that left it).
     pub(super) fn totals(&mut self, second: u64) -> Totals {
         match &mut self.0 {
@@ -212,6 +243,32 @@ mod tests {
         assert_eq!(w.totals(0), totals(3, 0, 0));
         w.clear();
         assert_eq!(w.totals(0), Totals::default());
+    }
+
+    #[test]
+    fn successes_in_bulk_match_one_at_a_time() {
+        for n in [0, 1, 2, 3, 4, 10] {
+            let (mut bulk, mut single) = (
+                Window::new(SlidingWindow::Count(3)),
+                Window::new(SlidingWindow::Count(3)),
+            );
+            for w in [&mut bulk, &mut single] {
+                w.record(0, true, true);
+                w.record(0, true, false);
+            }
+            bulk.record_successes(n);
+            for _ in 0..n {
+                single.record(0, false, false);
+            }
+            assert_eq!(bulk.totals(0), single.totals(0), "{n} successes");
+            assert_eq!(bulk.count_calls(), Some(single.totals(0).calls));
+            // The ring is in the same order: the next calls evict the same entries.
+            for failed in [true, false, true] {
+                bulk.record(0, failed, false);
+                single.record(0, failed, false);
+                assert_eq!(bulk.totals(0), single.totals(0));
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,307 @@
+//! The audit history: one [`FailoverRecord`] per failover run or skipped, saying what really
+//! happened.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use ha_core::FencingToken;
+use serde::Serialize;
+
+/// Where the failures that asked for a failover were reported.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TriggerSource {
+    /// [`FailoverManager::report_failure`](crate::FailoverManager::report_failure).
+    Report,
+    /// A `HaEvent::HealthChanged` event on the bus.
+    HealthEvent,
+}
+
+/// What asked for a failover: the failure threshold crossed.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct Trigger {
+    /// When the threshold was crossed.
+    pub at: SystemTime,
+    /// What reported the failure that crossed it.
+    pub source: TriggerSource,
+    /// The failures in a row counted then.
+    pub consecutive_failures: u32,
+    /// The health event's cause, when it gave one.
+    pub cause: Option<String>,
+}
+
+/// A step of a failover.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// [`FailoverAction::failover`](crate::FailoverAction::failover).
+    Failover,
+    /// [`FailoverAction::verify`](crate::FailoverAction::verify).
+    Verify,
+    /// [`FailoverAction::rollback`](crate::FailoverAction::rollback).
+    Rollback,
+}
+
+impl Step {
+    /// A stable lower-case name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Step::Failover => "failover",
+            Step::Verify => "verify",
+            Step::Rollback => "rollback",
+        }
+    }
+}
+
+/// How a step went wrong.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The action returned an error (its text, with its sources).
+    Error(String),
+    /// The action said it cannot do this at all.
+    Unsupported(String),
+    /// The step ran out of time and was cancelled (its future dropped).
+    TimedOut(Duration),
+    /// The action panicked (the panic's message).
+    Panicked(String),
+}
+
+/// A step that went wrong, and how.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct StepFailure {
+    /// Which step.
+    pub step: Step,
+    /// How.
+    pub kind: FailureKind,
+}
+
+impl StepFailure {
+    /// Whether the step ran out of time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.kind, FailureKind::TimedOut(_))
+    }
+}
+
+impl fmt::Display for StepFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let step = self.step.as_str();
+        match &self.kind {
+            FailureKind::Error(e) => write!(f, "{step} failed: {e}"),
+            FailureKind::Unsupported(e) => write!(f, "{step} unsupported: {e}"),
+            FailureKind::TimedOut(after) => write!(
+                f,
+                "{step} timed out after {} and was cancelled",
+                humantime::format_duration(*after)
+            ),
+            FailureKind::Panicked(e) => write!(f, "{step} panicked: {e}"),
+        }
+    }
+}
+
+/// Why a failover that was asked for did not run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SkipReason {
+    /// The leadership gate said this node does not lead. The request waits and is tried
+    /// again while the component stays failed (one record per request).
+    NotLeader,
+    /// The component's cooldown had not ended. The request waits for its end.
+    Cooldown,
+    /// The waiting queue was full. The request was refused.
+    QueueFull,
+    /// The manager shut down before the request's turn came.
+    Shutdown,
+}
+
+impl SkipReason {
+    /// A stable snake-case name, used as the `reason` metric label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::NotLeader => "not_leader",
+            SkipReason::Cooldown => "cooldown",
+            SkipReason::QueueFull => "queue_full",
+            SkipReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How a failover ended.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The failover and its verification passed.
+    Completed,
+    /// The failover or its verification failed or timed out, and the rollback succeeded.
+    RolledBack {
+        /// What went wrong first.
+        failure: StepFailure,
+    },
+    /// The failover or its verification failed or timed out, and the rollback failed, timed
+    /// out or is unsupported: the component may be left half-switched.
+    RollbackFailed {
+        /// What went wrong first.
+        failure: StepFailure,
+        /// What went wrong with the rollback.
+        rollback: StepFailure,
+    },
+    /// The failover did not run.
+    Skipped {
+        /// Why.
+        reason: SkipReason,
+    },
+}
+
+impl Outcome {
+    /// A stable snake-case name: `completed`, `rolled_back`, `rollback_failed`, `skipped`.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::RolledBack { .. } => "rolled_back",
+            Outcome::RollbackFailed { .. } => "rollback_failed",
+            Outcome::Skipped { .. } => "skipped",
+        }
+    }
+
+    /// What went wrong first, for a failover that ran and did not complete.
+    pub fn failure(&self) -> Option<&StepFailure> {
+        match self {
+            Outcome::RolledBack { failure } | Outcome::RollbackFailed { failure, .. } => {
+                Some(failure)
+            }
+            Outcome::Completed | Outcome::Skipped { .. } => None,
+        }
+    }
+
+    /// Whether the failover ran (completed or not), rather than was skipped.
+    pub fn ran(&self) -> bool {
+        !matches!(self, Outcome::Skipped { .. })
+    }
+}
+
+/// One failover, run or skipped.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct FailoverRecord {
+    /// The attempt's number (unique per manager; the action saw it as
+    /// [`ActionContext::attempt`](crate::ActionContext::attempt)). Skipped requests have
+    /// numbers too.
+    pub id: u64,
+    /// The component.
+    pub component: String,
+    /// What asked for it.
+    pub trigger: Trigger,
+    /// When it started; `None` if it did not run.
+    pub started_at: Option<SystemTime>,
+    /// When it ended (or was skipped).
+    pub ended_at: SystemTime,
+    /// How long it ran (monotonic clock), every step included; zero if it did not run.
+    pub duration: Duration,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The fencing token it ran under; `None` if it did not run.
+    pub token: Option<FencingToken>,
+}
+
+impl FailoverRecord {
+    /// What went wrong, in words: the first failure and, if any, the rollback's.
+    pub fn error(&self) -> Option<String> {
+        match &self.outcome {
+            Outcome::Completed | Outcome::Skipped { .. } => None,
+            Outcome::RolledBack { failure } => Some(format!("{failure}; rolled back")),
+            Outcome::RollbackFailed { failure, rollback } => {
+                Some(format!("{failure}; not rolled back: {rollback}"))
+            }
+        }
+    }
+}
+
+/// A ring of the newest records.
+#[derive(Debug)]
+pub(crate) struct History {
+    records: VecDeque<FailoverRecord>,
+    capacity: usize,
+}
+
+impl History {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            records: VecDeque::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    pub(crate) fn push(&mut self, record: FailoverRecord) {
+        if self.records.len() == self.capacity {
+            self.records.pop_front();
+        }
+        self.records.push_back(record);
+    }
+
+    pub(crate) fn to_vec(&self) -> Vec<FailoverRecord> {
+        self.records.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64) -> FailoverRecord {
+        FailoverRecord {
+            id,
+            component: "db".into(),
+            trigger: Trigger {
+                at: SystemTime::UNIX_EPOCH,
+                source: TriggerSource::Report,
+                consecutive_failures: 3,
+                cause: None,
+            },
+            started_at: None,
+            ended_at: SystemTime::UNIX_EPOCH,
+            duration: Duration::ZERO,
+            outcome: Outcome::Skipped {
+                reason: SkipReason::NotLeader,
+            },
+            token: None,
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest() {
+        let mut h = History::new(2);
+        for id in 0..5 {
+            h.push(record(id));
+        }
+        let ids: Vec<u64> = h.to_vec().iter().map(|r| r.id).collect();
+        assert_eq!(ids, [3, 4]);
+    }
+
+    #[test]
+    fn errors_read_as_what_happened() {
+        let mut r = record(1);
+        r.outcome = Outcome::RollbackFailed {
+            failure: StepFailure {
+                step: Step::Failover,
+                kind: FailureKind::TimedOut(Duration::from_secs(30)),
+            },
+            rollback: StepFailure {
+                step: Step::Rollback,
+                kind: FailureKind::Unsupported("no rollback command".into()),
+            },
+        };
+        assert_eq!(
+            r.error().unwrap(),
+            "failover timed out after 30s and was cancelled; not rolled back: rollback \
+             unsupported: no rollback command"
+        );
+        assert!(r.outcome.failure().unwrap().is_timeout());
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["outcome"]["outcome"], "rollback_failed");
+        assert_eq!(json["outcome"]["rollback"]["kind"]["kind"], "unsupported");
+    }
+}
