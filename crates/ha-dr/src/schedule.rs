@@ -1292,6 +1292,22 @@ mod tests {
     }
 
     #[test]
+    fn config_deserializes_with_human_durations() {
+        let config: ScheduleConfig = serde_json::from_str(
+            r#"{"rpo_check_interval": "1m", "sources": {"db": {"cron": "0 3 * * *",
+                "rpo": "26h", "retention": {"keep_daily": 7}}, "files": {"interval": "12h"}}}"#,
+        )
+        .expect("config");
+        assert!(config.validate().is_ok());
+        assert_eq!(config.sources["db"].rpo, Some(26 * 60 * MIN));
+        assert_eq!(config.sources["files"].interval, Some(12 * 60 * MIN));
+        assert!(
+            serde_json::from_str::<ScheduleConfig>(r#"{"sources": {"db": {"intervl": "1h"}}}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
     fn the_cron_rpo_is_the_longest_gap_between_fire_times() {
         // Monday 2024-01-01 00:00 UTC; weekdays at 03:00: the longest gap is Friday to Monday.
         let monday = SystemTime::UNIX_EPOCH + Duration::from_secs(1_704_067_200);
