@@ -68,8 +68,13 @@ pub const BACKUPS_TOTAL: &str = "ha_backups_total";
 pub const BACKUP_DURATION_SECONDS: &str = "ha_backup_duration_seconds";
 /// Gauge, label `kind`: stored size of the newest backup.
 pub const BACKUP_SIZE_BYTES: &str = "ha_backup_size_bytes";
-/// Gauge, label `kind`: age of the newest good backup (the current recovery point).
+/// Gauge, labels `kind`, `source`: age of the newest verified backup (the current recovery
+/// point).
 pub const RPO_SECONDS: &str = "ha_rpo_seconds";
+/// Gauge, labels `kind`, `source`: Unix time of the newest verified backup.
+pub const BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS: &str = "ha_backup_last_success_timestamp_seconds";
+/// Counter, labels `source`, `reason` (`not_leader`, `running`): scheduled backups not started.
+pub const BACKUP_SKIPPED_TOTAL: &str = "ha_backup_skipped_total";
 /// Histogram, label `kind`: restore duration (measured recovery time).
 pub const RESTORE_DURATION_SECONDS: &str = "ha_restore_duration_seconds";
 
@@ -103,6 +108,8 @@ pub const ALL: &[&str] = &[
     BACKUP_DURATION_SECONDS,
     BACKUP_SIZE_BYTES,
     RPO_SECONDS,
+    BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS,
+    BACKUP_SKIPPED_TOTAL,
     RESTORE_DURATION_SECONDS,
 ];
 

@@ -319,8 +319,12 @@ pub(crate) async fn database_exists(admin: &mut PgConnection, name: &str) -> Res
     Ok(found.is_some())
 }
 
+/// Runs one statement, unprepared (`CREATE`/`DROP`/`ALTER DATABASE`, which take no
+/// parameters). Not `raw_sql`: its future cannot be proven `Send` for every lifetime, which
+/// an `async_trait` caller (the scheduler's runner) needs (rust-lang/rust#110338).
 pub(crate) async fn execute(admin: &mut PgConnection, sql: &str) -> Result<()> {
-    sqlx::raw_sql(sql)
+    sqlx::query(sql)
+        .persistent(false)
         .execute(&mut *admin)
         .await
         .map(|_| ())

@@ -182,6 +182,17 @@ impl Repository {
 
     /// Backs `source` up; returns the manifest once data and manifest are durable.
     pub async fn backup(&self, source: &Source, tags: &[String]) -> Result<Manifest> {
+        self.backup_observed(source, tags, true).await
+    }
+
+    /// [`backup`](Self::backup), with metrics and logs; events only if `publish` (the
+    /// scheduler publishes its own, once per scheduled run rather than per attempt).
+    pub(crate) async fn backup_observed(
+        &self,
+        source: &Source,
+        tags: &[String],
+        publish: bool,
+    ) -> Result<Manifest> {
         let kind = source.kind();
         let result = self.backup_inner(source, tags).await;
         match &result {
@@ -191,6 +202,9 @@ impl Repository {
                 metrics::gauge!(ha_core::metric::BACKUP_SIZE_BYTES, "kind" => kind.as_str())
                     .set(m.stored_bytes as f64);
                 tracing::info!(backup_id = %m.id, kind = %kind, bytes = m.stored_bytes, duration = ?m.duration, "backup completed");
+                if !publish {
+                    return result;
+                }
                 self.publish(|at, node| HaEvent::BackupCompleted {
                     at,
                     node,
@@ -203,6 +217,9 @@ impl Repository {
             Err(e) => {
                 metrics::counter!(ha_core::metric::BACKUPS_TOTAL, "kind" => kind.as_str(), "outcome" => "failure").increment(1);
                 tracing::warn!(kind = %kind, error = %e, "backup failed");
+                if !publish {
+                    return result;
+                }
                 self.publish(|at, node| HaEvent::BackupFailed {
                     at,
                     node,
@@ -354,7 +371,7 @@ impl Repository {
             }
         };
         let duration = clock.elapsed();
-        self.restored(&manifest, duration);
+        self.restored(&manifest, duration, true);
         Ok(Checked {
             manifest,
             duration,
@@ -362,10 +379,13 @@ impl Repository {
         })
     }
 
-    fn restored(&self, manifest: &Manifest, duration: Duration) {
+    fn restored(&self, manifest: &Manifest, duration: Duration, publish: bool) {
         metrics::histogram!(ha_core::metric::RESTORE_DURATION_SECONDS, "kind" => manifest.kind.as_str())
             .record(duration.as_secs_f64());
         tracing::info!(backup_id = %manifest.id, duration = ?duration, "restore completed");
+        if !publish {
+            return;
+        }
         self.publish(|at, node| HaEvent::RestoreCompleted {
             at,
             node,
@@ -492,6 +512,15 @@ impl Repository {
         id: &BackupId,
         scratch_pg: Option<&ScratchPostgres>,
     ) -> Result<Checked> {
+        self.restore_test_observed(id, scratch_pg, true).await
+    }
+
+    pub(crate) async fn restore_test_observed(
+        &self,
+        id: &BackupId,
+        scratch_pg: Option<&ScratchPostgres>,
+        publish: bool,
+    ) -> Result<Checked> {
         let clock = Instant::now();
         let manifest = self.manifest(id).await?;
         let detail = match manifest.kind {
@@ -563,7 +592,7 @@ impl Repository {
             }
         };
         let duration = clock.elapsed();
-        self.restored(&manifest, duration);
+        self.restored(&manifest, duration, publish);
         Ok(Checked {
             manifest,
             duration,
@@ -575,7 +604,30 @@ impl Repository {
     /// description) and, unless `dry_run`, deletes those it does not keep. Also removes
     /// leftovers of crashed backups older than a day.
     pub async fn prune(&self, policy: &RetentionPolicy, dry_run: bool) -> Result<PruneReport> {
-        let manifests = self.list().await?;
+        self.prune_where(policy, dry_run, |_| true).await
+    }
+
+    /// [`prune`](Self::prune), applied to the backups of `source` only (those whose manifest
+    /// has its kind and description); the backups of other sources are left alone.
+    pub async fn prune_source(
+        &self,
+        policy: &RetentionPolicy,
+        source: &Source,
+        dry_run: bool,
+    ) -> Result<PruneReport> {
+        let (kind, described) = (source.kind(), source.describe());
+        self.prune_where(policy, dry_run, |m| m.kind == kind && m.source == described)
+            .await
+    }
+
+    async fn prune_where(
+        &self,
+        policy: &RetentionPolicy,
+        dry_run: bool,
+        include: impl Fn(&Manifest) -> bool,
+    ) -> Result<PruneReport> {
+        let mut manifests = self.list().await?;
+        manifests.retain(|m| include(m));
         let mut groups: BTreeMap<(BackupKind, String), Vec<(BackupId, SystemTime)>> =
             BTreeMap::new();
         for m in manifests {

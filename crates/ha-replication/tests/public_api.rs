@@ -6,7 +6,7 @@ use ha_core::Validate;
 use ha_replication::lsn::{Lsn, ParseLsnError};
 use ha_replication::pg::{
     CommandFence, Ineligible, LagConfig, Link, NoFence, PgMember, PgReplicationMonitor,
-    PrimaryFence, PrimaryStatus, PromoteConfig, PromotionReport, Promoter, Refusal, ReplicaLag,
+    PrimaryFence, PrimaryStatus, PromoteConfig, Promoter, PromotionReport, Refusal, ReplicaLag,
     ReplicaStatus, RepointOutcome, Sample, SqlShutdownFence, StandbyStatus, WalReceiver,
 };
 use ha_replication::sentinel::{
@@ -19,9 +19,26 @@ async fn every_public_path_is_reachable() {
     let _: Result<Lsn, ParseLsnError> = "0/1".parse::<ha_replication::Lsn>();
     assert!(LagConfig::default().validate().is_ok());
     assert!(PromoteConfig::default().validate().is_ok());
-    let _: Option<(PgReplicationMonitor, Promoter, ha_replication::SentinelMonitor)> = None;
-    let _: Option<(Sample, ReplicaLag, Link, PrimaryStatus, StandbyStatus, ReplicaStatus)> = None;
-    let _: Option<(WalReceiver, PromotionReport, RepointOutcome, Ineligible, Refusal)> = None;
+    let _: Option<(
+        PgReplicationMonitor,
+        Promoter,
+        ha_replication::SentinelMonitor,
+    )> = None;
+    let _: Option<(
+        Sample,
+        ReplicaLag,
+        Link,
+        PrimaryStatus,
+        StandbyStatus,
+        ReplicaStatus,
+    )> = None;
+    let _: Option<(
+        WalReceiver,
+        PromotionReport,
+        RepointOutcome,
+        Ineligible,
+        Refusal,
+    )> = None;
     let _: Option<(Instance, MasterInfo, Quorum, SentinelMonitor)> = None;
     let fences: Vec<Box<dyn PrimaryFence>> = vec![
         Box::new(NoFence),
@@ -34,6 +51,9 @@ async fn every_public_path_is_reachable() {
     let _: Option<promote::Refusal> = None;
     assert_eq!(WATCHED_CHANNELS.len(), 5);
     let member = PgMember::new("m", "postgres://u@127.0.0.1:1/db").unwrap();
-    assert_eq!(member.conninfo("r"), "host=127.0.0.1 port=1 user=u application_name=r");
+    assert_eq!(
+        member.conninfo("r"),
+        "host=127.0.0.1 port=1 user=u application_name=r"
+    );
     assert!(!Error::Unsupported("x".into()).is_retryable());
 }
