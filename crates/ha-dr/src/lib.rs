@@ -115,7 +115,8 @@
 //!
 //! Built: everything above, the [`LocalStore`] and its conformance suite ([`testing`]), and
 //! the `ha-dr` binary (`keygen`, `backup`, `list [--json]`, `verify [--restore-test]`,
-//! `restore`, `prune [--dry-run]`).
+//! `restore`, `prune [--dry-run]`), which draws a progress bar (bytes, rate, ETA when the size
+//! is known) on stderr when stderr is a terminal, fed by a [`Progress`] counter.
 //!
 //! The reader is fuzzed by a property test instead of a cargo-fuzz target (cargo-fuzz needs
 //! a nightly toolchain): `tests/reader_fuzz.rs` feeds random bytes, truncations, appended
@@ -123,7 +124,7 @@
 //! and checks that each is an error, never a panic, never output; the tamper battery covers
 //! the structured cases (every header byte, segment boundaries, splices).
 //!
-//! Not built: an object-store `BackupStore`; a cargo-fuzz target; a progress bar in the CLI;
+//! Not built: an object-store `BackupStore`; a cargo-fuzz target;
 //! restoring ownership (tar entries carry uid/gid; restore keeps modes and mtimes, not owners);
 //! a scheduler daemon in the CLI; a 5-minute database RPO through WAL archiving; seeding a
 //! new leader's RPO from backups already in the store (its clock starts when it begins to
@@ -135,6 +136,7 @@ pub mod key;
 pub mod manifest;
 pub mod pg;
 mod pipeline;
+pub mod progress;
 pub mod repo;
 pub mod retention;
 pub mod schedule;
@@ -147,6 +149,7 @@ pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
 pub use key::{KeyId, KeyRing, MasterKey};
 pub use manifest::{BackupKind, Compression, Details, Manifest};
 pub use pg::PgTools;
+pub use progress::Progress;
 pub use repo::{
     Checked, DEFAULT_ZSTD_LEVEL, PruneGroup, PruneReport, Repository, RestoreTarget,
     ScratchPostgres,

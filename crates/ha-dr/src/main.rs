@@ -2,15 +2,16 @@
 //!
 //! Every error ends the process with status 1 and one line on stderr saying why.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use ha_dr::{
-    BackupId, KeyRing, LocalStore, MasterKey, PgTools, Repository, RestoreTarget, RetentionPolicy,
-    ScratchPostgres, Source,
+    BackupId, KeyRing, LocalStore, MasterKey, PgTools, Progress, Repository, RestoreTarget,
+    RetentionPolicy, ScratchPostgres, Source,
 };
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(
@@ -166,8 +167,55 @@ impl RepoArgs {
         for path in &self.read_key_files {
             ring = ring.with_reader(MasterKey::load(path)?);
         }
-        Ok(Repository::new(LocalStore::open(&self.store)?, ring))
+        let repo = Repository::new(LocalStore::open(&self.store)?, ring);
+        // A progress bar only for a person watching: never in pipes, logs or CI output.
+        Ok(if std::io::stderr().is_terminal() {
+            repo.with_progress(Progress::new())
+        } else {
+            repo
+        })
     }
+}
+
+/// Runs `work` with a progress bar on stderr fed by the repository's byte counter (none when
+/// stderr is not a terminal). `total`: plaintext bytes expected, when known.
+async fn with_bar<T>(
+    repo: &Repository,
+    label: String,
+    total: Option<u64>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(progress) = repo.progress() else {
+        return work.await;
+    };
+    let bar = match total {
+        Some(total) => ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    }
+    .with_message(label);
+    let start = progress.bytes();
+    let ticker = async {
+        loop {
+            bar.set_position(progress.bytes().saturating_sub(start));
+            bar.tick();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let result = tokio::select! {
+        result = work => result,
+        () = ticker => unreachable!("the ticker never ends"),
+    };
+    bar.finish_and_clear();
+    result
 }
 
 fn main() -> ExitCode {
@@ -241,7 +289,13 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             }
             let repo = repo.open()?.zstd_level(zstd_level);
             for source in &sources {
-                let manifest = repo.backup(source, &tags).await?;
+                let manifest = with_bar(
+                    &repo,
+                    format!("backing up {}", source.describe()),
+                    None,
+                    repo.backup(source, &tags),
+                )
+                .await?;
                 out(manifest.id.as_str())?;
             }
         }
@@ -286,10 +340,17 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             };
             let mut failed = 0usize;
             for id in &ids {
+                let total = repo.manifest(id).await.ok().map(|m| m.plaintext_bytes);
                 let result = if restore_test {
-                    repo.restore_test(id, scratch.as_ref()).await
+                    with_bar(
+                        &repo,
+                        format!("restore-testing {id}"),
+                        total,
+                        repo.restore_test(id, scratch.as_ref()),
+                    )
+                    .await
                 } else {
-                    repo.verify(id).await
+                    with_bar(&repo, format!("verifying {id}"), total, repo.verify(id)).await
                 };
                 match result {
                     Ok(checked) if restore_test => out(&format!(
@@ -333,7 +394,15 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
                 }
             };
             let repo = repo.open()?;
-            let checked = repo.restore(&BackupId::parse(&id)?, &target, force).await?;
+            let backup = BackupId::parse(&id)?;
+            let total = repo.manifest(&backup).await.ok().map(|m| m.plaintext_bytes);
+            let checked = with_bar(
+                &repo,
+                format!("restoring {id}"),
+                total,
+                repo.restore(&backup, &target, force),
+            )
+            .await?;
             out(&format!(
                 "restored {id} in {:.3}s",
                 checked.duration.as_secs_f64()

@@ -13,6 +13,7 @@ use crate::format::{
 };
 use crate::key::{KeyRing, MasterKey};
 use crate::manifest::{Compression, Manifest};
+use crate::progress::Progress;
 use crate::store::{BackupStore, DataWriter};
 
 /// How the writer compresses.
@@ -46,6 +47,7 @@ pub(crate) struct Written {
 /// Takes the source stream; [`finish`](Self::finish) commits the data (still invisible until
 /// the manifest is stored). Dropping it unfinished discards everything.
 pub(crate) struct BackupWriter {
+    progress: Option<Progress>,
     sink: Sink,
     sha: digest::Context,
     plaintext: u64,
@@ -100,12 +102,19 @@ impl BackupWriter {
             )
         };
         Ok(Self {
+            progress: None,
             sink,
             sha: digest::Context::new(&digest::SHA256),
             plaintext: 0,
             compression,
             id: id.clone(),
         })
+    }
+
+    /// Counts the plaintext bytes written into `progress`.
+    pub(crate) fn with_progress(mut self, progress: Option<Progress>) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// Ends the stream, seals the last segment and commits the data.
@@ -135,6 +144,9 @@ impl Write for BackupWriter {
         };
         self.sha.update(&buf[..n]);
         self.plaintext += n as u64;
+        if let Some(progress) = &self.progress {
+            progress.add(n);
+        }
         Ok(n)
     }
 
@@ -164,6 +176,7 @@ impl<R: Read> Read for Counting<R> {
 /// checks the final segment, the stored size, the plaintext size and the SHA-256 against the
 /// (authenticated) manifest, and fails instead of reporting the end if any differs.
 pub(crate) struct BackupReader {
+    progress: Option<Progress>,
     inner: Box<dyn Read + Send>,
     manifest: Manifest,
     stored: Arc<AtomicU64>,
@@ -207,6 +220,7 @@ impl BackupReader {
             Box::new(segments)
         };
         Ok(Self {
+            progress: None,
             inner,
             manifest,
             stored,
@@ -214,6 +228,12 @@ impl BackupReader {
             plaintext: 0,
             checked: false,
         })
+    }
+
+    /// Counts the plaintext bytes read (and checked) into `progress`.
+    pub(crate) fn with_progress(mut self, progress: Option<Progress>) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// The authenticated manifest.
@@ -272,6 +292,9 @@ impl Read for BackupReader {
         }
         self.sha.update(&buf[..n]);
         self.plaintext += n as u64;
+        if let Some(progress) = &self.progress {
+            progress.add(n);
+        }
         if self.plaintext > self.manifest.plaintext_bytes {
             return Err(self.corrupt(format!(
                 "plaintext is longer than the {} bytes the manifest says",

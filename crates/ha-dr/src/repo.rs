@@ -17,6 +17,7 @@ use crate::key::{KeyRing, random_array};
 use crate::manifest::{BackupKind, Details, Manifest};
 use crate::pg::{self, PgTools};
 use crate::pipeline::{BackupReader, BackupWriter, Compress};
+use crate::progress::Progress;
 use crate::retention::{self, Decision, RetentionPolicy};
 use crate::source::{self, Source};
 use crate::store::{BackupStore, sync_dir, sync_parent};
@@ -109,6 +110,7 @@ pub struct Repository {
     keys: KeyRing,
     compress: Compress,
     events: Option<(EventBus, NodeId)>,
+    progress: Option<Progress>,
 }
 
 impl Repository {
@@ -131,7 +133,21 @@ impl Repository {
                 workers: if workers > 1 { workers } else { 0 },
             },
             events: None,
+            progress: None,
         }
+    }
+
+    /// The byte counter set with [`with_progress`](Self::with_progress), if any.
+    pub fn progress(&self) -> Option<&Progress> {
+        self.progress.as_ref()
+    }
+
+    /// Counts the plaintext bytes every operation of this repository writes or reads into
+    /// `progress` (the CLI's progress bar reads it).
+    #[must_use]
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// The zstd level (1..=22; 0 stores uncompressed). Default 3.
@@ -245,11 +261,13 @@ impl Repository {
             .map(|s| (s.name.clone(), s.table_rows.clone()));
         let store = Arc::clone(&self.store);
         let key = self.keys.writer().clone();
+        let progress = self.progress.clone();
         let compress = self.compress;
         let task_source = source.clone();
         let task_id = id.clone();
         let written = Self::blocking(move || {
-            let mut writer = BackupWriter::new(&*store, &task_id, &key, compress)?;
+            let mut writer =
+                BackupWriter::new(&*store, &task_id, &key, compress)?.with_progress(progress);
             let details = match &task_source {
                 Source::Dir(path) => source::write_dir(path, &mut writer)?,
                 Source::File(path) => source::write_file(path, &mut writer)?,
@@ -330,8 +348,9 @@ impl Repository {
     pub async fn verify(&self, id: &BackupId) -> Result<Checked> {
         let clock = Instant::now();
         let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+        let progress = self.progress.clone();
         let manifest = Self::blocking(move || {
-            let mut reader = BackupReader::open(&*store, &keys, &id)?;
+            let mut reader = BackupReader::open(&*store, &keys, &id)?.with_progress(progress);
             reader.drain()?;
             Ok(reader.manifest().clone())
         })
@@ -358,9 +377,11 @@ impl Repository {
         let manifest = match target {
             RestoreTarget::Path(path) => {
                 let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+                let progress = self.progress.clone();
                 let path = path.clone();
                 Self::blocking(move || {
-                    let mut reader = BackupReader::open(&*store, &keys, &id)?;
+                    let mut reader =
+                        BackupReader::open(&*store, &keys, &id)?.with_progress(progress);
                     restore_to_path(&mut reader, &path, force)?;
                     Ok(reader.manifest().clone())
                 })
@@ -483,10 +504,11 @@ impl Repository {
         )
         .await?;
         let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+        let progress = self.progress.clone();
         let db_url = pg::with_database(url, name)?;
         let tools = tools.clone();
         let result = Self::blocking(move || {
-            let mut reader = BackupReader::open(&*store, &keys, &id)?;
+            let mut reader = BackupReader::open(&*store, &keys, &id)?.with_progress(progress);
             let mut child = pg::spawn_restore(&tools, &db_url)?;
             let stdin = child.child_mut().and_then(|c| c.stdin.take());
             pipe_verified(&mut reader, stdin)?;
@@ -567,13 +589,15 @@ impl Repository {
             }
             _ => {
                 let (store, keys, id2) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
+                let progress = self.progress.clone();
                 let expected = match &manifest.details {
                     Details::Dir { entries } => Some(*entries),
                     _ => None,
                 };
                 Self::blocking(move || {
                     let scratch = ScratchDir::new()?;
-                    let mut reader = BackupReader::open(&*store, &keys, &id2)?;
+                    let mut reader =
+                        BackupReader::open(&*store, &keys, &id2)?.with_progress(progress);
                     let target = scratch.path.join("restored");
                     let entries = restore_to_path(&mut reader, &target, false)?;
                     match (expected, entries) {

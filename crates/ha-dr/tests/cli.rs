@@ -222,3 +222,51 @@ fn a_backup_killed_mid_way_leaves_no_visible_backup() {
     let removed = ha_dr::BackupStore::cleanup(&store_handle, std::time::Duration::ZERO).unwrap();
     assert_eq!(removed, leftovers);
 }
+
+/// A progress bar is drawn only for a terminal: under a pseudo-terminal (`script`, from
+/// util-linux, which every Debian has) stderr shows it; piped, stderr stays empty.
+#[test]
+fn progress_bar_only_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, key, file) = (
+        dir.path().join("store"),
+        dir.path().join("key"),
+        dir.path().join("data.bin"),
+    );
+    ok(&["keygen", "--out", s(&key)]);
+    std::fs::write(&file, vec![7u8; 4 << 20]).unwrap();
+    let backup = [
+        "backup",
+        "--store",
+        s(&store),
+        "--key-file",
+        s(&key),
+        "--file",
+        s(&file),
+    ];
+
+    let piped = ha_dr(&backup);
+    assert!(piped.status.success());
+    assert!(
+        piped.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+
+    let line = std::iter::once(env!("CARGO_BIN_EXE_ha-dr"))
+        .chain(backup)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tty = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env_remove("HA_DR_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .expect("`script` (util-linux) runs the CLI under a pseudo-terminal");
+    assert!(tty.status.success(), "{tty:?}");
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(
+        shown.contains("backing up"),
+        "no progress bar on a terminal: {shown:?}"
+    );
+}
