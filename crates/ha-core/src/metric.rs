@@ -63,20 +63,21 @@ pub const REPLICATION_LAG_SECONDS: &str = "ha_replication_lag_seconds";
 pub const PROMOTIONS_TOTAL: &str = "ha_promotions_total";
 
 /// Counter, labels `kind`, `outcome`: backups run.
-pub const BACKUPS_TOTAL: &str = "ha_backups_total";
+pub const BACKUPS_TOTAL: &str = "ha_dr_backups_total";
 /// Histogram, label `kind`: backup duration.
-pub const BACKUP_DURATION_SECONDS: &str = "ha_backup_duration_seconds";
+pub const BACKUP_DURATION_SECONDS: &str = "ha_dr_backup_duration_seconds";
 /// Gauge, label `kind`: stored size of the newest backup.
-pub const BACKUP_SIZE_BYTES: &str = "ha_backup_size_bytes";
+pub const BACKUP_SIZE_BYTES: &str = "ha_dr_backup_bytes";
 /// Gauge, labels `kind`, `source`: age of the newest verified backup (the current recovery
 /// point).
-pub const RPO_SECONDS: &str = "ha_rpo_seconds";
+pub const RPO_SECONDS: &str = "ha_dr_rpo_seconds";
 /// Gauge, labels `kind`, `source`: Unix time of the newest verified backup.
-pub const BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS: &str = "ha_backup_last_success_timestamp_seconds";
+pub const BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
+    "ha_dr_backup_last_success_timestamp_seconds";
 /// Counter, labels `source`, `reason` (`not_leader`, `running`): scheduled backups not started.
-pub const BACKUP_SKIPPED_TOTAL: &str = "ha_backup_skipped_total";
+pub const BACKUP_SKIPPED_TOTAL: &str = "ha_dr_backup_skipped_total";
 /// Histogram, label `kind`: restore duration (measured recovery time).
-pub const RESTORE_DURATION_SECONDS: &str = "ha_restore_duration_seconds";
+pub const RESTORE_DURATION_SECONDS: &str = "ha_dr_restore_duration_seconds";
 
 /// Every name above, for tests and exporters that want the full list.
 pub const ALL: &[&str] = &[

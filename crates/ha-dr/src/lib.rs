@@ -106,10 +106,10 @@
 //!
 //! Events: [`ha_core::HaEvent::BackupCompleted`], `BackupFailed` and `RestoreCompleted` when
 //! [`Repository::events`] is set; scheduled runs publish their own (one per run, after
-//! retries) and `RpoBreached` on the scheduler's bus. Metrics: `ha_backups_total`,
-//! `ha_backup_duration_seconds`, `ha_backup_size_bytes`, `ha_restore_duration_seconds`, and
-//! from the scheduler `ha_rpo_seconds`, `ha_backup_last_success_timestamp_seconds`,
-//! `ha_backup_skipped_total` (names from [`ha_core::metric`]).
+//! retries) and `RpoBreached` on the scheduler's bus. Metrics: `ha_dr_backups_total`,
+//! `ha_dr_backup_duration_seconds`, `ha_dr_backup_bytes`, `ha_dr_restore_duration_seconds`, and
+//! from the scheduler `ha_dr_rpo_seconds`, `ha_dr_backup_last_success_timestamp_seconds`,
+//! `ha_dr_backup_skipped_total` (names from [`ha_core::metric`]).
 //!
 //! # Status
 //!
