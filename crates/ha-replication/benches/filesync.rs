@@ -1,0 +1,2 @@
+//! File sync benchmark (placeholder until the generator lands).
+fn main() {}
