@@ -37,8 +37,9 @@ pub struct FileSyncConfig {
     /// against a source that was emptied, unmounted or pointed at the wrong place. Raise it for
     /// planned large removals, or run with a higher value once.
     pub max_deletions: u64,
-    /// Let an empty source empty the target (default false). Off: when the source root has no
-    /// entries at all, nothing is deleted, whatever `max_deletions` says.
+    /// Let an empty source empty the target (default false). Off: when the source root has
+    /// nothing to sync (no entries, or only refused ones), nothing is deleted, whatever
+    /// `max_deletions` says.
     pub allow_empty_source: bool,
     /// Hash every file on both sides each run, like `rsync --checksum` (default false). Off,
     /// a file whose size and mtime match the manifest on both sides is skipped without reading

@@ -419,8 +419,13 @@ impl SyncTarget for LocalTarget {
         for dir in dirs {
             match File::open(&dir).and_then(|d| d.sync_all()) {
                 Ok(()) => {}
-                // Removed after it was changed: its parent's fsync covers that.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // Removed (or an ancestor replaced by a file) after it was changed: the fsync
+                // of the directory where that happened covers it.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) => {}
                 Err(e) => return Err(FileSyncError::io("fsync directory", dir, e)),
             }
         }

@@ -975,3 +975,67 @@ impl Read for SourceReader<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inner(target: &Path, config: FileSyncConfig) -> Inner {
+        Inner {
+            source: PathBuf::from("/unused"),
+            target: Arc::new(LocalTarget::new(target)),
+            config,
+        }
+    }
+
+    #[test]
+    fn an_incomplete_source_listing_refuses_every_deletion() {
+        // (Unreadable directories cannot be staged when the tests run as root, so the listing
+        // is made up here.)
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("extra"), b"x").unwrap();
+        let inner = inner(dir.path(), FileSyncConfig::default());
+        let listed = inner.target.list().unwrap();
+        let mut source = SourceListing::default();
+        source
+            .entries
+            .insert("kept".into(), SourceEntry::Symlink("elsewhere".into()));
+        source.errors.push(Failure::new(
+            "unreadable",
+            &FileSyncError::io(
+                "list directory",
+                "/src/unreadable",
+                io::ErrorKind::PermissionDenied.into(),
+            ),
+        ));
+        let mut report = SyncReport::default();
+        let deleted = inner.delete_extras(&source, &listed, &mut report, &mut BTreeSet::new());
+        assert!(deleted.is_empty());
+        assert_eq!(
+            report.deletions_refused,
+            Some(DeletionsRefused {
+                pending: 1,
+                reason: DeletionRefusal::SourceIncomplete { errors: 1 },
+            })
+        );
+        assert!(dir.path().join("extra").exists());
+
+        // The same listing without the error deletes.
+        source.errors.clear();
+        let mut report = SyncReport::default();
+        let deleted = inner.delete_extras(&source, &listed, &mut report, &mut BTreeSet::new());
+        assert_eq!(deleted.len(), 1);
+        assert_eq!(report.deleted, 1);
+        assert!(!dir.path().join("extra").exists());
+    }
+
+    #[test]
+    fn paths_within_a_set_include_descendants_only() {
+        let set: BTreeSet<String> = ["a/b".to_owned()].into();
+        assert!(within(&set, "a/b"));
+        assert!(within(&set, "a/b/c"));
+        assert!(!within(&set, "a"));
+        assert!(!within(&set, "a/bc"));
+        assert!(within(&[String::new()].into(), "x"));
+    }
+}
