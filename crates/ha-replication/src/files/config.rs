@@ -46,8 +46,8 @@ pub struct FileSyncConfig {
     /// it, so a bit flip on the target that kept size and mtime is found only by
     /// [`verify_target`](super::FileReplicator::verify_target); on, each run also repairs it.
     pub checksum: bool,
-    /// Worker threads that hash and copy files at once (default: the number of CPUs, at most
-    /// 4). Between 1 and 64.
+    /// Threads that hash and copy files at once (default 8). Between 1 and 64. More threads
+    /// than cores pays: a copy spends most of its time waiting for its fsyncs.
     pub parallelism: usize,
     /// Bytes read at a time when hashing and copying, per worker (default 256 KiB; between
     /// 4 KiB and 64 MiB). Memory use is this times `parallelism`, whatever the file sizes.
@@ -62,9 +62,7 @@ impl Default for FileSyncConfig {
             max_deletions: 100,
             allow_empty_source: false,
             checksum: false,
-            parallelism: std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(4),
+            parallelism: 8,
             buffer_size: DEFAULT_BUFFER_SIZE,
         }
     }

@@ -35,12 +35,26 @@ impl Sha256 {
     }
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl Sha256 {
+    /// The 64 lowercase hex digits. (By hand: manifests hold one per file, and formatting
+    /// byte by byte through `write!` dominated writing them.)
+    fn hex(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        for (pair, byte) in out.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0x0f)];
+        }
+        out
+    }
+}
+
 impl fmt::Display for Sha256 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for byte in self.0 {
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        let hex = self.hex();
+        // Only ASCII digits and letters were written.
+        f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -64,10 +78,15 @@ impl FromStr for Sha256 {
         if digits.len() != 64 {
             return Err(bad());
         }
+        let nibble = |digit: u8| match digit {
+            b'0'..=b'9' => Some(digit - b'0'),
+            b'a'..=b'f' => Some(digit - b'a' + 10),
+            b'A'..=b'F' => Some(digit - b'A' + 10),
+            _ => None,
+        };
         let mut bytes = [0u8; 32];
         for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
-            let hex = std::str::from_utf8(pair).map_err(|_| bad())?;
-            *byte = u8::from_str_radix(hex, 16).map_err(|_| bad())?;
+            *byte = (nibble(pair[0]).ok_or_else(bad)? << 4) | nibble(pair[1]).ok_or_else(bad)?;
         }
         Ok(Self(bytes))
     }
@@ -75,14 +94,26 @@ impl FromStr for Sha256 {
 
 impl Serialize for Sha256 {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        let hex = self.hex();
+        let text = std::str::from_utf8(&hex).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_str(text)
     }
 }
 
 impl<'de> Deserialize<'de> for Sha256 {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
+        struct Hex;
+        impl serde::de::Visitor<'_> for Hex {
+            type Value = Sha256;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a SHA-256 digest in 64 hex digits")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Sha256, E> {
+                text.parse().map_err(E::custom)
+            }
+        }
+        // Borrowed when the format allows: no String per digest.
+        deserializer.deserialize_str(Hex)
     }
 }
 
@@ -168,6 +199,12 @@ mod tests {
         assert_eq!(empty.to_string().parse::<Sha256>(), Ok(empty));
         assert!("e3b0".parse::<Sha256>().is_err());
         assert!("zz".repeat(32).parse::<Sha256>().is_err());
+        assert_eq!(
+            empty.to_string().to_uppercase().parse::<Sha256>(),
+            Ok(empty),
+            "upper case is read too"
+        );
+        assert!("é".repeat(32).parse::<Sha256>().is_err());
         let json = serde_json::to_string(&empty).unwrap();
         assert_eq!(serde_json::from_str::<Sha256>(&json).unwrap(), empty);
     }

@@ -161,6 +161,19 @@ fn join_error(error: tokio::task::JoinError) -> FileSyncError {
     }
 }
 
+/// Runs `a` on a scoped thread and `b` on this one, and returns both results.
+fn both<A: Send, B>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B) -> (A, B) {
+    std::thread::scope(|scope| {
+        let span = tracing::Span::current();
+        let a = scope.spawn(move || span.in_scope(a));
+        let b = b();
+        let a = a
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (a, b)
+    })
+}
+
 /// Whether `path` or one of its ancestors is in `set`.
 fn within(set: &BTreeSet<String>, path: &str) -> bool {
     let mut path = path;
@@ -263,13 +276,20 @@ impl Inner {
         let target = &*self.target;
         let _lock = target.lock()?;
         let synced_at = Mtime::from(SystemTime::now());
-        let mut source = source::list_source(&self.source)?;
-        let listed = target.list()?;
-        let LoadedManifest {
-            manifest: old,
-            found,
-            discarded,
-        } = self.load_manifest()?;
+        // The two sides are listed at the same time: each is mostly waiting on `lstat`.
+        let (source, target_side) = both(
+            || source::list_source(&self.source),
+            || Ok::<_, FileSyncError>((target.list()?, self.load_manifest()?)),
+        );
+        let mut source = source?;
+        let (
+            listed,
+            LoadedManifest {
+                manifest: old,
+                found,
+                discarded,
+            },
+        ) = target_side?;
         let mut report = SyncReport {
             manifest_discarded: discarded,
             refused: std::mem::take(&mut source.refused),
