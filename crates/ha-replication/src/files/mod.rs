@@ -87,7 +87,8 @@
 //! [`SyncTarget`] names every operation by relative path, streams file data through a reader
 //! and hashes on the target's side, so a remote target can implement it. Compressing the
 //! transport (e.g. zstd) would be the remote target's business inside
-//! [`SyncTarget::write_file`]; no remote target and no compression are provided yet.
+//! [`SyncTarget::write_file`]; no remote target and no compression are provided yet. Every
+//! target runs the conformance suite in [`testing`].
 
 mod config;
 mod digest;
@@ -98,6 +99,7 @@ mod replicator;
 mod report;
 mod source;
 mod target;
+pub mod testing;
 
 pub use config::{FileSyncConfig, MAX_BUFFER_SIZE, MAX_PARALLELISM, MIN_BUFFER_SIZE};
 pub use digest::{DEFAULT_BUFFER_SIZE, ParseSha256Error, Sha256, hash_reader};
