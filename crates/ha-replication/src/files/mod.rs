@@ -37,14 +37,15 @@
 //!    threads. A file whose size and mtime equal the manifest's record on both sides is
 //!    skipped without being read — unless that mtime was within two seconds of the run that
 //!    recorded it, when a same-size rewrite in the same timestamp tick could hide behind it
-//!    (git's "racily clean" files); such files are hashed once more. Otherwise, if the sizes match, both sides are hashed (the
-//!    target's hash comes from the manifest when the target file is as recorded); equal
-//!    content only gets its mode and mtime fixed. Anything else is copied: streamed from the
-//!    source through SHA-256 into a temporary file in the target directory, fsynced with its
-//!    mode and mtime, renamed over the old file, the directory fsynced — then the target file
-//!    is hashed again and must match the bytes read ([`FileSyncError::CopyMismatch`]
-//!    otherwise). A source file that changes during its copy fails that file and leaves the
-//!    old copy in place. Memory is `buffer_size` per thread whatever the file sizes.
+//!    (git's "racily clean" files); such files are hashed once more. Otherwise, if the sizes
+//!    match, both sides are hashed (the target's hash comes from the manifest when the target
+//!    file is as recorded); equal content only gets its mode and mtime fixed. Anything else
+//!    is copied: streamed from the source through SHA-256 into a temporary file in the target
+//!    directory, fsynced with its mode and mtime, renamed over the old file, the directory
+//!    fsynced — then the target file is hashed again and must match the bytes read
+//!    ([`FileSyncError::CopyMismatch`] otherwise). A source file that changes during its copy
+//!    fails that file and leaves the old copy in place. Memory is `buffer_size` per thread
+//!    whatever the file sizes (plus the listings and manifest: a few hundred bytes per entry).
 //! 4. Writes the manifest (after making every change durable), then sets directory modes and
 //!    mtimes.
 //!
@@ -58,8 +59,10 @@
 //! - **links that would leave the tree** — absolute, or relative with `..` climbing above the
 //!   root, also when resolved through other links of the tree — are refused with
 //!   [`RefusalReason::SymlinkAbsolute`]/[`RefusalReason::SymlinkEscapes`] in
-//!   [`SyncReport::refused`], so a target never gains a way out of its root (the link, if it
-//!   already exists on the target, is left alone, not deleted);
+//!   [`SyncReport::refused`], so a sync never gives a target a way out of its root
+//!   (whatever the target already has at that path is left alone: neither replaced nor
+//!   deleted, and nothing is ever written beneath it);
+//! - links that resolve through a loop of links ([`RefusalReason::SymlinkLoop`]);
 //! - fifos, sockets and devices ([`RefusalReason::Special`]);
 //! - names that are not UTF-8, and names starting with `.ha-sync` (reserved for the manifest,
 //!   the lock and temporary files);

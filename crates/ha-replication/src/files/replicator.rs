@@ -34,8 +34,9 @@ use super::target::{self, EntryMeta, FileAttrs, Mtime, SyncTarget};
 ///
 /// Cloning is cheap and clones share the replicator. The blocking methods
 /// ([`sync_blocking`](Self::sync_blocking), [`verify_target_blocking`](Self::verify_target_blocking))
-/// do the work on the calling thread plus `parallelism - 1` scoped worker threads; the async
-/// ones run the blocking ones on Tokio's blocking pool.
+/// do the work on the calling thread plus scoped threads of their own (one to list the
+/// target while the source is listed, `parallelism - 1` to hash and copy); the async ones run
+/// the blocking ones on Tokio's blocking pool.
 #[derive(Clone)]
 pub struct FileReplicator {
     inner: Arc<Inner>,
