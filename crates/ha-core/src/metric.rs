@@ -61,6 +61,26 @@ pub const REPLICATION_LAG_BYTES: &str = "ha_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "ha_replication_lag_seconds";
 /// Counter, label `outcome`: promotions attempted.
 pub const PROMOTIONS_TOTAL: &str = "ha_promotions_total";
+/// Counter, labels `sync`, `outcome` (`complete`, `incomplete` — some entries failed —,
+/// `failed`): file sync runs.
+pub const REPLICATION_FILE_SYNCS_TOTAL: &str = "ha_replication_file_syncs_total";
+/// Histogram, label `sync`: file sync run duration.
+pub const REPLICATION_FILE_SYNC_DURATION_SECONDS: &str =
+    "ha_replication_file_sync_duration_seconds";
+/// Counter, label `sync`: files copied to the target.
+pub const REPLICATION_FILE_COPIED_TOTAL: &str = "ha_replication_file_copied_total";
+/// Counter, label `sync`: bytes of files copied to the target.
+pub const REPLICATION_FILE_COPIED_BYTES_TOTAL: &str = "ha_replication_file_copied_bytes_total";
+/// Counter, label `sync`: entries deleted from the target.
+pub const REPLICATION_FILE_DELETED_TOTAL: &str = "ha_replication_file_deleted_total";
+/// Counter, labels `sync`, `reason`: runs whose deletions were all refused.
+pub const REPLICATION_FILE_DELETIONS_REFUSED_TOTAL: &str =
+    "ha_replication_file_deletions_refused_total";
+/// Counter, label `sync`: entries that failed to sync.
+pub const REPLICATION_FILE_FAILURES_TOTAL: &str = "ha_replication_file_failures_total";
+/// Gauge, label `sync`: problems the last target verification found (missing, modified,
+/// extra or unreadable entries).
+pub const REPLICATION_FILE_VERIFY_PROBLEMS: &str = "ha_replication_file_verify_problems";
 
 /// Counter, labels `kind`, `outcome`: backups run.
 pub const BACKUPS_TOTAL: &str = "ha_dr_backups_total";
@@ -105,6 +125,14 @@ pub const ALL: &[&str] = &[
     REPLICATION_LAG_BYTES,
     REPLICATION_LAG_SECONDS,
     PROMOTIONS_TOTAL,
+    REPLICATION_FILE_SYNCS_TOTAL,
+    REPLICATION_FILE_SYNC_DURATION_SECONDS,
+    REPLICATION_FILE_COPIED_TOTAL,
+    REPLICATION_FILE_COPIED_BYTES_TOTAL,
+    REPLICATION_FILE_DELETED_TOTAL,
+    REPLICATION_FILE_DELETIONS_REFUSED_TOTAL,
+    REPLICATION_FILE_FAILURES_TOTAL,
+    REPLICATION_FILE_VERIFY_PROBLEMS,
     BACKUPS_TOTAL,
     BACKUP_DURATION_SECONDS,
     BACKUP_SIZE_BYTES,

@@ -49,18 +49,29 @@
 //! - [`sentinel`] — [`SentinelMonitor`]: master (confirmed with `ROLE`), replicas and
 //!   sentinels by field name, `CKQUORUM`, manual failover, and Sentinel's announcements as
 //!   `HaEvent`s, falling through to the next sentinel when one is down.
-//! - [`Lsn`] — WAL positions; [`Error`] — the error type of these parts.
-//!
-//! # Not built yet
-//!
-//! Hash-verified file replication (issue 6, in progress).
+//! - [`files`] — [`FileReplicator`]: one-way mirror of a source directory onto a target:
+//!   copies only what changed (size+mtime fast path, SHA-256 to confirm), writes each file to
+//!   a temporary file, fsyncs and renames it, then re-hashes it on the target; copies links as
+//!   links and refuses those that would leave the tree; deletes on the target only within
+//!   safety limits (never for an empty or partly unreadable source, at most `max_deletions`
+//!   per run); keeps a manifest on the target so that `verify_target` finds target-side
+//!   corruption. Unix only; [`SyncTarget`] is the seam for a remote target (only the local
+//!   one, [`LocalTarget`], is built; no transport compression yet).
+//! - [`Lsn`] — WAL positions; [`Error`] — the error type of the PostgreSQL and Sentinel parts
+//!   ([`FileSyncError`] for files).
 
 pub mod error;
+#[cfg(unix)]
+pub mod files;
 pub mod lsn;
 pub mod pg;
 pub mod sentinel;
 
 pub use error::Error;
+#[cfg(unix)]
+pub use files::{
+    FileReplicator, FileSyncConfig, FileSyncError, LocalTarget, SyncReport, SyncTarget,
+};
 pub use lsn::Lsn;
 pub use pg::{LagConfig, PgMember, PgReplicationMonitor, Promoter};
 pub use sentinel::SentinelMonitor;
