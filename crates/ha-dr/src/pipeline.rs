@@ -304,3 +304,98 @@ impl Read for BackupReader {
         Ok(n)
     }
 }
+
+/// How much plaintext the read-ahead thread decodes per chunk, and how many chunks it may be
+/// ahead of the consumer: 1 MiB in flight at most.
+const AHEAD_CHUNK: usize = 256 * 1024;
+const AHEAD_DEPTH: usize = 4;
+
+/// Runs `consume` on the plaintext of `reader` while a second thread reads (decrypts,
+/// decompresses, hashes) ahead of it, so a restore uses both cores: one decodes while the
+/// other writes files. Whatever `consume` leaves unread is read too, so on `Ok` every segment,
+/// the sizes and the SHA-256 have been checked. A reader error reaches `consume` as an
+/// `io::Error` carrying the crate error, exactly as a direct read would.
+pub(crate) fn read_ahead<T>(
+    reader: &mut BackupReader,
+    consume: impl FnOnce(&mut dyn Read) -> Result<T>,
+) -> Result<T> {
+    let id = reader.manifest().id.clone();
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(AHEAD_DEPTH);
+        scope.spawn(move || {
+            loop {
+                let mut chunk = vec![0u8; AHEAD_CHUNK];
+                let result = fill(reader, &mut chunk).map(|n| {
+                    chunk.truncate(n);
+                    chunk
+                });
+                let end = !matches!(&result, Ok(c) if !c.is_empty());
+                // A closed channel means the consumer failed and gave up: stop reading.
+                if tx.send(result).is_err() || end {
+                    return;
+                }
+            }
+        });
+        let mut ahead = Ahead {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            done: false,
+        };
+        let value = consume(&mut ahead)?;
+        io::copy(&mut ahead, &mut io::sink())
+            .map_err(|e| from_io(e, || format!("read backup {id}")))?;
+        Ok(value)
+    })
+}
+
+/// Reads until `buf` is full or the stream ends; returns how much was read.
+fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The consumer's end of [`read_ahead`].
+struct Ahead {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl Read for Ahead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) if chunk.is_empty() => self.done = true,
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(io::Error::other("the read-ahead thread stopped"));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

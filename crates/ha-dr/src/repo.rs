@@ -16,7 +16,7 @@ use crate::format::{BackupId, FORMAT_VERSION};
 use crate::key::{KeyRing, random_array};
 use crate::manifest::{BackupKind, Details, Manifest};
 use crate::pg::{self, PgTools};
-use crate::pipeline::{BackupReader, BackupWriter, Compress};
+use crate::pipeline::{BackupReader, BackupWriter, Compress, read_ahead};
 use crate::progress::Progress;
 use crate::retention::{self, Decision, RetentionPolicy};
 use crate::source::{self, Source};
@@ -756,8 +756,7 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
     let result = if kind == BackupKind::Dir {
         (|| {
             fs::create_dir(&temp).map_err(|e| Error::io("create", &temp, e))?;
-            let entries = source::extract_dir(&id, reader, &temp)?;
-            reader.drain()?;
+            let entries = read_ahead(reader, |plain| source::extract_dir(&id, plain, &temp))?;
             sync_tree(&temp)?;
             Ok(Some(entries))
         })()
@@ -768,9 +767,11 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
                 .create_new(true)
                 .open(&temp)
                 .map_err(|e| Error::io("create", &temp, e))?;
-            io::copy(reader, &mut file).map_err(|e| match from_io(e, String::new) {
-                Error::Stream { source, .. } => Error::io("write", &temp, source),
-                other => other,
+            read_ahead(reader, |plain| {
+                io::copy(plain, &mut file).map_err(|e| match from_io(e, String::new) {
+                    Error::Stream { source, .. } => Error::io("write", &temp, source),
+                    other => other,
+                })
             })?;
             file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
             Ok(None)
