@@ -756,7 +756,21 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
     let result = if kind == BackupKind::Dir {
         (|| {
             fs::create_dir(&temp).map_err(|e| Error::io("create", &temp, e))?;
-            let entries = read_ahead(reader, |plain| source::extract_dir(&id, plain, &temp))?;
+            // Finished files are flushed on a third thread while extraction goes on; the
+            // `sync_tree` after it is still what guarantees everything reached the disk.
+            let entries = std::thread::scope(|scope| {
+                let (flush, finished) = std::sync::mpsc::channel::<PathBuf>();
+                scope.spawn(move || {
+                    for path in finished {
+                        let _ = fs::File::open(&path).and_then(|f| f.sync_data());
+                    }
+                });
+                read_ahead(reader, |plain| {
+                    source::extract_dir(&id, plain, &temp, &mut |path| {
+                        let _ = flush.send(path);
+                    })
+                })
+            })?;
             sync_tree(&temp)?;
             Ok(Some(entries))
         })()

@@ -211,7 +211,14 @@ pub(crate) fn write_config(config: &ConfigSnapshot, out: &mut dyn Write) -> Resu
 
 /// Extracts a tar stream into the (new, empty) directory `dest`, refusing any entry that
 /// would land outside it. Returns the number of entries.
-pub(crate) fn extract_dir(backup_id: &str, input: &mut dyn Read, dest: &Path) -> Result<u64> {
+/// Extracts the tar stream `input` into `dest`; `written` hears of each regular file once it
+/// is complete (a restore starts flushing it to disk while the rest is extracted).
+pub(crate) fn extract_dir(
+    backup_id: &str,
+    input: &mut dyn Read,
+    dest: &Path,
+    written: &mut dyn FnMut(PathBuf),
+) -> Result<u64> {
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
@@ -283,6 +290,9 @@ pub(crate) fn extract_dir(backup_id: &str, input: &mut dyn Read, dest: &Path) ->
         if !unpacked {
             return Err(unsafe_entry(&shown, "escapes the target"));
         }
+        if kind.is_file() || kind == tar::EntryType::Continuous {
+            written(dest.join(&path));
+        }
     }
     directories.reverse();
     for mut dir in directories {
@@ -345,7 +355,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let dest = dir.path().join("dest");
         fs::create_dir(&dest).expect("dest");
-        let result = extract_dir("b1", &mut &tar[..], &dest);
+        let result = extract_dir("b1", &mut &tar[..], &dest, &mut |_| {});
         (result, dir)
     }
 
