@@ -49,7 +49,7 @@ pub enum Error {
     },
     /// Components depend on each other in a cycle, so no order can fail dependencies over
     /// first.
-    #[error("components depend on each other in a cycle: {}", cycle_text(.cycle))]
+    #[error("components depend on each other in a cycle: {}", ha_health::graph::describe_cycle(.cycle))]
     DependencyCycle {
         /// The components on the cycle, each depending on the next and the last on the first.
         cycle: Vec<String>,
@@ -72,15 +72,6 @@ pub enum Error {
     /// The manager was shut down.
     #[error("the failover manager was shut down")]
     Stopped,
-}
-
-fn cycle_text(cycle: &[String]) -> String {
-    let mut text = cycle.join(" -> ");
-    if let Some(first) = cycle.first() {
-        text.push_str(" -> ");
-        text.push_str(first);
-    }
-    text
 }
 
 impl Error {

@@ -200,25 +200,15 @@ impl HealthChecker {
     /// (see [`rollup`](crate::rollup)).
     pub fn status(&self) -> Status {
         let resolution = lock(&self.shared.resolution);
-        rollup::rollup(
-            self.shared
-                .entries
-                .iter()
-                .zip(&resolution.resolved)
-                .map(|(e, r)| (e.config.criticality, r.status)),
-        )
+        self.shared
+            .rollup(&resolution, 0..self.shared.entries.len())
     }
 
     /// The rolled-up status of the checks in `group`; `None` if no check is in it.
     pub fn group_status(&self, group: &str) -> Option<Status> {
         let members = self.shared.groups.get(group)?;
         let resolution = lock(&self.shared.resolution);
-        Some(rollup::rollup(members.iter().map(|&i| {
-            (
-                self.shared.entries[i].config.criticality,
-                resolution.resolved[i].status,
-            )
-        })))
+        Some(self.shared.rollup(&resolution, members.iter().copied()))
     }
 
     /// The reported status of one check (dependencies taken into account).
@@ -264,13 +254,19 @@ impl HealthChecker {
                 }
             })
             .collect();
+        // Overall and group statuses from the same snapshot as the checks.
         let groups = shared
             .groups
-            .keys()
-            .filter_map(|g| Some((g.clone(), self.group_status(g)?)))
+            .iter()
+            .map(|(g, members)| {
+                (
+                    g.clone(),
+                    shared.rollup(&resolution, members.iter().copied()),
+                )
+            })
             .collect();
         HealthReport {
-            status: self.status(),
+            status: shared.rollup(&resolution, 0..shared.entries.len()),
             node: shared.node.to_string(),
             generated_at: wall.into(),
             groups,
@@ -423,6 +419,16 @@ impl Entry {
 }
 
 impl Shared {
+    /// The rolled-up status of the checks `members` in `resolution`.
+    fn rollup(&self, resolution: &Resolution, members: impl Iterator<Item = usize>) -> Status {
+        rollup::rollup(members.map(|i| {
+            (
+                self.entries[i].config.criticality,
+                resolution.resolved[i].status,
+            )
+        }))
+    }
+
     /// Takes in the result of one run of check `i` that started at `started`.
     fn record(&self, i: usize, started: Instant, result: CheckResult) {
         let entry = &self.entries[i];

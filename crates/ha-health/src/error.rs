@@ -41,7 +41,7 @@ pub enum Error {
         dependency: String,
     },
     /// Checks depend on each other in a cycle, so no order can run dependencies first.
-    #[error("checks depend on each other in a cycle: {}", cycle_text(.cycle))]
+    #[error("checks depend on each other in a cycle: {}", crate::graph::describe_cycle(.cycle))]
     DependencyCycle {
         /// The checks on the cycle, each depending on the next and the last on the first.
         cycle: Vec<String>,
@@ -57,15 +57,6 @@ pub enum Error {
         /// The client's error.
         detail: String,
     },
-}
-
-fn cycle_text(cycle: &[String]) -> String {
-    let mut text = cycle.join(" -> ");
-    if let Some(first) = cycle.first() {
-        text.push_str(" -> ");
-        text.push_str(first);
-    }
-    text
 }
 
 impl Error {

@@ -205,6 +205,17 @@ impl DependencyGraph {
     }
 }
 
+/// A cycle as `a -> b -> c -> a`: each name depends on the next, the last on the first (the
+/// order of [`Error::DependencyCycle`]).
+pub fn describe_cycle(cycle: &[String]) -> String {
+    let mut text = cycle.join(" -> ");
+    if let Some(first) = cycle.first() {
+        text.push_str(" -> ");
+        text.push_str(first);
+    }
+    text
+}
+
 /// Kahn's algorithm taking the lowest-numbered ready node first: dependencies before
 /// dependents, otherwise registration order. `None` if there is a cycle.
 fn stable_order(dependencies: &[Vec<usize>], dependents: &[Vec<usize>]) -> Option<Vec<usize>> {
