@@ -452,14 +452,13 @@ impl Promoter {
                 }
             }))
             .await;
-        let position = |s: &ReplicaStatus| s.receive_lsn.max(s.replay_lsn);
         let reference = last_known
             .map(|p| p.current_lsn)
             .into_iter()
             .chain(
                 surveyed
                     .iter()
-                    .filter_map(|c| c.status.as_ref().ok().and_then(position)),
+                    .filter_map(|c| c.status.as_ref().ok().and_then(ReplicaStatus::position)),
             )
             .max()
             .unwrap_or_default();
@@ -467,7 +466,7 @@ impl Promoter {
             surveyed
                 .iter()
                 .filter_map(|c| c.status.as_ref().ok())
-                .max_by_key(|s| position(s))
+                .max_by_key(|s| s.position())
                 .and_then(|s| s.timeline)
         });
         let verdicts: Vec<Option<Ineligible>> = surveyed
@@ -480,7 +479,7 @@ impl Promoter {
             .filter(|(_, v)| v.is_none())
             .filter_map(|(c, _)| {
                 let status = c.status.as_ref().ok()?;
-                Some((c.member, position(status)?))
+                Some((c.member, status.position()?))
             })
             .max_by(|(a, pa), (b, pb)| {
                 pa.cmp(pb)
@@ -608,7 +607,7 @@ impl Promoter {
                 found: status.timeline,
             });
         }
-        let Some(position) = status.receive_lsn.max(status.replay_lsn) else {
+        let Some(position) = status.position() else {
             return Some(Ineligible::PositionUnknown);
         };
         let behind = reference.bytes_since(position);

@@ -78,6 +78,13 @@ pub struct ReplicaStatus {
     pub timeline: Option<u32>,
 }
 
+impl ReplicaStatus {
+    /// How far its WAL reaches: the later of received and replayed (what a promotion keeps).
+    pub fn position(&self) -> Option<Lsn> {
+        self.receive_lsn.max(self.replay_lsn)
+    }
+}
+
 /// A replica's WAL receiver (`pg_stat_wal_receiver`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WalReceiver {
