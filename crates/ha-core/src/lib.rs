@@ -39,6 +39,7 @@ pub mod id;
 pub mod leadership;
 pub mod metric;
 pub mod status;
+pub mod sync;
 
 pub use async_trait::async_trait;
 pub use backoff::{Backoff, BackoffConfig};

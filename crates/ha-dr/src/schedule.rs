@@ -53,10 +53,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use ha_core::config::{self, ConfigError, Validate};
+use ha_core::sync::lock;
 use ha_core::{Backoff, BackoffConfig, EventBus, HaEvent, LeadershipGate, NodeId, metric};
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -648,10 +649,6 @@ struct Verified {
     /// When it was verified.
     at: SystemTime,
     id: BackupId,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Entry {

@@ -43,10 +43,11 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use ha_core::config::Validate;
+use ha_core::sync::lock;
 use ha_core::{EventBus, HaEvent, NodeId, Status, metric};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -568,10 +569,4 @@ fn phi_anomaly(phi: &PhiAccrualDetector, suspicion: Suspicion, now: Instant) -> 
             config.threshold,
         ),
     }
-}
-
-/// Locks a mutex whose data stays consistent even if a holder panicked (every critical
-/// section here leaves it whole), so poisoning is ignored rather than spread.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -168,6 +168,19 @@ impl DependencyGraph {
         found
     }
 
+    /// Every node `i` depends on, directly or not, in index order (the other direction of
+    /// [`affected_by`](Self::affected_by)).
+    pub fn ancestors(&self, i: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.len()];
+        let mut stack = self.dependencies[i].clone();
+        while let Some(d) = stack.pop() {
+            if !std::mem::replace(&mut seen[d], true) {
+                stack.extend_from_slice(&self.dependencies[d]);
+            }
+        }
+        (0..self.len()).filter(|&d| seen[d]).collect()
+    }
+
     /// The resolved status of node `i` from its own status and its dependencies' resolved
     /// statuses (which must be current: resolve in [`order`](Self::order)).
     ///

@@ -143,11 +143,14 @@ impl BreakerConfig {
         let Some(backoff) = self.wait_backoff else {
             return self.wait_duration;
         };
-        let max = backoff.max.max(self.wait_duration);
-        // Past 2^64 × wait everything is at the ceiling anyway; keeps powi in range.
-        let exponent = i32::try_from(opens.saturating_sub(1).min(64)).unwrap_or(64);
-        let grown = self.wait_duration.as_secs_f64() * backoff.multiplier.max(1.0).powi(exponent);
-        Duration::try_from_secs_f64(grown).map_or(max, |d| d.min(max))
+        // The same growth as every other backoff: min(max, wait × multiplier^(opens - 1)).
+        ha_core::Backoff::new(ha_core::BackoffConfig {
+            initial: self.wait_duration,
+            max: backoff.max,
+            multiplier: backoff.multiplier,
+            max_attempts: None,
+        })
+        .ceiling(opens.saturating_sub(1))
     }
 }
 

@@ -352,7 +352,7 @@ impl FailoverManagerBuilder {
                 .map(|(name, _, config)| (name.as_str(), &config.depends_on)),
         )
         .map_err(Error::from_graph)?;
-        let ancestors = (0..graph.len()).map(|i| ancestors(&graph, i)).collect();
+        let ancestors = (0..graph.len()).map(|i| graph.ancestors(i)).collect();
         let order = graph.order().to_vec();
         let entries: Vec<Entry> = self
             .components
@@ -391,16 +391,4 @@ impl fmt::Debug for FailoverManagerBuilder {
             )
             .finish_non_exhaustive()
     }
-}
-
-/// Every node `i` depends on, directly or not, in index order.
-fn ancestors(graph: &DependencyGraph, i: usize) -> Vec<usize> {
-    let mut seen = vec![false; graph.len()];
-    let mut stack = graph.dependencies(i).to_vec();
-    while let Some(d) = stack.pop() {
-        if !std::mem::replace(&mut seen[d], true) {
-            stack.extend_from_slice(graph.dependencies(d));
-        }
-    }
-    (0..graph.len()).filter(|&d| seen[d]).collect()
 }

@@ -20,7 +20,7 @@
 //! change needs `consecutive_samples` agreeing samples (default 2), so one sample taken in the
 //! millisecond between a write and the standby's reply does not flap.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
@@ -236,7 +236,7 @@ impl PgReplicationMonitor {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        ha_core::sync::lock(&self.state)
     }
 
     /// Takes one sample of every server (replicas queried concurrently), updates breach
