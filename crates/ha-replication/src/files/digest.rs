@@ -35,17 +35,13 @@ impl Sha256 {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 impl Sha256 {
-    /// The 64 lowercase hex digits. (By hand: manifests hold one per file, and formatting
-    /// byte by byte through `write!` dominated writing them.)
+    /// The 64 lowercase hex digits, into a stack buffer (manifests hold one per file, so
+    /// formatting byte by byte through `write!` would dominate writing them).
     fn hex(&self) -> [u8; 64] {
         let mut out = [0u8; 64];
-        for (pair, byte) in out.chunks_exact_mut(2).zip(self.0) {
-            pair[0] = HEX[usize::from(byte >> 4)];
-            pair[1] = HEX[usize::from(byte & 0x0f)];
-        }
+        // 32 bytes always fit 64 digits.
+        let _ = hex::encode_to_slice(self.0, &mut out);
         out
     }
 }
@@ -74,20 +70,8 @@ impl FromStr for Sha256 {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = || ParseSha256Error(text.chars().take(80).collect());
-        let digits = text.as_bytes();
-        if digits.len() != 64 {
-            return Err(bad());
-        }
-        let nibble = |digit: u8| match digit {
-            b'0'..=b'9' => Some(digit - b'0'),
-            b'a'..=b'f' => Some(digit - b'a' + 10),
-            b'A'..=b'F' => Some(digit - b'A' + 10),
-            _ => None,
-        };
         let mut bytes = [0u8; 32];
-        for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
-            *byte = (nibble(pair[0]).ok_or_else(bad)? << 4) | nibble(pair[1]).ok_or_else(bad)?;
-        }
+        hex::decode_to_slice(text, &mut bytes).map_err(|_| bad())?;
         Ok(Self(bytes))
     }
 }

@@ -804,16 +804,13 @@ impl Inner {
         let _lock = self.target.lock()?;
         let listed = self.target.list()?;
         let mut report = VerifyReport::default();
-        let manifest = match self.target.read_manifest()? {
-            None => {
-                report.manifest_problem = Some("the target has no manifest (never synced)".into());
-                Manifest::default()
-            }
-            Some(bytes) => Manifest::parse(&bytes).unwrap_or_else(|reason| {
-                report.manifest_problem = Some(format!("unreadable manifest: {reason}"));
-                Manifest::default()
-            }),
+        let loaded = self.load_manifest()?;
+        report.manifest_problem = match (loaded.found, &loaded.discarded) {
+            (false, _) => Some("the target has no manifest (never synced)".into()),
+            (true, Some(reason)) => Some(format!("unreadable manifest: {reason}")),
+            (true, None) => None,
         };
+        let manifest = loaded.manifest;
         report.checked = manifest.entries.len() as u64;
         report.extra = listed
             .keys()
