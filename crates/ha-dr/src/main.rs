@@ -178,15 +178,20 @@ impl RepoArgs {
 }
 
 /// Runs `work` with a progress bar on stderr fed by the repository's byte counter (none when
-/// stderr is not a terminal). `total`: plaintext bytes expected, when known.
+/// stderr is not a terminal). `sized`: the backup whose plaintext size is the bar's length,
+/// when there is one (its manifest is read only when a bar is drawn).
 async fn with_bar<T>(
     repo: &Repository,
     label: String,
-    total: Option<u64>,
+    sized: Option<&BackupId>,
     work: impl std::future::Future<Output = T>,
 ) -> T {
     let Some(progress) = repo.progress() else {
         return work.await;
+    };
+    let total = match sized {
+        Some(id) => repo.manifest(id).await.ok().map(|m| m.plaintext_bytes),
+        None => None,
     };
     let bar = match total {
         Some(total) => ProgressBar::new(total).with_style(
@@ -340,17 +345,16 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             };
             let mut failed = 0usize;
             for id in &ids {
-                let total = repo.manifest(id).await.ok().map(|m| m.plaintext_bytes);
                 let result = if restore_test {
                     with_bar(
                         &repo,
                         format!("restore-testing {id}"),
-                        total,
+                        Some(id),
                         repo.restore_test(id, scratch.as_ref()),
                     )
                     .await
                 } else {
-                    with_bar(&repo, format!("verifying {id}"), total, repo.verify(id)).await
+                    with_bar(&repo, format!("verifying {id}"), Some(id), repo.verify(id)).await
                 };
                 match result {
                     Ok(checked) if restore_test => out(&format!(
@@ -395,11 +399,10 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             };
             let repo = repo.open()?;
             let backup = BackupId::parse(&id)?;
-            let total = repo.manifest(&backup).await.ok().map(|m| m.plaintext_bytes);
             let checked = with_bar(
                 &repo,
                 format!("restoring {id}"),
-                total,
+                Some(&backup),
                 repo.restore(&backup, &target, force),
             )
             .await?;
