@@ -25,6 +25,138 @@ pub struct ComponentContext {
     pub shutdown: CancellationToken,
 }
 
+impl ComponentContext {
+    /// A context for `node` that publishes on `bus` and asks `leadership` before leader-only
+    /// work, with a fresh shutdown token.
+    ///
+    /// This is how a component runs on its own, outside an `ha-orchestrator` node: the node
+    /// builds one context and hands a clone to every component it starts.
+    pub fn new(node: NodeId, bus: EventBus, leadership: Arc<dyn LeadershipGate>) -> Self {
+        Self {
+            node,
+            bus,
+            leadership,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// A context for a single node that always leads (token 0) on a new default bus: the
+    /// shortest way to run one component alone.
+    pub fn standalone(node: impl Into<NodeId>) -> Self {
+        Self::new(
+            node.into(),
+            EventBus::default(),
+            Arc::new(crate::leadership::AlwaysLeader::default()),
+        )
+    }
+
+    /// The same context with another leadership gate (e.g. the node's elector).
+    #[must_use]
+    pub fn with_leadership(mut self, leadership: Arc<dyn LeadershipGate>) -> Self {
+        self.leadership = leadership;
+        self
+    }
+
+    /// The same context publishing on another bus.
+    #[must_use]
+    pub fn with_bus(mut self, bus: EventBus) -> Self {
+        self.bus = bus;
+        self
+    }
+}
+
+/// The error a component returns when [`Component::start`] is called on a component that
+/// already runs.
+pub fn already_started(component: &str) -> Error {
+    Error::Component {
+        component: component.to_owned(),
+        action: "start",
+        source: "already started".into(),
+        retryable: false,
+    }
+}
+
+/// The background tasks of a started component and the token that stops them: the one way a
+/// component implements "start once" and "stop, then wait for the tasks to end".
+///
+/// ```
+/// use ha_core::component::{ComponentContext, ComponentTasks};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), ha_core::Error> {
+/// let tasks = ComponentTasks::default();
+/// let ctx = ComponentContext::standalone("n1");
+/// let stop = tasks.begin("ticker", &ctx)?;
+/// tasks.spawn(async move { stop.cancelled().await });
+/// assert!(tasks.begin("ticker", &ctx).is_err(), "a second start is refused");
+/// tasks.stop().await; // cancels and waits
+/// assert!(!tasks.is_running());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct ComponentTasks {
+    running: std::sync::Mutex<Option<Running>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    stop: CancellationToken,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ComponentTasks {
+    /// Marks the component started and returns the token its tasks select on: a child of
+    /// `ctx.shutdown`, so the node's shutdown and [`stop`](Self::stop) both end them.
+    /// [`already_started`] if it runs already.
+    pub fn begin(
+        &self,
+        component: &str,
+        ctx: &ComponentContext,
+    ) -> Result<CancellationToken, Error> {
+        let mut running = crate::sync::lock(&self.running);
+        if running.is_some() {
+            return Err(already_started(component));
+        }
+        let stop = ctx.shutdown.child_token();
+        *running = Some(Running {
+            stop: stop.clone(),
+            handles: Vec::new(),
+        });
+        Ok(stop)
+    }
+
+    /// Spawns `task` on the current runtime as one of this component's tasks. A task spawned
+    /// while the component is not running is cancelled at once: it is aborted.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = tokio::spawn(task);
+        match crate::sync::lock(&self.running).as_mut() {
+            Some(running) => running.handles.push(handle),
+            None => handle.abort(),
+        }
+    }
+
+    /// Whether [`begin`](Self::begin) was called and [`stop`](Self::stop) was not.
+    pub fn is_running(&self) -> bool {
+        crate::sync::lock(&self.running).is_some()
+    }
+
+    /// Cancels the tasks' token and waits for every task to end. Idempotent.
+    pub async fn stop(&self) {
+        let running = crate::sync::lock(&self.running).take();
+        if let Some(running) = running {
+            running.stop.cancel();
+            for handle in running.handles {
+                // A task that panicked has ended too; its panic was already reported.
+                let _ = handle.await;
+            }
+        }
+    }
+}
+
 /// A long-running part of an HA service (elector, health checker, failover manager, …).
 ///
 /// To ensure correctness:

@@ -44,7 +44,7 @@ pub mod sync;
 pub use async_trait::async_trait;
 pub use backoff::{Backoff, BackoffConfig};
 pub use bus::{EventBus, EventSubscriber, RecvError, TryRecvError};
-pub use component::{Component, ComponentContext};
+pub use component::{Component, ComponentContext, ComponentTasks};
 pub use config::{ConfigError, Validate};
 pub use error::{BoxError, Error};
 pub use event::{HaEvent, LossReason};
