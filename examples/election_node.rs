@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ha_core::{LossReason, NodeId};
+use ha_core::{Component, ComponentContext, LossReason};
 use ha_election::{
     Elector, ElectorConfig, ElectorEvent, LeaseStore, MemoryLeaseStore, PostgresLeaseStore,
     RedisLeaseStore,
@@ -151,10 +151,7 @@ async fn main() -> ExitCode {
         }
     };
     let config = ElectorConfig::with_ttl(args.key, args.ttl, args.retry);
-    let elector = match Elector::builder(store, NodeId::new(&args.node))
-        .config(config)
-        .build()
-    {
+    let elector = match Elector::builder(store).config(config).build() {
         Ok(elector) => elector,
         Err(e) => {
             eprintln!("election-node: {e}");
@@ -163,7 +160,13 @@ async fn main() -> ExitCode {
     };
     let clock = MonoClock::new();
     let mut events = elector.events();
-    elector.start();
+    if let Err(e) = elector
+        .start(ComponentContext::standalone(args.node.as_str()))
+        .await
+    {
+        eprintln!("election-node: {e}");
+        return ExitCode::from(1);
+    }
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ha_core::{FencingToken, LossReason, NodeId};
+use ha_core::{Component, ComponentContext, FencingToken, LossReason};
 use ha_election::{Elector, ElectorConfig, ElectorEvent, LeaseStore};
 use ha_testkit::{FaultProxy, ProxyMode};
 use tokio::time::Instant;
@@ -51,11 +51,14 @@ impl Cluster {
     async fn add(&mut self, key: &str, i: usize) {
         let proxy = FaultProxy::start(self.upstream).unwrap();
         let store = (self.connect)(proxy.addr()).await;
-        let elector = Elector::builder(store, NodeId::new(format!("n{i}")))
+        let elector = Elector::builder(store)
             .config(ElectorConfig::with_ttl(key, TTL, RETRY))
             .build()
             .unwrap();
-        elector.start();
+        elector
+            .start(ComponentContext::standalone(format!("n{i}")))
+            .await
+            .unwrap();
         self.proxies.push(proxy);
         self.electors.push(Some(elector));
     }

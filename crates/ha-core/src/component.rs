@@ -144,6 +144,14 @@ impl ComponentTasks {
         crate::sync::lock(&self.running).is_some()
     }
 
+    /// Cancels the tasks' token without waiting (for `Drop` impls): the tasks end on their
+    /// own; [`stop`](Self::stop) still waits for them.
+    pub fn cancel(&self) {
+        if let Some(running) = crate::sync::lock(&self.running).as_ref() {
+            running.stop.cancel();
+        }
+    }
+
     /// Cancels the tasks' token and waits for every task to end. Idempotent.
     pub async fn stop(&self) {
         let running = crate::sync::lock(&self.running).take();

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ha_core::NodeId;
+use ha_core::{Component, ComponentContext, NodeId};
 use ha_election::{Elector, ElectorConfig, LeaseStore, PostgresLeaseStore, RedisLeaseStore};
 use ha_testkit::{FaultProxy, PostgresServer, ProxyMode, RedisServer};
 use tokio::time::Instant;
@@ -43,11 +43,14 @@ impl Bench {
     async fn add(&mut self) {
         let proxy = FaultProxy::start(self.upstream).unwrap();
         let store = (self.connect)(proxy.addr()).await;
-        let elector = Elector::builder(store, NodeId::new(format!("n{}", self.next_id)))
+        let elector = Elector::builder(store)
             .config(ElectorConfig::with_ttl(self.key.clone(), TTL, RETRY))
             .build()
             .unwrap();
-        elector.start();
+        elector
+            .start(ComponentContext::standalone(format!("n{}", self.next_id)))
+            .await
+            .unwrap();
         self.next_id += 1;
         self.nodes.push(Node { proxy, elector });
     }
@@ -67,7 +70,7 @@ impl Bench {
         let started = Instant::now();
         loop {
             if let Some(i) = self.check()
-                && Some(self.nodes[i].elector.node()) != except
+                && self.nodes[i].elector.node() != except
             {
                 return (i, started.elapsed());
             }
@@ -83,7 +86,7 @@ impl Bench {
     async fn crash_trial(&mut self) -> Duration {
         let (leader, _) = self.wait_leader(None).await;
         let node = self.nodes.remove(leader);
-        let id = node.elector.node().clone();
+        let id = node.elector.node().cloned().unwrap();
         node.proxy.set_mode(ProxyMode::Blackhole);
         let crashed_at = Instant::now();
         // Drop without a reachable store: its release is lost, like a killed process.
@@ -101,7 +104,7 @@ impl Bench {
     async fn graceful_trial(&mut self) -> Duration {
         let (leader, _) = self.wait_leader(None).await;
         let node = self.nodes.remove(leader);
-        let id = node.elector.node().clone();
+        let id = node.elector.node().cloned().unwrap();
         let started = Instant::now();
         node.elector.shutdown().await;
         let (_, _) = self.wait_leader(Some(&id)).await;

@@ -2,17 +2,18 @@
 //! deadline computed from when its last successful request was sent.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use ha_core::backoff::{Backoff, BackoffConfig};
+use ha_core::component::already_started;
+use ha_core::sync::lock;
 use ha_core::{
-    EventBus, FencingToken, HaEvent, Leadership, LeadershipGate, LossReason, NodeId, StepDown,
-    Validate, metric,
+    Component, ComponentContext, ComponentTasks, EventBus, FencingToken, HaEvent, Leadership,
+    LeadershipGate, LossReason, NodeId, Status, StepDown, Validate, metric,
 };
 use rand::RngExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -81,9 +82,7 @@ enum Command {
 #[must_use]
 pub struct ElectorBuilder {
     store: Arc<dyn LeaseStore>,
-    node: NodeId,
     config: ElectorConfig,
-    bus: Option<EventBus>,
     eligibility: Option<Eligibility>,
     meta: BTreeMap<String, String>,
 }
@@ -92,7 +91,6 @@ impl std::fmt::Debug for ElectorBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ElectorBuilder")
             .field("store", &self.store.kind())
-            .field("node", &self.node)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -102,12 +100,6 @@ impl ElectorBuilder {
     /// Lease timing and key (default: [`ElectorConfig::default`]).
     pub fn config(mut self, config: ElectorConfig) -> Self {
         self.config = config;
-        self
-    }
-
-    /// Publishes `LeadershipAcquired`/`LeadershipLost` on `bus`.
-    pub fn bus(mut self, bus: EventBus) -> Self {
-        self.bus = Some(bus);
         self
     }
 
@@ -123,40 +115,48 @@ impl ElectorBuilder {
         self
     }
 
-    /// Validates the config and builds the elector; [`Elector::start`] sets it running.
+    /// Validates the config and builds the elector, not yet running: starting it as a
+    /// [`Component`] (with the node's [`ComponentContext`]) sets it campaigning as
+    /// `ctx.node`, publishing `LeadershipAcquired`/`LeadershipLost` on `ctx.bus`.
     pub fn build(self) -> Result<Elector> {
         self.config.validate()?;
         let (commands, receiver) = mpsc::channel(8);
         let (events, _) = broadcast::channel(64);
         Ok(Elector {
-            shared: Arc::new(Shared {
-                node: self.node,
-                config: self.config,
-                store: self.store,
-                bus: self.bus,
+            config: self.config,
+            store: self.store,
+            role: Arc::new(watch::Sender::new(Role::Follower)),
+            leader: Arc::new(watch::Sender::new(None)),
+            events,
+            commands,
+            pending: Mutex::new(Some(Pending {
+                commands: receiver,
                 eligibility: self.eligibility,
                 meta: self.meta,
-                role: watch::Sender::new(Role::Follower),
-                leader: watch::Sender::new(None),
-                events,
-            }),
-            commands,
-            pending: Mutex::new(Some(receiver)),
-            task: Mutex::new(Vec::new()),
-            shutdown: CancellationToken::new(),
+            })),
+            shared: OnceLock::new(),
+            tasks: ComponentTasks::default(),
         })
     }
 }
 
+/// What the campaign needs that only [`Component::start`] can give or take.
+struct Pending {
+    commands: mpsc::Receiver<Command>,
+    eligibility: Option<Eligibility>,
+    meta: BTreeMap<String, String>,
+}
+
+/// The running elector's state, made at start from the built parts and the context.
 struct Shared {
     node: NodeId,
     config: ElectorConfig,
     store: Arc<dyn LeaseStore>,
-    bus: Option<EventBus>,
+    bus: EventBus,
     eligibility: Option<Eligibility>,
     meta: BTreeMap<String, String>,
-    role: watch::Sender<Role>,
-    leader: watch::Sender<Option<LeaderInfo>>,
+    role: Arc<watch::Sender<Role>>,
+    leader: Arc<watch::Sender<Option<LeaderInfo>>>,
     events: broadcast::Sender<ElectorEvent>,
 }
 
@@ -172,17 +172,17 @@ struct Shared {
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use ha_core::NodeId;
+/// use ha_core::{Component, ComponentContext};
 /// use ha_election::{Elector, ElectorConfig, MemoryLeaseStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), ha_election::Error> {
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = Arc::new(MemoryLeaseStore::new());
-/// let elector = Elector::builder(store, NodeId::new("node-a"))
+/// let elector = Elector::builder(store)
 ///     .config(ElectorConfig::with_ttl("orders/leader", Duration::from_secs(2), Duration::from_millis(200)))
 ///     .build()?;
 /// let mut role = elector.subscribe();
-/// elector.start();
+/// elector.start(ComponentContext::standalone("node-a")).await?;
 /// role.wait_for(|r| matches!(r, ha_election::Role::Leader(_))).await.unwrap();
 /// let lead = elector.is_leader().expect("leads");
 /// println!("leading with token {}", lead.token);
@@ -191,82 +191,55 @@ struct Shared {
 /// # }
 /// ```
 pub struct Elector {
-    shared: Arc<Shared>,
+    config: ElectorConfig,
+    store: Arc<dyn LeaseStore>,
+    role: Arc<watch::Sender<Role>>,
+    leader: Arc<watch::Sender<Option<LeaderInfo>>>,
+    events: broadcast::Sender<ElectorEvent>,
     commands: mpsc::Sender<Command>,
-    pending: Mutex<Option<mpsc::Receiver<Command>>>,
-    task: Mutex<Vec<JoinHandle<()>>>,
-    shutdown: CancellationToken,
+    pending: Mutex<Option<Pending>>,
+    shared: OnceLock<Arc<Shared>>,
+    tasks: ComponentTasks,
 }
 
 impl std::fmt::Debug for Elector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Elector")
-            .field("node", &self.shared.node)
-            .field("key", &self.shared.config.key)
-            .field("store", &self.shared.store.kind())
-            .field("role", &*self.shared.role.borrow())
+            .field("node", &self.node())
+            .field("key", &self.config.key)
+            .field("store", &self.store.kind())
+            .field("role", &*self.role.borrow())
             .finish_non_exhaustive()
     }
 }
 
 impl Elector {
-    /// Starts building an elector for `node` on `store`.
-    pub fn builder(store: Arc<dyn LeaseStore>, node: NodeId) -> ElectorBuilder {
+    /// Starts building an elector on `store`; the node it campaigns as comes from the
+    /// [`ComponentContext`] it is started with.
+    pub fn builder(store: Arc<dyn LeaseStore>) -> ElectorBuilder {
         ElectorBuilder {
             store,
-            node,
             config: ElectorConfig::default(),
-            bus: None,
             eligibility: None,
             meta: BTreeMap::new(),
         }
-    }
-
-    /// Spawns the campaign on the current tokio runtime. Calling it again does nothing.
-    pub fn start(&self) {
-        let Some(commands) = self
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        else {
-            return;
-        };
-        let span = tracing::info_span!(
-            "elector",
-            node = %self.shared.node,
-            key = %self.shared.config.key,
-            store = self.shared.store.kind()
-        );
-        let runner = Runner {
-            shared: Arc::clone(&self.shared),
-            commands,
-            shutdown: self.shutdown.clone(),
-            holdoff_until: None,
-        };
-        let campaign = tokio::spawn(runner.run().instrument(span.clone()));
-        let beats = tokio::spawn(
-            heartbeats(Arc::clone(&self.shared), self.shutdown.clone()).instrument(span),
-        );
-        let mut tasks = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-        tasks.push(campaign);
-        tasks.push(beats);
     }
 
     /// The live members of this election (every elector of the key, leader or not), as the
     /// store knows them: each elector heartbeats every `ttl / 3` with a `ttl` lifetime, so a
     /// dead node drops out within one `ttl`.
     pub async fn members(&self) -> Result<Vec<Member>> {
-        let config = &self.shared.config;
-        self.shared
-            .store
-            .members(&members_group(&config.key), config.request_timeout)
+        self.store
+            .members(
+                &members_group(&self.config.key),
+                self.config.request_timeout,
+            )
             .await
     }
 
     /// This node's leadership, if it leads *now*: the deadline is checked at call time.
     pub fn is_leader(&self) -> Option<Leadership> {
-        match *self.shared.role.borrow() {
+        match *self.role.borrow() {
             Role::Leader(lead) if lead.is_valid_at(Instant::now()) => Some(lead),
             _ => None,
         }
@@ -274,32 +247,37 @@ impl Elector {
 
     /// A receiver of role changes (it also sees each renewal's new deadline).
     pub fn subscribe(&self) -> watch::Receiver<Role> {
-        self.shared.role.subscribe()
+        self.role.subscribe()
     }
 
     /// A receiver of [`ElectorEvent`]s, renewals included.
     pub fn events(&self) -> broadcast::Receiver<ElectorEvent> {
-        self.shared.events.subscribe()
+        self.events.subscribe()
     }
 
     /// Who leads, as this node last saw it (itself included). `None` until it has seen one.
     pub fn leader(&self) -> Option<LeaderInfo> {
-        self.shared.leader.borrow().clone()
+        self.leader.borrow().clone()
     }
 
     /// A receiver of changes of [`leader`](Self::leader).
     pub fn watch_leader(&self) -> watch::Receiver<Option<LeaderInfo>> {
-        self.shared.leader.subscribe()
+        self.leader.subscribe()
     }
 
-    /// This node.
-    pub fn node(&self) -> &NodeId {
-        &self.shared.node
+    /// The node this elector campaigns as, once started.
+    pub fn node(&self) -> Option<&NodeId> {
+        self.shared.get().map(|shared| &shared.node)
     }
 
     /// The config in use.
     pub fn config(&self) -> &ElectorConfig {
-        &self.shared.config
+        &self.config
+    }
+
+    /// The kind of lease store (`"redis"`, `"postgres"`, `"memory"`, …).
+    pub fn store_kind(&self) -> &'static str {
+        self.store.kind()
     }
 
     /// Gives up leadership now: stops acting as leader, releases the lease (compare-and-delete,
@@ -314,12 +292,69 @@ impl Elector {
     }
 
     /// Stops campaigning and heartbeating; a leader first stops acting, then releases its
-    /// lease. Returns once the elector's tasks have ended.
+    /// lease. Returns once the elector's tasks have ended. The same as [`Component::stop`].
     pub async fn shutdown(&self) {
-        self.shutdown.cancel();
-        let tasks = std::mem::take(&mut *self.task.lock().unwrap_or_else(PoisonError::into_inner));
-        for task in tasks {
-            let _ = task.await;
+        self.tasks.stop().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for Elector {
+    fn name(&self) -> &str {
+        "election"
+    }
+
+    /// Spawns the campaign and the membership heartbeats as `ctx.node`, publishing on
+    /// `ctx.bus`, until `ctx.shutdown` is cancelled or [`stop`](Component::stop) is called.
+    /// `ctx.leadership` is not consulted: the elector is the node's gate. An elector runs
+    /// once: a second start is refused.
+    async fn start(&self, ctx: ComponentContext) -> std::result::Result<(), ha_core::Error> {
+        let pending = lock(&self.pending).take();
+        let Some(pending) = pending else {
+            return Err(already_started("election"));
+        };
+        let shutdown = self.tasks.begin("election", &ctx)?;
+        let shared = Arc::new(Shared {
+            node: ctx.node,
+            config: self.config.clone(),
+            store: Arc::clone(&self.store),
+            bus: ctx.bus,
+            eligibility: pending.eligibility,
+            meta: pending.meta,
+            role: Arc::clone(&self.role),
+            leader: Arc::clone(&self.leader),
+            events: self.events.clone(),
+        });
+        let _ = self.shared.set(Arc::clone(&shared));
+        let span = tracing::info_span!(
+            "elector",
+            node = %shared.node,
+            key = %shared.config.key,
+            store = shared.store.kind()
+        );
+        let runner = Runner {
+            shared: Arc::clone(&shared),
+            commands: pending.commands,
+            shutdown: shutdown.clone(),
+            holdoff_until: None,
+        };
+        self.tasks.spawn(runner.run().instrument(span.clone()));
+        self.tasks
+            .spawn(heartbeats(shared, shutdown).instrument(span));
+        Ok(())
+    }
+
+    async fn stop(&self) -> std::result::Result<(), ha_core::Error> {
+        self.tasks.stop().await;
+        Ok(())
+    }
+
+    /// Healthy while running (leader or follower), Unknown before start and after stop.
+    fn status(&self) -> Status {
+        if self.tasks.is_running() {
+            Status::Healthy
+        } else {
+            Status::Unknown
         }
     }
 }
@@ -341,7 +376,10 @@ impl StepDown for Elector {
             Ok(())
         } else {
             Err(ha_core::Error::NotLeader {
-                node: self.shared.node.clone(),
+                node: self
+                    .node()
+                    .cloned()
+                    .unwrap_or_else(|| NodeId::new("unstarted")),
                 operation: "step down".into(),
             })
         }
@@ -350,8 +388,9 @@ impl StepDown for Elector {
 
 impl Drop for Elector {
     fn drop(&mut self) {
-        // The task notices the closed command channel, stops acting and releases.
-        self.shutdown.cancel();
+        // The task notices the cancellation (and the closed command channel), stops acting
+        // and releases.
+        self.tasks.cancel();
     }
 }
 
@@ -622,14 +661,12 @@ impl Runner {
         let _ = shared
             .events
             .send(ElectorEvent::Acquired { token, valid_until });
-        if let Some(bus) = &shared.bus {
-            bus.publish(HaEvent::LeadershipAcquired {
-                at: SystemTime::now(),
-                node: shared.node.clone(),
-                key,
-                token,
-            });
-        }
+        shared.bus.publish(HaEvent::LeadershipAcquired {
+            at: SystemTime::now(),
+            node: shared.node.clone(),
+            key,
+            token,
+        });
     }
 
     fn renewed(&self, token: FencingToken, valid_until: Instant) {
@@ -661,15 +698,13 @@ impl Runner {
         metrics::counter!(metric::ELECTION_TRANSITIONS_TOTAL, "key" => key.clone(), "change" => "lost", "reason" => reason.as_str())
             .increment(1);
         let _ = shared.events.send(ElectorEvent::Lost { token, reason });
-        if let Some(bus) = &shared.bus {
-            bus.publish(HaEvent::LeadershipLost {
-                at: SystemTime::now(),
-                node: shared.node.clone(),
-                key,
-                token,
-                reason,
-            });
-        }
+        shared.bus.publish(HaEvent::LeadershipLost {
+            at: SystemTime::now(),
+            node: shared.node.clone(),
+            key,
+            token,
+            reason,
+        });
     }
 
     fn store_error(&self, op: &'static str, error: &Error) {

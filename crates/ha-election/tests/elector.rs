@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{FaultyStore, Invariants};
-use ha_core::{EventBus, HaEvent, LossReason, NodeId, StepDown};
+use ha_core::{Component, ComponentContext, EventBus, HaEvent, LossReason, NodeId, StepDown};
 use ha_election::{Elector, ElectorConfig, ElectorEvent, LeaseStore, MemoryLeaseStore, Role};
 use tokio::time::Instant;
 
@@ -19,12 +19,14 @@ fn config() -> ElectorConfig {
     ElectorConfig::with_ttl("test/leader", TTL, RETRY)
 }
 
-fn elector(store: Arc<dyn LeaseStore>, name: &str) -> Elector {
-    let e = Elector::builder(store, NodeId::new(name))
+async fn elector(store: Arc<dyn LeaseStore>, name: &str) -> Elector {
+    let e = Elector::builder(store)
         .config(config())
         .build()
         .expect("valid config");
-    e.start();
+    e.start(ComponentContext::standalone(name))
+        .await
+        .expect("starts");
     e
 }
 
@@ -53,7 +55,7 @@ async fn run_until(
 #[tokio::test(start_paused = true)]
 async fn one_node_leads_and_keeps_renewing() {
     let store = Arc::new(MemoryLeaseStore::new());
-    let a = elector(store.clone(), "a");
+    let a = elector(store.clone(), "a").await;
     let mut events = a.events();
     let mut inv = Invariants::default();
     run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
@@ -77,10 +79,10 @@ async fn one_node_leads_and_keeps_renewing() {
 #[tokio::test(start_paused = true)]
 async fn followers_learn_who_leads() {
     let store = Arc::new(MemoryLeaseStore::new());
-    let a = elector(store.clone(), "a");
+    let a = elector(store.clone(), "a").await;
     let mut inv = Invariants::default();
     run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
-    let b = elector(store.clone(), "b");
+    let b = elector(store.clone(), "b").await;
     let mut seen = b.watch_leader();
     seen.wait_for(|l| l.is_some()).await.unwrap();
     let info = b.leader().unwrap();
@@ -93,9 +95,9 @@ async fn followers_learn_who_leads() {
 async fn graceful_shutdown_hands_over_in_milliseconds() {
     let store = Arc::new(MemoryLeaseStore::new());
     let (a, b, c) = (
-        elector(store.clone(), "a"),
-        elector(store.clone(), "b"),
-        elector(store.clone(), "c"),
+        elector(store.clone(), "a").await,
+        elector(store.clone(), "b").await,
+        elector(store.clone(), "c").await,
     );
     let all = [&a, &b, &c];
     let mut inv = Invariants::default();
@@ -114,10 +116,10 @@ async fn graceful_shutdown_hands_over_in_milliseconds() {
 async fn crashed_leader_is_replaced_within_ttl_plus_retry() {
     let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
     let fa = FaultyStore::new(memory.clone());
-    let a = elector(fa.clone(), "a");
+    let a = elector(fa.clone(), "a").await;
     let mut inv = Invariants::default();
     run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
-    let b = elector(memory.clone(), "b");
+    let b = elector(memory.clone(), "b").await;
     // A crash as the store sees it: no more renewals and no release, ever. (Process kills are
     // in the real-server tests; here the node's link dies and the node is never heard again.)
     fa.partition(true);
@@ -140,10 +142,10 @@ async fn partitioned_leader_stops_before_the_store_lets_another_lead() {
         FaultyStore::new(memory.clone()),
         FaultyStore::new(memory.clone()),
     );
-    let a = elector(fa.clone(), "a");
+    let a = elector(fa.clone(), "a").await;
     let mut inv = Invariants::default();
     run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
-    let b = elector(fb.clone(), "b");
+    let b = elector(fb.clone(), "b").await;
     fa.partition(true);
     let cut_at = Instant::now();
     let mut a_lost_at = None;
@@ -174,7 +176,7 @@ async fn paused_leader_is_not_leader_when_it_wakes() {
     // check the clock, not its last belief.
     let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
     let fa = FaultyStore::new(memory.clone());
-    let a = elector(fa.clone(), "a");
+    let a = elector(fa.clone(), "a").await;
     let mut inv = Invariants::default();
     run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
     let lead = a.is_leader().unwrap();
@@ -189,7 +191,10 @@ async fn paused_leader_is_not_leader_when_it_wakes() {
 #[tokio::test(start_paused = true)]
 async fn step_down_lets_another_node_win() {
     let store = Arc::new(MemoryLeaseStore::new());
-    let (a, b) = (elector(store.clone(), "a"), elector(store.clone(), "b"));
+    let (a, b) = (
+        elector(store.clone(), "a").await,
+        elector(store.clone(), "b").await,
+    );
     let mut inv = Invariants::default();
     run_until(&mut inv, &[&a, &b], TTL, |l| l.is_some()).await;
     let leader = inv.check(&[&a, &b]).unwrap();
@@ -220,14 +225,15 @@ async fn ineligible_node_steps_down_and_does_not_campaign() {
     let flag = healthy.clone();
     let bus = EventBus::default();
     let mut bus_events = bus.subscribe();
-    let a = Elector::builder(store.clone(), NodeId::new("a"))
+    let a = Elector::builder(store.clone())
         .config(config())
-        .bus(bus)
         .eligibility(move || flag.load(Ordering::SeqCst))
         .build()
         .unwrap();
-    a.start();
-    let b = elector(store.clone(), "b");
+    a.start(ComponentContext::standalone("a").with_bus(bus))
+        .await
+        .unwrap();
+    let b = elector(store.clone(), "b").await;
     let mut inv = Invariants::default();
     // Make sure `a` leads first: b starts after a won.
     run_until(&mut inv, &[&a, &b], TTL * 3, |l| l.is_some()).await;
@@ -255,12 +261,10 @@ async fn bus_reports_acquired_then_lost_with_the_same_token() {
     let store = Arc::new(MemoryLeaseStore::new());
     let bus = EventBus::default();
     let mut events = bus.subscribe();
-    let a = Elector::builder(store, NodeId::new("a"))
-        .config(config())
-        .bus(bus)
-        .build()
+    let a = Elector::builder(store).config(config()).build().unwrap();
+    a.start(ComponentContext::standalone("a").with_bus(bus))
+        .await
         .unwrap();
-    a.start();
     let HaEvent::LeadershipAcquired {
         token, key, node, ..
     } = events.recv().await.unwrap()
@@ -286,7 +290,7 @@ async fn bus_reports_acquired_then_lost_with_the_same_token() {
 async fn a_deposed_leaders_fenced_write_is_rejected() {
     let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
     let fa = FaultyStore::new(memory.clone());
-    let a = elector(fa.clone(), "a");
+    let a = elector(fa.clone(), "a").await;
     let mut inv = Invariants::default();
     run_until(&mut inv, &[&a], TTL, |l| l == Some(0)).await;
     let fence = ha_election::MemoryFence::default();
@@ -294,7 +298,7 @@ async fn a_deposed_leaders_fenced_write_is_rejected() {
     let stale = a.is_leader().unwrap().token;
     fence.admit("orders", stale).unwrap();
     fa.partition(true);
-    let b = elector(memory.clone(), "b");
+    let b = elector(memory.clone(), "b").await;
     run_until(&mut inv, &[&a, &b], TTL * 3, |l| l == Some(1)).await;
     let fresh = b.is_leader().unwrap().token;
     fence.admit("orders", fresh).unwrap();
@@ -309,13 +313,13 @@ async fn a_deposed_leaders_fenced_write_is_rejected() {
 async fn members_lists_live_electors_and_drops_dead_ones_within_ttl() {
     let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
     let fb = FaultyStore::new(memory.clone());
-    let a = Elector::builder(memory.clone(), NodeId::new("a"))
+    let a = Elector::builder(memory.clone())
         .config(config())
         .member_meta([("addr".to_owned(), "10.0.0.1:80".to_owned())].into())
         .build()
         .unwrap();
-    a.start();
-    let b = elector(fb.clone(), "b");
+    a.start(ComponentContext::standalone("a")).await.unwrap();
+    let b = elector(fb.clone(), "b").await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     let names = |m: Vec<ha_election::Member>| {
         m.into_iter()

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{FaultyStore, Invariants};
-use ha_core::NodeId;
+use ha_core::{Component, ComponentContext};
 use ha_election::{Elector, ElectorConfig, LeaseStore, MemoryLeaseStore};
 use proptest::prelude::*;
 
@@ -63,18 +63,17 @@ async fn run(schedule: Vec<(u64, Fault)>) -> Vec<(usize, ha_core::FencingToken)>
     let links: Vec<Arc<FaultyStore>> = (0..NODES)
         .map(|_| FaultyStore::new(memory.clone()))
         .collect();
-    let electors: Vec<Elector> = links
-        .iter()
-        .enumerate()
-        .map(|(i, link)| {
-            let e = Elector::builder(link.clone(), NodeId::new(format!("n{i}")))
-                .config(config.clone())
-                .build()
-                .expect("valid config");
-            e.start();
-            e
-        })
-        .collect();
+    let mut electors: Vec<Elector> = Vec::new();
+    for (i, link) in links.iter().enumerate() {
+        let e = Elector::builder(link.clone())
+            .config(config.clone())
+            .build()
+            .expect("valid config");
+        e.start(ComponentContext::standalone(format!("n{i}")))
+            .await
+            .expect("starts");
+        electors.push(e);
+    }
     let refs: Vec<&Elector> = electors.iter().collect();
     let mut inv = Invariants::default();
     // Faults heal at their own times; keep (heal_at_step, node, what).
