@@ -35,6 +35,90 @@ impl LossReason {
     }
 }
 
+/// How urgently a person should hear about an event, so alert routing needs no guesswork.
+///
+/// The seed's table: **critical** — a service down, a database failover, disaster recovery
+/// invoked; **warning** — high replication lag, a failed backup, degraded performance;
+/// **info** — a completed failover or backup, health recovered.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Page someone now.
+    Critical,
+    /// Look at it soon.
+    Warning,
+    /// For the record.
+    Info,
+}
+
+impl Severity {
+    /// A stable lower-case name (`critical`, `warning`, `info`), the `severity` metric label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Severity::Critical => "critical",
+            Severity::Warning => "warning",
+            Severity::Info => "info",
+        }
+    }
+}
+
+/// How much high availability a node delivers: the seed's levels, each with the availability
+/// it targets.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HaLevel {
+    /// Nothing watches the service.
+    None,
+    /// Health checks (99.5 %).
+    Basic,
+    /// Health checks, automatic failover and replication (99.9 %).
+    Standard,
+    /// All of the above, an election with at least two live members, and disaster recovery
+    /// with a verified backup inside its RPO (99.99 %).
+    Enterprise,
+}
+
+impl HaLevel {
+    /// Every level, lowest first.
+    pub const ALL: [HaLevel; 4] = [
+        HaLevel::None,
+        HaLevel::Basic,
+        HaLevel::Standard,
+        HaLevel::Enterprise,
+    ];
+
+    /// A stable lower-case name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HaLevel::None => "none",
+            HaLevel::Basic => "basic",
+            HaLevel::Standard => "standard",
+            HaLevel::Enterprise => "enterprise",
+        }
+    }
+
+    /// The availability the level targets, in percent (`None` targets nothing: 0).
+    pub const fn availability_target_percent(self) -> f64 {
+        match self {
+            HaLevel::None => 0.0,
+            HaLevel::Basic => 99.5,
+            HaLevel::Standard => 99.9,
+            HaLevel::Enterprise => 99.99,
+        }
+    }
+
+    /// The level as a number (0 = none … 3 = enterprise), the `ha_level` gauge's value.
+    pub const fn rank(self) -> u8 {
+        self as u8
+    }
+}
+
+impl std::fmt::Display for HaLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Something that happened in the high-availability machinery.
 ///
 /// Every variant carries `at` (wall-clock time, for humans and audit logs) and `node` (the node
@@ -289,6 +373,19 @@ pub enum HaEvent {
         /// The objective.
         rpo: Duration,
     },
+    /// The HA level this node delivers changed (configured parts came up or went down).
+    HaLevelChanged {
+        /// When.
+        at: SystemTime,
+        /// The node.
+        node: NodeId,
+        /// The level before.
+        from: HaLevel,
+        /// The level now.
+        to: HaLevel,
+        /// Why the level is not higher (empty at the configured level).
+        reason: String,
+    },
 }
 
 impl HaEvent {
@@ -313,7 +410,8 @@ impl HaEvent {
             | HaEvent::BackupCompleted { at, .. }
             | HaEvent::BackupFailed { at, .. }
             | HaEvent::RestoreCompleted { at, .. }
-            | HaEvent::RpoBreached { at, .. } => *at,
+            | HaEvent::RpoBreached { at, .. }
+            | HaEvent::HaLevelChanged { at, .. } => *at,
         }
     }
 
@@ -338,7 +436,8 @@ impl HaEvent {
             | HaEvent::BackupCompleted { node, .. }
             | HaEvent::BackupFailed { node, .. }
             | HaEvent::RestoreCompleted { node, .. }
-            | HaEvent::RpoBreached { node, .. } => node,
+            | HaEvent::RpoBreached { node, .. }
+            | HaEvent::HaLevelChanged { node, .. } => node,
         }
     }
 
@@ -364,6 +463,54 @@ impl HaEvent {
             HaEvent::BackupFailed { .. } => "backup_failed",
             HaEvent::RestoreCompleted { .. } => "restore_completed",
             HaEvent::RpoBreached { .. } => "rpo_breached",
+            HaEvent::HaLevelChanged { .. } => "ha_level_changed",
+        }
+    }
+
+    /// How urgently a person should hear about this event (see [`Severity`]).
+    pub fn severity(&self) -> Severity {
+        use Severity::{Critical, Info, Warning};
+        match self {
+            HaEvent::HealthChanged { to, .. } => match to {
+                Status::Unhealthy => Critical,
+                Status::Degraded | Status::Unknown => Warning,
+                Status::Healthy => Info,
+            },
+            HaEvent::CircuitStateChanged { to, .. } => match to {
+                CircuitState::Open => Warning,
+                _ => Info,
+            },
+            HaEvent::RedisInstanceStatus { down, .. } => {
+                if *down {
+                    Warning
+                } else {
+                    Info
+                }
+            }
+            HaEvent::HaLevelChanged { from, to, .. } => {
+                if to < from {
+                    Warning
+                } else {
+                    Info
+                }
+            }
+            // A database failover, a failover that did not complete, disaster recovery.
+            HaEvent::FailoverStarted { .. }
+            | HaEvent::FailoverFailed { .. }
+            | HaEvent::ReplicaPromoted { .. }
+            | HaEvent::RedisMasterSwitched { .. }
+            | HaEvent::RestoreCompleted { .. } => Critical,
+            HaEvent::LeadershipLost { .. }
+            | HaEvent::AnomalyDetected { .. }
+            | HaEvent::FailoverRolledBack { .. }
+            | HaEvent::FailoverSkipped { .. }
+            | HaEvent::ReplicationLagBreached { .. }
+            | HaEvent::BackupFailed { .. }
+            | HaEvent::RpoBreached { .. } => Warning,
+            HaEvent::LeadershipAcquired { .. }
+            | HaEvent::FailoverCompleted { .. }
+            | HaEvent::ReplicationLagRecovered { .. }
+            | HaEvent::BackupCompleted { .. } => Info,
         }
     }
 }
@@ -389,5 +536,57 @@ mod tests {
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["event"], "health_changed");
         assert_eq!(json["to"], "unhealthy");
+        assert_eq!(e.severity(), Severity::Critical);
+    }
+
+    #[test]
+    fn severities_follow_the_alert_table() {
+        let at = SystemTime::UNIX_EPOCH;
+        let node = NodeId::new("n1");
+        let health = |to| HaEvent::HealthChanged {
+            at,
+            node: node.clone(),
+            component: "db".into(),
+            from: Status::Healthy,
+            to,
+            cause: None,
+        };
+        assert_eq!(health(Status::Unhealthy).severity(), Severity::Critical);
+        assert_eq!(health(Status::Degraded).severity(), Severity::Warning);
+        assert_eq!(health(Status::Healthy).severity(), Severity::Info);
+        let lag = HaEvent::ReplicationLagBreached {
+            at,
+            node: node.clone(),
+            replica: "r1".into(),
+            lag_bytes: Some(1),
+            lag: None,
+        };
+        assert_eq!(lag.severity(), Severity::Warning);
+        let done = HaEvent::FailoverCompleted {
+            at,
+            node: node.clone(),
+            component: "db".into(),
+            token: None,
+            duration: Duration::ZERO,
+        };
+        assert_eq!(done.severity(), Severity::Info);
+        let restore = HaEvent::RestoreCompleted {
+            at,
+            node: node.clone(),
+            backup_id: "b".into(),
+            duration: Duration::ZERO,
+        };
+        assert_eq!(restore.severity(), Severity::Critical);
+        let down = HaEvent::HaLevelChanged {
+            at,
+            node,
+            from: HaLevel::Enterprise,
+            to: HaLevel::Standard,
+            reason: "only 1 live member".into(),
+        };
+        assert_eq!(down.severity(), Severity::Warning);
+        assert_eq!(serde_json::to_value(&down).unwrap()["to"], "standard");
+        assert_eq!(HaLevel::Enterprise.availability_target_percent(), 99.99);
+        assert!(HaLevel::ALL.windows(2).all(|w| w[0] < w[1]));
     }
 }

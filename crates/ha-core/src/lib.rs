@@ -47,7 +47,7 @@ pub use bus::{EventBus, EventSubscriber, RecvError, TryRecvError};
 pub use component::{Component, ComponentContext, ComponentTasks};
 pub use config::{ConfigError, Validate};
 pub use error::{BoxError, Error};
-pub use event::{HaEvent, LossReason};
+pub use event::{HaEvent, HaLevel, LossReason, Severity};
 pub use id::{FencingToken, NodeId};
 pub use leadership::{AlwaysLeader, Leadership, LeadershipGate, StepDown};
 pub use status::{CircuitState, Criticality, Status};

@@ -99,8 +99,21 @@ pub const BACKUP_SKIPPED_TOTAL: &str = "ha_dr_backup_skipped_total";
 /// Histogram, label `kind`: restore duration (measured recovery time).
 pub const RESTORE_DURATION_SECONDS: &str = "ha_dr_restore_duration_seconds";
 
+/// Counter: events seen by a node, labelled `event` (its name) and `severity`.
+pub const EVENTS_TOTAL: &str = "ha_events_total";
+/// Gauge: the HA level the node delivers now (0 none, 1 basic, 2 standard, 3 enterprise).
+pub const HA_LEVEL: &str = "ha_level";
+/// Gauge: 1 while the node is ready (started, every critical check healthy), else 0.
+pub const NODE_READY: &str = "ha_node_ready";
+/// Gauge: 1 while automatic failover is paused for maintenance.
+pub const NODE_PAUSED: &str = "ha_node_paused";
+
 /// Every name above, for tests and exporters that want the full list.
 pub const ALL: &[&str] = &[
+    EVENTS_TOTAL,
+    HA_LEVEL,
+    NODE_READY,
+    NODE_PAUSED,
     EVENTS_PUBLISHED_TOTAL,
     EVENTS_MISSED_TOTAL,
     ELECTION_IS_LEADER,
