@@ -69,9 +69,12 @@ pub enum Error {
         /// The queue's capacity (`max_queued_failovers`).
         capacity: usize,
     },
-    /// The manager was shut down.
+    /// The manager was stopped.
     #[error("the failover manager was shut down")]
     Stopped,
+    /// The manager was built but has not been started.
+    #[error("the failover manager has not been started")]
+    NotStarted,
 }
 
 impl Error {
@@ -87,8 +90,8 @@ impl Error {
             | Error::UnknownComponent { .. }
             | Error::Stopped => false,
             Error::Rejected(r) => r.is_retryable(),
-            // Slots free up as running failovers end.
-            Error::QueueFull { .. } => true,
+            // Slots free up as running failovers end; the node starts what it built.
+            Error::QueueFull { .. } | Error::NotStarted => true,
         }
     }
 

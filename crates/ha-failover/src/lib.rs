@@ -5,25 +5,28 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use ha_core::{AlwaysLeader, CircuitState, EventBus, FencingToken, HaEvent, NodeId};
+//! use ha_core::{
+//!     AlwaysLeader, CircuitState, Component, ComponentContext, FencingToken, HaEvent, NodeId,
+//! };
 //! use ha_failover::{
 //!     BreakerConfig, CircuitBreaker, ComponentConfig, FailoverManager, Outcome, Router,
 //!     RouterSwitch,
 //! };
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
-//! # async fn main() -> Result<(), ha_failover::Error> {
-//! let bus = EventBus::default();
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The node's one context: who runs, where events go, who leads, when to stop.
+//! let ctx = ComponentContext::standalone("node-a")
+//!     .with_leadership(Arc::new(AlwaysLeader::new(FencingToken(1)))); // or the node's elector
+//! let bus = ctx.bus.clone();
 //! let mut events = bus.subscribe();
 //!
 //! // Application code reads the router on every request.
 //! let router = Router::new("10.0.0.1:5432", "10.0.0.2:5432");
 //! let manager = FailoverManager::builder()
-//!     .node(NodeId::new("node-a"))
-//!     .gate(Arc::new(AlwaysLeader::new(FencingToken(1)))) // or the node's elector
-//!     .bus(bus.clone())
 //!     .component("postgres", RouterSwitch::new(router.clone()), ComponentConfig::default())
-//!     .start()?;
+//!     .build()?;
+//! manager.start(ctx).await?;
 //!
 //! // A breaker stops calling the primary after 2 failures in a row; each failure is also
 //! // reported to the manager, which fails over after 3.
@@ -69,7 +72,9 @@
 //!   [`Permit`] to report on; a predicate choosing which errors count; a lock-free,
 //!   allocation-free closed path (admission, and recording a success); events, logs and
 //!   metrics on every transition; and a [`CircuitBreakerLayer`] for `tower` services.
-//! - [`manager`] — [`FailoverManager`]: components registered with a [`FailoverAction`] and a
+//! - [`manager`] — [`FailoverManager`]: built unstarted, an [`ha_core::Component`] started
+//!   with the node's `ComponentContext` (node, bus, leadership gate, shutdown); components
+//!   registered with a [`FailoverAction`] and a
 //!   [`ComponentConfig`]; consecutive failure and recovery thresholds fed by
 //!   `report_failure`/`report_success` or by `HealthChanged` events; failovers only while the
 //!   [`ha_core::LeadershipGate`] says this node leads, with its fencing token; dependencies

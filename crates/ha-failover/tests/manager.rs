@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ha_core::{
-    AlwaysLeader, EventBus, EventSubscriber, FencingToken, HaEvent, Leadership, LeadershipGate,
-    NodeId, Status, TryRecvError,
+    AlwaysLeader, Component, ComponentContext, EventBus, EventSubscriber, FencingToken, HaEvent,
+    Leadership, LeadershipGate, NodeId, Status, TryRecvError,
 };
 use ha_failover::{
     ActionContext, ActionError, ComponentConfig, Error, FailoverAction, FailoverConfig,
@@ -305,10 +305,16 @@ async fn fails_over_at_the_nth_consecutive_failure_once_per_episode() {
     let bus = EventBus::default();
     let mut events = bus.subscribe();
     let manager = FailoverManager::builder()
-        .gate(leader())
-        .bus(bus)
         .component("db", Scripted::new(&probe), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            bus.clone(),
+            leader(),
+        ))
+        .await
         .unwrap();
 
     fail(&manager, "db", 2);
@@ -375,12 +381,19 @@ async fn simultaneous_failovers_run_dependencies_first() {
     let probe = Probe::default();
     // Registered dependents first, so registration order alone would get it wrong.
     let manager = FailoverManager::builder()
-        .gate(leader())
         .component("web", Scripted::new(&probe), component().depends_on("api"))
         .component("api", Scripted::new(&probe), component().depends_on("db"))
         .component("cache", Scripted::new(&probe).work(3 * S), component())
         .component("db", Scripted::new(&probe).work(2 * S), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            EventBus::default(),
+            leader(),
+        ))
+        .await
         .unwrap();
 
     for name in ["web", "api", "cache", "db"] {
@@ -418,7 +431,7 @@ async fn simultaneous_failovers_run_dependencies_first() {
 async fn at_most_the_limit_run_and_every_queued_failover_completes() {
     const N: usize = 8;
     let probe = Probe::default();
-    let mut builder = FailoverManager::builder().gate(leader());
+    let mut builder = FailoverManager::builder();
     for i in 0..N {
         builder = builder.component(
             format!("c{i}"),
@@ -426,7 +439,11 @@ async fn at_most_the_limit_run_and_every_queued_failover_completes() {
             component(),
         );
     }
-    let manager = builder.start().unwrap();
+    let manager = builder.build().unwrap();
+    manager
+        .start(ComponentContext::standalone("local").with_leadership(leader()))
+        .await
+        .unwrap();
     assert_eq!(manager.config().max_concurrent_failovers, 3);
 
     let asked = Instant::now();
@@ -467,8 +484,6 @@ async fn a_full_queue_refuses_loudly_and_the_failure_count_starts_over() {
     let bus = EventBus::default();
     let mut events = bus.subscribe();
     let manager = FailoverManager::builder()
-        .gate(leader())
-        .bus(bus)
         .config(FailoverConfig {
             max_concurrent_failovers: 1,
             max_queued_failovers: 1,
@@ -477,7 +492,15 @@ async fn a_full_queue_refuses_loudly_and_the_failure_count_starts_over() {
         .component("a", Scripted::new(&probe).work(10 * S), component())
         .component("b", Scripted::new(&probe).work(10 * S), component())
         .component("c", Scripted::new(&probe).work(10 * S), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            bus.clone(),
+            leader(),
+        ))
+        .await
         .unwrap();
     fail(&manager, "a", 3);
     eventually("a runs", S, || manager.in_flight() == 1).await;
@@ -538,10 +561,16 @@ async fn a_timeout_cancels_the_action_then_rolls_back() {
         Arc::clone(&action.dropped_before_rollback),
     );
     let manager = FailoverManager::builder()
-        .gate(leader())
-        .bus(bus)
         .component("db", action, component().timeout(5 * S))
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            bus.clone(),
+            leader(),
+        ))
+        .await
         .unwrap();
     fail(&manager, "db", 3);
     let started = Instant::now();
@@ -595,7 +624,6 @@ async fn a_timeout_cancels_the_action_then_rolls_back() {
 async fn the_history_says_what_really_happened() {
     let probe = Probe::default();
     let manager = FailoverManager::builder()
-        .gate(leader())
         .config(FailoverConfig {
             max_concurrent_failovers: 10,
             ..FailoverConfig::default()
@@ -630,7 +658,15 @@ async fn the_history_says_what_really_happened() {
             Scripted::new(&probe).failover(Does::Panic),
             component(),
         )
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            EventBus::default(),
+            leader(),
+        ))
+        .await
         .unwrap();
     for name in ["ok", "broken", "unverified", "stuck", "one-way", "panicky"] {
         fail(&manager, name, 3);
@@ -690,14 +726,20 @@ async fn cooldown_suppresses_flapping_and_still_acts_on_a_lasting_failure() {
     let bus = EventBus::default();
     let mut events = bus.subscribe();
     let manager = FailoverManager::builder()
-        .gate(leader())
-        .bus(bus)
         .component(
             "db",
             Scripted::new(&probe),
             ComponentConfig::default().cooldown(60 * S),
         )
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            bus.clone(),
+            leader(),
+        ))
+        .await
         .unwrap();
     fail(&manager, "db", 3);
     next_failover_event(&mut events, S).await;
@@ -783,11 +825,16 @@ async fn a_follower_never_acts_and_acts_once_it_leads() {
     let bus = EventBus::default();
     let mut events = bus.subscribe();
     let manager = FailoverManager::builder()
-        .gate(gate.clone())
-        .bus(bus)
-        .node(NodeId::new("b"))
         .component("db", Scripted::new(&probe), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("b"),
+            bus.clone(),
+            gate.clone(),
+        ))
+        .await
         .unwrap();
     fail(&manager, "db", 3);
     let HaEvent::FailoverSkipped { reason, node, .. } = next_failover_event(&mut events, S).await
@@ -837,9 +884,16 @@ async fn a_request_dropped_by_recovery_while_following_never_runs() {
     let probe = Probe::default();
     let gate = Arc::new(Gate::default());
     let manager = FailoverManager::builder()
-        .gate(gate.clone())
         .component("db", Scripted::new(&probe), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            EventBus::default(),
+            gate.clone(),
+        ))
+        .await
         .unwrap();
     fail(&manager, "db", 3);
     sleep(5 * S).await;
@@ -856,7 +910,6 @@ async fn leadership_lost_mid_action_starts_nothing_new_and_the_action_can_see_it
     let gate = Arc::new(Gate::default());
     gate.lead(3);
     let manager = FailoverManager::builder()
-        .gate(gate.clone())
         .config(FailoverConfig {
             max_concurrent_failovers: 1,
             ..FailoverConfig::default()
@@ -869,7 +922,15 @@ async fn leadership_lost_mid_action_starts_nothing_new_and_the_action_can_see_it
             component(),
         )
         .component("cache", Scripted::new(&probe), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            EventBus::default(),
+            gate.clone(),
+        ))
+        .await
         .unwrap();
     fail(&manager, "db", 3);
     fail(&manager, "cache", 3);
@@ -921,11 +982,16 @@ async fn a_health_transition_to_unhealthy_fails_over_at_once() {
     let bus = EventBus::default();
     let mut events = bus.subscribe();
     let manager = FailoverManager::builder()
-        .gate(leader())
-        .bus(bus.clone())
-        .health_bus(bus.clone())
         .component("db", Scripted::new(&probe), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            bus.clone(),
+            leader(),
+        ))
+        .await
         .unwrap();
     bus.publish(health("other", Status::Healthy, Status::Unhealthy));
     bus.publish(health("db", Status::Healthy, Status::Unknown));
@@ -960,14 +1026,20 @@ async fn health_events_as_observations_count_against_the_threshold() {
     let probe = Probe::default();
     let bus = EventBus::default();
     let manager = FailoverManager::builder()
-        .gate(leader())
-        .health_bus(bus.clone())
         .config(FailoverConfig {
             health_events: HealthEvents::Observations,
             ..FailoverConfig::default()
         })
         .component("db", Scripted::new(&probe), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            bus.clone(),
+            leader(),
+        ))
+        .await
         .unwrap();
     for _ in 0..2 {
         bus.publish(health("db", Status::Unhealthy, Status::Unhealthy));
@@ -987,11 +1059,17 @@ async fn unhealthy_dependency_and_dependent_reported_together_fail_over_in_order
     let probe = Probe::default();
     let bus = EventBus::default();
     let manager = FailoverManager::builder()
-        .gate(leader())
-        .health_bus(bus.clone())
         .component("app", Scripted::new(&probe), component().depends_on("db"))
         .component("db", Scripted::new(&probe), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            bus.clone(),
+            leader(),
+        ))
+        .await
         .unwrap();
     // As a health checker publishes them: the dependent first, in one burst.
     bus.publish(health("app", Status::Healthy, Status::Unhealthy));
@@ -1018,20 +1096,27 @@ async fn unhealthy_dependency_and_dependent_reported_together_fail_over_in_order
 async fn shutdown_lets_running_failovers_finish_and_records_the_rest() {
     let probe = Probe::default();
     let manager = FailoverManager::builder()
-        .gate(leader())
         .config(FailoverConfig {
             max_concurrent_failovers: 1,
             ..FailoverConfig::default()
         })
         .component("a", Scripted::new(&probe).work(5 * S), component())
         .component("b", Scripted::new(&probe), component())
-        .start()
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            EventBus::default(),
+            leader(),
+        ))
+        .await
         .unwrap();
     let started = Instant::now();
     fail(&manager, "a", 3);
     fail(&manager, "b", 3);
     eventually("a runs", S, || manager.in_flight() == 1).await;
-    manager.shutdown().await;
+    manager.stop().await.unwrap();
     assert_eq!(Instant::now() - started, 5 * S, "waited for a to finish");
     assert_eq!(
         outcomes(&manager),
@@ -1046,7 +1131,8 @@ async fn shutdown_lets_running_failovers_finish_and_records_the_rest() {
         ]
     );
     assert_eq!(manager.report_failure("a"), Err(Error::Stopped));
-    manager.shutdown().await; // twice is fine
+    manager.stop().await.unwrap(); // twice is fine
+    assert_eq!(manager.status(), Status::Unknown);
 }
 
 #[tokio::test]
@@ -1056,8 +1142,8 @@ async fn bad_registrations_are_refused_by_name() {
         ha_failover::FailoverManagerBuilder,
         &Probe,
     ) -> ha_failover::FailoverManagerBuilder| {
-        build(FailoverManager::builder().gate(leader()), &probe)
-            .start()
+        build(FailoverManager::builder(), &probe)
+            .build()
             .unwrap_err()
             .to_string()
     };
@@ -1086,10 +1172,34 @@ async fn bad_registrations_are_refused_by_name() {
         "invalid config of component `a`: invalid config: `failure_threshold` must be at least \
          1, got 0"
     );
-    let no_gate = FailoverManager::builder().start().unwrap_err();
+}
+
+#[tokio::test(start_paused = true)]
+async fn built_it_waits_for_its_start_which_runs_once() {
+    let probe = Probe::default();
+    let manager = FailoverManager::builder()
+        .component("a", Scripted::new(&probe), component())
+        .build()
+        .unwrap();
+    assert_eq!(manager.name(), "failover");
+    assert_eq!(manager.status(), Status::Unknown);
+    assert_eq!(manager.node(), None);
+    assert_eq!(manager.report_failure("a"), Err(Error::NotStarted));
+    assert_eq!(manager.component_state("a").unwrap().phase, Phase::Idle);
+    assert!(manager.history().is_empty());
+
+    let ctx = ComponentContext::standalone("n1").with_leadership(leader());
+    manager.start(ctx.clone()).await.unwrap();
+    assert_eq!(manager.status(), Status::Healthy);
+    assert_eq!(manager.node(), Some(NodeId::new("n1")));
     assert!(
-        no_gate.to_string().contains("`gate` must be set"),
-        "{no_gate}"
+        manager.start(ctx.clone()).await.is_err(),
+        "a second start is refused"
     );
-    assert!(!no_gate.is_retryable());
+
+    // The node's shutdown stops it as `stop` does.
+    ctx.shutdown.cancel();
+    assert_eq!(manager.status(), Status::Unknown);
+    manager.stop().await.unwrap();
+    assert_eq!(manager.report_failure("a"), Err(Error::Stopped));
 }

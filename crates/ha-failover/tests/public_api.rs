@@ -90,6 +90,9 @@ fn every_failover_path_is_reachable() {
     // The action trait is object safe.
     let _: Option<std::sync::Arc<dyn FailoverAction>> = None;
     let _: Option<Box<dyn ha_failover::FailoverAction>> = None;
+    // The manager is a component the node starts with its context.
+    let _: Option<std::sync::Arc<dyn ha_core::Component>> =
+        None::<std::sync::Arc<FailoverManager>>.map(|m| m as _);
 }
 
 fn send_sync_static<T: Send + Sync + 'static>() {}

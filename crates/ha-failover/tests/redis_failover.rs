@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ha_core::{AlwaysLeader, EventBus, FencingToken, HaEvent, NodeId, Status};
+use ha_core::{
+    AlwaysLeader, Component, ComponentContext, EventBus, FencingToken, HaEvent, NodeId, Status,
+};
 use ha_failover::{
     ComponentConfig, FailoverManager, Outcome, Router, RouterSwitch, Target, TriggerSource,
 };
@@ -42,16 +44,18 @@ async fn killing_the_primary_moves_the_applications_writes_to_the_survivor() {
     let secondary = RedisServer::start().await.unwrap();
     let router = Router::new(primary.addr(), secondary.addr());
 
-    let bus = EventBus::default();
-    let mut events = bus.subscribe();
-    let node = NodeId::new("app-1");
+    // The node's one context: the checker publishes on its bus, the manager hears it there.
+    let ctx = ComponentContext::new(
+        NodeId::new("app-1"),
+        EventBus::default(),
+        Arc::new(AlwaysLeader::new(FencingToken(1))),
+    );
+    let mut events = ctx.bus.subscribe();
     let check = RedisCheck::connect("redis", &primary.url())
         .await
         .unwrap()
         .command_timeout(PROBE_TIMEOUT);
     let checker = HealthChecker::builder()
-        .node(node.clone())
-        .bus(bus.clone())
         .check(
             check,
             CheckConfig::default()
@@ -59,20 +63,19 @@ async fn killing_the_primary_moves_the_applications_writes_to_the_survivor() {
                 .timeout(PROBE_TIMEOUT)
                 .thresholds(THRESHOLD, 1),
         )
-        .start()
+        .build()
         .unwrap();
     let manager = FailoverManager::builder()
-        .node(node)
-        .gate(Arc::new(AlwaysLeader::new(FencingToken(1))))
-        .bus(bus.clone())
-        .health_bus(bus.clone())
         .component(
             "redis",
             RouterSwitch::new(router.clone()),
             ComponentConfig::default(),
         )
-        .start()
+        .build()
         .unwrap();
+    // In dependency order, as the node does: the manager hears every event the checker sends.
+    manager.start(ctx.clone()).await.unwrap();
+    checker.start(ctx.clone()).await.unwrap();
 
     // The checker sees the primary up first.
     timeout(Duration::from_secs(10), async {
@@ -171,6 +174,6 @@ async fn killing_the_primary_moves_the_applications_writes_to_the_survivor() {
     assert_eq!(record.token, Some(FencingToken(1)));
     assert!(record.trigger.cause.is_some(), "{record:?}");
 
-    manager.shutdown().await;
-    checker.shutdown().await;
+    checker.stop().await.unwrap();
+    manager.stop().await.unwrap();
 }

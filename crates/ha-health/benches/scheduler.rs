@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ha_core::{Component, ComponentContext};
 use ha_health::{
     CheckConfig, CheckResult, CheckerConfig, HealthCheck, HealthChecker, PhiAccrualDetector,
     PhiConfig,
@@ -89,7 +90,11 @@ fn main() {
                 CheckConfig::default().interval(interval),
             );
         }
-        let checker = builder.start().unwrap();
+        let checker = builder.build().unwrap();
+        checker
+            .start(ComponentContext::standalone("bench"))
+            .await
+            .unwrap();
         // Let the first runs (all at once) pass, then measure a steady window.
         tokio::time::sleep(interval).await;
         let runs_before: usize = starts.iter().map(|s| s.lock().unwrap().len()).sum();
@@ -99,7 +104,7 @@ fn main() {
         let cpu = cpu_time() - cpu_before;
         let elapsed = wall.elapsed();
         let runs_after: usize = starts.iter().map(|s| s.lock().unwrap().len()).sum();
-        checker.shutdown().await;
+        checker.stop().await.unwrap();
 
         let mut jitter: Vec<f64> = starts
             .iter()

@@ -7,12 +7,14 @@
 //! offset by a fixed fraction of its interval (golden-ratio spacing by registration order),
 //! so ten thousand checks with the same interval do not all fire in the same millisecond.
 //!
-//! [`HealthCheckerBuilder::start`] returns at once with every check `Unknown`; statuses
-//! appear as first runs finish.
+//! [`HealthCheckerBuilder::build`] validates and returns an unstarted checker, every check
+//! `Unknown`; [`Component::start`] with a [`ComponentContext`] spawns the tasks and returns
+//! at once; statuses appear as first runs finish. The checker publishes as `ctx.node` on
+//! `ctx.bus` and stops when `ctx.shutdown` is cancelled or at [`Component::stop`].
 //!
 //! ```
 //! use std::time::Duration;
-//! use ha_core::Status;
+//! use ha_core::{Component, ComponentContext, Status};
 //! use ha_health::{CheckConfig, CheckResult, HealthCheck, HealthChecker};
 //!
 //! /// A check that always finds the same thing.
@@ -25,12 +27,13 @@
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
-//! # async fn main() -> Result<(), ha_health::Error> {
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let every_second = CheckConfig::default().interval(Duration::from_secs(1));
 //! let checker = HealthChecker::builder()
 //!     .check(Fixed("db", CheckResult::unhealthy("connection refused")), every_second.clone())
 //!     .check(Fixed("api", CheckResult::healthy("ok")), every_second.depends_on("db"))
-//!     .start()?;
+//!     .build()?;
+//! checker.start(ComponentContext::standalone("n1")).await?;
 //! assert_eq!(checker.status(), Status::Unknown); // nothing has run yet
 //!
 //! tokio::time::sleep(Duration::from_millis(2500)).await; // three failed runs of `db`
@@ -38,6 +41,7 @@
 //! assert_eq!(report.status, Status::Unhealthy);
 //! assert_eq!(report.checks[1].name, "api");
 //! assert_eq!(report.checks[1].cause.as_deref(), Some("dependency db is unhealthy"));
+//! checker.stop().await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -48,11 +52,12 @@ use std::time::{Duration, SystemTime};
 
 use ha_core::config::Validate;
 use ha_core::sync::lock;
-use ha_core::{EventBus, HaEvent, NodeId, Status, metric};
+use ha_core::{
+    Component, ComponentContext, ComponentTasks, EventBus, HaEvent, NodeId, Status, metric,
+};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::Error;
@@ -66,12 +71,10 @@ use crate::report::{CheckReport, HealthReport, LatencySummary};
 use crate::rollup;
 use crate::threshold::ThresholdState;
 
-/// Builds and starts a [`HealthChecker`].
+/// Builds an unstarted [`HealthChecker`].
 #[must_use]
 pub struct HealthCheckerBuilder {
     config: CheckerConfig,
-    node: NodeId,
-    bus: Option<EventBus>,
     checks: Vec<(Arc<dyn HealthCheck>, CheckConfig)>,
 }
 
@@ -82,20 +85,8 @@ impl HealthCheckerBuilder {
         self
     }
 
-    /// The node named in events (default `local`).
-    pub fn node(mut self, node: NodeId) -> Self {
-        self.node = node;
-        self
-    }
-
-    /// Where `HealthChanged` and `AnomalyDetected` events go (default: nowhere).
-    pub fn bus(mut self, bus: EventBus) -> Self {
-        self.bus = Some(bus);
-        self
-    }
-
     /// Registers a check with its settings. Names, dependencies and settings are validated
-    /// by [`start`](Self::start).
+    /// by [`build`](Self::build).
     pub fn check(self, check: impl HealthCheck, config: CheckConfig) -> Self {
         self.check_arc(Arc::new(check), config)
     }
@@ -106,12 +97,12 @@ impl HealthCheckerBuilder {
         self
     }
 
-    /// Validates everything and starts one task per check; returns at once.
+    /// Validates everything and returns the checker, not started: every check `Unknown`
+    /// until [`Component::start`] runs it.
     ///
     /// Fails on an invalid config (naming the check and field), a duplicate name, an unknown
-    /// dependency or a dependency cycle (naming the checks on it). Must be called inside a
-    /// Tokio runtime. Install a `metrics` recorder before: metric handles are registered here.
-    pub fn start(self) -> Result<HealthChecker, Error> {
+    /// dependency or a dependency cycle (naming the checks on it).
+    pub fn build(self) -> Result<HealthChecker, Error> {
         self.config
             .validate()
             .map_err(|e| Error::config("health checker", e))?;
@@ -139,8 +130,6 @@ impl HealthCheckerBuilder {
         }
         let n = entries.len();
         let shared = Arc::new(Shared {
-            node: self.node,
-            bus: self.bus,
             resolution: Mutex::new(Resolution {
                 own: vec![Status::Unknown; n],
                 own_cause: vec![None; n],
@@ -151,39 +140,25 @@ impl HealthCheckerBuilder {
             entries,
             slots: Semaphore::new(self.config.max_concurrent_checks),
         });
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let start = Instant::now();
-        // First runs go in dependency order, so a dependency's first result tends to land
-        // before its dependents'.
-        for &i in shared.graph.order() {
-            shared.entries[i]
-                .metrics
-                .status
-                .set(f64::from(Status::Unknown.badness()));
-            let phase = spread(i, shared.entries[i].config.interval);
-            tasks.spawn(run(shared.clone(), i, start, phase, cancel.clone()));
-        }
-        tasks.close();
-        tracing::info!(checks = n, "health checker started");
         Ok(HealthChecker {
             shared,
-            cancel,
-            tasks,
+            run: Mutex::new(None),
+            tasks: ComponentTasks::default(),
         })
     }
 }
 
 /// Runs health checks on their schedules; reports statuses, causes and baselines.
 ///
-/// Dropping it stops every check task (at their next await point); [`shutdown`] also waits
-/// for them to finish.
-///
-/// [`shutdown`]: HealthChecker::shutdown
+/// Built unstarted by [`HealthChecker::builder`]; a [`Component`] named `health`: `start`
+/// spawns a task per check, publishing on the context's bus as its node; `stop` (or the
+/// context's shutdown) ends them. Queries work at any time; before the first start every
+/// check is `Unknown`. Dropping it stops every check task (at their next await point).
 pub struct HealthChecker {
     shared: Arc<Shared>,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
+    /// The latest start's context, kept for the report's node after a stop.
+    run: Mutex<Option<Arc<Run>>>,
+    tasks: ComponentTasks,
 }
 
 impl HealthChecker {
@@ -191,8 +166,6 @@ impl HealthChecker {
     pub fn builder() -> HealthCheckerBuilder {
         HealthCheckerBuilder {
             config: CheckerConfig::default(),
-            node: NodeId::new("local"),
-            bus: None,
             checks: Vec::new(),
         }
     }
@@ -218,7 +191,8 @@ impl HealthChecker {
         Some(lock(&self.shared.resolution).resolved[i].status)
     }
 
-    /// Everything known right now, checks in dependency order; serializable to JSON.
+    /// Everything known right now, checks in dependency order; serializable to JSON. Its
+    /// `node` is the node of the latest start (empty before the first).
     pub fn report(&self) -> HealthReport {
         let now = Instant::now();
         let wall = SystemTime::now();
@@ -268,23 +242,73 @@ impl HealthChecker {
             .collect();
         HealthReport {
             status: shared.rollup(&resolution, 0..shared.entries.len()),
-            node: shared.node.to_string(),
+            node: lock(&self.run)
+                .as_ref()
+                .map(|run| run.node.to_string())
+                .unwrap_or_default(),
             generated_at: wall.into(),
             groups,
             checks,
         }
     }
+}
 
-    /// Stops every check task and waits until they have finished.
-    pub async fn shutdown(&self) {
-        self.cancel.cancel();
-        self.tasks.wait().await;
+#[ha_core::async_trait]
+impl Component for HealthChecker {
+    fn name(&self) -> &str {
+        "health"
+    }
+
+    /// Spawns one task per check; returns at once. Registers the metric handles: install a
+    /// `metrics` recorder before. Fails if it runs already.
+    async fn start(&self, ctx: ComponentContext) -> Result<(), ha_core::Error> {
+        let cancel = self.tasks.begin(self.name(), &ctx)?;
+        let shared = &self.shared;
+        let run = Arc::new(Run {
+            shared: Arc::clone(shared),
+            node: ctx.node,
+            bus: ctx.bus,
+            metrics: shared.entries.iter().map(CheckMetrics::new).collect(),
+            cancel: cancel.clone(),
+        });
+        *lock(&self.run) = Some(Arc::clone(&run));
+        let resolved = lock(&shared.resolution).resolved.clone();
+        let start = Instant::now();
+        // First runs go in dependency order, so a dependency's first result tends to land
+        // before its dependents'.
+        for &i in shared.graph.order() {
+            run.metrics[i]
+                .status
+                .set(f64::from(resolved[i].status.badness()));
+            let phase = spread(i, shared.entries[i].config.interval);
+            self.tasks.spawn(check_loop(
+                Arc::clone(&run),
+                i,
+                start,
+                phase,
+                cancel.clone(),
+            ));
+        }
+        tracing::info!(checks = shared.entries.len(), node = %run.node, "health checker started");
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), ha_core::Error> {
+        self.tasks.stop().await;
+        Ok(())
+    }
+
+    /// The overall status, as [`HealthChecker::status`].
+    fn status(&self) -> Status {
+        HealthChecker::status(self)
     }
 }
 
 impl Drop for HealthChecker {
     fn drop(&mut self) {
-        self.cancel.cancel();
+        if let Some(run) = lock(&self.run).as_ref() {
+            run.cancel.cancel();
+        }
     }
 }
 
@@ -296,13 +320,14 @@ fn spread(i: usize, interval: Duration) -> Duration {
 }
 
 /// The loop of one check's task.
-async fn run(
-    shared: Arc<Shared>,
+async fn check_loop(
+    run: Arc<Run>,
     i: usize,
     start: Instant,
     phase: Duration,
     cancel: CancellationToken,
 ) {
+    let shared = &run.shared;
     let entry = &shared.entries[i];
     let interval = entry.config.interval;
     let mut ticks = tokio::time::interval_at(start + phase + interval, interval);
@@ -333,7 +358,7 @@ async fn run(
             ))
             .with_latency(entry.config.timeout)
         });
-        shared.record(i, started, result);
+        run.record(i, started, result);
         tokio::select! {
             biased;
             () = cancel.cancelled() => return,
@@ -342,10 +367,8 @@ async fn run(
     }
 }
 
-/// What every check task shares.
+/// What the checker and every check task share, from build on.
 struct Shared {
-    node: NodeId,
-    bus: Option<EventBus>,
     graph: DependencyGraph,
     groups: BTreeMap<String, Vec<usize>>,
     entries: Vec<Entry>,
@@ -361,13 +384,23 @@ struct Resolution {
     resolved: Vec<Resolved>,
 }
 
+/// What the check tasks of one start share: the context they got and the metric handles.
+struct Run {
+    shared: Arc<Shared>,
+    node: NodeId,
+    bus: EventBus,
+    /// By check index.
+    metrics: Vec<CheckMetrics>,
+    /// Ends the tasks of this start.
+    cancel: CancellationToken,
+}
+
 /// One registered check.
 struct Entry {
     name: String,
     check: Arc<dyn HealthCheck>,
     config: CheckConfig,
     state: Mutex<CheckState>,
-    metrics: CheckMetrics,
 }
 
 struct CheckState {
@@ -385,11 +418,22 @@ struct LastRun {
     detail: String,
 }
 
-/// Metric handles, registered once per check so a run does not build label sets.
+/// Metric handles, registered once per check at start so a run does not build label sets.
 struct CheckMetrics {
     status: metrics::Gauge,
     duration: metrics::Histogram,
     failures: metrics::Counter,
+}
+
+impl CheckMetrics {
+    fn new(entry: &Entry) -> Self {
+        let name = &entry.name;
+        Self {
+            status: metrics::gauge!(metric::HEALTH_STATUS, "component" => name.clone()),
+            duration: metrics::histogram!(metric::HEALTH_CHECK_DURATION_SECONDS, "check" => name.clone()),
+            failures: metrics::counter!(metric::HEALTH_CHECK_FAILURES_TOTAL, "check" => name.clone()),
+        }
+    }
 }
 
 impl Entry {
@@ -404,17 +448,11 @@ impl Entry {
             last: None,
             last_error: None,
         };
-        let metrics = CheckMetrics {
-            status: metrics::gauge!(metric::HEALTH_STATUS, "component" => name.clone()),
-            duration: metrics::histogram!(metric::HEALTH_CHECK_DURATION_SECONDS, "check" => name.clone()),
-            failures: metrics::counter!(metric::HEALTH_CHECK_FAILURES_TOTAL, "check" => name.clone()),
-        };
         Ok(Self {
             name,
             check,
             config,
             state: Mutex::new(state),
-            metrics,
         })
     }
 }
@@ -430,18 +468,31 @@ impl Shared {
         }))
     }
 
+    /// Why check `n` has its resolved status: the root-cause dependency, else its own last
+    /// detail while it is not healthy.
+    fn cause(&self, resolution: &Resolution, n: usize) -> Option<String> {
+        match resolution.resolved[n].root_cause {
+            Some(root) => Some(format!("dependency {} is unhealthy", self.graph.name(root))),
+            None => resolution.own_cause[n].clone(),
+        }
+    }
+}
+
+impl Run {
     /// Takes in the result of one run of check `i` that started at `started`.
     fn record(&self, i: usize, started: Instant, result: CheckResult) {
-        let entry = &self.entries[i];
+        let shared = &*self.shared;
+        let entry = &shared.entries[i];
+        let metrics = &self.metrics[i];
         let now = Instant::now();
         let latency = result.latency.unwrap_or_else(|| now - started);
         let observation = Observation {
             latency,
             success: result.outcome.is_pass(),
         };
-        entry.metrics.duration.record(latency.as_secs_f64());
+        metrics.duration.record(latency.as_secs_f64());
         if !observation.success {
-            entry.metrics.failures.increment(1);
+            metrics.failures.increment(1);
         }
         let (transition, anomalies, raised) = {
             let mut state = lock(&entry.state);
@@ -473,7 +524,7 @@ impl Shared {
         };
         tracing::trace!(check = %entry.name, outcome = ?result.outcome, ?latency, detail = %result.detail, "check ran");
 
-        let mut resolution = lock(&self.resolution);
+        let mut resolution = lock(&shared.resolution);
         // Early warnings go out before the status change the same result may cause. A check
         // whose dependency is down fails because of it: its anomalies would be the same
         // outage raised again.
@@ -485,8 +536,8 @@ impl Shared {
         if let Some(t) = transition {
             resolution.own[i] = t.to;
             resolution.own_cause[i] = (t.to != Status::Healthy).then(|| result.detail.clone());
-            for n in self.graph.affected_by(i) {
-                let new = self
+            for n in shared.graph.affected_by(i) {
+                let new = shared
                     .graph
                     .resolve(n, resolution.own[n], &resolution.resolved);
                 let old = std::mem::replace(&mut resolution.resolved[n], new);
@@ -499,9 +550,9 @@ impl Shared {
 
     /// Publishes a resolved status change of check `n`.
     fn status_changed(&self, resolution: &Resolution, n: usize, from: Status, to: Status) {
-        let entry = &self.entries[n];
-        let cause = self.cause(resolution, n);
-        entry.metrics.status.set(f64::from(to.badness()));
+        let entry = &self.shared.entries[n];
+        let cause = self.shared.cause(resolution, n);
+        self.metrics[n].status.set(f64::from(to.badness()));
         match to {
             Status::Healthy => {
                 tracing::info!(check = %entry.name, %from, %to, "health status changed");
@@ -520,15 +571,6 @@ impl Shared {
         });
     }
 
-    /// Why check `n` has its resolved status: the root-cause dependency, else its own last
-    /// detail while it is not healthy.
-    fn cause(&self, resolution: &Resolution, n: usize) -> Option<String> {
-        match resolution.resolved[n].root_cause {
-            Some(root) => Some(format!("dependency {} is unhealthy", self.graph.name(root))),
-            None => resolution.own_cause[n].clone(),
-        }
-    }
-
     fn anomaly(&self, entry: &Entry, found: Anomaly) {
         metrics::counter!(metric::ANOMALIES_TOTAL, "check" => entry.name.clone(), "rule" => found.rule)
             .increment(1);
@@ -543,9 +585,7 @@ impl Shared {
     }
 
     fn publish(&self, event: HaEvent) {
-        if let Some(bus) = &self.bus {
-            bus.publish(event);
-        }
+        self.bus.publish(event);
     }
 }
 

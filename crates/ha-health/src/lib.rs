@@ -5,23 +5,24 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use ha_core::{Criticality, EventBus, HaEvent, Status};
+//! use ha_core::{Component, ComponentContext, Criticality, HaEvent, Status};
 //! use ha_health::{CheckConfig, CheckResult, DiskCheck, FnCheck, HealthChecker};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
-//! # async fn main() -> Result<(), ha_health::Error> {
-//! let bus = EventBus::default();
-//! let mut events = bus.subscribe();
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Who the checker runs as, where it publishes, when it stops: one context for the node.
+//! let ctx = ComponentContext::standalone("node-a");
+//! let mut events = ctx.bus.subscribe();
 //! let every_second = CheckConfig::default().interval(Duration::from_secs(1));
 //! let checker = HealthChecker::builder()
-//!     .bus(bus.clone())
 //!     .check(FnCheck::new("db", || async { CheckResult::unhealthy("connection refused") }),
 //!            every_second.clone().group("readiness"))
 //!     .check(FnCheck::new("api", || async { CheckResult::healthy("ok") }),
 //!            every_second.clone().depends_on("db").group("readiness").group("liveness"))
 //!     .check(DiskCheck::new("disk", "/"),
 //!            every_second.criticality(Criticality::Low))
-//!     .start()?; // returns at once: every check is `Unknown` until its first run
+//!     .build()?; // validated, not started
+//! checker.start(ctx.clone()).await?; // returns at once: every check is `Unknown` until it runs
 //!
 //! tokio::time::sleep(Duration::from_millis(2500)).await; // `db` failed three runs in a row
 //! assert_eq!(checker.status(), Status::Unhealthy);
@@ -37,6 +38,7 @@
 //!         println!("{component}: {from} -> {to} ({cause:?})");
 //!     }
 //! }
+//! checker.stop().await?; // or `ctx.shutdown.cancel()`
 //! # Ok(())
 //! # }
 //! ```
@@ -48,7 +50,8 @@
 //!   [`PostgresCheck`] (`SELECT 1`, recovery state, connections vs `max_connections`),
 //!   [`TcpCheck`], [`HttpCheck`], [`CommandCheck`], [`DiskCheck`] (statvfs), [`MemoryCheck`]
 //!   and [`CpuCheck`] (sysinfo), [`FnCheck`] (a closure).
-//! - [`checker`] — [`HealthChecker`]: a task per check with its own interval and timeout,
+//! - [`checker`] — [`HealthChecker`]: built unstarted, an [`ha_core::Component`] started
+//!   with the node's `ComponentContext` (node, bus, shutdown); a task per check with its own interval and timeout,
 //!   missed ticks skipped, a bound on concurrent runs, phases spread over the interval;
 //!   publishes `HealthChanged` (transitions only) and `AnomalyDetected`, records `ha_health_*`
 //!   metrics. [`config`] — [`CheckConfig`] and [`CheckerConfig`].

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ha_core::{Criticality, EventBus, HaEvent, Status};
+use ha_core::{Component, ComponentContext, Criticality, EventBus, HaEvent, Status};
 use ha_health::threshold::Outcome;
 use ha_health::{CheckConfig, CheckResult, CheckerConfig, Error, HealthCheck, HealthChecker};
 use tokio::time::Instant;
@@ -143,11 +143,14 @@ async fn starts_unknown_at_once_then_debounces_by_thresholds() {
     let mut events = bus.subscribe();
     let db = Scripted::new("db");
     let checker = HealthChecker::builder()
-        .bus(bus.clone())
         .check(db.clone(), every(1000).thresholds(3, 2))
-        .start()
+        .build()
         .unwrap();
-    // start() returned without running anything.
+    checker
+        .start(ComponentContext::standalone("local").with_bus(bus.clone()))
+        .await
+        .unwrap();
+    // start returned without running anything.
     assert_eq!(checker.status(), Status::Unknown);
     assert_eq!(db.runs(), 0);
 
@@ -198,7 +201,7 @@ async fn starts_unknown_at_once_then_debounces_by_thresholds() {
         health_changes(&mut events),
         [("db".into(), Status::Unhealthy, Status::Healthy, None)]
     );
-    checker.shutdown().await;
+    checker.stop().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -210,11 +213,14 @@ async fn a_down_dependency_is_named_once_as_the_root_cause() {
     let web = Scripted::new("web");
     // Registered out of order: the report must still list dependencies first.
     let checker = HealthChecker::builder()
-        .bus(bus.clone())
         .check(web.clone(), every(1000).depends_on("api"))
         .check(api.clone(), every(1000).depends_on("db"))
         .check(db.clone(), every(1000).thresholds(1, 1))
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local").with_bus(bus.clone()))
+        .await
         .unwrap();
     until(Duration::from_secs(3), || {
         checker.status() == Status::Healthy
@@ -279,7 +285,11 @@ async fn a_hung_check_times_out_and_delays_no_other() {
     let checker = HealthChecker::builder()
         .check(hung.clone(), every(1000))
         .check(steady.clone(), every(1000))
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local"))
+        .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(10_500)).await;
     let report = checker.report();
@@ -312,7 +322,7 @@ async fn a_hung_check_times_out_and_delays_no_other() {
         "the hung check kept its own schedule: {} runs",
         hung.runs()
     );
-    checker.shutdown().await;
+    checker.stop().await.unwrap();
     assert_eq!(
         hung.running.load(Ordering::SeqCst),
         0,
@@ -344,7 +354,11 @@ async fn concurrency_is_bounded_and_missed_ticks_are_skipped() {
                 .timeout(Duration::from_millis(450))
                 .interval(Duration::from_millis(500)),
         )
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local"))
+        .await
         .unwrap();
     let running = [a.running.clone(), b.running.clone()];
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -373,9 +387,12 @@ async fn slow_runs_are_anomalies_not_status_changes_and_phi_suspects_before_fail
     let mut config = every(1000);
     config.baseline.min_samples = 5;
     let checker = HealthChecker::builder()
-        .bus(bus.clone())
         .check(svc.clone(), config)
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local").with_bus(bus.clone()))
+        .await
         .unwrap();
     until(Duration::from_secs(8), || svc.runs() >= 6).await;
     assert_eq!(anomalies(&mut events), []);
@@ -431,7 +448,11 @@ async fn groups_and_criticality_roll_up_and_the_report_serializes() {
                 .criticality(Criticality::Low)
                 .group("readiness"),
         )
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local"))
+        .await
         .unwrap();
     until(Duration::from_secs(3), || {
         checker.check_status("cache") == Some(Status::Unhealthy)
@@ -461,18 +482,56 @@ async fn shutdown_stops_every_check() {
     let a = Scripted::new("a");
     let checker = HealthChecker::builder()
         .check(a.clone(), every(100))
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local"))
+        .await
         .unwrap();
     until(Duration::from_secs(1), || a.runs() >= 3).await;
-    checker.shutdown().await;
+    checker.stop().await.unwrap();
     let runs = a.runs();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(a.runs(), runs);
 }
 
+#[tokio::test(start_paused = true)]
+async fn built_it_reports_unknown_until_started_once_and_the_node_shutdown_stops_it() {
+    let a = Scripted::new("a");
+    let checker = HealthChecker::builder()
+        .check(a.clone(), every(100))
+        .build()
+        .unwrap();
+    assert_eq!(checker.name(), "health");
+    assert_eq!(Component::status(&checker), Status::Unknown);
+    let report = checker.report();
+    assert_eq!(report.checks.len(), 1);
+    assert_eq!(report.checks[0].status, Status::Unknown);
+    assert_eq!(report.node, "");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(a.runs(), 0, "nothing runs before start");
+
+    let ctx = ComponentContext::standalone("n1");
+    checker.start(ctx.clone()).await.unwrap();
+    assert!(
+        checker.start(ctx.clone()).await.is_err(),
+        "a second start is refused"
+    );
+    until(Duration::from_secs(1), || a.runs() >= 3).await;
+    assert_eq!(checker.report().node, "n1");
+    assert_eq!(Component::status(&checker), Status::Healthy);
+
+    ctx.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let runs = a.runs();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(a.runs(), runs);
+    checker.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn bad_registrations_are_refused_with_names() {
-    let err = |b: ha_health::HealthCheckerBuilder| b.start().err().unwrap();
+    let err = |b: ha_health::HealthCheckerBuilder| b.build().err().unwrap();
     let e = err(HealthChecker::builder()
         .check(Scripted::new("a"), every(1000).depends_on("b"))
         .check(Scripted::new("b"), every(1000).depends_on("a")));

@@ -20,6 +20,11 @@ fn every_checker_path_is_reachable() {
     let _: check::CheckResult = ha_health::CheckResult::healthy("ok");
     let _: fn() -> checker::HealthCheckerBuilder = ha_health::HealthChecker::builder;
     let _: Option<checker::HealthChecker> = None;
+    let _: fn(checker::HealthCheckerBuilder) -> Result<ha_health::HealthChecker, Error> =
+        checker::HealthCheckerBuilder::build;
+    // The checker is a component the node starts with its context.
+    let _: Option<std::sync::Arc<dyn ha_core::Component>> =
+        None::<std::sync::Arc<ha_health::HealthChecker>>.map(|c| c as _);
     let _: config::CheckConfig = ha_health::CheckConfig::default();
     let _: config::CheckerConfig = ha_health::CheckerConfig::default();
     let _: Option<graph::DependencyGraph> = None::<ha_health::DependencyGraph>;

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ha_core::{EventBus, EventSubscriber, HaEvent, Status};
+use ha_core::{Component, ComponentContext, EventBus, EventSubscriber, HaEvent, Status};
 use ha_health::{
     CheckConfig, CheckReport, CheckResult, FnCheck, HealthChecker, PostgresCheck, RedisCheck,
 };
@@ -62,9 +62,12 @@ async fn killed_redis_is_unhealthy_at_the_threshold_and_recovers_after_restart()
     let mut events = bus.subscribe();
     let check = RedisCheck::connect("redis", &redis.url()).await.unwrap();
     let checker = HealthChecker::builder()
-        .bus(bus.clone())
         .check(check, every(500).thresholds(3, 2))
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local").with_bus(bus.clone()))
+        .await
         .unwrap();
     next(&mut events, changed_to("redis", Status::Healthy)).await;
 
@@ -80,7 +83,7 @@ async fn killed_redis_is_unhealthy_at_the_threshold_and_recovers_after_restart()
     let report = report_of(&checker, "redis");
     assert_eq!(report.consecutive_successes, 2, "{report:?}");
     assert!(report.last_detail.unwrap().contains("role=master"));
-    checker.shutdown().await;
+    checker.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,13 +101,16 @@ async fn paused_postgres_times_out_while_other_checks_keep_their_schedule() {
         }
     });
     let checker = HealthChecker::builder()
-        .bus(bus.clone())
         .check(
             PostgresCheck::connect("postgres", &pg.url()).await.unwrap(),
             every(300),
         )
         .check(steady, every(300))
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local").with_bus(bus.clone()))
+        .await
         .unwrap();
     next(&mut events, changed_to("postgres", Status::Healthy)).await;
 
@@ -128,7 +134,7 @@ async fn paused_postgres_times_out_while_other_checks_keep_their_schedule() {
         );
     }
     next(&mut events, changed_to("postgres", Status::Healthy)).await;
-    checker.shutdown().await;
+    checker.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,9 +149,12 @@ async fn injected_latency_is_an_anomaly_then_phi_suspects_before_the_failure() {
         .await
         .unwrap();
     let checker = HealthChecker::builder()
-        .bus(bus.clone())
         .check(check, config)
-        .start()
+        .build()
+        .unwrap();
+    checker
+        .start(ComponentContext::standalone("local").with_bus(bus.clone()))
+        .await
         .unwrap();
     let deadline = Instant::now() + WAIT;
     while report_of(&checker, "redis").runs < 8 {
@@ -195,5 +204,5 @@ async fn injected_latency_is_an_anomaly_then_phi_suspects_before_the_failure() {
         .position(|e| e == "phi_suspected" || e == "phi_failed");
     let failed = seen.iter().position(|e| e == "unhealthy").unwrap();
     assert!(suspected.is_some_and(|s| s < failed), "{seen:?}");
-    checker.shutdown().await;
+    checker.stop().await.unwrap();
 }

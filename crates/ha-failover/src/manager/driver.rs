@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use ha_core::{
-    EventBus, EventSubscriber, FencingToken, HaEvent, Leadership, LeadershipGate, NodeId,
-    RecvError, Status, TryRecvError, metric,
+    ComponentContext, EventBus, EventSubscriber, FencingToken, HaEvent, Leadership, LeadershipGate,
+    NodeId, RecvError, Status, TryRecvError, metric,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -29,24 +29,20 @@ use super::history::{
 };
 use super::tracker::{Edge, Tracker};
 use super::unwind::CatchUnwind;
-use super::{ComponentState, Phase as PublicPhase};
+use super::{ComponentState, Phase as PublicPhase, Plan};
 use crate::Error;
 use crate::action::{ActionContext, ActionError, FailoverAction};
 
 /// A registered component.
-pub(crate) struct Entry {
-    pub(crate) name: Arc<str>,
-    pub(crate) action: Arc<dyn FailoverAction>,
-    pub(crate) config: ComponentConfig,
+struct Entry {
+    name: Arc<str>,
+    action: Arc<dyn FailoverAction>,
+    config: ComponentConfig,
     metrics: ComponentMetrics,
 }
 
 impl Entry {
-    pub(crate) fn new(
-        name: Arc<str>,
-        action: Arc<dyn FailoverAction>,
-        config: ComponentConfig,
-    ) -> Self {
+    fn new(name: Arc<str>, action: Arc<dyn FailoverAction>, config: ComponentConfig) -> Self {
         let metrics = ComponentMetrics::register(&name);
         Self {
             name,
@@ -160,14 +156,14 @@ impl State {
     }
 }
 
-/// What the manager handle and its tasks share.
+/// What the manager handle and the tasks of one start share.
 pub(crate) struct Shared {
-    pub(crate) node: NodeId,
-    bus: Option<EventBus>,
+    node: NodeId,
+    bus: EventBus,
     gate: Arc<dyn LeadershipGate>,
-    pub(crate) config: FailoverConfig,
-    pub(crate) components: Vec<Entry>,
-    pub(crate) index: HashMap<Arc<str>, usize>,
+    config: FailoverConfig,
+    components: Vec<Entry>,
+    index: HashMap<Arc<str>, usize>,
     /// Every component, dependencies first (then registration order).
     order: Vec<usize>,
     /// Every component each one depends on, directly or not.
@@ -175,25 +171,22 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     wake: Notify,
     pub(crate) shutdown: CancellationToken,
-    pub(crate) tasks: TaskTracker,
+    tasks: TaskTracker,
     in_flight_gauge: metrics::Gauge,
     queued_gauge: metrics::Gauge,
 }
 
 impl Shared {
-    pub(crate) fn new(
-        node: NodeId,
-        bus: Option<EventBus>,
-        gate: Arc<dyn LeadershipGate>,
-        config: FailoverConfig,
-        components: Vec<Entry>,
-        order: Vec<usize>,
-        ancestors: Vec<Vec<usize>>,
-    ) -> Self {
-        let index = components
+    /// The state of one start of `plan`, in `ctx`, ending when `shutdown` is cancelled.
+    /// Registers the metric handles.
+    pub(crate) fn new(plan: &Plan, ctx: ComponentContext, shutdown: CancellationToken) -> Self {
+        let config = plan.config.clone();
+        let components: Vec<Entry> = plan
+            .components
             .iter()
-            .enumerate()
-            .map(|(i, e)| (Arc::clone(&e.name), i))
+            .map(|(name, action, config)| {
+                Entry::new(Arc::clone(name), Arc::clone(action), config.clone())
+            })
             .collect();
         let state = State {
             trackers: components
@@ -213,17 +206,17 @@ impl Shared {
         in_flight_gauge.set(0.0);
         queued_gauge.set(0.0);
         Self {
-            node,
-            bus,
-            gate,
+            node: ctx.node,
+            bus: ctx.bus,
+            gate: ctx.leadership,
             config,
             components,
-            index,
-            order,
-            ancestors,
+            index: plan.index.clone(),
+            order: plan.order.clone(),
+            ancestors: plan.ancestors.clone(),
             state: Mutex::new(state),
             wake: Notify::new(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
             in_flight_gauge,
             queued_gauge,
@@ -237,9 +230,7 @@ impl Shared {
     }
 
     fn publish(&self, event: HaEvent) {
-        if let Some(bus) = &self.bus {
-            bus.publish(event);
-        }
+        self.bus.publish(event);
     }
 
     fn set_gauges(&self, st: &State) {
@@ -794,6 +785,10 @@ impl Shared {
     // -----------------------------------------------------------------------------------------
     // Reading
     // -----------------------------------------------------------------------------------------
+
+    pub(crate) fn node(&self) -> &NodeId {
+        &self.node
+    }
 
     pub(crate) fn history(&self) -> Vec<FailoverRecord> {
         self.lock().history.to_vec()

@@ -5,19 +5,20 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use ha_core::{AlwaysLeader, EventBus, FencingToken, HaEvent};
+//! use ha_core::{AlwaysLeader, Component, ComponentContext, FencingToken, HaEvent};
 //! use ha_failover::{ComponentConfig, FailoverManager, Outcome, Router, RouterSwitch};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
-//! # async fn main() -> Result<(), ha_failover::Error> {
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let router = Router::new("10.0.0.1:6379", "10.0.0.2:6379");
-//! let bus = EventBus::default();
-//! let mut events = bus.subscribe();
 //! let manager = FailoverManager::builder()
-//!     .gate(Arc::new(AlwaysLeader::new(FencingToken(1)))) // single node: always leads
-//!     .bus(bus)
 //!     .component("redis", RouterSwitch::new(router.clone()), ComponentConfig::default())
-//!     .start()?;
+//!     .build()?; // validated, not started
+//! // A single node always leads; a cluster passes its elector instead.
+//! let ctx = ComponentContext::standalone("node-a")
+//!     .with_leadership(Arc::new(AlwaysLeader::new(FencingToken(1))));
+//! let mut events = ctx.bus.subscribe();
+//! manager.start(ctx).await?;
 //!
 //! for _ in 0..3 {
 //!     manager.report_failure("redis")?; // the third in a row asks for a failover
@@ -25,7 +26,7 @@
 //! while !matches!(events.recv().await, Ok(HaEvent::FailoverCompleted { .. })) {}
 //! assert_eq!(*router.current(), "10.0.0.2:6379");
 //! assert_eq!(manager.history()[0].outcome, Outcome::Completed);
-//! manager.shutdown().await;
+//! manager.stop().await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -34,7 +35,9 @@
 //!
 //! Failures of a component come from [`FailoverManager::report_failure`] /
 //! [`report_success`](FailoverManager::report_success), or from `HaEvent::HealthChanged`
-//! events on a bus given to [`FailoverManagerBuilder::health_bus`] (`Unhealthy` is a failure,
+//! events on the bus of the [`ComponentContext`] it was started with — where ha-health's
+//! checker publishes in the same node; a component's events are those whose `component` is
+//! its name (`Unhealthy` is a failure,
 //! `Healthy` and `Degraded` are successes, `Unknown` is ignored; see [`HealthEvents`] for how
 //! they count). `failure_threshold` failures in a row (default 3) *request* a failover; the
 //! component then counts as failed until `recovery_threshold` successes in a row (default 2),
@@ -56,7 +59,8 @@
 //!
 //! # Only the leader acts
 //!
-//! Before starting each failover the manager asks the [`LeadershipGate`]. If this node does
+//! Before starting each failover the manager asks the [`LeadershipGate`] of its context
+//! (`ComponentContext::leadership`: the node's elector, or `AlwaysLeader` for a single node). If this node does
 //! not lead, nothing starts: the request is recorded as skipped (once), and waits, asking the
 //! gate again every `leadership_retry_interval` (default 1 s) while the component stays
 //! failed, so a node that becomes leader takes over what is still to do. The failover runs
@@ -91,32 +95,64 @@ pub mod history;
 mod tracker;
 mod unwind;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ha_core::config::{ConfigError, Validate};
-use ha_core::{EventBus, LeadershipGate, NodeId};
+use ha_core::sync::lock;
+use ha_core::{Component, ComponentContext, ComponentTasks, NodeId, Status};
 use ha_health::DependencyGraph;
-use tokio::task::JoinHandle;
-use tokio_util::sync::DropGuard;
 
 pub use self::config::{ComponentConfig, FailoverConfig, HealthEvents};
 pub use self::history::{
     FailoverRecord, FailureKind, Outcome, SkipReason, Step, StepFailure, Trigger, TriggerSource,
 };
 
-use self::driver::{Entry, Shared};
+use self::driver::Shared;
 use crate::Error;
 use crate::action::FailoverAction;
 
 /// Runs failovers; see the [module docs](self). Cheap to clone: clones share one manager,
-/// which stops when the last clone is dropped (or at [`shutdown`](Self::shutdown)).
+/// which stops when the last clone is dropped (or at [`Component::stop`]).
+///
+/// Built unstarted by [`FailoverManager::builder`]; a [`Component`] named `failover`:
+/// `start` runs it as the context's node, publishing on and taking `HealthChanged` events
+/// from the context's bus, asking the context's leadership gate before every failover, until
+/// `stop` or the context's shutdown. Before the first start reports are refused
+/// ([`Error::NotStarted`]) and queries return the idle, empty view; a restart begins with
+/// fresh counters and history.
 #[derive(Clone)]
 pub struct FailoverManager {
-    shared: Arc<Shared>,
-    driver: Arc<Mutex<Option<JoinHandle<()>>>>,
-    _stop_on_drop: Arc<DropGuard>,
+    inner: Arc<Inner>,
+}
+
+/// What every clone shares.
+struct Inner {
+    plan: Plan,
+    /// The latest start's state; kept after a stop for the history.
+    run: Mutex<Option<Arc<Shared>>>,
+    tasks: ComponentTasks,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(shared) = lock(&self.run).as_ref() {
+            shared.shutdown.cancel();
+        }
+    }
+}
+
+/// What [`FailoverManagerBuilder::build`] validated: everything but the context.
+pub(crate) struct Plan {
+    pub(crate) config: FailoverConfig,
+    pub(crate) components: Vec<(Arc<str>, Arc<dyn FailoverAction>, ComponentConfig)>,
+    pub(crate) index: HashMap<Arc<str>, usize>,
+    /// Every component, dependencies first (then registration order).
+    pub(crate) order: Vec<usize>,
+    /// Every component each one depends on, directly or not.
+    pub(crate) ancestors: Vec<Vec<usize>>,
 }
 
 /// Where a component is in the failover machinery.
@@ -157,16 +193,13 @@ impl FailoverManager {
     pub fn builder() -> FailoverManagerBuilder {
         FailoverManagerBuilder {
             config: FailoverConfig::default(),
-            node: NodeId::new("local"),
-            bus: None,
-            health: None,
-            gate: None,
             components: Vec::new(),
         }
     }
 
     fn index(&self, component: &str) -> Result<usize, Error> {
-        self.shared
+        self.inner
+            .plan
             .index
             .get(component)
             .copied()
@@ -175,93 +208,127 @@ impl FailoverManager {
             })
     }
 
+    /// The latest start's state; `None` before the first.
+    fn shared(&self) -> Option<Arc<Shared>> {
+        lock(&self.inner.run).clone()
+    }
+
+    fn observe(&self, component: &str, failed: bool) -> Result<(), Error> {
+        let idx = self.index(component)?;
+        let shared = self.shared().ok_or(Error::NotStarted)?;
+        shared.observe(idx, failed, false, TriggerSource::Report, None)
+    }
+
     /// One failed observation of `component` (a failed probe, a refused connection). Fails
     /// if the component is not registered, if this report crossed the threshold and the
-    /// queue was full ([`Error::QueueFull`]), or after shutdown.
+    /// queue was full ([`Error::QueueFull`]), before start ([`Error::NotStarted`]) or after
+    /// stop ([`Error::Stopped`]).
     pub fn report_failure(&self, component: &str) -> Result<(), Error> {
-        let idx = self.index(component)?;
-        self.shared
-            .observe(idx, true, false, TriggerSource::Report, None)
+        self.observe(component, true)
     }
 
     /// One successful observation of `component`.
     pub fn report_success(&self, component: &str) -> Result<(), Error> {
-        let idx = self.index(component)?;
-        self.shared
-            .observe(idx, false, false, TriggerSource::Report, None)
+        self.observe(component, false)
     }
 
     /// The audit history, oldest first: every failover run (with its start, end, outcome,
     /// error and fencing token) and every request skipped, up to `history_capacity` records.
+    /// Empty before start.
     pub fn history(&self) -> Vec<FailoverRecord> {
-        self.shared.history()
+        self.shared().map(|s| s.history()).unwrap_or_default()
     }
 
     /// What the manager knows about `component`; `None` if it is not registered.
     pub fn component_state(&self, component: &str) -> Option<ComponentState> {
         let idx = self.index(component).ok()?;
-        Some(self.shared.component_state(idx))
+        Some(match self.shared() {
+            Some(shared) => shared.component_state(idx),
+            None => ComponentState {
+                consecutive_failures: 0,
+                consecutive_successes: 0,
+                failed: false,
+                phase: Phase::Idle,
+            },
+        })
     }
 
     /// The registered components, in registration order.
     pub fn components(&self) -> impl Iterator<Item = &str> {
-        self.shared.components.iter().map(|e| &*e.name)
+        self.inner.plan.components.iter().map(|c| &*c.0)
     }
 
     /// Failovers running now.
     pub fn in_flight(&self) -> usize {
-        self.shared.counts().0
+        self.shared().map_or(0, |s| s.counts().0)
     }
 
     /// Failovers waiting in the queue now.
     pub fn queued(&self) -> usize {
-        self.shared.counts().1
+        self.shared().map_or(0, |s| s.counts().1)
     }
 
     /// The config in use.
     pub fn config(&self) -> &FailoverConfig {
-        &self.shared.config
+        &self.inner.plan.config
     }
 
-    /// The node named in events.
-    pub fn node(&self) -> &NodeId {
-        &self.shared.node
+    /// The node it runs as (the latest start's); `None` before the first start.
+    pub fn node(&self) -> Option<NodeId> {
+        self.shared().map(|s| s.node().clone())
+    }
+}
+
+#[ha_core::async_trait]
+impl Component for FailoverManager {
+    fn name(&self) -> &str {
+        "failover"
+    }
+
+    /// Starts the manager's task in `ctx`; returns at once, already subscribed to `ctx.bus`
+    /// (no `HealthChanged` published after it returns is missed). Registers the metric
+    /// handles: install a `metrics` recorder before. Fails if it runs already.
+    async fn start(&self, ctx: ComponentContext) -> Result<(), ha_core::Error> {
+        let stop = self.inner.tasks.begin(self.name(), &ctx)?;
+        let health = ctx.bus.subscribe();
+        let shared = Arc::new(Shared::new(&self.inner.plan, ctx, stop));
+        *lock(&self.inner.run) = Some(Arc::clone(&shared));
+        self.inner.tasks.spawn(shared.drive(Some(health)));
+        Ok(())
     }
 
     /// Stops: no new request is taken, requests that have not started are recorded as
     /// skipped, and running failovers are waited for (each of their steps is bounded by its
-    /// timeout). Reports after this fail with [`Error::Stopped`].
-    pub async fn shutdown(&self) {
-        self.shared.shutdown.cancel();
-        let driver = self
-            .driver
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(driver) = driver {
-            let _ = driver.await;
+    /// timeout). Reports after this fail with [`Error::Stopped`]. Idempotent.
+    async fn stop(&self) -> Result<(), ha_core::Error> {
+        self.inner.tasks.stop().await;
+        Ok(())
+    }
+
+    /// `Healthy` while it runs, `Unknown` otherwise.
+    fn status(&self) -> Status {
+        let stopping = self.shared().is_none_or(|s| s.shutdown.is_cancelled());
+        if self.inner.tasks.is_running() && !stopping {
+            Status::Healthy
+        } else {
+            Status::Unknown
         }
-        self.shared.tasks.wait().await;
     }
 }
 
 impl fmt::Debug for FailoverManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FailoverManager")
-            .field("node", &self.shared.node)
+            .field("node", &self.node())
             .field("components", &self.components().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
-/// Builds and starts a [`FailoverManager`].
+/// Builds an unstarted [`FailoverManager`].
 #[must_use]
 pub struct FailoverManagerBuilder {
     config: FailoverConfig,
-    node: NodeId,
-    bus: Option<EventBus>,
-    health: Option<EventBus>,
-    gate: Option<Arc<dyn LeadershipGate>>,
     components: Vec<(String, Arc<dyn FailoverAction>, ComponentConfig)>,
 }
 
@@ -269,34 +336,6 @@ impl FailoverManagerBuilder {
     /// Manager-wide settings (default [`FailoverConfig::default`]).
     pub fn config(mut self, config: FailoverConfig) -> Self {
         self.config = config;
-        self
-    }
-
-    /// The node named in events (default `local`).
-    pub fn node(mut self, node: NodeId) -> Self {
-        self.node = node;
-        self
-    }
-
-    /// Where failover events go (default: nowhere).
-    pub fn bus(mut self, bus: EventBus) -> Self {
-        self.bus = Some(bus);
-        self
-    }
-
-    /// Where `HealthChanged` events come from (e.g. the bus ha-health's checker publishes
-    /// on); a component's events are those whose `component` is its name. May be the same bus
-    /// as [`bus`](Self::bus).
-    pub fn health_bus(mut self, bus: EventBus) -> Self {
-        self.health = Some(bus);
-        self
-    }
-
-    /// Asked before every failover: required. Pass the node's elector, or
-    /// [`ha_core::AlwaysLeader`] for a single node — there is no default, so that a cluster
-    /// cannot forget it and fail over from every node at once.
-    pub fn gate(mut self, gate: Arc<dyn LeadershipGate>) -> Self {
-        self.gate = Some(gate);
         self
     }
 
@@ -321,24 +360,16 @@ impl FailoverManagerBuilder {
         self
     }
 
-    /// Validates everything and starts the manager's task; returns at once.
+    /// Validates everything and returns the manager, not started.
     ///
-    /// Fails on an invalid config (naming the component and field), a missing gate, an empty
-    /// or repeated name, an unknown dependency or a dependency cycle (naming the components
-    /// on it). Must be called inside a Tokio runtime. Install a `metrics` recorder before:
-    /// metric handles are registered here.
-    pub fn start(self) -> Result<FailoverManager, Error> {
+    /// Fails on an invalid config (naming the component and field), an empty or repeated
+    /// name, an unknown dependency or a dependency cycle (naming the components on it).
+    pub fn build(self) -> Result<FailoverManager, Error> {
         let invalid = |source: ConfigError| Error::Config {
             what: "failover manager",
             source,
         };
         self.config.validate().map_err(invalid)?;
-        let gate = self.gate.ok_or_else(|| {
-            invalid(ConfigError::new(
-                "gate",
-                "must be set: the node's elector, or AlwaysLeader for a single node",
-            ))
-        })?;
         for (name, _, config) in &self.components {
             ha_core::config::non_empty("component", name).map_err(invalid)?;
             config.validate().map_err(|source| Error::ComponentConfig {
@@ -352,30 +383,28 @@ impl FailoverManagerBuilder {
                 .map(|(name, _, config)| (name.as_str(), &config.depends_on)),
         )
         .map_err(Error::from_graph)?;
-        let ancestors = (0..graph.len()).map(|i| graph.ancestors(i)).collect();
-        let order = graph.order().to_vec();
-        let entries: Vec<Entry> = self
+        let components: Vec<_> = self
             .components
             .into_iter()
-            .map(|(name, action, config)| Entry::new(Arc::from(name), action, config))
+            .map(|(name, action, config)| (Arc::<str>::from(name), action, config))
             .collect();
-        let shared = Arc::new(Shared::new(
-            self.node,
-            self.bus,
-            gate,
-            self.config,
-            entries,
-            order,
-            ancestors,
-        ));
-        // Subscribed here, before `start` returns: no event published after it is missed.
-        let health = self.health.map(|bus| bus.subscribe());
-        let driver = tokio::spawn(Arc::clone(&shared).drive(health));
-        let stop_on_drop = shared.shutdown.clone().drop_guard();
+        let plan = Plan {
+            config: self.config,
+            index: components
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (Arc::clone(&c.0), i))
+                .collect(),
+            order: graph.order().to_vec(),
+            ancestors: (0..graph.len()).map(|i| graph.ancestors(i)).collect(),
+            components,
+        };
         Ok(FailoverManager {
-            shared,
-            driver: Arc::new(Mutex::new(Some(driver))),
-            _stop_on_drop: Arc::new(stop_on_drop),
+            inner: Arc::new(Inner {
+                plan,
+                run: Mutex::new(None),
+                tasks: ComponentTasks::default(),
+            }),
         })
     }
 }
@@ -384,7 +413,6 @@ impl fmt::Debug for FailoverManagerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FailoverManagerBuilder")
             .field("config", &self.config)
-            .field("node", &self.node)
             .field(
                 "components",
                 &self.components.iter().map(|c| &c.0).collect::<Vec<_>>(),
