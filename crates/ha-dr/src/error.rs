@@ -134,6 +134,17 @@ pub enum Error {
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),
+    /// A backup the scheduler was asked to run now did not run (not started, not the leader,
+    /// a run of that source in progress, an unknown source, stopped meanwhile).
+    #[error("backup of source {name:?} not run: {reason}")]
+    NotRun {
+        /// The source asked for.
+        name: String,
+        /// Why.
+        reason: String,
+        /// Whether asking again later may succeed (e.g. once this node leads).
+        retryable: bool,
+    },
 }
 
 impl Error {
@@ -145,6 +156,7 @@ impl Error {
             Error::Io { .. } | Error::Stream { .. } | Error::Command { .. } | Error::Task(_) => {
                 true
             }
+            Error::NotRun { retryable, .. } => *retryable,
             Error::Postgres { source, .. } => matches!(
                 source,
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)

@@ -102,11 +102,14 @@
 //!   per source at a time, retrying with [`ha_core::Backoff`]; each backup is verified (or
 //!   restore-tested) before it counts for the source's RPO; retention may follow. It tracks
 //!   RPO (`RpoBreached` on each transition into breach) and RTO (the last restore test vs its
-//!   target, default 15 min) per source: [`BackupScheduler::status`].
+//!   target, default 15 min) per source: [`BackupScheduler::status`]. It is an
+//!   [`ha_core::Component`] (`backups`): built unstarted, started with the node's
+//!   [`ha_core::ComponentContext`] (node, bus, leadership gate, shutdown); an admin can run
+//!   one backup of a source at once with [`BackupScheduler::backup_now`].
 //!
 //! Events: [`ha_core::HaEvent::BackupCompleted`], `BackupFailed` and `RestoreCompleted` when
 //! [`Repository::events`] is set; scheduled runs publish their own (one per run, after
-//! retries) and `RpoBreached` on the scheduler's bus. Metrics: `ha_dr_backups_total`,
+//! retries) and `RpoBreached` on the bus of the scheduler's context. Metrics: `ha_dr_backups_total`,
 //! `ha_dr_backup_duration_seconds`, `ha_dr_backup_bytes`, `ha_dr_restore_duration_seconds`, and
 //! from the scheduler `ha_dr_rpo_seconds`, `ha_dr_backup_last_success_timestamp_seconds`,
 //! `ha_dr_backup_skipped_total` (names from [`ha_core::metric`]).

@@ -20,15 +20,18 @@
 //! be breached by every run). `RpoBreached` is published on the transition into breach
 //! only; a verified backup ends the breach, and a later breach is published again.
 //!
+//! The scheduler is a [`Component`] named `backups`: built unstarted, started with the
+//! node's [`ComponentContext`] (node, bus, leadership gate, shutdown);
+//! [`BackupScheduler::backup_now`] runs one backup of a source on demand.
+//!
 //! ```
-//! use std::sync::Arc;
 //! use std::time::Duration;
-//! use ha_core::{AlwaysLeader, FencingToken};
+//! use ha_core::{Component, ComponentContext};
 //! use ha_dr::{BackupScheduler, KeyRing, LocalStore, MasterKey, Repository, ScheduleConfig};
 //! use ha_dr::{Source, SourceSchedule};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> ha_dr::Result<()> {
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir().unwrap();
 //! std::fs::write(dir.path().join("app.conf"), "replicas = 3\n").unwrap();
 //! let repo = Repository::new(
@@ -41,13 +44,19 @@
 //!     cron: Some("30 2 * * *".into()), // 02:30 UTC every day; the RPO defaults to 24 h
 //!     ..SourceSchedule::default()
 //! });
-//! let scheduler = BackupScheduler::builder(repo, Arc::new(AlwaysLeader::new(FencingToken(1))))
+//! let scheduler = BackupScheduler::builder(repo)
 //!     .config(config)
 //!     .source("app-config", Source::file(dir.path().join("app.conf")))
-//!     .start()?;
+//!     .build()?;
 //! let status = scheduler.status("app-config").unwrap();
 //! assert_eq!(status.rpo, Duration::from_secs(24 * 3600));
-//! scheduler.shutdown().await;
+//!
+//! // A node that always leads (the node passes its elector as the gate).
+//! scheduler.start(ComponentContext::standalone("n1")).await?;
+//! let manifest = scheduler.backup_now("app-config").await?;
+//! assert_eq!(scheduler.status("app-config").unwrap().last_verified_id.as_deref(),
+//!     Some(manifest.id.as_str()));
+//! scheduler.stop().await?;
 //! # Ok(()) }
 //! ```
 
@@ -58,7 +67,10 @@ use std::time::{Duration, SystemTime};
 
 use ha_core::config::{self, ConfigError, Validate};
 use ha_core::sync::lock;
-use ha_core::{Backoff, BackoffConfig, EventBus, HaEvent, LeadershipGate, NodeId, metric};
+use ha_core::{
+    Backoff, BackoffConfig, Component, ComponentContext, ComponentTasks, EventBus, HaEvent,
+    LeadershipGate, NodeId, Status, metric,
+};
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -405,15 +417,12 @@ pub struct SourceStatus {
     pub rto_met: Option<bool>,
 }
 
-/// Builds and starts a [`BackupScheduler`].
+/// Builds a [`BackupScheduler`], unstarted.
 #[must_use]
 #[derive(Debug)]
 pub struct BackupSchedulerBuilder {
     runner: Arc<dyn BackupRunner>,
-    gate: Arc<dyn LeadershipGate>,
     config: ScheduleConfig,
-    node: NodeId,
-    bus: Option<EventBus>,
     sources: Vec<(String, Source)>,
     scratch_pg: Option<ScratchPostgres>,
 }
@@ -422,19 +431,6 @@ impl BackupSchedulerBuilder {
     /// Scheduler settings and per-source schedules (default [`ScheduleConfig::default`]).
     pub fn config(mut self, config: ScheduleConfig) -> Self {
         self.config = config;
-        self
-    }
-
-    /// The node named in events (default `local`).
-    pub fn node(mut self, node: NodeId) -> Self {
-        self.node = node;
-        self
-    }
-
-    /// Where `BackupCompleted`, `BackupFailed`, `RestoreCompleted` and `RpoBreached` go
-    /// (default: nowhere).
-    pub fn bus(mut self, bus: EventBus) -> Self {
-        self.bus = Some(bus);
         self
     }
 
@@ -451,11 +447,11 @@ impl BackupSchedulerBuilder {
         self
     }
 
-    /// Validates the config (errors name the field, e.g. `sources.db.cron`), and starts one
-    /// task per source plus the RPO checker; returns at once. Fails on a duplicate source
-    /// name, a schedule for an unregistered source, or no sources. Must be called inside a
-    /// Tokio runtime.
-    pub fn start(self) -> Result<BackupScheduler> {
+    /// Validates the config (errors name the field, e.g. `sources.db.cron`) and returns the
+    /// scheduler, unstarted: [`Component::start`] starts one task per source plus the RPO
+    /// checker. Fails on a duplicate source name, a schedule for an unregistered source, or
+    /// no sources.
+    pub fn build(self) -> Result<BackupScheduler> {
         self.config.validate()?;
         if self.sources.is_empty() {
             return Err(ConfigError::new("sources", "register at least one source").into());
@@ -508,64 +504,47 @@ impl BackupSchedulerBuilder {
         }
         let shared = Arc::new(Shared {
             runner: self.runner,
-            gate: self.gate,
-            node: self.node,
-            bus: self.bus,
             retry: self.config.retry,
             scratch_pg: self.scratch_pg,
             entries,
             leading_since: Mutex::new(None),
         });
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        for i in 0..shared.entries.len() {
-            tasks.spawn(source_loop(
-                Arc::clone(&shared),
-                i,
-                tasks.clone(),
-                cancel.clone(),
-            ));
-        }
-        tasks.spawn(rpo_loop(
-            Arc::clone(&shared),
-            self.config.rpo_check_interval,
-            cancel.clone(),
-        ));
-        tracing::info!(sources = shared.entries.len(), "backup scheduler started");
         Ok(BackupScheduler {
             shared,
-            cancel,
-            tasks,
+            rpo_check_interval: self.config.rpo_check_interval,
+            live: Mutex::new(None),
+            tasks: ComponentTasks::default(),
         })
     }
 }
 
 /// Runs scheduled backups of named sources while this node leads; tracks RPO and RTO.
 ///
-/// Dropping it stops every task at its next await point (a backup abandoned mid-way leaves
-/// no visible backup); [`shutdown`](Self::shutdown) also waits for them.
+/// A [`Component`] named `backups`: [`start`](Component::start) takes the node, the bus for
+/// its events, the leadership gate (asked at every tick and before every attempt) and the
+/// shutdown token from the [`ComponentContext`]. [`stop`](Component::stop) abandons runs in
+/// progress (a backup abandoned mid-way leaves no visible backup) and waits for the tasks;
+/// dropping a started scheduler stops its tasks at their next await point.
 #[derive(Debug)]
 pub struct BackupScheduler {
     shared: Arc<Shared>,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
+    rpo_check_interval: Duration,
+    /// What the tasks of the current start run with; `None` while stopped.
+    live: Mutex<Option<Arc<Live>>>,
+    tasks: ComponentTasks,
 }
 
+/// The name of the scheduler as a [`Component`].
+const COMPONENT: &str = "backups";
+
 impl BackupScheduler {
-    /// A builder over `runner` (a [`Repository`], usually), acting only while `gate` says
-    /// this node leads. Scheduled runs publish their events through
-    /// [`BackupSchedulerBuilder::bus`], once per run; a repository's own bus is not used for
-    /// them.
-    pub fn builder(
-        runner: impl BackupRunner,
-        gate: Arc<dyn LeadershipGate>,
-    ) -> BackupSchedulerBuilder {
+    /// A builder over `runner` (a [`Repository`], usually). Runs publish their events on the
+    /// bus of the context the scheduler is started with, once per run; a repository's own
+    /// bus is not used for them.
+    pub fn builder(runner: impl BackupRunner) -> BackupSchedulerBuilder {
         BackupSchedulerBuilder {
             runner: Arc::new(runner),
-            gate,
             config: ScheduleConfig::default(),
-            node: NodeId::new("local"),
-            bus: None,
             sources: Vec::new(),
             scratch_pg: None,
         }
@@ -581,32 +560,132 @@ impl BackupScheduler {
             .map(|e| e.status(now))
     }
 
-    /// The status of every source, in registration order.
+    /// The status of every source, in registration order (before the first start: every
+    /// source as never run).
     pub fn statuses(&self) -> Vec<SourceStatus> {
         let now = Instant::now();
         self.shared.entries.iter().map(|e| e.status(now)).collect()
     }
 
-    /// Stops every task (runs in progress are abandoned) and waits until they have finished.
-    pub async fn shutdown(&self) {
-        self.cancel.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+    /// Runs one backup of the source `source` now, as a scheduled tick would (leader only,
+    /// verified or restore-tested, retried, one event, retention applied), and returns its
+    /// manifest once verified. A scheduled tick that comes while it runs is skipped.
+    ///
+    /// Fails with [`Error::NotRun`](crate::Error::NotRun) when the scheduler is not started,
+    /// the source is unknown, this node does not lead, a run of the source is in progress,
+    /// or the scheduler stops meanwhile (the run is abandoned); otherwise with the run's own
+    /// error after its retries.
+    pub async fn backup_now(&self, source: &str) -> Result<Manifest> {
+        let not_run = |reason: &str, retryable| crate::Error::NotRun {
+            name: source.to_owned(),
+            reason: reason.to_owned(),
+            retryable,
+        };
+        let live = lock(&self.live)
+            .clone()
+            .ok_or_else(|| not_run("the scheduler is not started", true))?;
+        let i = self
+            .shared
+            .entries
+            .iter()
+            .position(|e| e.name == source)
+            .ok_or_else(|| not_run("no such source is registered", false))?;
+        if live.gate.is_leader().is_none() {
+            return Err(not_run("this node is not the leader", true));
+        }
+        let entry = &self.shared.entries[i];
+        {
+            let mut state = lock(&entry.state);
+            if state.running {
+                return Err(not_run("a run of this source is in progress", true));
+            }
+            state.running = true;
+            state.runs += 1;
+        }
+        let _running = Running(entry);
+        tracing::info!(source, "backup asked for now");
+        tokio::select! {
+            biased;
+            () = live.stop.cancelled() => Err(not_run("the scheduler stopped; run abandoned", true)),
+            outcome = live.run(i) => outcome,
+        }
+    }
+}
+
+#[ha_core::async_trait]
+impl Component for BackupScheduler {
+    fn name(&self) -> &str {
+        COMPONENT
+    }
+
+    /// Starts one task per source plus the RPO checker, as `ctx.node`, publishing on
+    /// `ctx.bus`, leader-only by `ctx.leadership`, until `ctx.shutdown` or
+    /// [`stop`](Component::stop).
+    async fn start(&self, ctx: ComponentContext) -> Result<(), ha_core::Error> {
+        let stop = self.tasks.begin(COMPONENT, &ctx)?;
+        // Leadership is judged afresh by this start's gate.
+        *lock(&self.shared.leading_since) = None;
+        let live = Arc::new(Live {
+            shared: Arc::clone(&self.shared),
+            node: ctx.node,
+            bus: ctx.bus,
+            gate: ctx.leadership,
+            stop,
+            runs: TaskTracker::new(),
+        });
+        *lock(&self.live) = Some(Arc::clone(&live));
+        for i in 0..self.shared.entries.len() {
+            self.tasks.spawn(source_loop(Arc::clone(&live), i));
+        }
+        self.tasks
+            .spawn(rpo_loop(Arc::clone(&live), self.rpo_check_interval));
+        tracing::info!(
+            sources = self.shared.entries.len(),
+            "backup scheduler started"
+        );
+        Ok(())
+    }
+
+    /// Abandons runs in progress and waits for every task to end. Idempotent.
+    async fn stop(&self) -> Result<(), ha_core::Error> {
+        let live = lock(&self.live).take();
+        self.tasks.stop().await;
+        if live.is_some() {
+            tracing::info!("backup scheduler stopped");
+        }
+        Ok(())
+    }
+
+    /// Unknown until a source ticked or ran; then Unhealthy while any source's RPO is
+    /// breached, Degraded while any source's last run failed, else Healthy.
+    fn status(&self) -> Status {
+        let mut observed = false;
+        let mut status = Status::Healthy;
+        for entry in &self.shared.entries {
+            let state = lock(&entry.state);
+            observed |= state.runs > 0 || state.skipped > 0;
+            if state.rpo_breached {
+                status = status.worst(Status::Unhealthy);
+            } else if state.last_error.is_some() {
+                status = status.worst(Status::Degraded);
+            }
+        }
+        if observed { status } else { Status::Unknown }
     }
 }
 
 impl Drop for BackupScheduler {
     fn drop(&mut self) {
-        self.cancel.cancel();
+        if let Some(live) = lock(&self.live).as_ref() {
+            live.stop.cancel();
+        }
     }
 }
 
+/// What every source needs, started or not.
 #[derive(Debug)]
 struct Shared {
     runner: Arc<dyn BackupRunner>,
-    gate: Arc<dyn LeadershipGate>,
-    node: NodeId,
-    bus: Option<EventBus>,
     retry: BackoffConfig,
     scratch_pg: Option<ScratchPostgres>,
     entries: Vec<Entry>,
@@ -688,17 +767,29 @@ impl Entry {
     }
 }
 
-impl Shared {
+/// The scheduler as one start runs it: the sources and the context it was started with.
+#[derive(Debug)]
+struct Live {
+    shared: Arc<Shared>,
+    node: NodeId,
+    bus: EventBus,
+    gate: Arc<dyn LeadershipGate>,
+    /// A child of the context's shutdown token; cancelled by `stop`.
+    stop: CancellationToken,
+    /// Scheduled runs in progress; the source loops wait for them when they end.
+    runs: TaskTracker,
+}
+
+impl Live {
     fn publish(&self, event: impl FnOnce(SystemTime, NodeId) -> HaEvent) {
-        if let Some(bus) = &self.bus {
-            bus.publish(event(SystemTime::now(), self.node.clone()));
-        }
+        self.bus
+            .publish(event(SystemTime::now(), self.node.clone()));
     }
 
     /// Compares source `i`'s age with its RPO (as of `leading_since` when it has no
     /// verified backup) and publishes `RpoBreached` on the transition into breach.
     fn check_rpo(&self, i: usize, leading_since: Instant) {
-        let entry = &self.entries[i];
+        let entry = &self.shared.entries[i];
         let now = Instant::now();
         let mut state = lock(&entry.state);
         let recovery_point = state.verified.as_ref().map(|v| v.started);
@@ -735,36 +826,43 @@ impl Shared {
 
     /// One backup + verify (or restore test) of source `i`.
     async fn attempt(&self, i: usize) -> Result<(Manifest, Option<Duration>)> {
-        let entry = &self.entries[i];
+        let entry = &self.shared.entries[i];
         let manifest = self
+            .shared
             .runner
             .backup(&entry.source, &entry.schedule.tags)
             .await?;
         lock(&entry.state).last_success = Some(SystemTime::now());
         let rto = if entry.schedule.restore_test {
             Some(
-                self.runner
-                    .restore_test(&manifest.id, self.scratch_pg.as_ref())
+                self.shared
+                    .runner
+                    .restore_test(&manifest.id, self.shared.scratch_pg.as_ref())
                     .await?,
             )
         } else {
-            self.runner.verify(&manifest.id).await?;
+            self.shared.runner.verify(&manifest.id).await?;
             None
         };
         Ok((manifest, rto))
     }
 
-    /// A run of source `i`: attempts with backoff, then the bookkeeping.
-    async fn run(&self, i: usize) {
-        let entry = &self.entries[i];
-        let mut backoff = Backoff::new(self.retry.clone());
+    /// A run of source `i`: attempts with backoff, then the bookkeeping. Returns the
+    /// verified backup's manifest, or what ended the run.
+    async fn run(&self, i: usize) -> Result<Manifest> {
+        let entry = &self.shared.entries[i];
+        let mut backoff = Backoff::new(self.shared.retry.clone());
         let mut attempts = 0u32;
         let outcome = loop {
             if self.gate.is_leader().is_none() {
                 tracing::info!(source = %entry.name, "leadership lost; run abandoned");
-                lock(&entry.state).last_error =
-                    Some(format!("leadership lost after {attempts} attempts"));
-                return;
+                let reason = format!("leadership lost after {attempts} attempts");
+                lock(&entry.state).last_error = Some(reason.clone());
+                return Err(crate::Error::NotRun {
+                    name: entry.name.clone(),
+                    reason,
+                    retryable: true,
+                });
             }
             attempts += 1;
             let started = Instant::now();
@@ -781,7 +879,10 @@ impl Shared {
             }
         };
         match outcome {
-            Ok((started, (manifest, rto))) => self.succeeded(i, started, &manifest, rto).await,
+            Ok((started, (manifest, rto))) => {
+                self.succeeded(i, started, &manifest, rto).await;
+                Ok(manifest)
+            }
             Err(e) => {
                 let reason = format!("source {}: {e} (attempt {attempts})", entry.name);
                 tracing::warn!(source = %entry.name, attempts, error = %e, "scheduled backup failed; waiting for the next tick");
@@ -792,6 +893,7 @@ impl Shared {
                     kind: entry.kind.as_str().to_owned(),
                     reason,
                 });
+                Err(e)
             }
         }
     }
@@ -803,7 +905,7 @@ impl Shared {
         manifest: &Manifest,
         rto: Option<Duration>,
     ) {
-        let entry = &self.entries[i];
+        let entry = &self.shared.entries[i];
         {
             let mut state = lock(&entry.state);
             state.verified = Some(Verified {
@@ -843,12 +945,12 @@ impl Shared {
                 duration,
             });
         }
-        let leading_since = *lock(&self.leading_since);
+        let leading_since = *lock(&self.shared.leading_since);
         if let Some(since) = leading_since {
             self.check_rpo(i, since);
         }
         if let Some(policy) = &entry.schedule.retention {
-            match self.runner.prune(policy, &entry.source).await {
+            match self.shared.runner.prune(policy, &entry.source).await {
                 Ok(removed) => {
                     tracing::info!(source = %entry.name, removed, "retention applied")
                 }
@@ -888,8 +990,8 @@ async fn next_tick(trigger: &Trigger, ticks: &mut Option<tokio::time::Interval>)
     }
 }
 
-async fn source_loop(shared: Arc<Shared>, i: usize, tasks: TaskTracker, cancel: CancellationToken) {
-    let entry = &shared.entries[i];
+async fn source_loop(live: Arc<Live>, i: usize) {
+    let entry = &live.shared.entries[i];
     let mut ticks = match entry.trigger {
         Trigger::Every(every) => {
             let mut ticks = tokio::time::interval(every);
@@ -901,10 +1003,15 @@ async fn source_loop(shared: Arc<Shared>, i: usize, tasks: TaskTracker, cancel: 
     loop {
         tokio::select! {
             biased;
-            () = cancel.cancelled() => return,
+            () = live.stop.cancelled() => {
+                // Runs in progress see the same token; stopping waits for them too.
+                live.runs.close();
+                live.runs.wait().await;
+                return;
+            }
             () = next_tick(&entry.trigger, &mut ticks) => {}
         }
-        if shared.gate.is_leader().is_none() {
+        if live.gate.is_leader().is_none() {
             entry.skip("not_leader", "this node is not the leader".into());
             continue;
         }
@@ -918,32 +1025,32 @@ async fn source_loop(shared: Arc<Shared>, i: usize, tasks: TaskTracker, cancel: 
             state.running = true;
             state.runs += 1;
         }
-        let shared = Arc::clone(&shared);
-        let cancel = cancel.clone();
-        tasks.spawn(async move {
-            let _running = Running(&shared.entries[i]);
+        let run = Arc::clone(&live);
+        live.runs.spawn(async move {
+            let _running = Running(&run.shared.entries[i]);
             tokio::select! {
                 biased;
-                () = cancel.cancelled() => {}
-                () = shared.run(i) => {}
+                () = run.stop.cancelled() => {}
+                // The outcome is in the source's status and on the bus already.
+                _ = run.run(i) => {}
             }
         });
     }
 }
 
-async fn rpo_loop(shared: Arc<Shared>, every: Duration, cancel: CancellationToken) {
+async fn rpo_loop(live: Arc<Live>, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             biased;
-            () = cancel.cancelled() => return,
+            () = live.stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
         // Only the leader backs up, so only the leader's view of the RPO means anything.
         let leading_since = {
-            let mut since = lock(&shared.leading_since);
-            match shared.gate.is_leader() {
+            let mut since = lock(&live.shared.leading_since);
+            match live.gate.is_leader() {
                 Some(_) => *since.get_or_insert_with(Instant::now),
                 None => {
                     *since = None;
@@ -951,8 +1058,8 @@ async fn rpo_loop(shared: Arc<Shared>, every: Duration, cancel: CancellationToke
                 }
             }
         };
-        for i in 0..shared.entries.len() {
-            shared.check_rpo(i, leading_since);
+        for i in 0..live.shared.entries.len() {
+            live.check_rpo(i, leading_since);
         }
     }
 }
@@ -1077,18 +1184,20 @@ mod tests {
         config
     }
 
-    fn start(
+    async fn start(
         runner: &Arc<Fake>,
         gate: &Arc<Gate>,
         config: ScheduleConfig,
         bus: &EventBus,
     ) -> BackupScheduler {
-        BackupScheduler::builder(Arc::clone(runner), gate.clone())
+        let scheduler = BackupScheduler::builder(Arc::clone(runner))
             .config(config)
-            .bus(bus.clone())
             .source("db", Source::file("/db"))
-            .start()
-            .expect("start")
+            .build()
+            .expect("build");
+        let ctx = ComponentContext::new(NodeId::new("n1"), bus.clone(), gate.clone());
+        scheduler.start(ctx).await.expect("start");
+        scheduler
     }
 
     fn events(sub: &mut ha_core::EventSubscriber) -> Vec<HaEvent> {
@@ -1100,7 +1209,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn only_the_leader_runs_backups() {
         let (runner, gate, bus) = (fake(MIN), leader(false), EventBus::default());
-        let scheduler = start(&runner, &gate, hourly("db"), &bus);
+        let scheduler = start(&runner, &gate, hourly("db"), &bus).await;
         tokio::time::sleep(3 * 60 * MIN + MIN).await;
         assert_eq!(runner.backups.load(Ordering::SeqCst), 0);
         let status = scheduler.status("db").expect("status");
@@ -1121,13 +1230,13 @@ mod tests {
             Some(3 * MIN),
             "the recovery point is the start of the run"
         );
-        scheduler.shutdown().await;
+        scheduler.stop().await.expect("stop");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_run_still_going_makes_the_next_tick_skip() {
         let (runner, gate, bus) = (fake(90 * MIN), leader(true), EventBus::default());
-        let scheduler = start(&runner, &gate, hourly("db"), &bus);
+        let scheduler = start(&runner, &gate, hourly("db"), &bus).await;
         tokio::time::sleep(60 * MIN + MIN).await;
         let status = scheduler.status("db").expect("status");
         assert!(status.running);
@@ -1142,7 +1251,7 @@ mod tests {
         assert_eq!((status.runs, status.skipped), (2, 1));
         assert!(status.last_verified_id.is_some());
         assert_eq!(runner.backups.load(Ordering::SeqCst), 2);
-        scheduler.shutdown().await;
+        scheduler.stop().await.expect("stop");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1158,7 +1267,7 @@ mod tests {
         };
         let bus = EventBus::default();
         let mut sub = bus.subscribe();
-        let scheduler = start(&runner, &gate, config, &bus);
+        let scheduler = start(&runner, &gate, config, &bus).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Each sleep is at most 1 s then 2 s: all three attempts are done within 3 s.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1186,7 +1295,7 @@ mod tests {
         let status = scheduler.status("db").expect("status");
         assert!(status.last_success.is_some() && status.last_verified.is_none());
         assert!(status.last_error.expect("error").contains("corrupt"));
-        scheduler.shutdown().await;
+        scheduler.stop().await.expect("stop");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1200,7 +1309,7 @@ mod tests {
         }
         let bus = EventBus::default();
         let mut sub = bus.subscribe();
-        let scheduler = start(&runner, &gate, config, &bus);
+        let scheduler = start(&runner, &gate, config, &bus).await;
         let breaches = |sub: &mut ha_core::EventSubscriber| {
             events(sub)
                 .into_iter()
@@ -1230,7 +1339,7 @@ mod tests {
             second[0],
             HaEvent::RpoBreached { since_last_backup: Some(age), .. } if age > 120 * MIN
         ));
-        scheduler.shutdown().await;
+        scheduler.stop().await.expect("stop");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1242,7 +1351,7 @@ mod tests {
         }
         let bus = EventBus::default();
         let mut sub = bus.subscribe();
-        let scheduler = start(&runner, &gate, config, &bus);
+        let scheduler = start(&runner, &gate, config, &bus).await;
         tokio::time::sleep(30 * MIN).await;
         let status = scheduler.status("db").expect("status");
         assert_eq!(status.last_restore_test, Some(20 * MIN));
@@ -1252,7 +1361,7 @@ mod tests {
         let json = serde_json::to_value(&status).expect("json");
         assert_eq!(json["rto_target"], "15m");
         assert_eq!(json["schedule"], "every 1h");
-        scheduler.shutdown().await;
+        scheduler.stop().await.expect("stop");
     }
 
     #[test]
@@ -1317,24 +1426,74 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn defaults_follow_the_source_kind() {
-        let scheduler = BackupScheduler::builder(fake(MIN), leader(false))
+        let scheduler = BackupScheduler::builder(fake(MIN))
             .source(
                 "db",
                 Source::postgres("postgresql://h/db", crate::PgTools::default()),
             )
             .source("files", Source::dir("/srv"))
-            .start()
-            .expect("start");
+            .build()
+            .expect("build");
         let statuses = scheduler.statuses();
         assert_eq!(statuses[0].rpo, 4 * 60 * MIN);
         assert_eq!(statuses[1].rpo, 24 * 60 * MIN);
         assert_eq!(statuses[1].rto_target, 15 * MIN);
+        assert_eq!(statuses[0].runs, 0, "unstarted: never run");
+        assert_eq!(Component::status(&scheduler), Status::Unknown);
 
-        let unknown = BackupScheduler::builder(fake(MIN), leader(false))
+        let unknown = BackupScheduler::builder(fake(MIN))
             .config(hourly("nope"))
             .source("db", Source::dir("/srv"))
-            .start()
+            .build()
             .expect_err("unknown source");
         assert!(unknown.to_string().contains("`sources.nope`"), "{unknown}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backup_now_runs_one_backup_on_the_leader_only() {
+        let (runner, gate, bus) = (fake(MIN), leader(false), EventBus::default());
+        let mut config = hourly("db");
+        if let Some(db) = config.sources.get_mut("db") {
+            db.interval = Some(24 * 60 * MIN);
+        }
+        let scheduler = BackupScheduler::builder(Arc::clone(&runner))
+            .config(config)
+            .source("db", Source::file("/db"))
+            .build()
+            .expect("build");
+        let unstarted = scheduler.backup_now("db").await.expect_err("unstarted");
+        assert!(matches!(unstarted, Error::NotRun { .. }), "{unstarted}");
+
+        let mut sub = bus.subscribe();
+        let ctx = ComponentContext::new(NodeId::new("n1"), bus.clone(), gate.clone());
+        scheduler.start(ctx.clone()).await.expect("start");
+        assert!(
+            scheduler.start(ctx).await.is_err(),
+            "a second start is refused"
+        );
+        let follower = scheduler.backup_now("db").await.expect_err("follower");
+        assert!(
+            follower.to_string().contains("not the leader"),
+            "{follower}"
+        );
+        assert!(follower.is_retryable());
+        let unknown = scheduler.backup_now("nope").await.expect_err("unknown");
+        assert!(!unknown.is_retryable(), "{unknown}");
+
+        gate.0.store(true, Ordering::SeqCst);
+        let manifest = scheduler.backup_now("db").await.expect("backup now");
+        let status = scheduler.status("db").expect("status");
+        assert_eq!(
+            status.last_verified_id.as_deref(),
+            Some(manifest.id.as_str())
+        );
+        assert_eq!(status.runs, 1);
+        assert_eq!(Component::status(&scheduler), Status::Healthy);
+        let names: Vec<_> = events(&mut sub).iter().map(HaEvent::name).collect();
+        assert_eq!(names, ["backup_completed"]);
+
+        scheduler.stop().await.expect("stop");
+        scheduler.stop().await.expect("stop is idempotent");
+        assert!(scheduler.backup_now("db").await.is_err(), "stopped");
     }
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::fs;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ha_dr::{Manifest, Repository, RestoreTarget, Source};
 use proptest::prelude::*;
@@ -32,6 +32,14 @@ impl Fixture {
         let id = &self.manifest.id;
         self.dir.path().join("store").join(format!("{id}.manifest"))
     }
+}
+
+/// Held while a test uses the fixture: the property test damages its files in place (and
+/// restores them), so a test that reads them meanwhile would see the damage.
+fn exclusive() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One directory backup of about three segments, made once per test process.
@@ -115,6 +123,7 @@ proptest! {
         manifest_damage in prop::option::of(damage()),
     ) {
         prop_assume!(data_damage.is_some() || manifest_damage.is_some());
+        let _exclusive = exclusive();
         let f = fixture();
         let data = data_damage.as_ref().map_or_else(|| f.data.clone(), |d| d.apply(&f.data));
         let manifest = manifest_damage
@@ -149,6 +158,7 @@ proptest! {
 
 #[test]
 fn the_undamaged_fixture_verifies() {
+    let _exclusive = exclusive();
     let f = fixture();
     f.runtime.block_on(f.repo.verify(&f.manifest.id)).unwrap();
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ha_core::{AlwaysLeader, EventBus, FencingToken, HaEvent};
+use ha_core::{AlwaysLeader, Component, ComponentContext, EventBus, FencingToken, HaEvent};
 use ha_dr::{
     BackupScheduler, KeyRing, LocalStore, MasterKey, Repository, RetentionPolicy, ScheduleConfig,
     Source, SourceSchedule,
@@ -38,13 +38,15 @@ async fn scheduled_backups_are_verified_tracked_and_pruned() {
     );
     let bus = EventBus::default();
     let mut events = bus.subscribe();
-    let scheduler =
-        BackupScheduler::builder(repo.clone(), Arc::new(AlwaysLeader::new(FencingToken(1))))
-            .config(config)
-            .bus(bus)
-            .source("data", Source::dir(&data))
-            .start()
-            .expect("start");
+    let scheduler = BackupScheduler::builder(repo.clone())
+        .config(config)
+        .source("data", Source::dir(&data))
+        .build()
+        .expect("build");
+    let ctx = ComponentContext::standalone("n1")
+        .with_bus(bus)
+        .with_leadership(Arc::new(AlwaysLeader::new(FencingToken(1))));
+    scheduler.start(ctx).await.expect("start");
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -58,7 +60,7 @@ async fn scheduled_backups_are_verified_tracked_and_pruned() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    scheduler.shutdown().await;
+    scheduler.stop().await.expect("stop");
 
     assert!(status.last_error.is_none(), "{status:?}");
     assert!(!status.rpo_breached, "{status:?}");

@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use ha_core::{AlwaysLeader, EventBus, FencingToken, NodeId};
+//! use ha_core::{AlwaysLeader, Component, ComponentContext, EventBus, FencingToken, NodeId};
 //! use ha_replication::pg::{LagConfig, PgMember, PgReplicationMonitor, PromoteConfig, Promoter,
 //!     SqlShutdownFence};
 //!
@@ -14,9 +14,12 @@
 //!     PgMember::new("pg1", "postgres://postgres@10.0.0.2:5432/postgres")?,
 //!     PgMember::new("pg2", "postgres://postgres@10.0.0.3:5432/postgres")?.priority(0),
 //! ];
-//! let monitor = PgReplicationMonitor::new(primary.clone(), replicas.clone(), LagConfig::default())?
-//!     .with_bus(NodeId::new("node-a"), bus.clone());
-//! let sample = monitor.sample().await?; // or `monitor.run(cancel)` every second
+//! let monitor = PgReplicationMonitor::new(primary.clone(), replicas.clone(), LagConfig::default())?;
+//! // A component: the node starts it with its context (node, bus, leadership, shutdown); it
+//! // then samples every second and publishes lag breaches and recoveries on the bus.
+//! let ctx = ComponentContext::standalone("node-a").with_bus(bus.clone());
+//! monitor.start(ctx).await.expect("started once");
+//! let sample = monitor.sample().await?; // one sample on demand
 //! for replica in &sample.replicas {
 //!     println!("{}: {:?} bytes, {:?} behind", replica.replica, replica.lag_bytes, replica.lag);
 //! }
@@ -45,10 +48,13 @@
 //!   recovery view), [`PgReplicationMonitor`] (lag in bytes and time measured on WAL
 //!   positions, so an idle primary shows no lag; breach/recovery events with hysteresis), and
 //!   [`Promoter`] (leader only, old primary down or fenced, most advanced eligible replica,
-//!   proof of a write, the others re-pointed; every refusal has a reason).
+//!   proof of a write, the others re-pointed; every refusal has a reason). The monitor is an
+//!   [`ha_core::Component`] (`postgres-replication`) started with the node's
+//!   [`ha_core::ComponentContext`].
 //! - [`sentinel`] — [`SentinelMonitor`]: master (confirmed with `ROLE`), replicas and
 //!   sentinels by field name, `CKQUORUM`, manual failover, and Sentinel's announcements as
-//!   `HaEvent`s, falling through to the next sentinel when one is down.
+//!   `HaEvent`s once started as a [`ha_core::Component`] (`redis-sentinel`), falling through
+//!   to the next sentinel when one is down.
 //! - [`files`] — [`FileReplicator`]: one-way mirror of a source directory onto a target:
 //!   copies only what changed (size+mtime fast path, SHA-256 to confirm), writes each file to
 //!   a temporary file, fsyncs and renames it, then re-hashes it on the target; copies links as
@@ -56,7 +62,8 @@
 //!   safety limits (never for an empty or partly unreadable source, at most `max_deletions`
 //!   per run); keeps a manifest on the target so that `verify_target` finds target-side
 //!   corruption. Unix only; [`SyncTarget`] is the seam for a remote target (only the local
-//!   one, [`LocalTarget`], is built; no transport compression yet).
+//!   one, [`LocalTarget`], is built; no transport compression yet). [`FileSync`] is the
+//!   component that runs a replicator every interval on a blocking thread.
 //! - [`Lsn`] — WAL positions; [`Error`] — the error type of the PostgreSQL and Sentinel parts
 //!   ([`FileSyncError`] for files).
 
@@ -70,7 +77,7 @@ pub mod sentinel;
 pub use error::Error;
 #[cfg(unix)]
 pub use files::{
-    FileReplicator, FileSyncConfig, FileSyncError, LocalTarget, SyncReport, SyncTarget,
+    FileReplicator, FileSync, FileSyncConfig, FileSyncError, LocalTarget, SyncReport, SyncTarget,
 };
 pub use lsn::Lsn;
 pub use pg::{LagConfig, PgMember, PgReplicationMonitor, Promoter};

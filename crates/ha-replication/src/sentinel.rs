@@ -6,14 +6,18 @@
 //! position. The master Sentinel names is confirmed with `ROLE` on the master itself: a
 //! sentinel that has not yet noticed a failover can name a server that is now a replica.
 //!
-//! [`SentinelMonitor::watch`] subscribes to `+switch-master`, `+sdown`, `-sdown`, `+odown`
-//! and `-odown` on one sentinel at a time and turns them into `HaEvent`s; when that sentinel
-//! goes away it moves on to the next. Pub/sub is fire-and-forget: an announcement made while
+//! The monitor is a [`Component`] named `redis-sentinel`: once started with the node's
+//! [`ComponentContext`], it subscribes to `+switch-master`, `+sdown`, `-sdown`, `+odown` and
+//! `-odown` on one sentinel at a time and publishes them as `HaEvent`s on the context's bus
+//! as the context's node, until the context's shutdown or [`stop`](Component::stop); when
+//! that sentinel goes away it moves on to the next. Pub/sub is fire-and-forget: an announcement made while
 //! no sentinel connection is up is lost, so after every (re)subscription the watcher also
 //! publishes a `RedisMasterSwitched` if the master changed meanwhile.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fred::clients::SubscriberClient;
@@ -22,13 +26,13 @@ use fred::prelude::{
     ServerConfig, TcpConfig,
 };
 use fred::types::{ClusterHash, CustomCommand, Value};
-use ha_core::{EventBus, HaEvent, NodeId};
+use ha_core::{Component, ComponentContext, ComponentTasks, EventBus, HaEvent, NodeId, Status};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 
-/// The channels [`SentinelMonitor::watch`] listens to.
+/// The channels a started [`SentinelMonitor`] listens to.
 pub const WATCHED_CHANNELS: [&str; 5] = ["+switch-master", "+sdown", "-sdown", "+odown", "-odown"];
 
 /// A Redis server or sentinel as Sentinel describes it.
@@ -74,11 +78,23 @@ pub struct Quorum {
     pub message: String,
 }
 
-/// Queries and watches a set of sentinels about one master.
+/// Queries and watches a set of sentinels about one master: a [`Component`] named
+/// `redis-sentinel` (see the [module docs](self)); the queries work whether it is started or
+/// not.
 pub struct SentinelMonitor {
+    inner: Arc<Inner>,
+    tasks: ComponentTasks,
+}
+
+/// The name of the monitor as a [`Component`].
+const COMPONENT: &str = "redis-sentinel";
+
+struct Inner {
     master: String,
     sentinels: Vec<SentinelNode>,
     timeout: Duration,
+    /// The watcher's view, as a [`Status::badness`] (Unknown until it first tried).
+    status: AtomicU8,
 }
 
 struct SentinelNode {
@@ -89,10 +105,15 @@ struct SentinelNode {
 impl fmt::Debug for SentinelMonitor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SentinelMonitor")
-            .field("master", &self.master)
+            .field("master", &self.inner.master)
             .field(
                 "sentinels",
-                &self.sentinels.iter().map(|s| &s.addr).collect::<Vec<_>>(),
+                &self
+                    .inner
+                    .sentinels
+                    .iter()
+                    .map(|s| &s.addr)
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -163,15 +184,93 @@ impl SentinelMonitor {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(Self {
-            master,
-            sentinels: nodes,
-            timeout,
+            inner: Arc::new(Inner {
+                master,
+                sentinels: nodes,
+                timeout,
+                status: AtomicU8::new(Status::Unknown.badness()),
+            }),
+            tasks: ComponentTasks::default(),
         })
     }
 
     /// The monitored master's name.
     pub fn master_name(&self) -> &str {
-        &self.master
+        &self.inner.master
+    }
+
+    /// The master's `ip:port` as the first answering sentinel names it, unconfirmed, and the
+    /// sentinel that answered.
+    pub async fn master_addr(&self) -> Result<(String, String), Error> {
+        self.inner.master_addr().await
+    }
+
+    /// The current master, confirmed with `ROLE` on it.
+    pub async fn master(&self) -> Result<MasterInfo, Error> {
+        self.inner.master().await
+    }
+
+    /// The master's replicas with their flags (`SENTINEL REPLICAS`).
+    pub async fn replicas(&self) -> Result<Vec<Instance>, Error> {
+        self.inner.replicas().await
+    }
+
+    /// The other sentinels watching the master (`SENTINEL SENTINELS`).
+    pub async fn sentinels(&self) -> Result<Vec<Instance>, Error> {
+        self.inner.sentinels().await
+    }
+
+    /// Whether the sentinels can authorize a failover (`SENTINEL CKQUORUM`). A quorum that
+    /// cannot be reached is `ok: false` with Sentinel's reason, not an error.
+    pub async fn ckquorum(&self) -> Result<Quorum, Error> {
+        self.inner.ckquorum().await
+    }
+
+    /// Asks Sentinel for a failover of the master now (`SENTINEL FAILOVER`), without waiting
+    /// for agreement that it is down. Returns once a sentinel accepted; watch for
+    /// `RedisMasterSwitched` to learn when it is done.
+    pub async fn failover(&self) -> Result<(), Error> {
+        self.inner.failover().await
+    }
+}
+
+#[ha_core::async_trait]
+impl Component for SentinelMonitor {
+    fn name(&self) -> &str {
+        COMPONENT
+    }
+
+    /// Watches Sentinel's announcements about the master, publishing them on `ctx.bus` as
+    /// `ctx.node`, until `ctx.shutdown` or [`stop`](Component::stop).
+    async fn start(&self, ctx: ComponentContext) -> Result<(), ha_core::Error> {
+        let stop = self.tasks.begin(COMPONENT, &ctx)?;
+        let inner = Arc::clone(&self.inner);
+        self.tasks
+            .spawn(async move { inner.watch(ctx.node, ctx.bus, stop).await });
+        Ok(())
+    }
+
+    /// Unsubscribes and waits for the watcher to end. Idempotent.
+    async fn stop(&self) -> Result<(), ha_core::Error> {
+        self.tasks.stop().await;
+        Ok(())
+    }
+
+    /// Unknown before the watcher first tried to subscribe; Healthy while subscribed;
+    /// Degraded while it looks for a sentinel to subscribe to; Unhealthy once every sentinel
+    /// in turn refused.
+    fn status(&self) -> Status {
+        let badness = self.inner.status.load(Ordering::Relaxed);
+        Status::ALL
+            .into_iter()
+            .find(|s| s.badness() == badness)
+            .unwrap_or(Status::Unknown)
+    }
+}
+
+impl Inner {
+    fn set_status(&self, status: Status) {
+        self.status.store(status.badness(), Ordering::Relaxed);
     }
 
     /// Runs `SENTINEL <args>` on the first sentinel that answers.
@@ -199,7 +298,7 @@ impl SentinelMonitor {
     }
 
     /// The master's `ip:port` as the first answering sentinel names it, unconfirmed.
-    pub async fn master_addr(&self) -> Result<(String, String), Error> {
+    async fn master_addr(&self) -> Result<(String, String), Error> {
         let (sentinel, reply) = self
             .sentinel(vec!["get-master-addr-by-name", &self.master])
             .await?;
@@ -214,7 +313,7 @@ impl SentinelMonitor {
     }
 
     /// The current master, confirmed with `ROLE` on it.
-    pub async fn master(&self) -> Result<MasterInfo, Error> {
+    async fn master(&self) -> Result<MasterInfo, Error> {
         let (addr, sentinel) = self.master_addr().await?;
         let (host, port) = split_addr(&addr).map_err(|detail| Error::Sentinel {
             master: self.master.clone(),
@@ -240,20 +339,20 @@ impl SentinelMonitor {
     }
 
     /// The master's replicas with their flags (`SENTINEL REPLICAS`).
-    pub async fn replicas(&self) -> Result<Vec<Instance>, Error> {
+    async fn replicas(&self) -> Result<Vec<Instance>, Error> {
         let (_, reply) = self.sentinel(vec!["replicas", &self.master]).await?;
         Ok(instances(&reply))
     }
 
     /// The other sentinels watching the master (`SENTINEL SENTINELS`).
-    pub async fn sentinels(&self) -> Result<Vec<Instance>, Error> {
+    async fn sentinels(&self) -> Result<Vec<Instance>, Error> {
         let (_, reply) = self.sentinel(vec!["sentinels", &self.master]).await?;
         Ok(instances(&reply))
     }
 
     /// Whether the sentinels can authorize a failover (`SENTINEL CKQUORUM`). A quorum that
     /// cannot be reached is `ok: false` with Sentinel's reason, not an error.
-    pub async fn ckquorum(&self) -> Result<Quorum, Error> {
+    async fn ckquorum(&self) -> Result<Quorum, Error> {
         match self.sentinel(vec!["ckquorum", &self.master]).await {
             Ok((_, reply)) => Ok(Quorum {
                 ok: true,
@@ -270,7 +369,7 @@ impl SentinelMonitor {
     /// Asks Sentinel for a failover of the master now (`SENTINEL FAILOVER`), without waiting
     /// for agreement that it is down. Returns once a sentinel accepted; watch for
     /// `RedisMasterSwitched` to learn when it is done.
-    pub async fn failover(&self) -> Result<(), Error> {
+    async fn failover(&self) -> Result<(), Error> {
         self.sentinel(vec!["failover", &self.master])
             .await
             .map(drop)
@@ -278,9 +377,11 @@ impl SentinelMonitor {
 
     /// Publishes Sentinel's announcements about this master on `bus` as `node` until `cancel`
     /// fires. See the [module docs](self).
-    pub async fn watch(&self, node: NodeId, bus: EventBus, cancel: CancellationToken) {
+    async fn watch(&self, node: NodeId, bus: EventBus, cancel: CancellationToken) {
         let mut known_master = self.master_addr().await.ok().map(|(addr, _)| addr);
         let mut next = 0;
+        // Sentinels that refused a subscription since the last one that took it.
+        let mut refused = 0;
         while !cancel.is_cancelled() {
             let sentinel = &self.sentinels[next % self.sentinels.len()];
             next += 1;
@@ -302,6 +403,12 @@ impl SentinelMonitor {
                 Ok(Ok(())) => {}
                 _ => {
                     handle.abort();
+                    refused += 1;
+                    self.set_status(if refused >= self.sentinels.len() {
+                        Status::Unhealthy
+                    } else {
+                        Status::Degraded
+                    });
                     tracing::debug!(sentinel = %sentinel.addr, "cannot subscribe; trying the next sentinel");
                     tokio::select! {
                         () = cancel.cancelled() => return,
@@ -309,6 +416,8 @@ impl SentinelMonitor {
                     }
                 }
             }
+            refused = 0;
+            self.set_status(Status::Healthy);
             tracing::info!(sentinel = %sentinel.addr, master = %self.master, "watching sentinel announcements");
             // Catch up on a switch announced while nobody listened.
             if let Ok((addr, _)) = self.master_addr().await {
@@ -347,6 +456,7 @@ impl SentinelMonitor {
                     }
                 }
             }
+            self.set_status(Status::Degraded);
             tracing::warn!(sentinel = %sentinel.addr, "sentinel subscription lost; moving to the next sentinel");
             handle.abort();
         }

@@ -30,6 +30,7 @@ fn every_public_path_is_reachable() {
     let _: &std::path::Path = replicator.source();
     let _: Option<ha_replication::FileSyncError> = None::<FileSyncError>;
     let _: Option<ha_replication::SyncReport> = None::<SyncReport>;
+    let _: Option<ha_replication::FileSync> = None::<ha_replication::files::FileSync>;
     let _ = FileReplicator::local(dir.path(), dir.path(), FileSyncConfig::default()).unwrap();
 
     let _: Option<(

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ha_core::{EventBus, HaEvent, NodeId};
+use ha_core::{Component, ComponentContext, EventBus, HaEvent, NodeId, Status};
 use ha_replication::pg::{LagConfig, Link, PgMember, PgReplicationMonitor, ReplicaLag};
 use ha_testkit::PostgresServer;
 use tokio::time::Instant;
@@ -157,8 +157,20 @@ async fn a_stopped_replica_breaches_the_bound_and_recovers() {
         max_lag: Duration::from_secs(2),
         ..LagConfig::default()
     };
-    let m = monitor(&primary, &replica, config).with_bus(NodeId::new("n1"), bus.clone());
+    // Started so that changes are published; the samples below are taken on demand besides
+    // the monitor's own (one a minute), and each change is still published once.
+    let m = monitor(
+        &primary,
+        &replica,
+        LagConfig {
+            interval: Duration::from_secs(60),
+            ..config
+        },
+    );
+    let ctx = ComponentContext::standalone(NodeId::new("n1")).with_bus(bus.clone());
+    m.start(ctx).await.unwrap();
     sample_until(&m, |r| r.lag_bytes == Some(0)).await;
+    assert_eq!(m.status(), Status::Healthy);
 
     replica.pause().unwrap();
     write_load(&primary, 3).await;
@@ -186,4 +198,6 @@ async fn a_stopped_replica_breaches_the_bound_and_recovers() {
         "{recovered:?}"
     );
     assert!(events.try_recv().is_err(), "one event per change");
+    m.stop().await.unwrap();
+    m.stop().await.unwrap();
 }

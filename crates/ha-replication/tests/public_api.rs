@@ -40,6 +40,9 @@ async fn every_public_path_is_reachable() {
         Refusal,
     )> = None;
     let _: Option<(Instance, MasterInfo, Quorum, SentinelMonitor)> = None;
+    fn component<C: ha_core::Component>() {}
+    component::<PgReplicationMonitor>();
+    component::<SentinelMonitor>();
     let fences: Vec<Box<dyn PrimaryFence>> = vec![
         Box::new(NoFence),
         Box::new(SqlShutdownFence),

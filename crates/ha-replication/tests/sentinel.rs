@@ -6,11 +6,10 @@
 
 use std::time::Duration;
 
-use ha_core::{EventBus, HaEvent, NodeId};
+use ha_core::{Component, ComponentContext, EventBus, HaEvent, NodeId, Status};
 use ha_replication::SentinelMonitor;
 use ha_testkit::{RedisReplicaSet, SentinelOptions, SentinelSet};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -49,17 +48,13 @@ async fn reports_the_cluster_and_follows_a_failover() {
 
     let bus = EventBus::default();
     let mut events = bus.subscribe();
-    let cancel = CancellationToken::new();
-    let watcher = {
-        let monitor = std::sync::Arc::new(monitor);
-        let (bus, cancel) = (bus.clone(), cancel.clone());
-        let m = monitor.clone();
-        (
-            tokio::spawn(async move { m.watch(NodeId::new("n1"), bus, cancel).await }),
-            monitor,
-        )
-    };
-    let (task, monitor) = watcher;
+    assert_eq!(monitor.status(), Status::Unknown, "not started");
+    let ctx = ComponentContext::standalone(NodeId::new("n1")).with_bus(bus.clone());
+    monitor.start(ctx.clone()).await.unwrap();
+    assert!(
+        monitor.start(ctx).await.is_err(),
+        "a second start is refused"
+    );
     // Let the watcher subscribe before the fault: the subscription succeeds within a second
     // or two, and any switch it missed would be caught up anyway.
     let old = set.master().addr();
@@ -81,9 +76,14 @@ async fn reports_the_cluster_and_follows_a_failover() {
     };
     assert_eq!(from, old.to_string());
     assert_eq!(to, set.replicas()[0].addr().to_string());
+    assert_eq!(
+        monitor.status(),
+        Status::Healthy,
+        "subscribed to a live sentinel"
+    );
     let now = monitor.master().await.unwrap();
     assert_eq!(now.addr, to);
     assert_eq!(now.role, "master");
-    cancel.cancel();
-    task.await.unwrap();
+    monitor.stop().await.unwrap();
+    monitor.stop().await.unwrap();
 }

@@ -83,7 +83,8 @@
 //! The work is blocking file I/O, so the core is synchronous
 //! ([`FileReplicator::sync_blocking`]) and parallel on scoped threads; [`FileReplicator::sync`]
 //! runs it once on Tokio's blocking pool. [`SyncTarget`] is a blocking trait for the same
-//! reason.
+//! reason. [`FileSync`] is the [`Component`](ha_core::Component) that runs a replicator every
+//! interval (on every node, or on the leader only).
 //!
 //! # Remote targets
 //!
@@ -98,6 +99,7 @@ mod digest;
 mod error;
 mod local;
 mod manifest;
+mod periodic;
 mod replicator;
 mod report;
 mod source;
@@ -108,6 +110,7 @@ pub use config::{FileSyncConfig, MAX_BUFFER_SIZE, MAX_PARALLELISM, MIN_BUFFER_SI
 pub use digest::{DEFAULT_BUFFER_SIZE, ParseSha256Error, Sha256, hash_reader};
 pub use error::FileSyncError;
 pub use local::LocalTarget;
+pub use periodic::FileSync;
 pub use replicator::FileReplicator;
 pub use report::{
     DeletionRefusal, DeletionsRefused, Failure, Mismatch, Modified, RefusalReason, Refused,

@@ -19,15 +19,22 @@
 //! replication connection while WAL is outstanding or its position is unknown. A state
 //! change needs `consecutive_samples` agreeing samples (default 2), so one sample taken in the
 //! millisecond between a write and the standby's reply does not flap.
+//!
+//! The monitor is a [`Component`] named `postgres-replication`: started with the node's
+//! [`ComponentContext`], it samples every `interval` and publishes breaches and recoveries on
+//! the context's bus as the context's node, until the context's shutdown or
+//! [`stop`](Component::stop). [`PgReplicationMonitor::sample`] takes one sample on demand (it
+//! publishes only while the monitor is started).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
 use ha_core::config::{self, ConfigError, Validate};
-use ha_core::{EventBus, HaEvent, NodeId, metric};
+use ha_core::{
+    Component, ComponentContext, ComponentTasks, EventBus, HaEvent, NodeId, Status, metric,
+};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use crate::pg::member::PgMember;
 use crate::pg::status::{PrimaryStatus, ReplicaStatus, StandbyStatus};
@@ -42,7 +49,7 @@ pub struct LagConfig {
     pub max_lag: Duration,
     /// WAL bytes behind above which a replica is breached (default 16 MiB, one WAL segment).
     pub max_lag_bytes: u64,
-    /// Time between samples in [`PgReplicationMonitor::run`] (default 1 s).
+    /// Time between samples once the monitor is started (default 1 s).
     #[serde(with = "config::duration")]
     pub interval: Duration,
     /// Agreeing samples needed to change a replica's breached state (default 2).
@@ -156,20 +163,30 @@ pub fn over_bound(
         || bytes.is_none()
 }
 
-/// Watches a primary and its replicas.
+/// Watches a primary and its replicas: a [`Component`] named `postgres-replication` (see the
+/// [module docs](self)).
 pub struct PgReplicationMonitor {
+    inner: Arc<Inner>,
+    tasks: ComponentTasks,
+}
+
+/// The name of the monitor as a [`Component`].
+const COMPONENT: &str = "postgres-replication";
+
+struct Inner {
     primary: PgMember,
     replicas: Vec<PgMember>,
     config: LagConfig,
-    node: NodeId,
-    bus: Option<EventBus>,
+    /// Who publishes changes, and where: set by `start` from the context, cleared by `stop`.
+    publisher: Mutex<Option<(NodeId, EventBus)>>,
     state: Mutex<State>,
 }
 
-#[derive(Default)]
 struct State {
     trackers: Vec<Tracker>,
     last: Option<Arc<Sample>>,
+    /// What the last sample said: unknown before the first.
+    status: Status,
 }
 
 #[derive(Default, Clone)]
@@ -194,59 +211,123 @@ impl PgReplicationMonitor {
         })?;
         let trackers = vec![Tracker::default(); replicas.len()];
         Ok(Self {
-            primary,
-            replicas,
-            config,
-            node: NodeId::new("local"),
-            bus: None,
-            state: Mutex::new(State {
-                trackers,
-                last: None,
+            inner: Arc::new(Inner {
+                primary,
+                replicas,
+                config,
+                publisher: Mutex::new(None),
+                state: Mutex::new(State {
+                    trackers,
+                    last: None,
+                    status: Status::Unknown,
+                }),
             }),
+            tasks: ComponentTasks::default(),
         })
-    }
-
-    /// Publishes `ReplicationLagBreached`/`Recovered` on `bus` as `node`.
-    #[must_use]
-    pub fn with_bus(mut self, node: NodeId, bus: EventBus) -> Self {
-        self.node = node;
-        self.bus = Some(bus);
-        self
     }
 
     /// The primary.
     pub fn primary(&self) -> &PgMember {
-        &self.primary
+        &self.inner.primary
     }
 
     /// The replicas.
     pub fn replicas(&self) -> &[PgMember] {
-        &self.replicas
+        &self.inner.replicas
     }
 
     /// The latest sample, if any.
     pub fn last_sample(&self) -> Option<Arc<Sample>> {
-        self.lock().last.clone()
+        self.inner.lock().last.clone()
     }
 
     /// The primary's WAL position at the latest sample: what a promotion compares candidates
     /// against once the primary is gone.
     pub fn last_primary_lsn(&self) -> Option<Lsn> {
-        self.lock().last.as_ref().map(|s| s.primary.current_lsn)
+        self.inner
+            .lock()
+            .last
+            .as_ref()
+            .map(|s| s.primary.current_lsn)
     }
 
+    /// Takes one sample of every server (replicas queried concurrently) and updates breach
+    /// states; while the monitor is started, publishes the changes on its context's bus.
+    /// Fails only if the primary cannot be read.
+    pub async fn sample(&self) -> Result<Arc<Sample>, Error> {
+        self.inner.sample().await
+    }
+}
+
+#[ha_core::async_trait]
+impl Component for PgReplicationMonitor {
+    fn name(&self) -> &str {
+        COMPONENT
+    }
+
+    /// Samples every `interval` as `ctx.node`, publishing breaches and recoveries on
+    /// `ctx.bus`, until `ctx.shutdown` or [`stop`](Component::stop). A failed sample is
+    /// logged and the loop goes on.
+    async fn start(&self, ctx: ComponentContext) -> Result<(), ha_core::Error> {
+        let stop = self.tasks.begin(COMPONENT, &ctx)?;
+        *ha_core::sync::lock(&self.inner.publisher) = Some((ctx.node, ctx.bus));
+        self.tasks.spawn(sample_loop(Arc::clone(&self.inner), stop));
+        Ok(())
+    }
+
+    /// Stops sampling and waits for a sample in progress to end. Idempotent.
+    async fn stop(&self) -> Result<(), ha_core::Error> {
+        self.tasks.stop().await;
+        *ha_core::sync::lock(&self.inner.publisher) = None;
+        Ok(())
+    }
+
+    /// Unknown before the first sample; Unhealthy when the last sample could not read the
+    /// primary; Degraded while a replica is breached; else Healthy.
+    fn status(&self) -> Status {
+        self.inner.lock().status
+    }
+}
+
+/// Samples every `interval` until `stop` fires.
+async fn sample_loop(inner: Arc<Inner>, stop: tokio_util::sync::CancellationToken) {
+    let mut ticks = tokio::time::interval(inner.config.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        // A sample in progress is abandoned at stop: its queries have their own timeouts,
+        // but stop should not wait for them.
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            result = inner.sample() => if let Err(e) = result {
+                tracing::warn!(primary = inner.primary.name(), error = %e, "replication sample failed");
+            }
+        }
+    }
+}
+
+impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         ha_core::sync::lock(&self.state)
     }
 
-    /// Takes one sample of every server (replicas queried concurrently), updates breach
-    /// states and publishes changes. Fails only if the primary cannot be read.
-    pub async fn sample(&self) -> Result<Arc<Sample>, Error> {
+    async fn sample(&self) -> Result<Arc<Sample>, Error> {
         let (primary, replicas) = tokio::join!(
             self.primary.primary_status(),
             join_all(self.replicas.iter().map(PgMember::replica_status)),
         );
-        let primary = primary?;
+        let primary = match primary {
+            Ok(primary) => primary,
+            Err(e) => {
+                self.lock().status = Status::Unhealthy;
+                return Err(e);
+            }
+        };
         let mut state = self.lock();
         let mut lags = Vec::with_capacity(self.replicas.len());
         for (i, (member, own)) in self.replicas.iter().zip(replicas).enumerate() {
@@ -299,25 +380,13 @@ impl PgReplicationMonitor {
             primary,
             replicas: lags,
         });
+        state.status = if sample.replicas.iter().any(|r| r.breached) {
+            Status::Degraded
+        } else {
+            Status::Healthy
+        };
         state.last = Some(sample.clone());
         Ok(sample)
-    }
-
-    /// Samples every `interval` until `cancel` fires. A failed sample is logged and the loop
-    /// goes on.
-    pub async fn run(&self, cancel: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.config.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            if let Err(e) = self.sample().await {
-                tracing::warn!(primary = self.primary.name(), error = %e, "replication sample failed");
-            }
-        }
     }
 
     fn publish_change(
@@ -329,7 +398,10 @@ impl PgReplicationMonitor {
         link: Link,
     ) {
         let at = SystemTime::now();
-        let node = self.node.clone();
+        let publisher = ha_core::sync::lock(&self.publisher).clone();
+        let node = publisher
+            .as_ref()
+            .map_or_else(|| NodeId::new("local"), |(node, _)| node.clone());
         let replica = replica.to_owned();
         let event = if breached {
             tracing::warn!(%replica, ?lag_bytes, ?lag, ?link, "replication lag over bound");
@@ -350,7 +422,7 @@ impl PgReplicationMonitor {
                 lag,
             }
         };
-        if let Some(bus) = &self.bus {
+        if let Some((_, bus)) = publisher {
             bus.publish(event);
         }
     }
