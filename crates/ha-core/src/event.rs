@@ -64,7 +64,9 @@ impl Severity {
 
 /// How much high availability a node delivers: the seed's levels, each with the availability
 /// it targets.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum HaLevel {
     /// Nothing watches the service.

@@ -1,8 +1,63 @@
-//! The thin composition layer.
+//! The `ha` node: one builder, one config file and one binary that run election, health
+//! checks, failover, replication and backups together in one process, with an HTTP API and
+//! an operator's CLI.
 //!
-//! This crate will hold the builder that composes election, health, failover, replication and
-//! DR into one service, starts their [`ha_core::Component`]s in dependency order and stops them
-//! in reverse, computes the overall HA level, and serves `/health`, `/ready`, `/status` and
-//! `/metrics`. It owns no algorithm of its own.
+//! - [`HaNode::builder`] composes the parts (application code); [`HaConfig`] is the same in
+//!   TOML with environment overrides (`ha-node --config ha.toml`).
+//! - [`HaNode::start`] starts every component with one [`ha_core::ComponentContext`] —
+//!   election → health → failover → replication → DR → your components — then serves the
+//!   HTTP API ([`http`]); [`HaNode::shutdown`] undoes it in reverse, releasing leadership
+//!   first.
+//! - Every [`ha_core::HaEvent`] on the node's bus becomes a `tracing` line at its
+//!   [`ha_core::Severity`] and the `ha_events_total{event,severity}` counter; the HA level
+//!   ([`level`]) is recomputed from what is configured and what is true now.
+//! - `hactl` talks to nodes' APIs: `list`, `status`, `switchover`, `pause`, `resume`,
+//!   `history`, `backup`.
 //!
-//! Status: not built yet. The crate exists so that the workspace layout is final.
+//! The crate owns no algorithm: elections, checks, failovers, replication and backups are
+//! the other crates'; this one composes them and shows what they do.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use ha_election::{ElectorConfig, MemoryLeaseStore};
+//! use ha_health::{CheckConfig, CheckResult, FnCheck};
+//! use ha_orchestrator::HaNode;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), ha_orchestrator::Error> {
+//! let store = Arc::new(MemoryLeaseStore::new());
+//! let node = HaNode::builder()
+//!     .node_id("node-a")
+//!     .cluster("orders")
+//!     .election_with(store, ElectorConfig::with_ttl("ignored", Duration::from_secs(2), Duration::from_millis(200)))
+//!     .check(
+//!         FnCheck::new("api", || async { CheckResult::healthy("ok") }),
+//!         CheckConfig::default().interval(Duration::from_secs(1)),
+//!     )
+//!     .http("127.0.0.1:0".parse().unwrap())
+//!     .build()?;
+//! node.start().await?;
+//! println!("API on http://{}", node.http_addr().unwrap());
+//! node.shutdown().await; // not ready, leadership released, components stopped, API closed
+//! # Ok(())
+//! # }
+//! ```
+
+mod admin;
+mod builder;
+
+mod error;
+pub mod http;
+pub mod level;
+mod node;
+mod secret;
+mod status;
+
+pub use builder::{EventHook, HaNodeBuilder, MetricsRender};
+
+pub use error::Error;
+pub use level::LevelReport;
+pub use node::{HaNode, NodeGate, Phase, wait_for_signal};
+pub use secret::{Redactor, Secret};
+pub use status::{Kpis, LeaderView, LevelView, MemberView, NodeStatus};

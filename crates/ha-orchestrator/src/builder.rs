@@ -1,0 +1,448 @@
+//! [`HaNodeBuilder`]: composes the components of one node and validates the whole of it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ha_core::{Component, ConfigError, HaEvent, NodeId, Validate};
+use ha_dr::BackupScheduler;
+use ha_election::{ElectorConfig, LeaseStore};
+use ha_failover::{ComponentConfig, FailoverAction, FailoverConfig, FailoverManager, Router, Target};
+use ha_health::{CheckConfig, CheckerConfig, HealthCheck, HealthChecker};
+use ha_replication::{FileSync, PgReplicationMonitor, SentinelMonitor};
+
+use crate::error::Error;
+use crate::node::{HaNode, Parts};
+use crate::secret::Secret;
+
+/// Renders the process's metrics in Prometheus text (the binary's recorder handle).
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Reacts to every event this process observes (client routing in every process, not only on
+/// the leader).
+pub type EventHook = Arc<dyn Fn(&HaEvent) + Send + Sync>;
+
+/// How this node decides whether it leads.
+enum Leadership {
+    /// Not said: leader-only work is refused at build time.
+    Unset,
+    /// An explicit single node: always leads.
+    Single,
+    /// Elected on a lease store.
+    Elected {
+        store: Arc<dyn LeaseStore>,
+        config: Option<ElectorConfig>,
+    },
+}
+
+/// Builds an [`HaNode`]: `HaNode::builder()`, then consuming setters, then
+/// [`build`](Self::build), which validates the whole node.
+///
+/// ```
+/// use std::time::Duration;
+/// use ha_health::{CheckConfig, CheckResult, FnCheck};
+/// use ha_orchestrator::HaNode;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), ha_orchestrator::Error> {
+/// let node = HaNode::builder()
+///     .node_id("node-a")
+///     .cluster("orders")
+///     .single_node()
+///     .check(
+///         FnCheck::new("api", || async { CheckResult::healthy("ok") }),
+///         CheckConfig::default().interval(Duration::from_secs(1)),
+///     )
+///     .build()?;
+/// node.start().await?;
+/// assert_eq!(node.level().level, ha_core::HaLevel::Basic);
+/// node.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct HaNodeBuilder {
+    node_id: Option<NodeId>,
+    cluster: String,
+    leadership: Leadership,
+    member_meta: Vec<(String, String)>,
+    checks: Vec<(Arc<dyn HealthCheck>, CheckConfig)>,
+    checker_config: CheckerConfig,
+    failovers: Vec<(String, Arc<dyn FailoverAction>, ComponentConfig)>,
+    failover_config: FailoverConfig,
+    postgres: Option<Arc<PgReplicationMonitor>>,
+    sentinel: Option<Arc<SentinelMonitor>>,
+    files: Vec<Arc<FileSync>>,
+    backups: Option<Arc<BackupScheduler>>,
+    extra: Vec<Arc<dyn Component>>,
+    hooks: Vec<EventHook>,
+    http: Option<SocketAddr>,
+    admin_token: Option<Secret>,
+    metrics: Option<MetricsRender>,
+    shutdown_timeout: Duration,
+    secrets: Vec<Secret>,
+}
+
+impl fmt::Debug for HaNodeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HaNodeBuilder")
+            .field("node_id", &self.node_id)
+            .field("cluster", &self.cluster)
+            .field("checks", &self.checks.len())
+            .field("failovers", &self.failovers.len())
+            .field("http", &self.http)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for HaNodeBuilder {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            cluster: "ha".to_owned(),
+            leadership: Leadership::Unset,
+            member_meta: Vec::new(),
+            checks: Vec::new(),
+            checker_config: CheckerConfig::default(),
+            failovers: Vec::new(),
+            failover_config: FailoverConfig::default(),
+            postgres: None,
+            sentinel: None,
+            files: Vec::new(),
+            backups: None,
+            extra: Vec::new(),
+            hooks: Vec::new(),
+            http: None,
+            admin_token: None,
+            metrics: None,
+            shutdown_timeout: Duration::from_secs(10),
+            secrets: Vec::new(),
+        }
+    }
+}
+
+impl HaNodeBuilder {
+    /// This node's id: unique in the cluster; it is the holder name in the lease and the
+    /// `node` of every event. Required.
+    pub fn node_id(mut self, id: impl Into<NodeId>) -> Self {
+        self.node_id = Some(id.into());
+        self
+    }
+
+    /// The cluster's name (default `ha`); the election key is `{cluster}/leader`.
+    pub fn cluster(mut self, name: impl Into<String>) -> Self {
+        self.cluster = name.into();
+        self
+    }
+
+    /// Elects the leader on `store` with the default timing (ttl 15 s, as
+    /// [`ElectorConfig::default`]); the key is `{cluster}/leader`.
+    pub fn election(mut self, store: Arc<dyn LeaseStore>) -> Self {
+        self.leadership = Leadership::Elected {
+            store,
+            config: None,
+        };
+        self
+    }
+
+    /// Elects the leader on `store` with `config`'s timing; its key is replaced by
+    /// `{cluster}/leader`.
+    pub fn election_with(mut self, store: Arc<dyn LeaseStore>, config: ElectorConfig) -> Self {
+        self.leadership = Leadership::Elected {
+            store,
+            config: Some(config),
+        };
+        self
+    }
+
+    /// This node runs alone and always leads (fencing token 0): leader-only work runs here
+    /// without an election. Say so explicitly: a cluster that forgot its election must not
+    /// fail over from every node at once.
+    pub fn single_node(mut self) -> Self {
+        self.leadership = Leadership::Single;
+        self
+    }
+
+    /// Adds `key = value` to what this node announces in its membership heartbeats (its API
+    /// address is announced as `api` on its own).
+    pub fn member_meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.member_meta.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds a health check.
+    pub fn check(self, check: impl HealthCheck, config: CheckConfig) -> Self {
+        self.check_arc(Arc::new(check), config)
+    }
+
+    /// Adds a health check that is already shared.
+    pub fn check_arc(mut self, check: Arc<dyn HealthCheck>, config: CheckConfig) -> Self {
+        self.checks.push((check, config));
+        self
+    }
+
+    /// Settings of the health checker as a whole.
+    pub fn checker_config(mut self, config: CheckerConfig) -> Self {
+        self.checker_config = config;
+        self
+    }
+
+    /// Fails `component` over with `action` when the health check of the same name goes
+    /// down (leader only).
+    pub fn failover(
+        self,
+        component: impl Into<String>,
+        action: impl FailoverAction,
+        config: ComponentConfig,
+    ) -> Self {
+        self.failover_arc(component, Arc::new(action), config)
+    }
+
+    /// [`failover`](Self::failover) with an action that is already shared.
+    pub fn failover_arc(
+        mut self,
+        component: impl Into<String>,
+        action: Arc<dyn FailoverAction>,
+        config: ComponentConfig,
+    ) -> Self {
+        self.failovers.push((component.into(), action, config));
+        self
+    }
+
+    /// Settings of the failover manager as a whole.
+    pub fn failover_config(mut self, config: FailoverConfig) -> Self {
+        self.failover_config = config;
+        self
+    }
+
+    /// Monitors PostgreSQL streaming replication.
+    pub fn postgres(mut self, monitor: PgReplicationMonitor) -> Self {
+        self.postgres = Some(Arc::new(monitor));
+        self
+    }
+
+    /// Watches Redis Sentinel (every node, not only the leader: routing moves everywhere).
+    pub fn sentinel(mut self, monitor: SentinelMonitor) -> Self {
+        self.sentinel = Some(Arc::new(monitor));
+        self
+    }
+
+    /// Replicates a directory.
+    pub fn file_sync(mut self, sync: FileSync) -> Self {
+        self.files.push(Arc::new(sync));
+        self
+    }
+
+    /// Takes scheduled backups (leader only).
+    pub fn backups(mut self, scheduler: BackupScheduler) -> Self {
+        self.backups = Some(Arc::new(scheduler));
+        self
+    }
+
+    /// Runs one more component of the application's own, after every built-in one.
+    pub fn component(mut self, component: Arc<dyn Component>) -> Self {
+        self.extra.push(component);
+        self
+    }
+
+    /// Calls `hook` with every event this process observes, on every node (leader or not).
+    pub fn on_event(mut self, hook: impl Fn(&HaEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Moves `router` in this process whenever `select` picks a target for an event (e.g. to
+    /// the secondary on `RedisMasterSwitched` or `ReplicaPromoted`): client routing happens
+    /// in every process that observes the change, not only on the leader.
+    pub fn route<T: Send + Sync + 'static>(
+        self,
+        router: Router<T>,
+        select: impl Fn(&HaEvent) -> Option<Target> + Send + Sync + 'static,
+    ) -> Self {
+        self.on_event(move |event| {
+            if let Some(target) = select(event)
+                && router.switch(target.other(), target)
+            {
+                tracing::info!(event = event.name(), %target, "router switched in this process");
+            }
+        })
+    }
+
+    /// Serves the HTTP API on `addr` (port 0 picks a free one; [`HaNode::http_addr`] tells).
+    pub fn http(mut self, addr: SocketAddr) -> Self {
+        self.http = Some(addr);
+        self
+    }
+
+    /// The bearer token admin endpoints require. Without one they answer 401 to everyone;
+    /// a non-loopback HTTP address without one is refused at build time.
+    pub fn admin_token(mut self, token: impl Into<String>) -> Self {
+        let token = Secret::new(token.into());
+        self.secrets.push(token.clone());
+        self.admin_token = Some(token);
+        self
+    }
+
+    /// Serves `/metrics` with `render` (the Prometheus recorder's handle, installed by the
+    /// binary; a library never installs a recorder).
+    pub fn metrics(mut self, render: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        self.metrics = Some(Arc::new(render));
+        self
+    }
+
+    /// How long a graceful shutdown may take in all (default 10 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// A secret (a password in a URL, a key) that must never appear in `/status`, logs or
+    /// errors the node renders: every occurrence is replaced by `***`.
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        let secret = secret.into();
+        if !secret.is_empty() {
+            self.secrets.push(Secret::new(secret));
+        }
+        self
+    }
+
+    /// Validates the whole node and builds it (not started: [`HaNode::start`]).
+    ///
+    /// Every error names the dotted path and the rule it broke, e.g.
+    /// `failover.components[1]` naming a component without a health check of that name.
+    pub fn build(self) -> Result<HaNode, Error> {
+        let node_id = self
+            .node_id
+            .clone()
+            .ok_or_else(|| ConfigError::new("node_id", "must be set"))?;
+        ha_core::config::non_empty("cluster", &self.cluster)?;
+        if self.cluster.contains(char::is_whitespace) {
+            return Err(ConfigError::new("cluster", "must not contain whitespace").into());
+        }
+        self.validate_composition()?;
+
+        let election = match self.leadership {
+            Leadership::Elected { store, config } => {
+                let mut config = config.unwrap_or_default();
+                config.key = format!("{}/leader", self.cluster);
+                config.validate().map_err(|e| e.within("election"))?;
+                Some((store, config))
+            }
+            Leadership::Single | Leadership::Unset => None,
+        };
+        let health = if self.checks.is_empty() {
+            None
+        } else {
+            let mut builder = HealthChecker::builder().config(self.checker_config);
+            for (check, config) in self.checks {
+                builder = builder.check_arc(check, config);
+            }
+            Some(Arc::new(builder.build().map_err(|e| Error::Setup {
+                path: "checks".into(),
+                source: Box::new(e),
+            })?))
+        };
+        let failover = if self.failovers.is_empty() {
+            None
+        } else {
+            let mut builder = FailoverManager::builder().config(self.failover_config);
+            for (name, action, config) in self.failovers {
+                builder = builder.component_arc(name, action, config);
+            }
+            Some(Arc::new(builder.build().map_err(|e| Error::Setup {
+                path: "failover".into(),
+                source: Box::new(e),
+            })?))
+        };
+        let parts = Parts {
+            health,
+            failover,
+            postgres: self.postgres,
+            sentinel: self.sentinel,
+            files: self.files,
+            backups: self.backups,
+            extra: self.extra,
+        };
+        Ok(HaNode::new(crate::node::Settings {
+            node_id,
+            cluster: self.cluster,
+            election,
+            parts,
+            member_meta: self.member_meta,
+            hooks: self.hooks,
+            http: self.http,
+            admin_token: self.admin_token,
+            metrics: self.metrics,
+            shutdown_timeout: self.shutdown_timeout,
+            secrets: self.secrets,
+        }))
+    }
+
+    /// The rules that span components.
+    fn validate_composition(&self) -> Result<(), ConfigError> {
+        let checks: BTreeSet<&str> = self.checks.iter().map(|(c, _)| c.name()).collect();
+        for (i, (check, config)) in self.checks.iter().enumerate() {
+            for dep in &config.depends_on {
+                if !checks.contains(dep.as_str()) {
+                    return Err(ConfigError::new(
+                        format!("checks[{i}].depends_on"),
+                        format!("unknown check \"{dep}\" (needed by \"{}\")", check.name()),
+                    ));
+                }
+            }
+        }
+        for (i, (name, _, _)) in self.failovers.iter().enumerate() {
+            if !checks.contains(name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("failover.components[{i}]"),
+                    format!(
+                        "component \"{name}\" has no health check of that name: nothing would \
+                         ever trigger its failover"
+                    ),
+                ));
+            }
+        }
+        let leader_only = [
+            (!self.failovers.is_empty(), "failover"),
+            (self.postgres.is_some(), "replication.postgres (promotion)"),
+            (self.backups.is_some(), "disaster_recovery (scheduled backups)"),
+        ];
+        if matches!(self.leadership, Leadership::Unset) {
+            if let Some((_, what)) = leader_only.iter().find(|(on, _)| *on) {
+                return Err(ConfigError::new(
+                    "election",
+                    format!(
+                        "must be set, or the node declared single_node: {what} is leader-only \
+                         work"
+                    ),
+                ));
+            }
+        }
+        if let Some(addr) = self.http
+            && !addr.ip().is_loopback()
+            && self.admin_token.is_none()
+        {
+            return Err(ConfigError::new(
+                "http.admin_token",
+                format!(
+                    "must be set when the API listens on a non-loopback address ({addr}): \
+                     admin endpoints would be open to the network"
+                ),
+            ));
+        }
+        if let Some(token) = &self.admin_token
+            && token.expose().len() < 16
+        {
+            return Err(ConfigError::new(
+                "http.admin_token",
+                "must be at least 16 characters",
+            ));
+        }
+        if self.shutdown_timeout.is_zero() {
+            return Err(ConfigError::new("shutdown_timeout", "must be greater than zero"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! The node's HTTP API (axum, one port, JSON).
+//!
+//! | route | answers |
+//! | --- | --- |
+//! | `GET /health` | 200 while the node's loops run (liveness; no dependency checks) |
+//! | `GET /ready` | 200 when started and every critical check is healthy, else 503 |
+//! | `GET /leader` | 200 only on the node that leads now, else 503 (for load balancers) |
+//! | `GET /status` | [`NodeStatus`](crate::NodeStatus) |
+//! | `GET /metrics` | Prometheus text, when the binary installed a recorder |
+//! | `POST /switchover[?to=NODE]` | admin: the leader steps down (to `NODE`: the others hold off) |
+//! | `POST /pause`, `POST /resume` | admin: no automatic failover or promotion while paused |
+//! | `POST /backup?source=NAME` | admin: one backup of a source now (leader only) |
+//! | `POST /hold?ms=N` | admin: keep this node out of elections for N ms (≤ 60 s) |
+//!
+//! Admin routes need `Authorization: Bearer <token>` when the node has an admin token; a
+//! node without one (allowed only on a loopback address) serves them to local callers.
+//! A refused call answers 401 and changes nothing. Every body the API renders is scrubbed of
+//! the node's secrets.
+
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::HaNode;
+
+/// The longest `POST /hold` honoured.
+const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// The API's routes over `node` (to mount beside an application's own routes).
+pub fn router(node: HaNode) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/leader", get(leader))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/switchover", post(switchover))
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
+        .route("/backup", post(backup))
+        .route("/hold", post(hold))
+        .with_state(node)
+}
+
+/// Serves the API until `stop` is cancelled (then finishes the requests in flight).
+pub(crate) async fn serve(node: HaNode, listener: tokio::net::TcpListener, stop: CancellationToken) {
+    let app = router(node);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "HTTP API stopped");
+    }
+}
+
+/// A JSON body, scrubbed of the node's secrets.
+fn reply(node: &HaNode, code: StatusCode, body: serde_json::Value) -> Response {
+    let text = node.inner.redactor.redact(&body.to_string());
+    (code, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// `None` if the caller may use admin routes, else the 401 to answer.
+fn refuse_unless_admin(node: &HaNode, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &node.inner.admin_token else {
+        // Only possible on a loopback address (the builder refuses others).
+        return None;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented.is_some_and(|p| token.matches(p)) {
+        None
+    } else {
+        tracing::warn!("admin call refused: missing or wrong bearer token");
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                r#"{"error":"admin calls need Authorization: Bearer <token>"}"#,
+            )
+                .into_response(),
+        )
+    }
+}
+
+async fn health(State(node): State<HaNode>) -> Response {
+    let live = node.is_live();
+    let code = if live { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    reply(&node, code, json!({ "live": live, "phase": node.phase() }))
+}
+
+async fn ready(State(node): State<HaNode>) -> Response {
+    let ready = node.is_ready();
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    reply(&node, code, json!({ "ready": ready, "phase": node.phase() }))
+}
+
+async fn leader(State(node): State<HaNode>) -> Response {
+    match node.is_leader() {
+        Some(lead) => reply(
+            &node,
+            StatusCode::OK,
+            json!({ "leader": node.node_id().as_str(), "token": lead.token.get() }),
+        ),
+        None => {
+            let seen = node.elector().and_then(|e| e.leader());
+            reply(
+                &node,
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({
+                    "leader": seen.as_ref().map(|l| l.node.to_string()),
+                    "token": seen.map(|l| l.token.get()),
+                }),
+            )
+        }
+    }
+}
+
+async fn status(State(node): State<HaNode>) -> Response {
+    let status = node.status().await;
+    let body = serde_json::to_value(&status).unwrap_or_default();
+    reply(&node, StatusCode::OK, body)
+}
+
+async fn metrics(State(node): State<HaNode>) -> Response {
+    match &node.inner.metrics {
+        Some(render) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            node.inner.redactor.redact(&render()),
+        )
+            .into_response(),
+        None => reply(
+            &node,
+            StatusCode::NOT_FOUND,
+            json!({ "error": "no metrics recorder in this process: the embedding application serves its own metrics" }),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct SwitchoverQuery {
+    to: Option<String>,
+}
+
+async fn switchover(
+    State(node): State<HaNode>,
+    headers: HeaderMap,
+    Query(query): Query<SwitchoverQuery>,
+) -> Response {
+    if let Some(refused) = refuse_unless_admin(&node, &headers) {
+        return refused;
+    }
+    match crate::admin::switchover(&node, query.to.as_deref(), presented_token(&headers)).await {
+        Ok(body) => reply(&node, StatusCode::OK, body),
+        Err((code, message)) => reply(&node, code, json!({ "error": message })),
+    }
+}
+
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
+async fn pause(State(node): State<HaNode>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refuse_unless_admin(&node, &headers) {
+        return refused;
+    }
+    node.pause();
+    reply(&node, StatusCode::OK, json!({ "paused": true }))
+}
+
+async fn resume(State(node): State<HaNode>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refuse_unless_admin(&node, &headers) {
+        return refused;
+    }
+    node.resume();
+    reply(&node, StatusCode::OK, json!({ "paused": false }))
+}
+
+#[derive(Deserialize)]
+struct BackupQuery {
+    source: Option<String>,
+}
+
+async fn backup(
+    State(node): State<HaNode>,
+    headers: HeaderMap,
+    Query(query): Query<BackupQuery>,
+) -> Response {
+    if let Some(refused) = refuse_unless_admin(&node, &headers) {
+        return refused;
+    }
+    match crate::admin::backup(&node, query.source.as_deref()).await {
+        Ok(body) => reply(&node, StatusCode::OK, body),
+        Err((code, message)) => reply(&node, code, json!({ "error": message })),
+    }
+}
+
+#[derive(Deserialize)]
+struct HoldQuery {
+    ms: u64,
+}
+
+async fn hold(State(node): State<HaNode>, headers: HeaderMap, Query(query): Query<HoldQuery>) -> Response {
+    if let Some(refused) = refuse_unless_admin(&node, &headers) {
+        return refused;
+    }
+    let duration = Duration::from_millis(query.ms).min(MAX_HOLD);
+    node.hold(duration);
+    reply(&node, StatusCode::OK, json!({ "held_ms": duration.as_millis() as u64 }))
+}
