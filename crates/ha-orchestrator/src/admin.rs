@@ -60,7 +60,10 @@ pub(crate) async fn switchover(
             let Some(api) = member.meta.get("api") else {
                 return Err((
                     StatusCode::CONFLICT,
-                    format!("member {} announced no API address: it cannot be held off", member.node),
+                    format!(
+                        "member {} announced no API address: it cannot be held off",
+                        member.node
+                    ),
                 ));
             };
             let mut request = client.post(format!("{api}/hold?ms={hold_ms}"));
@@ -76,7 +79,10 @@ pub(crate) async fn switchover(
                 Ok(response) => {
                     return Err((
                         StatusCode::BAD_GATEWAY,
-                        format!("member {name} refused to hold off: HTTP {}", response.status()),
+                        format!(
+                            "member {name} refused to hold off: HTTP {}",
+                            response.status()
+                        ),
                     ));
                 }
                 Err(e) => {
@@ -102,7 +108,10 @@ pub(crate) async fn switchover(
 /// One backup of `source` now (leader only); without a name, the only source.
 pub(crate) async fn backup(node: &HaNode, source: Option<&str>) -> Result<Value, Refusal> {
     let Some(backups) = node.backups() else {
-        return Err((StatusCode::NOT_FOUND, "no backups are configured on this node".into()));
+        return Err((
+            StatusCode::NOT_FOUND,
+            "no backups are configured on this node".into(),
+        ));
     };
     let names: Vec<String> = backups.statuses().into_iter().map(|s| s.name).collect();
     let source = match source {
@@ -118,11 +127,16 @@ pub(crate) async fn backup(node: &HaNode, source: Option<&str>) -> Result<Value,
     if !names.contains(&source) {
         return Err((
             StatusCode::NOT_FOUND,
-            format!("no backup source named {source:?}: one of {}", names.join(", ")),
+            format!(
+                "no backup source named {source:?}: one of {}",
+                names.join(", ")
+            ),
         ));
     }
     match backups.backup_now(&source).await {
-        Ok(outcome) => Ok(json!({ "source": source, "backup": serde_json::to_value(&outcome).unwrap_or_default() })),
+        Ok(outcome) => Ok(
+            json!({ "source": source, "backup": serde_json::to_value(&outcome).unwrap_or_default() }),
+        ),
         Err(e) => {
             let code = if matches!(e, ha_dr::Error::NotRun { .. }) {
                 StatusCode::CONFLICT

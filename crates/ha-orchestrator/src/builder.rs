@@ -9,7 +9,9 @@ use std::time::Duration;
 use ha_core::{Component, ConfigError, HaEvent, NodeId, Validate};
 use ha_dr::BackupScheduler;
 use ha_election::{ElectorConfig, LeaseStore};
-use ha_failover::{ComponentConfig, FailoverAction, FailoverConfig, FailoverManager, Router, Target};
+use ha_failover::{
+    ComponentConfig, FailoverAction, FailoverConfig, FailoverManager, Router, Target,
+};
 use ha_health::{CheckConfig, CheckerConfig, HealthCheck, HealthChecker};
 use ha_replication::{FileSync, PgReplicationMonitor, SentinelMonitor};
 
@@ -407,18 +409,20 @@ impl HaNodeBuilder {
         let leader_only = [
             (!self.failovers.is_empty(), "failover"),
             (self.postgres.is_some(), "replication.postgres (promotion)"),
-            (self.backups.is_some(), "disaster_recovery (scheduled backups)"),
+            (
+                self.backups.is_some(),
+                "disaster_recovery (scheduled backups)",
+            ),
         ];
-        if matches!(self.leadership, Leadership::Unset) {
-            if let Some((_, what)) = leader_only.iter().find(|(on, _)| *on) {
-                return Err(ConfigError::new(
-                    "election",
-                    format!(
-                        "must be set, or the node declared single_node: {what} is leader-only \
-                         work"
-                    ),
-                ));
-            }
+        if matches!(self.leadership, Leadership::Unset)
+            && let Some((_, what)) = leader_only.iter().find(|(on, _)| *on)
+        {
+            return Err(ConfigError::new(
+                "election",
+                format!(
+                    "must be set, or the node declared single_node: {what} is leader-only work"
+                ),
+            ));
         }
         if let Some(addr) = self.http
             && !addr.ip().is_loopback()
@@ -441,7 +445,10 @@ impl HaNodeBuilder {
             ));
         }
         if self.shutdown_timeout.is_zero() {
-            return Err(ConfigError::new("shutdown_timeout", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "shutdown_timeout",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }

@@ -19,11 +19,11 @@
 
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +50,11 @@ pub fn router(node: HaNode) -> Router {
 }
 
 /// Serves the API until `stop` is cancelled (then finishes the requests in flight).
-pub(crate) async fn serve(node: HaNode, listener: tokio::net::TcpListener, stop: CancellationToken) {
+pub(crate) async fn serve(
+    node: HaNode,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) {
     let app = router(node);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -93,14 +97,26 @@ fn refuse_unless_admin(node: &HaNode, headers: &HeaderMap) -> Option<Response> {
 
 async fn health(State(node): State<HaNode>) -> Response {
     let live = node.is_live();
-    let code = if live { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if live {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     reply(&node, code, json!({ "live": live, "phase": node.phase() }))
 }
 
 async fn ready(State(node): State<HaNode>) -> Response {
     let ready = node.is_ready();
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    reply(&node, code, json!({ "ready": ready, "phase": node.phase() }))
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    reply(
+        &node,
+        code,
+        json!({ "ready": ready, "phase": node.phase() }),
+    )
 }
 
 async fn leader(State(node): State<HaNode>) -> Response {
@@ -213,11 +229,19 @@ struct HoldQuery {
     ms: u64,
 }
 
-async fn hold(State(node): State<HaNode>, headers: HeaderMap, Query(query): Query<HoldQuery>) -> Response {
+async fn hold(
+    State(node): State<HaNode>,
+    headers: HeaderMap,
+    Query(query): Query<HoldQuery>,
+) -> Response {
     if let Some(refused) = refuse_unless_admin(&node, &headers) {
         return refused;
     }
     let duration = Duration::from_millis(query.ms).min(MAX_HOLD);
     node.hold(duration);
-    reply(&node, StatusCode::OK, json!({ "held_ms": duration.as_millis() as u64 }))
+    reply(
+        &node,
+        StatusCode::OK,
+        json!({ "held_ms": duration.as_millis() as u64 }),
+    )
 }

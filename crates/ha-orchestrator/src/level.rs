@@ -165,7 +165,10 @@ mod tests {
             ..LevelFacts::default()
         };
         let report = compute(&basic);
-        assert_eq!((report.level, report.configured), (HaLevel::Basic, HaLevel::Basic));
+        assert_eq!(
+            (report.level, report.configured),
+            (HaLevel::Basic, HaLevel::Basic)
+        );
         assert_eq!(report.target_percent, 99.5);
         assert!(report.reasons.is_empty());
 
@@ -209,7 +212,11 @@ mod tests {
         };
         let report = compute(&paused);
         assert_eq!(report.level, HaLevel::Basic);
-        assert!(report.reasons.contains(&"automatic failover is paused".to_owned()));
+        assert!(
+            report
+                .reasons
+                .contains(&"automatic failover is paused".to_owned())
+        );
 
         let broken = LevelFacts {
             replication_working: false,

@@ -46,6 +46,7 @@
 
 mod admin;
 mod builder;
+pub mod config;
 
 mod error;
 pub mod http;
@@ -55,6 +56,7 @@ mod secret;
 mod status;
 
 pub use builder::{EventHook, HaNodeBuilder, MetricsRender};
+pub use config::HaConfig;
 
 pub use error::Error;
 pub use level::LevelReport;

@@ -339,7 +339,11 @@ impl HaNode {
     fn set_paused(&self, paused: bool) {
         let was = self.inner.paused.swap(paused, Ordering::SeqCst);
         if was != paused {
-            tracing::warn!(paused, "automatic failover {}", if paused { "paused" } else { "resumed" });
+            tracing::warn!(
+                paused,
+                "automatic failover {}",
+                if paused { "paused" } else { "resumed" }
+            );
             metrics::gauge!(metric::NODE_PAUSED).set(if paused { 1.0 } else { 0.0 });
             self.refresh_level();
         }
@@ -418,9 +422,7 @@ impl HaNode {
             self.fail_start().await;
             return Err(e);
         }
-        let observer = Observer {
-            node: self.clone(),
-        };
+        let observer = Observer { node: self.clone() };
         inner.tasks.spawn(observer.run(events, stop.clone()));
         if let Some(listener) = listener {
             let serve = crate::http::serve(self.clone(), listener, stop);
@@ -499,7 +501,10 @@ impl HaNode {
         for (component, ctx) in order {
             let name = component.name().to_owned();
             tracing::info!(component = %name, "starting");
-            component.start(ctx.clone()).await.map_err(Error::Component)?;
+            component
+                .start(ctx.clone())
+                .await
+                .map_err(Error::Component)?;
             lock(&inner.started).push(component);
         }
         Ok(())
@@ -602,9 +607,13 @@ impl HaNode {
         LevelFacts {
             health_configured: parts.health.is_some(),
             health_running: started
-                && parts.health.as_ref().is_some_and(|h| h.report().node != ""),
+                && parts
+                    .health
+                    .as_ref()
+                    .is_some_and(|h| !h.report().node.is_empty()),
             failover_configured: parts.failover.is_some(),
-            failover_running: started && parts.failover.as_ref().is_some_and(|f| running(f.as_ref())),
+            failover_running: started
+                && parts.failover.as_ref().is_some_and(|f| running(f.as_ref())),
             paused: self.is_paused(),
             replication_configured: !replication.is_empty(),
             replication_working: !replication.is_empty()
@@ -676,7 +685,7 @@ impl Observer {
                     Err(_) => return,
                 },
                 _ = tick.tick() => {
-                    if ticks % 3 == 0 && self.node.inner.election_configured {
+                    if ticks.is_multiple_of(3) && self.node.inner.election_configured {
                         let members = self.node.members();
                         tokio::select! {
                             () = stop.cancelled() => return,
@@ -699,9 +708,15 @@ impl Observer {
             .redactor
             .redact(&serde_json::to_string(event).unwrap_or_else(|_| event.name().to_owned()));
         match severity {
-            Severity::Critical => tracing::error!(event = event.name(), severity = "critical", detail = %text),
-            Severity::Warning => tracing::warn!(event = event.name(), severity = "warning", detail = %text),
-            Severity::Info => tracing::info!(event = event.name(), severity = "info", detail = %text),
+            Severity::Critical => {
+                tracing::error!(event = event.name(), severity = "critical", detail = %text)
+            }
+            Severity::Warning => {
+                tracing::warn!(event = event.name(), severity = "warning", detail = %text)
+            }
+            Severity::Info => {
+                tracing::info!(event = event.name(), severity = "info", detail = %text)
+            }
         }
         {
             let mut observed = lock(&inner.observed);

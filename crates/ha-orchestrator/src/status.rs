@@ -157,8 +157,8 @@ impl HaNode {
             .map(|(name, state)| (name.clone(), state.as_str().to_owned()))
             .collect();
         let backups_seen = observed.backups_completed + observed.backups_failed;
-        let backup_success_rate = (backups_seen > 0)
-            .then(|| observed.backups_completed as f64 / backups_seen as f64);
+        let backup_success_rate =
+            (backups_seen > 0).then(|| observed.backups_completed as f64 / backups_seen as f64);
         let recent_events = observed.recent.iter().map(json).collect();
         drop(observed);
 
@@ -167,9 +167,14 @@ impl HaNode {
             ..Kpis::default()
         };
         if let Some(report) = &health {
-            let rates: Vec<f64> = report.checks.iter().filter_map(|c| c.success_rate).collect();
+            let rates: Vec<f64> = report
+                .checks
+                .iter()
+                .filter_map(|c| c.success_rate)
+                .collect();
             if !rates.is_empty() {
-                kpis.health_check_success_rate = Some(rates.iter().sum::<f64>() / rates.len() as f64);
+                kpis.health_check_success_rate =
+                    Some(rates.iter().sum::<f64>() / rates.len() as f64);
             }
         }
         let failover = parts.failover.as_ref().map(|manager| {
@@ -177,10 +182,13 @@ impl HaNode {
             let ran: Vec<_> = history.iter().filter(|r| r.outcome.ran()).collect();
             let completed: Vec<f64> = ran
                 .iter()
-                .filter(|r| matches!(r.outcome, ha_failover::Outcome::Completed { .. }))
+                .filter(|r| matches!(r.outcome, ha_failover::Outcome::Completed))
                 .filter_map(|r| {
                     let ended = r.ended_at;
-                    ended.duration_since(r.trigger.at).ok().map(|d| d.as_secs_f64())
+                    ended
+                        .duration_since(r.trigger.at)
+                        .ok()
+                        .map(|d| d.as_secs_f64())
                 })
                 .collect();
             if !completed.is_empty() {
@@ -300,4 +308,3 @@ impl HaNode {
         }
     }
 }
-
