@@ -133,6 +133,7 @@ pub enum HaEvent {
     /// This node became the leader for `key`.
     LeadershipAcquired {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The new leader.
         node: NodeId,
@@ -144,6 +145,7 @@ pub enum HaEvent {
     /// This node stopped being the leader for `key`.
     LeadershipLost {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The former leader.
         node: NodeId,
@@ -157,6 +159,7 @@ pub enum HaEvent {
     /// A component's health status changed.
     HealthChanged {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that ran the check.
         node: NodeId,
@@ -172,6 +175,7 @@ pub enum HaEvent {
     /// An anomaly rule fired for a component (reported, not a status change).
     AnomalyDetected {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that detected it.
         node: NodeId,
@@ -185,6 +189,7 @@ pub enum HaEvent {
     /// A circuit breaker changed state.
     CircuitStateChanged {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node running the breaker.
         node: NodeId,
@@ -198,6 +203,7 @@ pub enum HaEvent {
     /// A failover of a component began.
     FailoverStarted {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The leader running the failover.
         node: NodeId,
@@ -209,6 +215,7 @@ pub enum HaEvent {
     /// A failover finished and was verified.
     FailoverCompleted {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The leader that ran it.
         node: NodeId,
@@ -217,11 +224,13 @@ pub enum HaEvent {
         /// The leader's fencing token.
         token: Option<FencingToken>,
         /// How long it took.
+        #[serde(serialize_with = "ser::human")]
         duration: Duration,
     },
     /// A failover failed (after any rollback was attempted).
     FailoverFailed {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The leader that ran it.
         node: NodeId,
@@ -235,6 +244,7 @@ pub enum HaEvent {
     /// A failed failover was rolled back.
     FailoverRolledBack {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The leader that ran it.
         node: NodeId,
@@ -249,6 +259,7 @@ pub enum HaEvent {
     /// its cooldown, or the waiting queue was full. Nothing was changed.
     FailoverSkipped {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that skipped it.
         node: NodeId,
@@ -260,6 +271,7 @@ pub enum HaEvent {
     /// A replica's lag went over its bound.
     ReplicationLagBreached {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that measured it.
         node: NodeId,
@@ -268,11 +280,13 @@ pub enum HaEvent {
         /// Lag in bytes of WAL (or replication offset), when measured.
         lag_bytes: Option<u64>,
         /// Lag in time, when measured.
+        #[serde(serialize_with = "ser::human_opt")]
         lag: Option<Duration>,
     },
     /// A replica's lag came back within its bound.
     ReplicationLagRecovered {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that measured it.
         node: NodeId,
@@ -281,11 +295,13 @@ pub enum HaEvent {
         /// Lag in bytes, when measured.
         lag_bytes: Option<u64>,
         /// Lag in time, when measured.
+        #[serde(serialize_with = "ser::human_opt")]
         lag: Option<Duration>,
     },
     /// A replica was promoted to primary.
     ReplicaPromoted {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The leader that promoted it.
         node: NodeId,
@@ -297,6 +313,7 @@ pub enum HaEvent {
     /// Redis Sentinel switched a monitored master (`+switch-master`).
     RedisMasterSwitched {
         /// When it was observed.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that observed it.
         node: NodeId,
@@ -311,6 +328,7 @@ pub enum HaEvent {
     /// `-odown`).
     RedisInstanceStatus {
         /// When it was observed.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that observed it.
         node: NodeId,
@@ -328,6 +346,7 @@ pub enum HaEvent {
     /// A backup was written and verified.
     BackupCompleted {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that ran it.
         node: NodeId,
@@ -338,11 +357,13 @@ pub enum HaEvent {
         /// Stored size in bytes.
         bytes: u64,
         /// How long it took.
+        #[serde(serialize_with = "ser::human")]
         duration: Duration,
     },
     /// A backup failed; nothing partial was kept.
     BackupFailed {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that ran it.
         node: NodeId,
@@ -354,30 +375,36 @@ pub enum HaEvent {
     /// A restore finished.
     RestoreCompleted {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that ran it.
         node: NodeId,
         /// The restored backup.
         backup_id: String,
         /// How long it took (a measured RTO).
+        #[serde(serialize_with = "ser::human")]
         duration: Duration,
     },
     /// The newest good backup of a kind is older than its recovery point objective.
     RpoBreached {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node that noticed.
         node: NodeId,
         /// The backup kind.
         kind: String,
         /// Age of the newest good backup (`None`: there is none).
+        #[serde(serialize_with = "ser::human_opt")]
         since_last_backup: Option<Duration>,
         /// The objective.
+        #[serde(serialize_with = "ser::human")]
         rpo: Duration,
     },
     /// The HA level this node delivers changed (configured parts came up or went down).
     HaLevelChanged {
         /// When.
+        #[serde(serialize_with = "ser::rfc3339")]
         at: SystemTime,
         /// The node.
         node: NodeId,
@@ -517,6 +544,29 @@ impl HaEvent {
     }
 }
 
+/// How events render times and durations in JSON: RFC 3339 instants (UTC, milliseconds)
+/// and human durations (`1s 500ms`), as logs and `/status` show them.
+mod ser {
+    use std::time::{Duration, SystemTime};
+
+    use serde::Serializer;
+
+    pub(super) fn rfc3339<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(*at))
+    }
+
+    pub(super) fn human<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub(super) fn human_opt<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => human(d, s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,6 +588,7 @@ mod tests {
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["event"], "health_changed");
         assert_eq!(json["to"], "unhealthy");
+        assert_eq!(json["at"], "1970-01-01T00:00:07.000Z");
         assert_eq!(e.severity(), Severity::Critical);
     }
 
