@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use ha_core::config::duration;
 use ha_core::{ConfigError, Criticality, Validate};
 use ha_dr::{
@@ -439,7 +439,15 @@ const ENV_KEYS: &[(&str, &str)] = &[
 impl HaConfig {
     /// Reads `path` (TOML) under the environment overrides and validates the result.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let figment = Figment::from(Toml::file_exact(path)).merge(env_overrides());
+        let mut figment = Figment::from(Toml::file_exact(path)).merge(nested_env_overrides());
+        for (name, key) in ENV_KEYS {
+            // Taken as written, not parsed as a TOML value like the nested keys: a node id
+            // `7` or an admin token of digits only is a string, not a number that fails to
+            // deserialize (with the token printed in the error).
+            if let Ok(value) = std::env::var(format!("HA_{name}")) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
         Self::extract(figment, path)
     }
 
@@ -898,24 +906,12 @@ fn setup(path: String, source: ha_core::BoxError) -> Error {
     Error::Setup { path, source }
 }
 
-/// The environment layer: the named variables, and `HA_A__B` for any nested key `a.b`.
-fn env_overrides() -> Env {
+/// The environment layer of nested keys: `HA_A__B` for any key `a.b` (values parsed as TOML
+/// values, so `HA_ENABLE__FAILOVER=false` is a bool). The named variables are read apart.
+fn nested_env_overrides() -> Env {
     Env::prefixed("HA_")
-        .filter(|key| {
-            let key = key.as_str();
-            ENV_KEYS
-                .iter()
-                .any(|(name, _)| key.eq_ignore_ascii_case(name))
-                || key.contains("__")
-        })
-        .map(|key| {
-            let upper = key.as_str().to_ascii_uppercase();
-            match ENV_KEYS.iter().find(|(name, _)| *name == upper) {
-                Some((_, path)) => (*path).into(),
-                None => key.as_str().to_ascii_lowercase().replace("__", ".").into(),
-            }
-        })
-        .split(".")
+        .filter(|key| key.as_str().contains("__"))
+        .map(|key| key.as_str().to_ascii_lowercase().replace("__", ".").into())
 }
 
 /// Turns figment's error into `path: rule`.

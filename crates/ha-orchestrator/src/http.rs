@@ -20,6 +20,7 @@
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -170,15 +171,25 @@ struct SwitchoverQuery {
 async fn switchover(
     State(node): State<HaNode>,
     headers: HeaderMap,
-    Query(query): Query<SwitchoverQuery>,
+    query: Result<Query<SwitchoverQuery>, QueryRejection>,
 ) -> Response {
     if let Some(refused) = refuse_unless_admin(&node, &headers) {
         return refused;
     }
+    let query = match parsed(query) {
+        Ok(query) => query,
+        Err(message) => return reply(&node, StatusCode::BAD_REQUEST, json!({ "error": message })),
+    };
     match crate::admin::switchover(&node, query.to.as_deref(), presented_token(&headers)).await {
         Ok(body) => reply(&node, StatusCode::OK, body),
         Err((code, message)) => reply(&node, code, json!({ "error": message })),
     }
+}
+
+/// The query of an admin route, or the 400 to answer. Parsed only after the token is
+/// checked: an unauthenticated caller learns nothing but 401, whatever it sends.
+fn parsed<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, String> {
+    query.map(|Query(query)| query).map_err(|r| r.body_text())
 }
 
 fn presented_token(headers: &HeaderMap) -> Option<String> {
@@ -213,11 +224,15 @@ struct BackupQuery {
 async fn backup(
     State(node): State<HaNode>,
     headers: HeaderMap,
-    Query(query): Query<BackupQuery>,
+    query: Result<Query<BackupQuery>, QueryRejection>,
 ) -> Response {
     if let Some(refused) = refuse_unless_admin(&node, &headers) {
         return refused;
     }
+    let query = match parsed(query) {
+        Ok(query) => query,
+        Err(message) => return reply(&node, StatusCode::BAD_REQUEST, json!({ "error": message })),
+    };
     match crate::admin::backup(&node, query.source.as_deref()).await {
         Ok(body) => reply(&node, StatusCode::OK, body),
         Err((code, message)) => reply(&node, code, json!({ "error": message })),
@@ -232,11 +247,15 @@ struct HoldQuery {
 async fn hold(
     State(node): State<HaNode>,
     headers: HeaderMap,
-    Query(query): Query<HoldQuery>,
+    query: Result<Query<HoldQuery>, QueryRejection>,
 ) -> Response {
     if let Some(refused) = refuse_unless_admin(&node, &headers) {
         return refused;
     }
+    let query = match parsed(query) {
+        Ok(query) => query,
+        Err(message) => return reply(&node, StatusCode::BAD_REQUEST, json!({ "error": message })),
+    };
     let duration = Duration::from_millis(query.ms).min(MAX_HOLD);
     node.hold(duration);
     reply(

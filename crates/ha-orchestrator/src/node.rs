@@ -84,14 +84,20 @@ const RECENT_EVENTS: usize = 50;
 
 /// The leadership gate of a node: its elector once started, or always-leader for a single
 /// node. Cheap to clone; valid before start (answers `None` until the elector leads).
+/// Once the node shuts down it answers `None`, a single node included: nothing acts as
+/// leader while components stop.
 #[derive(Clone, Debug)]
 pub struct NodeGate {
     elector: Arc<OnceLock<Arc<Elector>>>,
     single: bool,
+    released: Arc<AtomicBool>,
 }
 
 impl LeadershipGate for NodeGate {
     fn is_leader(&self) -> Option<Leadership> {
+        if self.released.load(Ordering::SeqCst) {
+            return None;
+        }
         if self.single {
             return AlwaysLeader::default().is_leader();
         }
@@ -183,6 +189,7 @@ impl HaNode {
         let gate = NodeGate {
             elector: Arc::clone(&elector),
             single: !election_configured,
+            released: Arc::new(AtomicBool::new(false)),
         };
         let inner = Inner {
             node_id: settings.node_id,
@@ -510,10 +517,25 @@ impl HaNode {
         Ok(())
     }
 
+    /// Undoes a start that failed half-way in the order of a shutdown: not ready, leadership
+    /// released, then what had started stopped in reverse.
     async fn fail_start(&self) {
+        self.inner.phase.send_replace(Phase::Stopping);
+        self.release_leadership().await;
         self.stop_components().await;
         self.inner.tasks.stop().await;
         self.inner.phase.send_replace(Phase::Stopped);
+        self.refresh_level();
+    }
+
+    /// Stops the elector, which releases the lease, before anything else stops: followers
+    /// take over at once and no component stops while this node still acts as leader.
+    async fn release_leadership(&self) {
+        self.inner.gate.released.store(true, Ordering::SeqCst);
+        if let Some(elector) = self.inner.elector.get() {
+            let _ = elector.stop().await;
+            tracing::info!("leadership released");
+        }
     }
 
     async fn stop_components(&self) {
@@ -544,11 +566,7 @@ impl HaNode {
         metrics::gauge!(metric::NODE_READY).set(0.0);
         tracing::info!("shutting down: not ready");
         let graceful = async {
-            if let Some(elector) = inner.elector.get() {
-                // Stopping the elector releases the lease before anything else stops.
-                let _ = elector.stop().await;
-                tracing::info!("leadership released");
-            }
+            self.release_leadership().await;
             self.stop_components().await;
             inner.tasks.stop().await;
             let http = lock(&inner.http_task).take();
@@ -568,6 +586,8 @@ impl HaNode {
         }
         inner.shutdown.cancel();
         inner.phase.send_replace(Phase::Stopped);
+        // A stopped node delivers no level: `watch_level` must not keep the last one.
+        self.refresh_level();
         tracing::info!("node stopped");
     }
 
