@@ -3,20 +3,21 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ha_core::{Component, ConfigError, HaEvent, NodeId, Validate};
 use ha_dr::BackupScheduler;
-use ha_election::{ElectorConfig, LeaseStore};
+use ha_election::{Elector, ElectorConfig, LeaseStore};
 use ha_failover::{
-    ComponentConfig, FailoverAction, FailoverConfig, FailoverManager, Router, Target,
+    ComponentConfig, FailoverAction, FailoverConfig, FailoverManager, Router, StepDownAction,
+    Target,
 };
 use ha_health::{CheckConfig, CheckerConfig, HealthCheck, HealthChecker};
 use ha_replication::{FileSync, PgReplicationMonitor, SentinelMonitor};
 
 use crate::error::Error;
-use crate::node::{HaNode, Parts};
+use crate::node::{HaNode, NodeStepDown, Parts};
 use crate::secret::Secret;
 
 /// Renders the process's metrics in Prometheus text (the binary's recorder handle).
@@ -85,6 +86,7 @@ pub struct HaNodeBuilder {
     metrics: Option<MetricsRender>,
     shutdown_timeout: Duration,
     secrets: Vec<Secret>,
+    elector_slot: Arc<OnceLock<Arc<Elector>>>,
 }
 
 impl fmt::Debug for HaNodeBuilder {
@@ -121,6 +123,7 @@ impl Default for HaNodeBuilder {
             metrics: None,
             shutdown_timeout: Duration::from_secs(10),
             secrets: Vec::new(),
+            elector_slot: Arc::new(OnceLock::new()),
         }
     }
 }
@@ -211,6 +214,14 @@ impl HaNodeBuilder {
     ) -> Self {
         self.failovers.push((component.into(), action, config));
         self
+    }
+
+    /// Fails `component` over by giving up this node's leadership (a forced re-election:
+    /// another member, whose view of the component may be healthy, takes over). Needs an
+    /// election.
+    pub fn failover_step_down(self, component: impl Into<String>, config: ComponentConfig) -> Self {
+        let target = NodeStepDown::new(Arc::clone(&self.elector_slot));
+        self.failover(component, StepDownAction::new(Arc::new(target)), config)
     }
 
     /// Settings of the failover manager as a whole.
@@ -371,6 +382,7 @@ impl HaNodeBuilder {
             node_id,
             cluster: self.cluster,
             election,
+            elector_slot: self.elector_slot,
             parts,
             member_meta: self.member_meta,
             hooks: self.hooks,

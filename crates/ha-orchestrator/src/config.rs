@@ -502,6 +502,10 @@ impl HaConfig {
             }
             b = b.failover_config(config);
             for (i, entry) in self.failover.components.iter().enumerate() {
+                if matches!(entry.action, ActionEntry::StepDown) {
+                    b = b.failover_step_down(entry.name.clone(), self.component_config(entry));
+                    continue;
+                }
                 let action = build_action(&entry.action)
                     .map_err(|source| setup(format!("failover.components[{i}].action"), source))?;
                 b = b.failover_arc(entry.name.clone(), action, self.component_config(entry));
@@ -1028,13 +1032,14 @@ fn build_action(entry: &ActionEntry) -> Result<Arc<dyn FailoverAction>, ha_core:
             };
             Arc::new(HttpAction::new(method, url)?)
         }
-        ActionEntry::StepDown => {
-            return Err(Box::new(Error::Unsupported {
-                what: "a step_down action from a config file".into(),
-                why: "it needs the node's elector, which exists only once the node starts; use HaNode::builder() and StepDownAction::new(elector)".into(),
-            }));
-        }
+        ActionEntry::StepDown => unreachable_step_down()?,
     })
+}
+
+/// `step_down` is wired by [`HaConfig::into_builder`] through
+/// [`HaNodeBuilder::failover_step_down`]; it never reaches [`build_action`].
+fn unreachable_step_down() -> Result<Arc<dyn FailoverAction>, ha_core::BoxError> {
+    Err("step_down is built by the node builder".into())
 }
 
 fn build_backups(dr: &DrConfig) -> Result<BackupScheduler, Error> {

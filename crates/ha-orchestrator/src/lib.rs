@@ -60,6 +60,6 @@ pub use config::HaConfig;
 
 pub use error::Error;
 pub use level::LevelReport;
-pub use node::{HaNode, NodeGate, Phase, wait_for_signal};
+pub use node::{HaNode, NodeGate, NodeStepDown, Phase, wait_for_signal};
 pub use secret::{Redactor, Secret};
 pub use status::{Kpis, LeaderView, LevelView, MemberView, NodeStatus};

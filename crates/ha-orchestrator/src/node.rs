@@ -42,6 +42,8 @@ pub(crate) struct Settings {
     pub(crate) node_id: NodeId,
     pub(crate) cluster: String,
     pub(crate) election: Option<(Arc<dyn LeaseStore>, ElectorConfig)>,
+    /// Where the elector goes once started (actions built before it refer to it).
+    pub(crate) elector_slot: Arc<OnceLock<Arc<Elector>>>,
     pub(crate) parts: Parts,
     pub(crate) member_meta: Vec<(String, String)>,
     pub(crate) hooks: Vec<EventHook>,
@@ -102,6 +104,32 @@ impl LeadershipGate for NodeGate {
             return AlwaysLeader::default().is_leader();
         }
         self.elector.get().and_then(|e| e.is_leader())
+    }
+}
+
+/// The node's elector as a [`StepDown`](ha_core::StepDown) target, usable before the elector
+/// exists (it is built at start): a failover action that forces a re-election.
+#[derive(Clone, Debug)]
+pub struct NodeStepDown {
+    elector: Arc<OnceLock<Arc<Elector>>>,
+}
+
+#[async_trait::async_trait]
+impl ha_core::StepDown for NodeStepDown {
+    async fn step_down(&self) -> Result<(), ha_core::Error> {
+        match self.elector.get() {
+            Some(elector) => ha_core::StepDown::step_down(elector.as_ref()).await,
+            None => Err(ha_core::Error::NotLeader {
+                node: NodeId::new("unstarted"),
+                operation: "step down".into(),
+            }),
+        }
+    }
+}
+
+impl NodeStepDown {
+    pub(crate) fn new(elector: Arc<OnceLock<Arc<Elector>>>) -> Self {
+        Self { elector }
     }
 }
 
@@ -184,7 +212,7 @@ impl HaNode {
     }
 
     pub(crate) fn new(settings: Settings) -> Self {
-        let elector = Arc::new(OnceLock::new());
+        let elector = settings.elector_slot;
         let election_configured = settings.election.is_some();
         let gate = NodeGate {
             elector: Arc::clone(&elector),

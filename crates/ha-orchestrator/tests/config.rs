@@ -552,3 +552,66 @@ fn nested_keys_come_from_the_environment() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("ttl_ms"), "{}", stderr(&out));
 }
+
+/// A `step_down` action from a file needs the node's elector, which exists only once the
+/// node starts: the builder wires it to the elector the node will have.
+#[tokio::test]
+async fn a_step_down_action_from_a_file_builds_and_forces_a_re_election() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("up");
+    std::fs::write(&marker, b"").unwrap();
+    let text = format!(
+        "
+node_id = \"a\"
+[redundancy]
+store = \"memory\"
+ttl = \"1s\"
+retry = \"100ms\"
+[[checks]]
+name = \"api\"
+kind = \"command\"
+command = [\"test\", \"-e\", \"{}\"]
+interval = \"100ms\"
+timeout = \"100ms\"
+failure_threshold = 1
+[[failover.components]]
+name = \"api\"
+action = {{ kind = \"step_down\" }}
+",
+        marker.display()
+    );
+    let config = HaConfig::from_toml_str(&text, "step-down.toml").expect("valid");
+    let node = config
+        .into_builder()
+        .await
+        .expect("a step_down action is supported")
+        .build()
+        .expect("builds");
+    let mut events = node.bus().subscribe();
+    node.start().await.expect("starts");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let token = loop {
+        if let Some(lead) = node.is_leader() {
+            break lead.token;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never led");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    std::fs::remove_file(&marker).unwrap();
+    let lost = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Ok(ha_core::HaEvent::LeadershipLost {
+                token: lost,
+                reason,
+                ..
+            }) = events.recv().await
+            {
+                break (lost, reason);
+            }
+        }
+    })
+    .await
+    .expect("the failover stepped the leader down");
+    assert_eq!(lost, (token, ha_core::LossReason::SteppedDown));
+    node.shutdown().await;
+}
