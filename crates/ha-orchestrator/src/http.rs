@@ -20,8 +20,7 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -163,33 +162,58 @@ async fn metrics(State(node): State<HaNode>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
-struct SwitchoverQuery {
-    to: Option<String>,
+/// A caller allowed to use admin routes, with the token it presented (a switchover passes it
+/// on to the members it holds off). Extracted first in every admin handler, so an
+/// unauthenticated call is answered 401 before anything else of it is read.
+struct Admin {
+    token: Option<String>,
 }
 
-async fn switchover(
-    State(node): State<HaNode>,
-    headers: HeaderMap,
-    query: Result<Query<SwitchoverQuery>, QueryRejection>,
-) -> Response {
-    if let Some(refused) = refuse_unless_admin(&node, &headers) {
-        return refused;
-    }
-    let query = match parsed(query) {
-        Ok(query) => query,
-        Err(message) => return reply(&node, StatusCode::BAD_REQUEST, json!({ "error": message })),
-    };
-    match crate::admin::switchover(&node, query.to.as_deref(), presented_token(&headers)).await {
-        Ok(body) => reply(&node, StatusCode::OK, body),
-        Err((code, message)) => reply(&node, code, json!({ "error": message })),
+impl FromRequestParts<HaNode> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        node: &HaNode,
+    ) -> Result<Self, Response> {
+        match refuse_unless_admin(node, &parts.headers) {
+            Some(refused) => Err(refused),
+            None => Ok(Admin {
+                token: presented_token(&parts.headers),
+            }),
+        }
     }
 }
 
-/// The query of an admin route, or the 400 to answer. Parsed only after the token is
-/// checked: an unauthenticated caller learns nothing but 401, whatever it sends.
-fn parsed<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, String> {
-    query.map(|Query(query)| query).map_err(|r| r.body_text())
+/// An admin query string, or the JSON 400 to answer.
+struct AdminQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<HaNode>
+    for AdminQuery<T>
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        node: &HaNode,
+    ) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, node).await {
+            Ok(Query(query)) => Ok(AdminQuery(query)),
+            Err(rejection) => Err(reply(
+                node,
+                StatusCode::BAD_REQUEST,
+                json!({ "error": rejection.body_text() }),
+            )),
+        }
+    }
+}
+
+/// The answer of an admin operation.
+fn outcome(node: &HaNode, result: Result<serde_json::Value, crate::admin::Refusal>) -> Response {
+    match result {
+        Ok(body) => reply(node, StatusCode::OK, body),
+        Err((code, message)) => reply(node, code, json!({ "error": message })),
+    }
 }
 
 fn presented_token(headers: &HeaderMap) -> Option<String> {
@@ -200,18 +224,26 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn pause(State(node): State<HaNode>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse_unless_admin(&node, &headers) {
-        return refused;
-    }
+#[derive(Deserialize)]
+struct SwitchoverQuery {
+    to: Option<String>,
+}
+
+async fn switchover(
+    admin: Admin,
+    State(node): State<HaNode>,
+    AdminQuery(query): AdminQuery<SwitchoverQuery>,
+) -> Response {
+    let result = crate::admin::switchover(&node, query.to.as_deref(), admin.token).await;
+    outcome(&node, result)
+}
+
+async fn pause(_: Admin, State(node): State<HaNode>) -> Response {
     node.pause();
     reply(&node, StatusCode::OK, json!({ "paused": true }))
 }
 
-async fn resume(State(node): State<HaNode>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse_unless_admin(&node, &headers) {
-        return refused;
-    }
+async fn resume(_: Admin, State(node): State<HaNode>) -> Response {
     node.resume();
     reply(&node, StatusCode::OK, json!({ "paused": false }))
 }
@@ -222,21 +254,12 @@ struct BackupQuery {
 }
 
 async fn backup(
+    _: Admin,
     State(node): State<HaNode>,
-    headers: HeaderMap,
-    query: Result<Query<BackupQuery>, QueryRejection>,
+    AdminQuery(query): AdminQuery<BackupQuery>,
 ) -> Response {
-    if let Some(refused) = refuse_unless_admin(&node, &headers) {
-        return refused;
-    }
-    let query = match parsed(query) {
-        Ok(query) => query,
-        Err(message) => return reply(&node, StatusCode::BAD_REQUEST, json!({ "error": message })),
-    };
-    match crate::admin::backup(&node, query.source.as_deref()).await {
-        Ok(body) => reply(&node, StatusCode::OK, body),
-        Err((code, message)) => reply(&node, code, json!({ "error": message })),
-    }
+    let result = crate::admin::backup(&node, query.source.as_deref()).await;
+    outcome(&node, result)
 }
 
 #[derive(Deserialize)]
@@ -245,17 +268,10 @@ struct HoldQuery {
 }
 
 async fn hold(
+    _: Admin,
     State(node): State<HaNode>,
-    headers: HeaderMap,
-    query: Result<Query<HoldQuery>, QueryRejection>,
+    AdminQuery(query): AdminQuery<HoldQuery>,
 ) -> Response {
-    if let Some(refused) = refuse_unless_admin(&node, &headers) {
-        return refused;
-    }
-    let query = match parsed(query) {
-        Ok(query) => query,
-        Err(message) => return reply(&node, StatusCode::BAD_REQUEST, json!({ "error": message })),
-    };
     let duration = Duration::from_millis(query.ms).min(MAX_HOLD);
     node.hold(duration);
     reply(
