@@ -21,11 +21,11 @@
 //! let store = MemoryLeaseStore::new();
 //! let ttl = Duration::from_secs(2);
 //! let timeout = Duration::from_millis(500);
-//! let Acquire::Acquired(token) = store.acquire("orders/leader", &NodeId::new("a"), ttl, timeout).await? else {
+//! let Acquire::Acquired(token) = store.acquire("orders/leader", &NodeId::new("a"), ttl, None, timeout).await? else {
 //!     unreachable!("a fresh store has no holder");
 //! };
 //! // Another node is refused while the lease lives, and learns who holds it.
-//! let Acquire::Held(info) = store.acquire("orders/leader", &NodeId::new("b"), ttl, timeout).await? else {
+//! let Acquire::Held(info) = store.acquire("orders/leader", &NodeId::new("b"), ttl, None, timeout).await? else {
 //!     unreachable!("the lease is held");
 //! };
 //! assert_eq!((info.holder.as_str(), info.token), ("a", token));
@@ -52,4 +52,6 @@ pub use memory::MemoryLeaseStore;
 pub use pg_fence::PgFence;
 pub use postgres::{PostgresLeaseStore, PostgresLeaseStoreOptions};
 pub use redis::RedisLeaseStore;
-pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
+pub use store::{
+    Acquire, LeaseChange, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, with_timeout,
+};

@@ -20,7 +20,9 @@ use tokio::sync::{OnceCell, broadcast};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
+use crate::store::{
+    Acquire, LeaseChange, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, with_timeout,
+};
 
 const KIND: &str = "redis";
 
@@ -488,12 +490,22 @@ fn redact(url: &str) -> String {
 }
 
 fn ttl_millis(ttl: Duration) -> String {
-    // PX and PEXPIRE refuse 0; a sub-millisecond lease is a 1 ms lease.
-    ttl.as_millis().clamp(1, u128::from(u64::MAX)).to_string()
+    // Whole milliseconds, rounded up (a lease never lasts less than asked); PX refuses 0.
+    ttl.as_nanos()
+        .div_ceil(1_000_000)
+        .clamp(1, u128::from(u64::MAX))
+        .to_string()
 }
 
-fn record(holder: &NodeId, token: FencingToken) -> String {
-    format!("{}\n{}", token.get(), holder.as_str())
+/// An expected record as the script compares it: `<token> <renewals>[ released]\n<holder>`.
+fn expected_text(record: &LeaseRecord) -> String {
+    format!(
+        "{} {}{}\n{}",
+        record.token.get(),
+        record.renewals,
+        if record.released { " released" } else { "" },
+        record.holder.as_str()
+    )
 }
 
 fn corrupt(key: &str, detail: impl Into<String>) -> Error {
@@ -523,25 +535,51 @@ fn parse_token(key: &str, text: &str) -> Result<FencingToken> {
         .map_err(|_| corrupt(key, format!("token {text:?} is not an unsigned integer")))
 }
 
-/// Parses a lease record `<token>\n<holder>` and its `PTTL`.
+/// Parses a lease record `<token> <renewals> <ttl ms>[ released]\n<holder>` (or the older
+/// `<token>\n<holder>`) and its `PTTL`.
 fn parse_info(key: &str, record: &Value, pttl: &Value) -> Result<LeaseInfo> {
     let record = text(key, record, "lease record")?;
-    let Some((token, holder)) = record.split_once('\n') else {
+    let Some((head, holder)) = record.split_once('\n') else {
         return Err(corrupt(
             key,
-            format!("record {record:?} is not `<token>\\n<holder>`"),
+            format!("record {record:?} is not `<token> <renewals> <ttl>\\n<holder>`"),
         ));
     };
+    let fields: Vec<&str> = head.split_whitespace().collect();
+    let number = |i: usize, what: &str| -> Result<u64> {
+        fields.get(i).map_or(Ok(0), |f| {
+            f.parse()
+                .map_err(|_| corrupt(key, format!("{what} {f:?} in {record:?} is not a number")))
+        })
+    };
+    let token = parse_token(key, fields.first().copied().unwrap_or_default())?;
+    let renewals = number(1, "renewals")?;
+    let ttl_ms = number(2, "ttl")?;
+    let released = match fields.get(3).copied() {
+        None => false,
+        Some("released") => true,
+        Some(other) => return Err(corrupt(key, format!("record flag {other:?} is unknown"))),
+    };
     let pttl = integer(key, pttl, "PTTL")?;
-    let Ok(remaining) = u64::try_from(pttl) else {
+    let Ok(kept) = u64::try_from(pttl) else {
         return Err(corrupt(
             key,
             format!("the lease record has no expiry (PTTL {pttl})"),
         ));
     };
+    // The record is kept for twice the term's ttl; the term itself lapses a ttl earlier.
+    let remaining = if released {
+        0
+    } else if ttl_ms == 0 {
+        kept
+    } else {
+        kept.saturating_sub(ttl_ms)
+    };
     Ok(LeaseInfo {
         holder: NodeId::new(holder),
-        token: parse_token(key, token)?,
+        token,
+        renewals,
+        released,
         remaining: Duration::from_millis(remaining),
     })
 }
@@ -565,6 +603,7 @@ impl LeaseStore for RedisLeaseStore {
         key: &str,
         holder: &NodeId,
         ttl: Duration,
+        expected: Option<&LeaseRecord>,
         timeout: Duration,
     ) -> Result<Acquire> {
         with_timeout(KIND, "acquire", key, timeout, async {
@@ -574,6 +613,7 @@ impl LeaseStore for RedisLeaseStore {
                 ttl_millis(ttl),
                 CHANGE_CHANNEL.to_owned(),
                 key.to_owned(),
+                expected.map(expected_text).unwrap_or_default(),
             ];
             let reply = self.run("acquire", key, args).await?;
             let items = match &reply {
@@ -587,6 +627,7 @@ impl LeaseStore for RedisLeaseStore {
                 [granted, record, pttl] if integer(key, granted, "acquire flag")? == 0 => {
                     Acquire::Held(parse_info(key, record, pttl)?)
                 }
+                [vacant] if integer(key, vacant, "acquire flag")? == 2 => Acquire::Vacant,
                 _ => return Err(corrupt(key, format!("acquire answered {reply:?}"))),
             };
             tracing::debug!(store = KIND, key, %holder, ?outcome, "acquire");
@@ -604,7 +645,12 @@ impl LeaseStore for RedisLeaseStore {
         timeout: Duration,
     ) -> Result<bool> {
         with_timeout(KIND, "renew", key, timeout, async {
-            let args = vec!["renew".to_owned(), record(holder, token), ttl_millis(ttl)];
+            let args = vec![
+                "renew".to_owned(),
+                holder.as_str().to_owned(),
+                token.get().to_string(),
+                ttl_millis(ttl),
+            ];
             let renewed = flag(key, &self.run("renew", key, args).await?)?;
             tracing::debug!(store = KIND, key, %holder, %token, renewed, "renew");
             Ok(renewed)
@@ -622,7 +668,8 @@ impl LeaseStore for RedisLeaseStore {
         with_timeout(KIND, "release", key, timeout, async {
             let args = vec![
                 "release".to_owned(),
-                record(holder, token),
+                holder.as_str().to_owned(),
+                token.get().to_string(),
                 CHANGE_CHANNEL.to_owned(),
                 key.to_owned(),
             ];
@@ -719,13 +766,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_round_trip_and_holders_may_contain_newlines() {
-        let holder = NodeId::new("node\nwith newline");
-        let text = record(&holder, FencingToken(1_700_000_000_000_000));
+    fn records_parse_and_holders_may_contain_newlines() {
+        let text = "1700000000000000 3 1000\nnode\nwith newline";
         let info = parse_info("k", &Value::String(text.into()), &Value::Integer(1500)).unwrap();
-        assert_eq!(info.holder, holder);
+        assert_eq!(info.holder, NodeId::new("node\nwith newline"));
         assert_eq!(info.token, FencingToken(1_700_000_000_000_000));
-        assert_eq!(info.remaining, Duration::from_millis(1500));
+        assert_eq!((info.renewals, info.released), (3, false));
+        assert_eq!(info.remaining, Duration::from_millis(500), "kept 2 × ttl");
+        assert_eq!(
+            expected_text(&info.record()),
+            "1700000000000000 3\nnode\nwith newline"
+        );
+        let tomb = "5 2 1000 released\nn";
+        let info = parse_info("k", &Value::String(tomb.into()), &Value::Integer(900)).unwrap();
+        assert!(info.released);
+        assert_eq!(info.remaining, Duration::ZERO);
+        assert_eq!(expected_text(&info.record()), "5 2 released\nn");
+        // The older form reads as a live term with no renewals.
+        let old = parse_info("k", &Value::String("7\nn".into()), &Value::Integer(40)).unwrap();
+        assert_eq!(
+            (old.token, old.renewals, old.remaining),
+            (FencingToken(7), 0, Duration::from_millis(40))
+        );
     }
 
     #[test]
@@ -735,6 +797,9 @@ mod tests {
             ("abc\nnode", 10),
             ("-1\nnode", 10),
             ("5\nnode", -1),
+            ("5 x 10\nnode", 10),
+            ("5 1 10 gone\nnode", 10),
+            ("\nnode", 10),
         ] {
             let err =
                 parse_info("k", &Value::String(record.into()), &Value::Integer(pttl)).unwrap_err();
@@ -756,5 +821,7 @@ mod tests {
         assert_eq!(redact("redis://u:secret@h:1/0"), "redis://***@h:1/0");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
         assert_eq!(ttl_millis(Duration::from_micros(10)), "1");
+        assert_eq!(ttl_millis(Duration::from_micros(1_500)), "2", "rounded up");
+        assert_eq!(ttl_millis(Duration::from_millis(7)), "7");
     }
 }
