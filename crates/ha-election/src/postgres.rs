@@ -322,27 +322,28 @@ impl Statements {
 /// Leases in a PostgreSQL table, fencing tokens from a PostgreSQL sequence.
 ///
 /// How it meets the [`LeaseStore`] rules:
-/// - **The store's clock.** Expiry is decided and remaining time computed in SQL with
-///   `now()` (the statement's start in autocommit) — never the client's clock. TTLs travel
-///   as microseconds. `now()` is at or after the moment the request was sent, so the
-///   server-side expiry is never earlier than the deadline an elector computes from its send
-///   time.
+/// - **The store's clock decides nothing.** `expires_at` (from `now()`) only estimates
+///   [`LeaseInfo::remaining`]; followers judge expiry on their own clocks and take a row over
+///   by compare-and-set on exactly the record they observed (holder, token, `renewals`,
+///   released), so a clock step on the database host cannot end a term early. Rows are kept
+///   for good. TTLs travel as microseconds.
 /// - **Compare-and-set, one statement each.** Acquire is one `INSERT … ON CONFLICT DO UPDATE …
-///   WHERE expired` (a CTE also returns the refusing holder in the same round trip); renew is
-///   one `UPDATE … WHERE key, holder, token and unexpired`; release is one CTE that frees the
-///   row only for `(holder, token)` and notifies. Row locks serialise concurrent writers; of
-///   simultaneous acquires of a free or expired key exactly one wins.
-/// - **Tokens.** Each grant takes `nextval` of a `CACHE 1` sequence and additionally requires
-///   the new token to exceed the row's current one, so a statement that drew its value early
-///   but committed late cannot lower a key's token. Rows are never deleted (a release sets
-///   `expires_at = '-infinity'`), so the row's token bounds the next grant. Sequences are
-///   WAL-logged: tokens survive restarts and crashes; after a crash the sequence may jump
-///   ahead (PostgreSQL logs values in advance), which keeps it monotonic. A granted token is
-///   only returned after its row committed, so crash recovery never hands it out again —
-///   provided commits are durable: [`connect`](Self::connect) sets `synchronous_commit = on`
-///   on its connections; with [`from_pool`](Self::from_pool) that is the pool's business.
-///   With asynchronous replication, a promoted replica may lack the last grants and repeat
-///   their tokens: use synchronous replication for the lease database.
+///   WHERE the row is the expected record` (a CTE also returns the refusing row in the same
+///   round trip); renew is one `UPDATE … WHERE key, holder, token and not released` that
+///   counts the renewal and never moves `expires_at` backwards; release is one CTE that turns
+///   the row into a tombstone (`expires_at = '-infinity'`) only for `(holder, token)` and
+///   notifies. Row locks serialise concurrent writers; of simultaneous takeovers of one
+///   record exactly one wins.
+/// - **Tokens.** Each grant takes the greatest of `nextval` of a `CACHE 1` sequence, one more
+///   than every row's token, and the database's clock in microseconds — so tokens keep growing
+///   after a sequence reset, a restore from backup or a move to another database — and
+///   additionally requires the new token to exceed the row's current one, so a statement that
+///   drew its value early but committed late cannot lower a key's token. Rows are never
+///   deleted, so a row's token bounds the next grant. A granted token is only returned after
+///   its row committed — provided commits are durable: [`connect`](Self::connect) sets
+///   `synchronous_commit = on` on its connections; with [`from_pool`](Self::from_pool) that
+///   is the pool's business. With asynchronous replication, a promoted replica may lack the
+///   last grants: use synchronous replication for the lease database.
 /// - **Timeouts.** Every operation runs under [`with_timeout`]; sqlx failures become
 ///   [`Error::Store`], a row that does not decode becomes [`Error::Corrupt`].
 ///

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ha_core::{FencingToken, NodeId};
 use ha_election::redis::{counter_key, record_key};
 use ha_election::testing::{LONG_TTL, OP_TIMEOUT, must_take_over, unique_key};
-use ha_election::{Acquire, Error, LeaseStore, RedisLeaseStore};
+use ha_election::{Acquire, Error, LeaseStore, RedisLeaseStore, RedisLeaseStoreOptions};
 use ha_testkit::{
     FaultProxy, ProxyMode, RedisReplicaSet, RedisServer, RespValue, SentinelOptions, SentinelSet,
 };
@@ -269,6 +269,37 @@ async fn a_partitioned_server_turns_an_operation_into_a_timeout_naming_op_and_ke
             ),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_can_evict_leases_is_refused_unless_allowed() {
+    let server = RedisServer::start().await.expect("start");
+    for policy in ["volatile-ttl", "allkeys-lru"] {
+        server
+            .command(&["CONFIG", "SET", "maxmemory-policy", policy])
+            .await
+            .expect("CONFIG SET");
+        match RedisLeaseStore::connect(&server.url()).await {
+            Err(Error::UnsafeSetting { setting, value, .. }) => {
+                assert_eq!((setting, value.as_str()), ("maxmemory-policy", policy));
+            }
+            other => panic!("{policy} must be refused, got {other:?}"),
+        }
+        let store = RedisLeaseStore::connect_with(
+            &server.url(),
+            RedisLeaseStoreOptions::new().allow_eviction(true),
+        )
+        .await
+        .expect("an explicit opt-out connects");
+        must_take_over(&store, &unique_key("evictable"), &node("a"), LONG_TTL).await;
+    }
+    server
+        .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .await
+        .expect("CONFIG SET");
+    RedisLeaseStore::connect(&server.url())
+        .await
+        .expect("noeviction is fine");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
