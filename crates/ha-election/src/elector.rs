@@ -493,8 +493,12 @@ impl Runner {
         }
         let jittered = rand::rng().random_range(config.retry_interval / 2..=config.retry_interval);
         match seen {
-            Some(seen) => jittered.min((seen.since + config.ttl).saturating_duration_since(now)),
-            None => jittered,
+            // Only a node that may take over wakes for the moment it may; an ineligible one
+            // just keeps watching at the retry pace.
+            Some(seen) if self.eligible() => {
+                jittered.min((seen.since + config.ttl).saturating_duration_since(now))
+            }
+            _ => jittered,
         }
     }
 

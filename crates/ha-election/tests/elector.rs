@@ -360,6 +360,28 @@ async fn ineligible_node_steps_down_and_does_not_campaign() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_ineligible_follower_keeps_watching_at_the_retry_pace_after_a_crash() {
+    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let fa = FaultyStore::new(memory.clone());
+    let a = elector(fa.clone(), "a");
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], COLD_START, |l| l == Some(0)).await;
+    let b = Elector::builder(memory.clone(), NodeId::new("b"))
+        .config(config())
+        .eligibility(|| false)
+        .build()
+        .unwrap();
+    b.start();
+    fa.partition(true);
+    std::mem::forget(a);
+    // Long past the point where b could take over, it neither leads nor spins: paused time
+    // only advances while every task waits, so a busy loop would hang this test.
+    let seen = run_for(&mut inv, &[&b], TTL * 3).await;
+    assert!(seen.iter().all(Option::is_none), "{:?}", inv.terms());
+    assert_eq!(b.leader().map(|l| l.node), Some(NodeId::new("a")));
+}
+
+#[tokio::test(start_paused = true)]
 async fn bus_reports_acquired_then_lost_with_the_same_token() {
     let store = Arc::new(MemoryLeaseStore::new());
     let bus = EventBus::default();
