@@ -124,10 +124,13 @@ async fn roundtrips_per_renewal(upstream: SocketAddr, connect: &Connect) -> f64 
     let node = NodeId::new("rt");
     let key = "bench/roundtrips";
     let timeout = Duration::from_secs(2);
-    let ha_election::Acquire::Acquired(token) =
-        store.acquire(key, &node, TTL, timeout).await.unwrap()
+    let current = store.read(key, timeout).await.unwrap().map(|i| i.record());
+    let ha_election::Acquire::Acquired(token) = store
+        .acquire(key, &node, TTL, current.as_ref(), timeout)
+        .await
+        .unwrap()
     else {
-        panic!("fresh key must be free");
+        panic!("the key's current record must be taken over");
     };
     let before = proxy.requests_forwarded();
     for _ in 0..N {

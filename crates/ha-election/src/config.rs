@@ -8,11 +8,13 @@ use serde::{Deserialize, Serialize};
 /// How an [`Elector`](crate::Elector) times its lease.
 ///
 /// The leader's local deadline is `sent + renew_deadline`, where `sent` is when its last
-/// successful acquire/renew request was *sent*. The store's lease lasts `ttl` from when it
-/// *received* that request, which is later; requiring `renew_deadline + drift_margin <= ttl`
-/// therefore makes the leader stop acting at least `drift_margin` before the store can hand
-/// the lease to anyone else, whatever the network delay. `drift_margin` absorbs the store's
-/// clock running faster than ours.
+/// successful acquire/renew request was *sent*. A follower may take the lease over only `ttl`
+/// after it first *received* an answer showing that renewal (client-go's rule: expiry is
+/// judged on the follower's own monotonic clock, never the store's), which is later;
+/// requiring `renew_deadline + drift_margin <= ttl` therefore makes the leader stop acting at
+/// least `drift_margin` before any follower can take over, whatever the network delay and
+/// whatever the store's clock does. `drift_margin` absorbs the two nodes' clocks running at
+/// different rates.
 ///
 /// ```
 /// use ha_election::ElectorConfig;
@@ -29,8 +31,10 @@ use serde::{Deserialize, Serialize};
 pub struct ElectorConfig {
     /// The lease key: which leadership this is (default `ha/leader`).
     pub key: String,
-    /// Lease lifetime in the store (default 10 s). A crashed leader is replaced after about
-    /// `ttl + retry_interval`.
+    /// Lease lifetime (default 10 s). A follower takes over only after it watched the same
+    /// record stay unchanged for `ttl` on its own monotonic clock, so a crashed leader is
+    /// replaced after about `ttl + retry_interval` past its last renewal; a node that has seen
+    /// nothing yet (a cold start) watches for `ttl` before it takes a vacant key.
     #[serde(with = "config::duration")]
     pub ttl: Duration,
     /// How often the leader renews (default 2 s).
@@ -50,7 +54,7 @@ pub struct ElectorConfig {
     #[serde(with = "config::duration")]
     pub drift_margin: Duration,
     /// Upper bound for one store request (default 1 s); a renewal is also cut off at the
-    /// leadership deadline.
+    /// leadership deadline. At most `renew_deadline - renew_interval`.
     #[serde(with = "config::duration")]
     pub request_timeout: Duration,
 }
@@ -105,6 +109,20 @@ impl Validate for ElectorConfig {
             ("ttl", self.ttl),
         ])?;
         let fmt = |d: Duration| humantime::format_duration(d).to_string();
+        config::ensure(
+            self.renew_interval + self.request_timeout <= self.renew_deadline,
+            "request_timeout",
+            || {
+                format!(
+                    "must let a renewal sent at `renew_interval` ({}) be answered before \
+                     `renew_deadline` ({}): at most {}, got {}",
+                    fmt(self.renew_interval),
+                    fmt(self.renew_deadline),
+                    fmt(self.renew_deadline.saturating_sub(self.renew_interval)),
+                    fmt(self.request_timeout)
+                )
+            },
+        )?;
         config::ensure(
             self.renew_deadline + self.drift_margin <= self.ttl,
             "renew_deadline",
@@ -167,6 +185,15 @@ mod tests {
             "{}",
             err.rule
         );
+
+        let err = ElectorConfig {
+            request_timeout: Duration::from_millis(6001),
+            ..base.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.field, "request_timeout");
+        assert!(err.rule.contains("at most 6s, got 6s 1ms"), "{}", err.rule);
 
         let err = ElectorConfig {
             key: String::new(),

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::config::ElectorConfig;
 use crate::error::{Error, Result};
-use crate::store::{Acquire, LeaseInfo, LeaseStore, LeaseWatch, Member};
+use crate::store::{Acquire, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member};
 
 /// Decides whether this node may lead right now (e.g. "am I healthy?"). Called before every
 /// campaign attempt and every renewal, so it must be cheap and must not block.
@@ -162,12 +162,38 @@ struct Shared {
 
 /// Leader election for one key on one [`LeaseStore`].
 ///
-/// Followers try to acquire the lease every `retry_interval` (jittered) and at once when the
-/// store pushes a release. The leader renews every `renew_interval`. Its leadership is valid
-/// until `renew_deadline` after it *sent* its last successful acquire/renew — before the store
-/// can expire the lease (see [`ElectorConfig`]) — and [`is_leader`](Self::is_leader) checks
-/// that deadline against the clock on every call, so a leader that was paused or cut off from
-/// the store stops acting on time even if its task has not run since.
+/// **Followers judge expiry on their own clocks** (Kubernetes client-go's rule). A follower
+/// reads the key's record every `retry_interval` (jittered) and takes the lease over only
+/// after it has seen the *same* record — holder, token and renewal count — stay unchanged for
+/// a full `ttl` on its own monotonic clock; the takeover is then a compare-and-set on exactly
+/// that record, so a renewal that lands first defeats it. The store's clock decides nothing:
+/// an NTP step on the store's host, or a store that answers with a stale expiry, cannot end a
+/// running term early. Further rules:
+/// - **A vanished record restarts the wait.** If the store loses a record (a restart without
+///   persistence, a flush, an eviction), a follower waits a full `ttl` from when it first saw
+///   it missing: the holder may have renewed just before the loss, unseen.
+/// - **Watching must be continuous.** A failed look (an error, a timeout) or a change the
+///   store pushes restarts the wait: a term may have been granted and lost meanwhile. (Not
+///   covered: a store that cannot push changes, or whose push was lost, granting a term and
+///   losing it again entirely between two looks of a follower — one retry interval.)
+/// - **A cold start waits.** A node that has seen nothing yet watches the key for `ttl` before
+///   it takes a vacant key (or an unchanged record): it cannot know whether a term it never
+///   saw still runs. This costs one `ttl` when a whole cluster starts at once.
+/// - **A release hands over at once.** A leader that gives up stops acting *first*, then
+///   replaces its record by a tombstone (compare-and-set on its holder and token) and the
+///   store pushes the change; a follower that sees a tombstone takes it over at once,
+///   compare-and-set on the tombstone. A store that lost its data has no tombstone, so the
+///   fast path never applies to a lost record. (Not covered: a store that rolls back to an
+///   older snapshot taken between a release and the next grant would show that stale
+///   tombstone again.)
+/// - **Its own record is adopted.** A node that finds a live record naming itself (it
+///   restarted, or an acquire's answer was lost) renews it by compare-and-set and leads on.
+///
+/// The leader renews every `renew_interval`. Its leadership is valid until `renew_deadline`
+/// after it *sent* its last successful acquire/renew — before any follower can take over (see
+/// [`ElectorConfig`]) — and [`is_leader`](Self::is_leader) checks that deadline against the
+/// clock on every call, so a leader that was paused or cut off from the store stops acting on
+/// time even if its task has not run since.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -179,9 +205,10 @@ struct Shared {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = Arc::new(MemoryLeaseStore::new());
 /// let elector = Elector::builder(store)
-///     .config(ElectorConfig::with_ttl("orders/leader", Duration::from_secs(2), Duration::from_millis(200)))
+///     .config(ElectorConfig::with_ttl("orders/leader", Duration::from_millis(500), Duration::from_millis(50)))
 ///     .build()?;
 /// let mut role = elector.subscribe();
+/// // A fresh node watches the key for a ttl before it takes it.
 /// elector.start(ComponentContext::standalone("node-a")).await?;
 /// role.wait_for(|r| matches!(r, ha_election::Role::Leader(_))).await.unwrap();
 /// let lead = elector.is_leader().expect("leads");
@@ -405,7 +432,43 @@ struct Runner {
 /// What a follower's wait ended with.
 enum Wake {
     Campaign,
+    /// The store pushed a change of our key (or may have: a lagged or reconnected feed).
+    Changed,
     Stop,
+}
+
+/// A follower's observation of the key, on its own monotonic clock (client-go's rule).
+///
+/// `record` is the record last seen (`None`: the key had no record) and `since` when this
+/// follower first received an answer showing it; any different answer restarts the clock.
+/// A record that *vanished* restarts it too: a store that lost its data may have lost a
+/// renewal this follower never saw, whose holder may still lead for up to a TTL after it.
+/// The observation must also be continuous: a failed look, or a change the store pushes,
+/// forgets it (the follower cannot know what happened meanwhile — a term may have been
+/// granted and then lost by the store).
+#[derive(Debug)]
+struct Seen {
+    record: Option<LeaseRecord>,
+    since: Instant,
+}
+
+/// What a follower does next.
+enum Step {
+    /// Take over, conditional on the store still holding exactly this record (`None`: none).
+    Take(Option<LeaseRecord>),
+    /// The store says this node holds the term: renew it and lead (a restart, or an acquire
+    /// or renewal whose answer was lost).
+    Adopt(FencingToken),
+    /// Read the record and keep watching.
+    Look,
+}
+
+/// Records an answer received at `now`: a different record (or a vanished one) restarts the
+/// clock; the same one keeps it running.
+fn saw(seen: &mut Option<Seen>, record: Option<LeaseRecord>, now: Instant) {
+    if seen.as_ref().is_none_or(|s| s.record != record) {
+        *seen = Some(Seen { record, since: now });
+    }
 }
 
 impl Runner {
@@ -425,7 +488,12 @@ impl Runner {
             ..BackoffConfig::default()
         });
         loop {
-            let Some((token, sent)) = self.campaign(&mut watch, &mut backoff).await else {
+            // Every campaign starts from nothing seen: a fresh node (or one whose term just
+            // ended) first watches the key for a TTL before it takes anything but a tombstone
+            // or its own record.
+            let mut seen = None;
+            let Some((token, sent)) = self.campaign(&mut watch, &mut backoff, &mut seen).await
+            else {
                 return;
             };
             if !self.lead(token, sent).await {
@@ -441,61 +509,159 @@ impl Runner {
             .is_none_or(|eligible| eligible())
     }
 
-    /// Tries to acquire until it wins (returns the token and when the winning request was
-    /// sent) or is told to stop.
+    /// What the observation allows at `now`.
+    fn step(&self, seen: Option<&Seen>, now: Instant) -> Step {
+        let Some(seen) = seen else {
+            return Step::Look;
+        };
+        match &seen.record {
+            Some(r) if r.released => Step::Take(Some(r.clone())),
+            Some(r) if r.holder == self.shared.node => Step::Adopt(r.token),
+            _ if now >= seen.since + self.shared.config.ttl => Step::Take(seen.record.clone()),
+            _ => Step::Look,
+        }
+    }
+
+    /// How long to wait before the next look: zero if the observation already allows a
+    /// takeover, else a jittered retry interval, cut short when the observed record will
+    /// have stayed unchanged for a TTL.
+    fn poll_delay(&self, seen: Option<&Seen>) -> Duration {
+        let config = &self.shared.config;
+        let now = Instant::now();
+        if self.eligible() && !matches!(self.step(seen, now), Step::Look) {
+            return Duration::ZERO;
+        }
+        let jittered = rand::rng().random_range(config.retry_interval / 2..=config.retry_interval);
+        match seen {
+            // Only a node that may take over wakes for the moment it may; an ineligible one
+            // just keeps watching at the retry pace.
+            Some(seen) if self.eligible() => {
+                jittered.min((seen.since + config.ttl).saturating_duration_since(now))
+            }
+            _ => jittered,
+        }
+    }
+
+    /// Watches the key and takes it over when the rules allow (see [`Seen`]), until it wins
+    /// (returns the token and when the winning request was sent) or is told to stop.
     async fn campaign(
         &mut self,
         watch: &mut Option<LeaseWatch>,
         backoff: &mut Backoff,
+        seen: &mut Option<Seen>,
     ) -> Option<(FencingToken, Instant)> {
         let config = self.shared.config.clone();
+        let store = Arc::clone(&self.shared.store);
+        let node = self.shared.node.clone();
         loop {
             let now = Instant::now();
             let delay = if let Some(until) = self.holdoff_until.filter(|until| now < *until) {
                 until - now
-            } else if !self.eligible() {
-                config.retry_interval
             } else {
+                let step = if self.eligible() {
+                    self.step(seen.as_ref(), now)
+                } else {
+                    Step::Look
+                };
                 let sent = Instant::now();
-                let outcome = self
-                    .shared
-                    .store
-                    .acquire(
-                        &config.key,
-                        &self.shared.node,
-                        config.ttl,
-                        config.request_timeout,
-                    )
-                    .await;
-                match outcome {
-                    Ok(Acquire::Acquired(token)) => {
-                        backoff.reset();
-                        if self.shutdown.is_cancelled() {
-                            self.release(token).await;
-                            return None;
+                match step {
+                    Step::Take(expected) => {
+                        let outcome = store
+                            .acquire(
+                                &config.key,
+                                &node,
+                                config.ttl,
+                                expected.as_ref(),
+                                config.request_timeout,
+                            )
+                            .await;
+                        match outcome {
+                            Ok(Acquire::Acquired(token)) => return self.won(token, sent).await,
+                            Ok(Acquire::Held(info)) => {
+                                backoff.reset();
+                                self.saw_record(seen, Some(&info));
+                                self.poll_delay(seen.as_ref())
+                            }
+                            Ok(Acquire::Vacant) => {
+                                backoff.reset();
+                                self.saw_record(seen, None);
+                                self.poll_delay(seen.as_ref())
+                            }
+                            Err(e) => {
+                                self.store_error("acquire", &e);
+                                // What happened meanwhile is unknown: watch afresh.
+                                *seen = None;
+                                backoff.next().unwrap_or(config.retry_interval)
+                            }
                         }
-                        return Some((token, sent));
                     }
-                    Ok(Acquire::Held(info)) => {
-                        backoff.reset();
-                        self.observe(&info);
-                        // Poll again around when the lease could expire, never later than a
-                        // jittered retry interval.
-                        let jittered = rand::rng()
-                            .random_range(config.retry_interval / 2..=config.retry_interval);
-                        jittered.min(info.remaining + Duration::from_millis(1))
+                    Step::Adopt(token) => {
+                        let renewed = store
+                            .renew(
+                                &config.key,
+                                &node,
+                                token,
+                                config.ttl,
+                                config.request_timeout,
+                            )
+                            .await;
+                        match renewed {
+                            Ok(true) => {
+                                tracing::info!(%token, "adopting this node's own lease found in the store");
+                                return self.won(token, sent).await;
+                            }
+                            Ok(false) => {
+                                // It changed under us: look again, after a pause.
+                                *seen = None;
+                                config.retry_interval / 2
+                            }
+                            Err(e) => {
+                                self.store_error("renew", &e);
+                                *seen = None;
+                                backoff.next().unwrap_or(config.retry_interval)
+                            }
+                        }
                     }
-                    Err(e) => {
-                        self.store_error("acquire", &e);
-                        backoff.next().unwrap_or(config.retry_interval)
-                    }
+                    Step::Look => match store.read(&config.key, config.request_timeout).await {
+                        Ok(info) => {
+                            backoff.reset();
+                            self.saw_record(seen, info.as_ref());
+                            self.poll_delay(seen.as_ref())
+                        }
+                        Err(e) => {
+                            self.store_error("read", &e);
+                            // What happened meanwhile is unknown: watch afresh.
+                            *seen = None;
+                            backoff.next().unwrap_or(config.retry_interval)
+                        }
+                    },
                 }
             };
             match self.wait_as_follower(delay, watch).await {
                 Wake::Campaign => {}
+                // Something happened to the key: whatever was watched, watch afresh. This is
+                // what catches a term granted and then lost by the store between two looks.
+                Wake::Changed => *seen = None,
                 Wake::Stop => return None,
             }
         }
+    }
+
+    /// A grant (or an adopted term) arrived: lead, unless the elector is stopping.
+    async fn won(&self, token: FencingToken, sent: Instant) -> Option<(FencingToken, Instant)> {
+        if self.shutdown.is_cancelled() {
+            self.release(token).await;
+            return None;
+        }
+        Some((token, sent))
+    }
+
+    /// Records an answer just received (see [`saw`]) and who leads.
+    fn saw_record(&self, seen: &mut Option<Seen>, info: Option<&LeaseInfo>) {
+        if let Some(info) = info.filter(|i| i.is_held()) {
+            self.observe(info);
+        }
+        saw(seen, info.map(LeaseInfo::record), Instant::now());
     }
 
     /// Waits `delay`, or less if the store pushes a change of our key; answers commands.
@@ -513,7 +679,7 @@ impl Runner {
                     let ours = changed.is_none_or(|key| key == self.shared.config.key);
                     let held_off = self.holdoff_until.is_some_and(|until| Instant::now() < until);
                     if ours && !held_off {
-                        return Wake::Campaign;
+                        return Wake::Changed;
                     }
                 },
                 _ = sleep_until(deadline) => return Wake::Campaign,
@@ -724,7 +890,7 @@ async fn heartbeats(shared: Arc<Shared>, shutdown: CancellationToken) {
     let config = &shared.config;
     let group = members_group(&config.key);
     // A third of the TTL: a live member survives two lost beats, a dead one is gone within a TTL.
-    let mut tick = tokio::time::interval(config.ttl / 3);
+    let mut tick = tokio::time::interval((config.ttl / 3).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

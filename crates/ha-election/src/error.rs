@@ -65,6 +65,24 @@ pub enum Error {
         /// The key or group it was asked about.
         key: String,
     },
+    /// The store is configured so that it can silently drop lease records, which would let a
+    /// lease be granted while its term still runs. Refused at connect unless the store's
+    /// options opt out explicitly.
+    #[error(
+        "{store} lease store at {target}: {setting} is `{value}`, which {why}; change it, or opt out explicitly in the store's options"
+    )]
+    UnsafeSetting {
+        /// Which store.
+        store: &'static str,
+        /// The server (passwords redacted).
+        target: String,
+        /// The server setting, e.g. `maxmemory-policy`.
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// What it can do to leases.
+        why: &'static str,
+    },
     /// A config broke a rule.
     #[error(transparent)]
     Config(#[from] ConfigError),

@@ -1,13 +1,14 @@
 //! Leader election with fencing tokens.
 //!
-//! A [`LeaseStore`] holds named leases — each held by at most one node, with a TTL measured by
-//! the store's own clock and a [`FencingToken`](ha_core::FencingToken) that grows with every
-//! acquisition. Stores:
+//! A [`LeaseStore`] holds named leases — each a record naming one holder, a
+//! [`FencingToken`](ha_core::FencingToken) that grows with every acquisition and a renewal
+//! count — changed only by compare-and-set. The [`Elector`] judges a lease's expiry on the
+//! follower's own monotonic clock (Kubernetes client-go's rule), never the store's. Stores:
 //! - [`MemoryLeaseStore`]: in-process, the embedded default;
 //! - [`RedisLeaseStore`]: Redis standalone or behind Sentinel (fred), one Lua script round trip
-//!   per operation, timed by Redis's `PX` expiry;
+//!   per operation;
 //! - [`PostgresLeaseStore`]: a table, a token sequence and `LISTEN`/`NOTIFY` in PostgreSQL
-//!   (sqlx), timed by the database's `now()`.
+//!   (sqlx).
 //!
 //! Every store passes the same conformance suite ([`testing`]).
 //!
@@ -21,11 +22,11 @@
 //! let store = MemoryLeaseStore::new();
 //! let ttl = Duration::from_secs(2);
 //! let timeout = Duration::from_millis(500);
-//! let Acquire::Acquired(token) = store.acquire("orders/leader", &NodeId::new("a"), ttl, timeout).await? else {
+//! let Acquire::Acquired(token) = store.acquire("orders/leader", &NodeId::new("a"), ttl, None, timeout).await? else {
 //!     unreachable!("a fresh store has no holder");
 //! };
-//! // Another node is refused while the lease lives, and learns who holds it.
-//! let Acquire::Held(info) = store.acquire("orders/leader", &NodeId::new("b"), ttl, timeout).await? else {
+//! // Another node is refused (it expected no record), and learns who holds it.
+//! let Acquire::Held(info) = store.acquire("orders/leader", &NodeId::new("b"), ttl, None, timeout).await? else {
 //!     unreachable!("the lease is held");
 //! };
 //! assert_eq!((info.holder.as_str(), info.token), ("a", token));
@@ -51,5 +52,7 @@ pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
 pub use pg_fence::PgFence;
 pub use postgres::{PostgresLeaseStore, PostgresLeaseStoreOptions};
-pub use redis::RedisLeaseStore;
-pub use store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
+pub use redis::{RedisLeaseStore, RedisLeaseStoreOptions};
+pub use store::{
+    Acquire, LeaseChange, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, with_timeout,
+};

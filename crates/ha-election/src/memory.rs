@@ -11,7 +11,9 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::error::Result;
-use crate::store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
+use crate::store::{
+    Acquire, LeaseChange, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, with_timeout,
+};
 
 const KIND: &str = "memory";
 
@@ -22,7 +24,12 @@ const KIND: &str = "memory";
 /// makes it the store for deterministic model tests. Clones share the same leases.
 ///
 /// Tokens start at 1 and grow per key for the life of the store; the store does not outlive
-/// its process, and neither do the leases it grants.
+/// its process, and neither do the leases it grants. A record is forgotten `2 × ttl` after its
+/// last write, as the Redis store's are.
+///
+/// [`testing::lose_records`](crate::testing::lose_records) and
+/// [`testing::step_store_clock`](crate::testing::step_store_clock) inject the faults a real
+/// store has (data loss, a clock step) for model tests.
 #[derive(Clone, Debug)]
 pub struct MemoryLeaseStore {
     state: Arc<Mutex<State>>,
@@ -31,6 +38,8 @@ pub struct MemoryLeaseStore {
 
 #[derive(Debug, Default)]
 struct State {
+    /// How far the store's clock was stepped ahead of tokio's (a fault injected by tests).
+    clock_offset: Duration,
     leases: HashMap<String, Entry>,
     last_token: HashMap<String, u64>,
     members: HashMap<String, BTreeMap<NodeId, Heartbeat>>,
@@ -45,22 +54,45 @@ struct Heartbeat {
 
 #[derive(Debug, Clone)]
 struct Entry {
-    holder: NodeId,
-    token: FencingToken,
-    expires_at: Instant,
+    record: LeaseRecord,
+    /// When the term lapses by the store's clock (informational).
+    lapses_at: Instant,
+    /// When the store forgets the record.
+    forget_at: Instant,
 }
 
 impl Entry {
-    fn live_at(&self, now: Instant) -> bool {
-        now < self.expires_at
+    fn new(record: LeaseRecord, now: Instant, ttl: Duration) -> Self {
+        Self {
+            record,
+            lapses_at: now + ttl,
+            forget_at: now + ttl * 2,
+        }
     }
 
     fn info(&self, now: Instant) -> LeaseInfo {
+        let record = &self.record;
         LeaseInfo {
-            holder: self.holder.clone(),
-            token: self.token,
-            remaining: self.expires_at.saturating_duration_since(now),
+            holder: record.holder.clone(),
+            token: record.token,
+            renewals: record.renewals,
+            released: record.released,
+            remaining: if record.released {
+                Duration::ZERO
+            } else {
+                self.lapses_at.saturating_duration_since(now)
+            },
         }
+    }
+}
+
+impl State {
+    /// The record of `key`, forgetting it first if its time is up.
+    fn entry(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
+        if self.leases.get(key).is_some_and(|e| e.forget_at <= now) {
+            self.leases.remove(key);
+        }
+        self.leases.get_mut(key)
     }
 }
 
@@ -82,7 +114,19 @@ impl MemoryLeaseStore {
 
     fn with_state<T>(&self, f: impl FnOnce(&mut State, Instant) -> T) -> T {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&mut state, Instant::now())
+        let now = Instant::now() + state.clock_offset;
+        f(&mut state, now)
+    }
+
+    /// Forgets every lease record (not the token counters: the real stores floor their tokens
+    /// so that they keep growing across data loss, and so does this one). For fault tests.
+    pub(crate) fn lose_records(&self) {
+        self.with_state(|state, _| state.leases.clear());
+    }
+
+    /// Steps the store's clock forward by `by`. For fault tests.
+    pub(crate) fn step_clock(&self, by: Duration) {
+        self.with_state(|state, _| state.clock_offset += by);
     }
 
     fn notify(&self, key: &str) {
@@ -103,24 +147,29 @@ impl LeaseStore for MemoryLeaseStore {
         key: &str,
         holder: &NodeId,
         ttl: Duration,
+        expected: Option<&LeaseRecord>,
         timeout: Duration,
     ) -> Result<Acquire> {
         with_timeout(KIND, "acquire", key, timeout, async {
             let outcome = self.with_state(|state, now| {
-                if let Some(entry) = state.leases.get(key).filter(|e| e.live_at(now)) {
-                    return Acquire::Held(entry.info(now));
+                match (state.entry(key, now), expected) {
+                    (Some(entry), Some(expected)) if entry.record == *expected => {}
+                    (Some(entry), _) => return Acquire::Held(entry.info(now)),
+                    (None, Some(_)) => return Acquire::Vacant,
+                    (None, None) => {}
                 }
                 let last = state.last_token.entry(key.to_owned()).or_insert(0);
                 *last += 1;
                 let token = FencingToken(*last);
-                state.leases.insert(
-                    key.to_owned(),
-                    Entry {
-                        holder: holder.clone(),
-                        token,
-                        expires_at: now + ttl,
-                    },
-                );
+                let record = LeaseRecord {
+                    holder: holder.clone(),
+                    token,
+                    renewals: 0,
+                    released: false,
+                };
+                state
+                    .leases
+                    .insert(key.to_owned(), Entry::new(record, now, ttl));
                 Acquire::Acquired(token)
             });
             if matches!(outcome, Acquire::Acquired(_)) {
@@ -140,15 +189,25 @@ impl LeaseStore for MemoryLeaseStore {
         timeout: Duration,
     ) -> Result<bool> {
         with_timeout(KIND, "renew", key, timeout, async {
-            Ok(
-                self.with_state(|state, now| match state.leases.get_mut(key) {
-                    Some(e) if e.live_at(now) && e.holder == *holder && e.token == token => {
-                        e.expires_at = now + ttl;
-                        true
-                    }
-                    _ => false,
-                }),
-            )
+            Ok(self.with_state(|state, now| match state.entry(key, now) {
+                Some(e)
+                    if !e.record.released
+                        && e.record.holder == *holder
+                        && e.record.token == token =>
+                {
+                    let record = LeaseRecord {
+                        renewals: e.record.renewals + 1,
+                        ..e.record.clone()
+                    };
+                    // Never shorten: an older renewal applied late must not pull the term in.
+                    let renewed = Entry::new(record, now, ttl);
+                    e.record = renewed.record;
+                    e.lapses_at = e.lapses_at.max(renewed.lapses_at);
+                    e.forget_at = e.forget_at.max(renewed.forget_at);
+                    true
+                }
+                _ => false,
+            }))
         })
         .await
     }
@@ -161,15 +220,17 @@ impl LeaseStore for MemoryLeaseStore {
         timeout: Duration,
     ) -> Result<bool> {
         with_timeout(KIND, "release", key, timeout, async {
-            let released = self.with_state(|state, _| {
-                let ours = state
-                    .leases
-                    .get(key)
-                    .is_some_and(|e| e.holder == *holder && e.token == token);
-                if ours {
-                    state.leases.remove(key);
+            let released = self.with_state(|state, now| match state.entry(key, now) {
+                Some(e)
+                    if !e.record.released
+                        && e.record.holder == *holder
+                        && e.record.token == token =>
+                {
+                    e.record.released = true;
+                    e.lapses_at = now;
+                    true
                 }
-                ours
+                _ => false,
             });
             if released {
                 self.notify(key);
@@ -181,13 +242,7 @@ impl LeaseStore for MemoryLeaseStore {
 
     async fn read(&self, key: &str, timeout: Duration) -> Result<Option<LeaseInfo>> {
         with_timeout(KIND, "read", key, timeout, async {
-            Ok(self.with_state(|state, now| {
-                state
-                    .leases
-                    .get(key)
-                    .filter(|e| e.live_at(now))
-                    .map(|e| e.info(now))
-            }))
+            Ok(self.with_state(|state, now| state.entry(key, now).map(|e| e.info(now))))
         })
         .await
     }

@@ -68,31 +68,45 @@ impl PgFence {
             key: resource.to_owned(),
             detail: format!("token {token} does not fit a bigint"),
         })?;
-        let highest: Option<i64> = sqlx::query_scalar(
+        // Decide on whether *this* statement wrote the row: a fallback read inside the same
+        // statement would use its snapshot, which predates a concurrent first admit that
+        // created the row (the conflict update then refuses us, and the old snapshot finds no
+        // row at all).
+        let admitted: bool = sqlx::query_scalar(
             "WITH up AS (
                  INSERT INTO ha_fences (resource, token) VALUES ($1, $2)
                  ON CONFLICT (resource) DO UPDATE SET token = EXCLUDED.token
                  WHERE ha_fences.token <= EXCLUDED.token
                  RETURNING token)
-             SELECT CASE WHEN EXISTS (SELECT 1 FROM up) THEN NULL
-                         ELSE (SELECT token FROM ha_fences WHERE resource = $1) END",
+             SELECT EXISTS (SELECT 1 FROM up)",
         )
         .bind(resource)
         .bind(value)
-        .fetch_one(conn)
+        .fetch_one(&mut *conn)
         .await
         .map_err(|e| store_error("admit", resource, e))?;
-        match highest {
-            None => Ok(()),
-            Some(highest) => {
-                tracing::warn!(resource, %token, highest, "stale fencing token rejected");
-                Err(Error::StaleToken {
-                    resource: resource.to_owned(),
-                    token,
-                    highest: FencingToken(u64::try_from(highest).unwrap_or_default()),
-                })
-            }
+        if admitted {
+            return Ok(());
         }
+        // Refused: a new statement (a new snapshot under READ COMMITTED; under REPEATABLE READ
+        // the conflict already failed with a serialization error) reports the latest token.
+        let highest: Option<i64> =
+            sqlx::query_scalar("SELECT token FROM ha_fences WHERE resource = $1")
+                .bind(resource)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| store_error("admit", resource, e))?;
+        let highest = FencingToken(
+            highest
+                .and_then(|h| u64::try_from(h).ok())
+                .unwrap_or(token.get()),
+        );
+        tracing::warn!(resource, %token, %highest, "stale fencing token rejected");
+        Err(Error::StaleToken {
+            resource: resource.to_owned(),
+            token,
+            highest,
+        })
     }
 }
 

@@ -12,7 +12,9 @@ use sqlx::{Executor, Row};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::error::{Error, Result};
-use crate::store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
+use crate::store::{
+    Acquire, LeaseChange, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, with_timeout,
+};
 
 const KIND: &str = "postgres";
 
@@ -50,6 +52,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "members",
         sql: include_str!("../migrations/0002_members.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "renewals",
+        sql: include_str!("../migrations/0003_renewals.sql"),
     },
 ];
 
@@ -205,7 +212,12 @@ impl Statements {
         let versions = qualify(&format!("{}_schema_version", options.table));
         // `nextval` takes the sequence name as text; quoted identifiers cannot contain `'`
         // (validated), so the literal needs no escaping.
-        let remaining_ms = "floor(extract(epoch FROM l.expires_at - now()) * 1000)::bigint";
+        let remaining_ms = "CASE WHEN l.expires_at > now() \
+             THEN floor(extract(epoch FROM l.expires_at - now()) * 1000)::bigint ELSE 0 END";
+        let record_columns = format!(
+            "l.token, l.holder, l.renewals, l.expires_at = '-infinity' AS released, \
+             {remaining_ms} AS remaining_ms"
+        );
         Self {
             lock_name: match &options.schema {
                 Some(schema) => format!("{schema}.{}", options.table),
@@ -223,36 +235,49 @@ impl Statements {
             ),
             current_version: format!("SELECT coalesce(max(version), 0) FROM {versions}"),
             record_version: format!("INSERT INTO {versions} (version, name) VALUES ($1, $2)"),
-            // One round trip. The upsert takes a free key, or an expired lease whose token is
-            // smaller than ours: `nextval` is drawn before the row lock is waited for, so a
-            // statement that drew earlier may commit later, and must not then overwrite a
-            // greater token. The notification is sent only for a granted row (LATERAL on it)
-            // and only on commit. A refused attempt reports the live holder from the same
-            // statement's snapshot; the caller falls back to a fresh read when that snapshot
-            // predates a concurrent grant.
+            // One round trip. With no expected record ($5 false) the insert wins only on a
+            // free key; with one, the insert is attempted only if the key has a row, and the
+            // conflict update takes it only if the row is exactly the expected record — its
+            // expiry is not consulted. The token is the greatest of the sequence's next value,
+            // one more than every row's token and the database's clock in microseconds, so
+            // tokens keep growing after a sequence reset, a restore or a move to another
+            // database. `cur.token < excluded.token` keeps a statement that drew its value
+            // early and commits late from lowering a key's token. The notification is sent
+            // only for a granted row and only on commit. A refused attempt reports the row
+            // from the same statement's snapshot; the caller falls back to a fresh read when
+            // that snapshot predates a concurrent change.
             acquire: format!(
                 "WITH granted AS (\
-                   INSERT INTO {table} AS cur (key, holder, token, expires_at, acquired_at) \
-                   VALUES ($1, $2, nextval('{sequence}'), now() + $3 * interval '1 microsecond', now()) \
+                   INSERT INTO {table} AS cur (key, holder, token, renewals, expires_at, acquired_at) \
+                   SELECT $1, $2, greatest(nextval('{sequence}'), \
+                                           (SELECT coalesce(max(token), 0) + 1 FROM {table}), \
+                                           floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint), \
+                          0, now() + $3 * interval '1 microsecond', now() \
+                    WHERE NOT $5 OR EXISTS (SELECT 1 FROM {table} WHERE key = $1) \
                    ON CONFLICT (key) DO UPDATE \
-                     SET holder = excluded.holder, token = excluded.token, \
+                     SET holder = excluded.holder, token = excluded.token, renewals = 0, \
                          expires_at = excluded.expires_at, acquired_at = excluded.acquired_at \
-                     WHERE cur.expires_at <= now() AND cur.token < excluded.token \
+                     WHERE $5 AND cur.holder = $6 AND cur.token = $7 AND cur.renewals = $8 \
+                       AND (cur.expires_at = '-infinity') = $9 AND cur.token < excluded.token \
                    RETURNING cur.key, cur.token\
                  ) \
-                 SELECT true AS granted, g.token, NULL::text AS holder, NULL::bigint AS remaining_ms \
+                 SELECT true AS granted, g.token, NULL::text AS holder, NULL::bigint AS renewals, \
+                        NULL::bool AS released, NULL::bigint AS remaining_ms \
                    FROM granted g CROSS JOIN LATERAL pg_notify($4, g.key) \
                  UNION ALL \
-                 SELECT false, l.token, l.holder, {remaining_ms} \
+                 SELECT false, {record_columns} \
                    FROM {table} l \
-                  WHERE l.key = $1 AND l.expires_at > now() \
-                    AND NOT EXISTS (SELECT 1 FROM granted)"
+                  WHERE l.key = $1 AND NOT EXISTS (SELECT 1 FROM granted)"
             ),
+            // Counts the renewal; never moves `expires_at` backwards (`now()` is sampled
+            // before the row lock, so an older renewal may update last).
             renew: format!(
-                "UPDATE {table} SET expires_at = now() + $4 * interval '1 microsecond' \
-                 WHERE key = $1 AND holder = $2 AND token = $3 AND expires_at > now()"
+                "UPDATE {table} SET renewals = renewals + 1, \
+                        expires_at = greatest(expires_at, now() + $4 * interval '1 microsecond') \
+                 WHERE key = $1 AND holder = $2 AND token = $3 AND expires_at > '-infinity'"
             ),
-            // The row stays, marked free, so its token keeps bounding the next grant.
+            // The row stays as a tombstone (`expires_at = '-infinity'`): followers take it
+            // over at once, and its token keeps bounding the next grant.
             release: format!(
                 "WITH released AS (\
                    UPDATE {table} SET expires_at = '-infinity' \
@@ -261,10 +286,7 @@ impl Statements {
                  ) \
                  SELECT true FROM released r CROSS JOIN LATERAL pg_notify($4, r.key)"
             ),
-            read: format!(
-                "SELECT l.holder, l.token, {remaining_ms} AS remaining_ms \
-                 FROM {table} l WHERE l.key = $1 AND l.expires_at > now()"
-            ),
+            read: format!("SELECT {record_columns} FROM {table} l WHERE l.key = $1"),
             // Upserts this node's beat and, in the same statement, drops the group's dead
             // rows (never this node's, which the upsert touches), keeping the table bounded.
             heartbeat: format!(
@@ -300,27 +322,28 @@ impl Statements {
 /// Leases in a PostgreSQL table, fencing tokens from a PostgreSQL sequence.
 ///
 /// How it meets the [`LeaseStore`] rules:
-/// - **The store's clock.** Expiry is decided and remaining time computed in SQL with
-///   `now()` (the statement's start in autocommit) — never the client's clock. TTLs travel
-///   as microseconds. `now()` is at or after the moment the request was sent, so the
-///   server-side expiry is never earlier than the deadline an elector computes from its send
-///   time.
+/// - **The store's clock decides nothing.** `expires_at` (from `now()`) only estimates
+///   [`LeaseInfo::remaining`]; followers judge expiry on their own clocks and take a row over
+///   by compare-and-set on exactly the record they observed (holder, token, `renewals`,
+///   released), so a clock step on the database host cannot end a term early. Rows are kept
+///   for good. TTLs travel as microseconds.
 /// - **Compare-and-set, one statement each.** Acquire is one `INSERT … ON CONFLICT DO UPDATE …
-///   WHERE expired` (a CTE also returns the refusing holder in the same round trip); renew is
-///   one `UPDATE … WHERE key, holder, token and unexpired`; release is one CTE that frees the
-///   row only for `(holder, token)` and notifies. Row locks serialise concurrent writers; of
-///   simultaneous acquires of a free or expired key exactly one wins.
-/// - **Tokens.** Each grant takes `nextval` of a `CACHE 1` sequence and additionally requires
-///   the new token to exceed the row's current one, so a statement that drew its value early
-///   but committed late cannot lower a key's token. Rows are never deleted (a release sets
-///   `expires_at = '-infinity'`), so the row's token bounds the next grant. Sequences are
-///   WAL-logged: tokens survive restarts and crashes; after a crash the sequence may jump
-///   ahead (PostgreSQL logs values in advance), which keeps it monotonic. A granted token is
-///   only returned after its row committed, so crash recovery never hands it out again —
-///   provided commits are durable: [`connect`](Self::connect) sets `synchronous_commit = on`
-///   on its connections; with [`from_pool`](Self::from_pool) that is the pool's business.
-///   With asynchronous replication, a promoted replica may lack the last grants and repeat
-///   their tokens: use synchronous replication for the lease database.
+///   WHERE the row is the expected record` (a CTE also returns the refusing row in the same
+///   round trip); renew is one `UPDATE … WHERE key, holder, token and not released` that
+///   counts the renewal and never moves `expires_at` backwards; release is one CTE that turns
+///   the row into a tombstone (`expires_at = '-infinity'`) only for `(holder, token)` and
+///   notifies. Row locks serialise concurrent writers; of simultaneous takeovers of one
+///   record exactly one wins.
+/// - **Tokens.** Each grant takes the greatest of `nextval` of a `CACHE 1` sequence, one more
+///   than every row's token, and the database's clock in microseconds — so tokens keep growing
+///   after a sequence reset, a restore from backup or a move to another database — and
+///   additionally requires the new token to exceed the row's current one, so a statement that
+///   drew its value early but committed late cannot lower a key's token. Rows are never
+///   deleted, so a row's token bounds the next grant. A granted token is only returned after
+///   its row committed — provided commits are durable: [`connect`](Self::connect) sets
+///   `synchronous_commit = on` on its connections; with [`from_pool`](Self::from_pool) that
+///   is the pool's business. With asynchronous replication, a promoted replica may lack the
+///   last grants: use synchronous replication for the lease database.
 /// - **Timeouts.** Every operation runs under [`with_timeout`]; sqlx failures become
 ///   [`Error::Store`], a row that does not decode becomes [`Error::Corrupt`].
 ///
@@ -574,14 +597,15 @@ impl PostgresLeaseStore {
             .await
             .map_err(|e| store_error(op, key, e))?;
         checkout.finish();
-        row.map(|row| {
-            Ok(LeaseInfo {
-                holder: NodeId::new(decode::<String>(&row, "holder", key)?),
-                token: token(decode(&row, "token", key)?, key)?,
-                remaining: remaining(decode(&row, "remaining_ms", key)?),
-            })
+        row.map(|row| lease_info(&row, key)).transpose()
+    }
+
+    /// A refused acquire's answer from a fresh read.
+    async fn refusal(&self, key: &str) -> Result<Acquire> {
+        Ok(match self.read_row("acquire", key).await? {
+            Some(info) => Acquire::Held(info),
+            None => Acquire::Vacant,
         })
-        .transpose()
     }
 
     async fn start_watcher(&self, key: &str) -> Result<Watcher> {
@@ -726,6 +750,18 @@ fn token(value: i64, key: &str) -> Result<FencingToken> {
         .ok_or_else(|| corrupt(key, format!("token {value} is not positive")))
 }
 
+/// A lease row (the statements' record columns) as a [`LeaseInfo`].
+fn lease_info(row: &PgRow, key: &str) -> Result<LeaseInfo> {
+    Ok(LeaseInfo {
+        holder: NodeId::new(decode::<String>(row, "holder", key)?),
+        token: token(decode(row, "token", key)?, key)?,
+        renewals: u64::try_from(decode::<i64>(row, "renewals", key)?)
+            .map_err(|_| corrupt(key, "negative renewals".to_owned()))?,
+        released: decode(row, "released", key)?,
+        remaining: remaining(decode(row, "remaining_ms", key)?),
+    })
+}
+
 fn remaining(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
@@ -748,10 +784,17 @@ impl LeaseStore for PostgresLeaseStore {
         key: &str,
         holder: &NodeId,
         ttl: Duration,
+        expected: Option<&LeaseRecord>,
         timeout: Duration,
     ) -> Result<Acquire> {
         with_timeout(KIND, "acquire", key, timeout, async {
             let sql = &self.inner.sql;
+            let expected_token = match expected.map(|e| i64::try_from(e.token.get())) {
+                None => None,
+                Some(Ok(token)) => Some(token),
+                // No token this store issued is that large: the key cannot hold that record.
+                Some(Err(_)) => return self.refusal(key).await,
+            };
             for attempt in 1..=ACQUIRE_ATTEMPTS {
                 let mut checkout = self.checkout("acquire", key).await?;
                 let row = sqlx::query(&sql.acquire)
@@ -759,29 +802,35 @@ impl LeaseStore for PostgresLeaseStore {
                     .bind(holder.as_str())
                     .bind(micros(ttl))
                     .bind(self.inner.options.channel_name())
+                    .bind(expected.is_some())
+                    .bind(expected.map(|e| e.holder.as_str()))
+                    .bind(expected_token)
+                    .bind(expected.map(|e| i64::try_from(e.renewals).unwrap_or(i64::MAX)))
+                    .bind(expected.map(|e| e.released))
                     .fetch_optional(checkout.conn())
                     .await
                     .map_err(|e| store_error("acquire", key, e))?;
                 checkout.finish();
                 if let Some(row) = row {
-                    let tok = token(decode(&row, "token", key)?, key)?;
                     if decode::<bool>(&row, "granted", key)? {
+                        let tok = token(decode(&row, "token", key)?, key)?;
                         tracing::debug!(store = KIND, key, %holder, token = %tok, "lease acquired");
                         return Ok(Acquire::Acquired(tok));
                     }
-                    let info = LeaseInfo {
-                        holder: NodeId::new(decode::<String>(&row, "holder", key)?),
-                        token: tok,
-                        remaining: remaining(decode(&row, "remaining_ms", key)?),
-                    };
+                    let info = lease_info(&row, key)?;
                     tracing::debug!(store = KIND, key, %holder, held_by = %info.holder, "lease held");
                     return Ok(Acquire::Held(info));
                 }
-                // Refused, yet our snapshot showed no live holder: a concurrent statement
-                // changed the row after our snapshot was taken. Look again with a fresh one.
-                if let Some(info) = self.read_row("acquire", key).await? {
-                    tracing::debug!(store = KIND, key, %holder, held_by = %info.holder, "lease held");
-                    return Ok(Acquire::Held(info));
+                // No grant and no row in our snapshot: the key is vacant, or a concurrent
+                // statement created the row after our snapshot was taken. Look again with a
+                // fresh one; retry only if it shows what we expected after all.
+                match self.read_row("acquire", key).await? {
+                    None if expected.is_some() => return Ok(Acquire::Vacant),
+                    Some(info) if Some(&info.record()) != expected => {
+                        tracing::debug!(store = KIND, key, %holder, held_by = %info.holder, "lease held");
+                        return Ok(Acquire::Held(info));
+                    }
+                    _ => {}
                 }
                 tracing::debug!(store = KIND, key, %holder, attempt, "acquire raced; retrying");
             }
@@ -790,8 +839,8 @@ impl LeaseStore for PostgresLeaseStore {
                 op: "acquire",
                 key: key.to_owned(),
                 source: format!(
-                    "no grant and no live holder in {ACQUIRE_ATTEMPTS} attempts: the row kept \
-                     changing, or it holds a token the sequence is behind of"
+                    "no grant and no refusal in {ACQUIRE_ATTEMPTS} attempts: the row kept \
+                     changing"
                 )
                 .into(),
             })

@@ -20,7 +20,9 @@ use tokio::sync::{OnceCell, broadcast};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::store::{Acquire, LeaseChange, LeaseInfo, LeaseStore, LeaseWatch, Member, with_timeout};
+use crate::store::{
+    Acquire, LeaseChange, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, with_timeout,
+};
 
 const KIND: &str = "redis";
 
@@ -74,16 +76,21 @@ pub fn members_meta_key(group: &str) -> String {
 ///
 /// # How it meets the [`LeaseStore`] rules
 ///
-/// - **Store clock.** A lease is one string key `ha:lease:{<key>}` = `<token>\n<holder>` with a
-///   `PX` expiry: Redis's clock decides when it lapses, never the client's.
+/// - **The store's clock decides nothing.** A lease is one string key `ha:lease:{<key>}` =
+///   `<token> <renewals> <ttl ms>[ released]\n<holder>` with a `PX` of twice the TTL. Followers
+///   judge expiry on their own clocks and take a record over by compare-and-set on exactly
+///   what they observed; Redis's clock only bounds how long an abandoned record lingers (a
+///   clock step on the server can make it vanish early, which followers treat as a change and
+///   wait out). The TTL travels in whole milliseconds, rounded up.
 /// - **Atomic, one round trip.** acquire, renew, release and read are each one `EVALSHA` of a
 ///   single Lua script (loaded with `SCRIPT LOAD` at connect). A script runs atomically, so
 ///   check-and-set cannot interleave with another client. If the server forgot the script (a
 ///   restart, a failover to a node that never loaded it, `SCRIPT FLUSH`) the `NOSCRIPT` reply
 ///   makes the store load it again and retry once: two extra round trips, only then.
-/// - **Compare-and-set.** renew and release compare the whole record with the expected
-///   `<token>\n<holder>`; an expired key reads as absent, so an expired lease neither renews
-///   nor releases.
+/// - **Compare-and-set.** acquire compares the record with the expected one (holder, token,
+///   renewals, released); renew and release compare holder and token of a term that was not
+///   released. renew rewrites the record with one more renewal; release leaves a tombstone with
+///   the record's remaining life (`KEEPTTL`).
 /// - **Tokens only grow, even across data loss.** acquire takes
 ///   `token = max(last + 1, TIME in µs)`, where `last` is the per-key counter
 ///   `ha:lease:{<key>}:token` (no expiry) and `TIME` is the server's clock, then stores the token
@@ -114,29 +121,27 @@ pub fn members_meta_key(group: &str) -> String {
 ///
 /// Redis replication is asynchronous, and this store does not use `WAIT` or rely on
 /// `min-replicas-to-write`. So a lease write the old master acknowledged may be missing on the
-/// promoted replica. What that means:
+/// promoted replica, and fred asks the sentinels for the master only when it reconnects. What
+/// that means:
 ///
-/// - **Not guaranteed: one holder *in Redis*.** If an acquire or renew was lost, the new master
-///   may grant the lease to another node while the old holder still believes its lease runs.
-///   Two nodes can then both hold the lease, each by its own store's view, for at most the old
-///   lease's TTL.
-/// - **Guaranteed by the elector: bounded overlap of *acting*.** The old holder stops acting as
-///   leader at its local deadline (computed from when its last successful acquire/renew was
-///   *sent*, minus a drift margin), and any renew it sends to the new master fails the
-///   compare-and-set. So it acts for at most one TTL after its last successful renewal.
+/// - **Handled by the elector: a lost or older record.** If the promoted replica lacks the last
+///   acquire or renewals, followers see the record vanish or change and wait a full TTL from
+///   then on their own clocks (see [`Elector`](crate::Elector)); the old holder's renewals on
+///   the new master fail the compare-and-set, so it stops at its local deadline.
+/// - **Not bounded: a leader cut off together with the old master.** A leader that still
+///   reaches the old master (a partition that isolates both from the sentinels and the other
+///   nodes) keeps renewing *there* successfully for as long as the partition lasts, while the
+///   new master grants the lease to another node. Two nodes then both lead, each by its own
+///   master, for the whole partition — not "at most one TTL". Configure the master with
+///   `min-replicas-to-write 1` and `min-replicas-max-lag` so an isolated master refuses
+///   writes (this store then sees `NOREPLICAS` refusals as [`Error::Store`] and the leader
+///   stops at its deadline); making renewals count only once they reached a replica is
+///   tracked in issue 12 (finding 3).
 /// - **Holds in practice: fencing.** The new holder's token comes from the new master's clock
 ///   floor (or its replicated counter + 1), so it is greater than the old holder's token as long
 ///   as the two masters' clocks are synchronised to within the failover time (seconds: Sentinel
 ///   first waits out `down-after-milliseconds`). Downstream writes checked with fencing tokens
 ///   therefore reject the old leader even during the overlap.
-///
-/// Mitigation not used here: running `WAIT 1 <ms>` after each acquire/renew (or configuring
-/// `min-replicas-to-write` on the master) makes the write reach a replica before it counts,
-/// which narrows — but, with asynchronous replication and Sentinel's choice of replica, does not
-/// close — the window; it costs a second round trip per operation and blocks leases when all
-/// replicas are down. Use it on the server side (`min-replicas-to-write 1`,
-/// `min-replicas-max-lag`) if that trade is right for you; this store then sees the master's
-/// `NOREPLICAS` refusals as [`Error::Store`].
 ///
 /// # Watching
 ///
@@ -253,6 +258,65 @@ impl Settings {
     }
 }
 
+/// Options of a [`RedisLeaseStore`].
+///
+/// ```
+/// let options = ha_election::redis::RedisLeaseStoreOptions::new().allow_eviction(false);
+/// assert!(!options.allows_eviction());
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct RedisLeaseStoreOptions {
+    allow_eviction: bool,
+}
+
+impl RedisLeaseStoreOptions {
+    /// The defaults: refuse a server whose `maxmemory-policy` can evict lease records.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connect even if the server's `maxmemory-policy` can evict lease records (`allkeys-*`,
+    /// `volatile-*`; records carry a `PX`, so `volatile-ttl` evicts them first). An evicted
+    /// record is data loss: followers then wait a full TTL (see [`Elector`](crate::Elector)),
+    /// and a term granted and evicted between two looks of a follower is not covered.
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
+
+    /// Whether eviction is allowed.
+    pub fn allows_eviction(&self) -> bool {
+        self.allow_eviction
+    }
+}
+
+/// Whether a `maxmemory-policy` can evict lease records.
+fn policy_evicts(policy: &str) -> bool {
+    policy.starts_with("allkeys-") || policy.starts_with("volatile-")
+}
+
+/// The server's `maxmemory_policy` from `INFO memory` (available where `CONFIG` is renamed
+/// away, as on managed services); `None` if the server does not say.
+async fn eviction_policy(
+    client: &Client,
+) -> std::result::Result<Option<String>, fred::error::Error> {
+    let info: String = client
+        .custom(
+            fred::types::CustomCommand::new_static(
+                "INFO",
+                fred::types::ClusterHash::FirstKey,
+                false,
+            ),
+            vec!["memory"],
+        )
+        .await?;
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+        .map(|policy| policy.trim().to_owned()))
+}
+
 impl RedisLeaseStore {
     /// Connects to a standalone server at `url` (`redis://[user:password@]host:port[/db]`) and
     /// loads the lease script.
@@ -263,20 +327,40 @@ impl RedisLeaseStore {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// Refuses a server whose `maxmemory-policy` can evict lease records
+    /// ([`Error::UnsafeSetting`]); see [`connect_with`](Self::connect_with) to opt out.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, RedisLeaseStoreOptions::default()).await
+    }
+
+    /// [`connect`](Self::connect) with `options`.
+    pub async fn connect_with(url: &str, options: RedisLeaseStoreOptions) -> Result<Self> {
         let config = Config::from_url(url).map_err(|e| store_error("connect", &redact(url), e))?;
         let mut settings = Settings::new(config.server.clone());
         settings.config = Config {
             fail_fast: true,
             ..config
         };
-        Self::start(settings, redact(url)).await
+        Self::start(settings, redact(url), options).await
     }
 
     /// Connects to the master that the Sentinels at `sentinels` know as `master_name`, and
     /// loads the lease script. After a failover fred asks the sentinels again and reconnects
     /// to the new master.
+    ///
+    /// Refuses a master whose `maxmemory-policy` can evict lease records, as
+    /// [`connect`](Self::connect) does (checked at connect only, not after a failover).
     pub async fn connect_sentinel(sentinels: &[SocketAddr], master_name: &str) -> Result<Self> {
+        Self::connect_sentinel_with(sentinels, master_name, RedisLeaseStoreOptions::default()).await
+    }
+
+    /// [`connect_sentinel`](Self::connect_sentinel) with `options`.
+    pub async fn connect_sentinel_with(
+        sentinels: &[SocketAddr],
+        master_name: &str,
+        options: RedisLeaseStoreOptions,
+    ) -> Result<Self> {
         let hosts = sentinels
             .iter()
             .map(|addr| (addr.ip().to_string(), addr.port()))
@@ -284,16 +368,39 @@ impl RedisLeaseStore {
         let server = ServerConfig::new_sentinel(hosts, master_name);
         let list: Vec<String> = sentinels.iter().map(ToString::to_string).collect();
         let target = format!("sentinel {master_name} via {}", list.join(","));
-        Self::start(Settings::new(server), target).await
+        Self::start(Settings::new(server), target, options).await
     }
 
-    async fn start(settings: Settings, target: String) -> Result<Self> {
+    async fn start(
+        settings: Settings,
+        target: String,
+        options: RedisLeaseStoreOptions,
+    ) -> Result<Self> {
         with_timeout(KIND, "connect", &target, CONNECT_DEADLINE, async {
             let client = settings.client();
             let connection = client
                 .init()
                 .await
                 .map_err(|e| store_error("connect", &target, e))?;
+            match eviction_policy(&client).await {
+                Ok(Some(policy)) if policy_evicts(&policy) => {
+                    if !options.allow_eviction {
+                        connection.abort();
+                        return Err(Error::UnsafeSetting {
+                            store: KIND,
+                            target: target.clone(),
+                            setting: "maxmemory-policy",
+                            value: policy,
+                            why: "can evict lease records (a lease granted while its term runs); use `noeviction`",
+                        });
+                    }
+                    tracing::warn!(store = KIND, %target, %policy, "maxmemory-policy can evict lease records; allowed by the store's options");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(store = KIND, %target, error = %e, "could not read maxmemory-policy; assuming it does not evict");
+                }
+            }
             let sha = match client.script_load::<String, _>(SCRIPT).await {
                 Ok(sha) => sha,
                 Err(e) => {
@@ -488,12 +595,22 @@ fn redact(url: &str) -> String {
 }
 
 fn ttl_millis(ttl: Duration) -> String {
-    // PX and PEXPIRE refuse 0; a sub-millisecond lease is a 1 ms lease.
-    ttl.as_millis().clamp(1, u128::from(u64::MAX)).to_string()
+    // Whole milliseconds, rounded up (a lease never lasts less than asked); PX refuses 0.
+    ttl.as_nanos()
+        .div_ceil(1_000_000)
+        .clamp(1, u128::from(u64::MAX))
+        .to_string()
 }
 
-fn record(holder: &NodeId, token: FencingToken) -> String {
-    format!("{}\n{}", token.get(), holder.as_str())
+/// An expected record as the script compares it: `<token> <renewals>[ released]\n<holder>`.
+fn expected_text(record: &LeaseRecord) -> String {
+    format!(
+        "{} {}{}\n{}",
+        record.token.get(),
+        record.renewals,
+        if record.released { " released" } else { "" },
+        record.holder.as_str()
+    )
 }
 
 fn corrupt(key: &str, detail: impl Into<String>) -> Error {
@@ -523,25 +640,51 @@ fn parse_token(key: &str, text: &str) -> Result<FencingToken> {
         .map_err(|_| corrupt(key, format!("token {text:?} is not an unsigned integer")))
 }
 
-/// Parses a lease record `<token>\n<holder>` and its `PTTL`.
+/// Parses a lease record `<token> <renewals> <ttl ms>[ released]\n<holder>` (or the older
+/// `<token>\n<holder>`) and its `PTTL`.
 fn parse_info(key: &str, record: &Value, pttl: &Value) -> Result<LeaseInfo> {
     let record = text(key, record, "lease record")?;
-    let Some((token, holder)) = record.split_once('\n') else {
+    let Some((head, holder)) = record.split_once('\n') else {
         return Err(corrupt(
             key,
-            format!("record {record:?} is not `<token>\\n<holder>`"),
+            format!("record {record:?} is not `<token> <renewals> <ttl>\\n<holder>`"),
         ));
     };
+    let fields: Vec<&str> = head.split_whitespace().collect();
+    let number = |i: usize, what: &str| -> Result<u64> {
+        fields.get(i).map_or(Ok(0), |f| {
+            f.parse()
+                .map_err(|_| corrupt(key, format!("{what} {f:?} in {record:?} is not a number")))
+        })
+    };
+    let token = parse_token(key, fields.first().copied().unwrap_or_default())?;
+    let renewals = number(1, "renewals")?;
+    let ttl_ms = number(2, "ttl")?;
+    let released = match fields.get(3).copied() {
+        None => false,
+        Some("released") => true,
+        Some(other) => return Err(corrupt(key, format!("record flag {other:?} is unknown"))),
+    };
     let pttl = integer(key, pttl, "PTTL")?;
-    let Ok(remaining) = u64::try_from(pttl) else {
+    let Ok(kept) = u64::try_from(pttl) else {
         return Err(corrupt(
             key,
             format!("the lease record has no expiry (PTTL {pttl})"),
         ));
     };
+    // The record is kept for twice the term's ttl; the term itself lapses a ttl earlier.
+    let remaining = if released {
+        0
+    } else if ttl_ms == 0 {
+        kept
+    } else {
+        kept.saturating_sub(ttl_ms)
+    };
     Ok(LeaseInfo {
         holder: NodeId::new(holder),
-        token: parse_token(key, token)?,
+        token,
+        renewals,
+        released,
         remaining: Duration::from_millis(remaining),
     })
 }
@@ -565,6 +708,7 @@ impl LeaseStore for RedisLeaseStore {
         key: &str,
         holder: &NodeId,
         ttl: Duration,
+        expected: Option<&LeaseRecord>,
         timeout: Duration,
     ) -> Result<Acquire> {
         with_timeout(KIND, "acquire", key, timeout, async {
@@ -574,6 +718,7 @@ impl LeaseStore for RedisLeaseStore {
                 ttl_millis(ttl),
                 CHANGE_CHANNEL.to_owned(),
                 key.to_owned(),
+                expected.map(expected_text).unwrap_or_default(),
             ];
             let reply = self.run("acquire", key, args).await?;
             let items = match &reply {
@@ -587,6 +732,7 @@ impl LeaseStore for RedisLeaseStore {
                 [granted, record, pttl] if integer(key, granted, "acquire flag")? == 0 => {
                     Acquire::Held(parse_info(key, record, pttl)?)
                 }
+                [vacant] if integer(key, vacant, "acquire flag")? == 2 => Acquire::Vacant,
                 _ => return Err(corrupt(key, format!("acquire answered {reply:?}"))),
             };
             tracing::debug!(store = KIND, key, %holder, ?outcome, "acquire");
@@ -604,7 +750,12 @@ impl LeaseStore for RedisLeaseStore {
         timeout: Duration,
     ) -> Result<bool> {
         with_timeout(KIND, "renew", key, timeout, async {
-            let args = vec!["renew".to_owned(), record(holder, token), ttl_millis(ttl)];
+            let args = vec![
+                "renew".to_owned(),
+                holder.as_str().to_owned(),
+                token.get().to_string(),
+                ttl_millis(ttl),
+            ];
             let renewed = flag(key, &self.run("renew", key, args).await?)?;
             tracing::debug!(store = KIND, key, %holder, %token, renewed, "renew");
             Ok(renewed)
@@ -622,7 +773,8 @@ impl LeaseStore for RedisLeaseStore {
         with_timeout(KIND, "release", key, timeout, async {
             let args = vec![
                 "release".to_owned(),
-                record(holder, token),
+                holder.as_str().to_owned(),
+                token.get().to_string(),
                 CHANGE_CHANNEL.to_owned(),
                 key.to_owned(),
             ];
@@ -719,13 +871,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_round_trip_and_holders_may_contain_newlines() {
-        let holder = NodeId::new("node\nwith newline");
-        let text = record(&holder, FencingToken(1_700_000_000_000_000));
+    fn records_parse_and_holders_may_contain_newlines() {
+        let text = "1700000000000000 3 1000\nnode\nwith newline";
         let info = parse_info("k", &Value::String(text.into()), &Value::Integer(1500)).unwrap();
-        assert_eq!(info.holder, holder);
+        assert_eq!(info.holder, NodeId::new("node\nwith newline"));
         assert_eq!(info.token, FencingToken(1_700_000_000_000_000));
-        assert_eq!(info.remaining, Duration::from_millis(1500));
+        assert_eq!((info.renewals, info.released), (3, false));
+        assert_eq!(info.remaining, Duration::from_millis(500), "kept 2 × ttl");
+        assert_eq!(
+            expected_text(&info.record()),
+            "1700000000000000 3\nnode\nwith newline"
+        );
+        let tomb = "5 2 1000 released\nn";
+        let info = parse_info("k", &Value::String(tomb.into()), &Value::Integer(900)).unwrap();
+        assert!(info.released);
+        assert_eq!(info.remaining, Duration::ZERO);
+        assert_eq!(expected_text(&info.record()), "5 2 released\nn");
+        // The older form reads as a live term with no renewals.
+        let old = parse_info("k", &Value::String("7\nn".into()), &Value::Integer(40)).unwrap();
+        assert_eq!(
+            (old.token, old.renewals, old.remaining),
+            (FencingToken(7), 0, Duration::from_millis(40))
+        );
     }
 
     #[test]
@@ -735,6 +902,9 @@ mod tests {
             ("abc\nnode", 10),
             ("-1\nnode", 10),
             ("5\nnode", -1),
+            ("5 x 10\nnode", 10),
+            ("5 1 10 gone\nnode", 10),
+            ("\nnode", 10),
         ] {
             let err =
                 parse_info("k", &Value::String(record.into()), &Value::Integer(pttl)).unwrap_err();
@@ -756,5 +926,7 @@ mod tests {
         assert_eq!(redact("redis://u:secret@h:1/0"), "redis://***@h:1/0");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
         assert_eq!(ttl_millis(Duration::from_micros(10)), "1");
+        assert_eq!(ttl_millis(Duration::from_micros(1_500)), "2", "rounded up");
+        assert_eq!(ttl_millis(Duration::from_millis(7)), "7");
     }
 }

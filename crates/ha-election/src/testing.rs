@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use ha_core::{FencingToken, NodeId};
 
-use crate::store::{Acquire, LeaseStore};
+use crate::memory::MemoryLeaseStore;
+use crate::store::{Acquire, LeaseInfo, LeaseRecord, LeaseStore};
 
 /// Generous bound for one store operation in the suite.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,20 +48,70 @@ fn node(name: &str) -> NodeId {
     NodeId::new(name)
 }
 
-/// Acquires `key` for `holder`, panicking unless it was granted.
+/// Fault injection for model tests: `store` forgets every lease record, as a Redis restarted
+/// without persistence or flushed does. Token counters survive (the real stores floor their
+/// tokens so that they keep growing across data loss).
+pub fn lose_records(store: &MemoryLeaseStore) {
+    store.lose_records();
+}
+
+/// Fault injection for model tests: `store`'s clock steps forward by `by` (an NTP step on the
+/// store's host): terms lapse early by its clock, and records are forgotten early.
+pub fn step_store_clock(store: &MemoryLeaseStore, by: Duration) {
+    store.step_clock(by);
+}
+
+/// Acquires a free `key` for `holder`, panicking unless it was granted.
 pub async fn must_acquire(
     store: &dyn LeaseStore,
     key: &str,
     holder: &NodeId,
     ttl: Duration,
 ) -> FencingToken {
-    match store.acquire(key, holder, ttl, OP_TIMEOUT).await {
+    must_take(store, key, holder, ttl, None).await
+}
+
+/// Takes `key` over for `holder` conditional on `expected`, panicking unless it was granted.
+pub async fn must_take(
+    store: &dyn LeaseStore,
+    key: &str,
+    holder: &NodeId,
+    ttl: Duration,
+    expected: Option<&LeaseRecord>,
+) -> FencingToken {
+    match store.acquire(key, holder, ttl, expected, OP_TIMEOUT).await {
         Ok(Acquire::Acquired(token)) => token,
         other => panic!(
-            "{}: acquire of {key} by {holder} must succeed, got {other:?}",
+            "{}: acquire of {key} by {holder} expecting {expected:?} must succeed, got {other:?}",
             store.kind()
         ),
     }
+}
+
+/// Takes `key` over for `holder` from whatever record it has now (read, then acquire
+/// conditional on what was read), panicking unless it was granted. For tests that reuse a key
+/// whose last term left a tombstone.
+pub async fn must_take_over(
+    store: &dyn LeaseStore,
+    key: &str,
+    holder: &NodeId,
+    ttl: Duration,
+) -> FencingToken {
+    let current = store
+        .read(key, OP_TIMEOUT)
+        .await
+        .expect("read")
+        .map(|info| info.record());
+    must_take(store, key, holder, ttl, current.as_ref()).await
+}
+
+/// The record of `key`, panicking if there is none.
+pub async fn must_read(store: &dyn LeaseStore, key: &str) -> LeaseInfo {
+    store
+        .read(key, OP_TIMEOUT)
+        .await
+        .expect("read")
+        .unwrap_or_else(|| panic!("{}: {key} must have a record", store.kind()))
 }
 
 /// A free key is granted; a read then names the holder and token.
@@ -79,6 +130,7 @@ pub async fn acquire_free_key_then_read(store: &dyn LeaseStore) {
         .expect("held");
     assert_eq!(info.holder, node("a"));
     assert_eq!(info.token, token);
+    assert_eq!((info.renewals, info.released), (0, false), "{info:?}");
     assert!(
         info.remaining <= LONG_TTL && info.remaining > LONG_TTL / 2,
         "{info:?}"
@@ -92,7 +144,7 @@ pub async fn acquire_refused_while_held(store: &dyn LeaseStore) {
     let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
     for who in ["b", "a"] {
         match store
-            .acquire(&key, &node(who), LONG_TTL, OP_TIMEOUT)
+            .acquire(&key, &node(who), LONG_TTL, None, OP_TIMEOUT)
             .await
             .expect("acquire")
         {
@@ -100,12 +152,12 @@ pub async fn acquire_refused_while_held(store: &dyn LeaseStore) {
                 assert_eq!(info.holder, node("a"));
                 assert_eq!(info.token, token);
             }
-            Acquire::Acquired(t) => panic!("{who} must not get a held lease (token {t})"),
+            other => panic!("{who} must not get a held lease: {other:?}"),
         }
     }
 }
 
-/// Renewal succeeds only for the exact (holder, token).
+/// Renewal succeeds only for the exact (holder, token), and counts itself in the record.
 pub async fn renew_requires_holder_and_token(store: &dyn LeaseStore) {
     let key = unique_key("renew-cas");
     let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
@@ -134,13 +186,14 @@ pub async fn renew_requires_holder_and_token(store: &dyn LeaseStore) {
         .expect("read")
         .expect("held");
     assert_eq!(
-        (info.holder, info.token),
-        (node("a"), token),
-        "failed renewals change nothing"
+        (info.holder, info.token, info.renewals),
+        (node("a"), token, 1),
+        "failed renewals change nothing; the successful one is counted"
     );
 }
 
-/// Release succeeds only for the exact (holder, token); a refused release changes nothing.
+/// Release succeeds only for the exact (holder, token) and leaves a tombstone; a refused
+/// release changes nothing.
 pub async fn release_requires_holder_and_token(store: &dyn LeaseStore) {
     let key = unique_key("release-cas");
     let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
@@ -167,7 +220,20 @@ pub async fn release_requires_holder_and_token(store: &dyn LeaseStore) {
             .await
             .expect("release")
     );
-    assert_eq!(store.read(&key, OP_TIMEOUT).await.expect("read"), None);
+    let tombstone = must_read(store, &key).await;
+    assert_eq!(
+        (&tombstone.holder, tombstone.token, tombstone.released),
+        (&node("a"), token, true),
+        "a release leaves a tombstone naming the ended term: {tombstone:?}"
+    );
+    assert_eq!(tombstone.remaining, Duration::ZERO);
+    assert!(
+        !store
+            .renew(&key, &node("a"), token, LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("renew"),
+        "a released term cannot be renewed"
+    );
     assert!(
         !store
             .release(&key, &node("a"), token, OP_TIMEOUT)
@@ -187,7 +253,18 @@ pub async fn released_key_is_granted_with_a_greater_token(store: &dyn LeaseStore
             .await
             .expect("release")
     );
-    let second = must_acquire(store, &key, &node("b"), LONG_TTL).await;
+    let tombstone = must_read(store, &key).await;
+    match store
+        .acquire(&key, &node("c"), LONG_TTL, None, OP_TIMEOUT)
+        .await
+        .expect("acquire")
+    {
+        Acquire::Held(info) => assert_eq!(info, tombstone),
+        other => {
+            panic!("a tombstone is a record: acquiring expecting none must fail, got {other:?}")
+        }
+    }
+    let second = must_take(store, &key, &node("b"), LONG_TTL, Some(&tombstone.record())).await;
     assert!(second > first, "{second} must be greater than {first}");
     assert!(
         !store
@@ -198,30 +275,16 @@ pub async fn released_key_is_granted_with_a_greater_token(store: &dyn LeaseStore
     );
 }
 
-/// An expired lease is granted to another node with a greater token; the old holder can
-/// neither renew nor release it any more.
-pub async fn expired_lease_is_granted_to_another(store: &dyn LeaseStore) {
-    let key = unique_key("expiry");
-    let old = must_acquire(store, &key, &node("a"), SHORT_TTL).await;
-    let deadline = std::time::Instant::now() + SHORT_TTL * 20;
-    let new = loop {
-        match store
-            .acquire(&key, &node("b"), LONG_TTL, OP_TIMEOUT)
-            .await
-            .expect("acquire")
-        {
-            Acquire::Acquired(token) => break token,
-            Acquire::Held(info) => {
-                assert_eq!(info.holder, node("a"));
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "lease never expired: {info:?}"
-                );
-                tokio::time::sleep(SHORT_TTL / 10).await;
-            }
-        }
-    };
-    assert!(new > old);
+/// A takeover conditional on the observed record is granted whatever the store's clock says:
+/// the lease is still live by the store's clock here, and is taken anyway (the follower judged
+/// its expiry on its own clock). The old holder can neither renew nor release it any more.
+pub async fn takeover_compares_the_observed_record(store: &dyn LeaseStore) {
+    let key = unique_key("takeover");
+    let old = must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    let observed = must_read(store, &key).await;
+    assert!(observed.remaining > Duration::ZERO, "{observed:?}");
+    let new = must_take(store, &key, &node("b"), LONG_TTL, Some(&observed.record())).await;
+    assert!(new > old, "{new} must be greater than {old}");
     assert!(
         !store
             .renew(&key, &node("a"), old, LONG_TTL, OP_TIMEOUT)
@@ -234,12 +297,120 @@ pub async fn expired_lease_is_granted_to_another(store: &dyn LeaseStore) {
             .await
             .expect("release")
     );
-    let info = store
-        .read(&key, OP_TIMEOUT)
+    let info = must_read(store, &key).await;
+    assert_eq!(
+        (info.holder, info.token, info.renewals),
+        (node("b"), new, 0)
+    );
+}
+
+/// A takeover is refused if the holder renewed since the follower looked: the answer is the
+/// renewed record, so the follower starts watching afresh.
+pub async fn takeover_refused_after_a_renewal(store: &dyn LeaseStore) {
+    let key = unique_key("takeover-renewed");
+    let token = must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    let observed = must_read(store, &key).await.record();
+    assert!(
+        store
+            .renew(&key, &node("a"), token, LONG_TTL, OP_TIMEOUT)
+            .await
+            .expect("renew")
+    );
+    match store
+        .acquire(&key, &node("b"), LONG_TTL, Some(&observed), OP_TIMEOUT)
         .await
-        .expect("read")
-        .expect("held");
-    assert_eq!((info.holder, info.token), (node("b"), new));
+        .expect("acquire")
+    {
+        Acquire::Held(info) => {
+            assert_eq!(
+                (info.holder, info.token, info.renewals),
+                (node("a"), token, 1)
+            );
+        }
+        other => panic!("a renewed lease must not be taken over, got {other:?}"),
+    }
+    // Nor with a record nobody ever wrote (a wrong holder or a released flag).
+    for wrong in [
+        LeaseRecord {
+            holder: node("x"),
+            ..observed.clone()
+        },
+        LeaseRecord {
+            released: true,
+            renewals: 1,
+            ..observed.clone()
+        },
+    ] {
+        assert!(matches!(
+            store
+                .acquire(&key, &node("b"), LONG_TTL, Some(&wrong), OP_TIMEOUT)
+                .await
+                .expect("acquire"),
+            Acquire::Held(_)
+        ));
+    }
+}
+
+/// A takeover that expects a record the key does not have (the store lost it) is refused as
+/// `Vacant`, and changes nothing.
+pub async fn takeover_of_a_vanished_record_is_vacant(store: &dyn LeaseStore) {
+    let key = unique_key("vanished");
+    let ghost = LeaseRecord {
+        holder: node("a"),
+        token: FencingToken(7),
+        renewals: 3,
+        released: false,
+    };
+    assert_eq!(
+        store
+            .acquire(&key, &node("b"), LONG_TTL, Some(&ghost), OP_TIMEOUT)
+            .await
+            .expect("acquire"),
+        Acquire::Vacant
+    );
+    assert_eq!(store.read(&key, OP_TIMEOUT).await.expect("read"), None);
+}
+
+/// Of many simultaneous takeovers of the same observed record exactly one wins.
+pub async fn concurrent_takeovers_have_one_winner(store: &dyn LeaseStore) {
+    let key = unique_key("takeover-race");
+    must_acquire(store, &key, &node("a"), LONG_TTL).await;
+    let observed = must_read(store, &key).await.record();
+    let nodes: Vec<NodeId> = (0..8).map(|i| node(&format!("n{i}"))).collect();
+    let attempts = nodes
+        .iter()
+        .map(|n| store.acquire(&key, n, LONG_TTL, Some(&observed), OP_TIMEOUT));
+    let outcomes = futures_join_all(attempts).await;
+    let winners = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(Acquire::Acquired(_))))
+        .count();
+    assert_eq!(winners, 1, "exactly one winner: {outcomes:?}");
+}
+
+/// A term that lapsed by the store's clock keeps its record (remaining zero), so a follower
+/// that watched it can take it over by compare-and-set; its holder may still renew it until
+/// then (the store's clock decides nothing).
+pub async fn lapsed_record_is_kept_for_takeover(store: &dyn LeaseStore) {
+    let ttl = SHORT_TTL * 2;
+    let key = unique_key("lapsed");
+    let old = must_acquire(store, &key, &node("a"), ttl).await;
+    let deadline = std::time::Instant::now() + ttl * 20;
+    let lapsed = loop {
+        let info = must_read(store, &key).await;
+        assert_eq!((&info.holder, info.token), (&node("a"), old), "{info:?}");
+        if info.remaining == Duration::ZERO {
+            break info;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never lapsed: {info:?}"
+        );
+        tokio::time::sleep(ttl / 20).await;
+    };
+    assert!(!lapsed.released);
+    let new = must_take(store, &key, &node("b"), LONG_TTL, Some(&lapsed.record())).await;
+    assert!(new > old);
 }
 
 /// Renewing keeps a lease alive past its original TTL.
@@ -259,7 +430,7 @@ pub async fn renewal_keeps_the_lease(store: &dyn LeaseStore) {
         assert!(renewed, "renewal within the TTL must succeed");
         assert!(matches!(
             store
-                .acquire(&key, &node("b"), LONG_TTL, OP_TIMEOUT)
+                .acquire(&key, &node("b"), LONG_TTL, None, OP_TIMEOUT)
                 .await
                 .expect("acquire"),
             Acquire::Held(_)
@@ -268,13 +439,15 @@ pub async fn renewal_keeps_the_lease(store: &dyn LeaseStore) {
     }
 }
 
-/// Tokens grow strictly over many terms of alternating holders.
+/// Tokens grow strictly over many terms of alternating holders, each taking over the
+/// previous term's tombstone.
 pub async fn tokens_strictly_increase(store: &dyn LeaseStore) {
     let key = unique_key("monotonic");
     let mut last = None;
+    let mut tombstone = None;
     for term in 0..20 {
         let holder = node(if term % 2 == 0 { "a" } else { "b" });
-        let token = must_acquire(store, &key, &holder, LONG_TTL).await;
+        let token = must_take(store, &key, &holder, LONG_TTL, tombstone.as_ref()).await;
         assert!(
             last.is_none_or(|l| token > l),
             "term {term}: {token} after {last:?}"
@@ -286,6 +459,7 @@ pub async fn tokens_strictly_increase(store: &dyn LeaseStore) {
                 .await
                 .expect("release")
         );
+        tombstone = Some(must_read(store, &key).await.record());
     }
 }
 
@@ -295,7 +469,7 @@ pub async fn concurrent_acquires_have_one_winner(store: &dyn LeaseStore) {
     let nodes: Vec<NodeId> = (0..8).map(|i| node(&format!("n{i}"))).collect();
     let attempts = nodes
         .iter()
-        .map(|n| store.acquire(&key, n, LONG_TTL, OP_TIMEOUT));
+        .map(|n| store.acquire(&key, n, LONG_TTL, None, OP_TIMEOUT));
     let outcomes = futures_join_all(attempts).await;
     let winners: Vec<_> = outcomes
         .iter()
@@ -446,7 +620,11 @@ macro_rules! lease_store_conformance {
             renew_requires_holder_and_token,
             release_requires_holder_and_token,
             released_key_is_granted_with_a_greater_token,
-            expired_lease_is_granted_to_another,
+            takeover_compares_the_observed_record,
+            takeover_refused_after_a_renewal,
+            takeover_of_a_vanished_record_is_vacant,
+            concurrent_takeovers_have_one_winner,
+            lapsed_record_is_kept_for_takeover,
             renewal_keeps_the_lease,
             tokens_strictly_increase,
             concurrent_acquires_have_one_winner,

@@ -1,7 +1,8 @@
 //! Model test: random schedules of partitions, slow requests and answers (process pauses),
-//! crashes and step-downs over three electors on one store, under paused tokio time. At every
-//! 5 ms step: at most one node holds a valid leadership, and each new term's token is greater
-//! than the last.
+//! crashes, step-downs, and the store's own faults — it loses every record (a restart without
+//! persistence, a flush, an eviction) or its clock steps forward — over three electors on one
+//! store, under paused tokio time. At every 5 ms step: at most one node holds a valid
+//! leadership, and each new term's token is greater than the last.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use common::{FaultyStore, Invariants};
 use ha_core::{Component, ComponentContext};
-use ha_election::{Elector, ElectorConfig, LeaseStore, MemoryLeaseStore};
+use ha_election::{Elector, ElectorConfig, LeaseStore, MemoryLeaseStore, testing};
 use proptest::prelude::*;
 
 const NODES: usize = 3;
@@ -30,6 +31,12 @@ enum Fault {
     Crash { node: usize },
     /// The node gives up leadership if it has it.
     StepDown { node: usize },
+    /// The store forgets every lease record (tokens keep growing, as the real stores' floors
+    /// make them).
+    LoseRecords,
+    /// The store's clock steps forward: terms lapse early by its clock, records are forgotten
+    /// early.
+    StepStoreClock { ms: u64 },
 }
 
 fn fault() -> impl Strategy<Value = Fault> {
@@ -46,6 +53,8 @@ fn fault() -> impl Strategy<Value = Fault> {
         ),
         node.clone().prop_map(|node| Fault::Crash { node }),
         node.prop_map(|node| Fault::StepDown { node }),
+        Just(Fault::LoseRecords),
+        (100u64..10_000).prop_map(|ms| Fault::StepStoreClock { ms }),
     ]
 }
 
@@ -54,7 +63,8 @@ fn schedule() -> impl Strategy<Value = Vec<(u64, Fault)>> {
 }
 
 async fn run(schedule: Vec<(u64, Fault)>) -> Vec<(usize, ha_core::FencingToken)> {
-    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let store = Arc::new(MemoryLeaseStore::new());
+    let memory: Arc<dyn LeaseStore> = store.clone();
     let config = ElectorConfig::with_ttl(
         "model/leader",
         Duration::from_secs(2),
@@ -113,6 +123,10 @@ async fn run(schedule: Vec<(u64, Fault)>) -> Vec<(usize, ha_core::FencingToken)>
                 }
                 Fault::StepDown { node } => {
                     electors[node].step_down().await;
+                }
+                Fault::LoseRecords => testing::lose_records(&store),
+                Fault::StepStoreClock { ms } => {
+                    testing::step_store_clock(&store, Duration::from_millis(ms));
                 }
             }
         }

@@ -119,3 +119,64 @@ async fn a_newer_writer_waits_for_an_older_admitted_transaction() {
     );
     assert!(fenced_insert(&mut setup_conn, 3, "a", 7).await.is_err());
 }
+
+#[tokio::test]
+async fn of_two_concurrent_first_admits_the_stale_one_is_refused() {
+    // Two writers admit to a resource that has no fence row yet. The newer one (8) inserts the
+    // row and holds it; the older one (7) blocks on the conflict, and once 8 commits it must be
+    // refused and told 8 — not admitted because its statement's snapshot saw no row.
+    let pg = PostgresServer::start().await.unwrap();
+    let mut watcher = setup(&pg).await;
+    let mut newer = PgConnection::connect(&pg.url()).await.unwrap();
+    let mut newer_tx = newer.begin().await.unwrap();
+    PgFence::new()
+        .admit(&mut newer_tx, "orders", FencingToken(8))
+        .await
+        .unwrap();
+    let url = pg.url();
+    let older = tokio::spawn(async move {
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        fenced_insert(&mut conn, 1, "old", 7).await
+    });
+    // Wait (polling, with a deadline) until the older admit is blocked on the row lock, so
+    // the interleaving is exactly the racy one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the older admit never blocked on the fence row"
+        );
+        tokio::task::yield_now().await;
+    }
+    sqlx::query("INSERT INTO orders VALUES (2, 'new')")
+        .execute(&mut *newer_tx)
+        .await
+        .unwrap();
+    newer_tx.commit().await.unwrap();
+    let err = older.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::StaleToken {
+                token: FencingToken(7),
+                highest: FencingToken(8),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let rows: Vec<(i32, String)> = sqlx::query_as("SELECT id, writer FROM orders ORDER BY id")
+        .fetch_all(&mut watcher)
+        .await
+        .unwrap();
+    assert_eq!(rows, [(2, "new".into())], "the stale write never landed");
+}

@@ -12,7 +12,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use ha_core::{FencingToken, NodeId};
-use ha_election::testing::{LONG_TTL, OP_TIMEOUT, must_acquire, unique_key};
+use ha_election::testing::{LONG_TTL, OP_TIMEOUT, must_take_over, unique_key};
 use ha_election::{
     Acquire, Error, LeaseChange, LeaseStore, LeaseWatch, PostgresLeaseStore,
     PostgresLeaseStoreOptions,
@@ -63,11 +63,23 @@ async fn next_change_of(watch: &mut LeaseWatch, key: &str, deadline: tokio::time
     }
 }
 
-/// Retries `acquire` until the store answers (a restarted server breaks pooled connections).
+/// Retries a takeover of the key's current record until the store answers (a restarted server
+/// breaks pooled connections).
 async fn acquire_when_up(store: &PostgresLeaseStore, key: &str, holder: &NodeId) -> Acquire {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match store.acquire(key, holder, LONG_TTL, OP_TIMEOUT).await {
+        let current = match store.read(key, OP_TIMEOUT).await {
+            Ok(current) => current.map(|info| info.record()),
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => panic!("store never came back: {e}"),
+        };
+        match store
+            .acquire(key, holder, LONG_TTL, current.as_ref(), OP_TIMEOUT)
+            .await
+        {
             Ok(outcome) => return outcome,
             Err(e) if e.is_retryable() && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -86,10 +98,10 @@ async fn tokens_keep_increasing_after_the_server_is_killed_and_restarted() {
     let key = unique_key("crash");
     let held_key = unique_key("crash-held");
     let mut highest = FencingToken(0);
-    let held = must_acquire(&store, &held_key, &node("a"), LONG_TTL).await;
+    let held = must_take_over(&store, &held_key, &node("a"), LONG_TTL).await;
     for round in 0..3 {
         for _ in 0..5 {
-            let token = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+            let token = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
             assert!(token > highest, "round {round}: {token} after {highest}");
             highest = token;
             assert!(
@@ -103,7 +115,7 @@ async fn tokens_keep_increasing_after_the_server_is_killed_and_restarted() {
         for _ in 0..3 {
             assert!(matches!(
                 store
-                    .acquire(&held_key, &node("b"), LONG_TTL, OP_TIMEOUT)
+                    .acquire(&held_key, &node("b"), LONG_TTL, None, OP_TIMEOUT)
                     .await
                     .expect("acquire"),
                 Acquire::Held(_)
@@ -127,7 +139,7 @@ async fn tokens_keep_increasing_after_the_server_is_killed_and_restarted() {
                         .expect("release")
                 );
             }
-            other => panic!("a released key must be free after a crash: {other:?}"),
+            other => panic!("a released key's tombstone must be taken after a crash: {other:?}"),
         }
         let info = store
             .read(&held_key, OP_TIMEOUT)
@@ -145,7 +157,7 @@ async fn an_operation_through_a_blackholed_proxy_times_out_naming_op_and_key() {
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
     let store = PostgresLeaseStore::connect(&url).await.expect("connect");
     let key = unique_key("blackhole");
-    let token = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+    let token = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
 
     proxy.set_mode(ProxyMode::Blackhole);
     let timeout = Duration::from_millis(300);
@@ -154,7 +166,7 @@ async fn an_operation_through_a_blackholed_proxy_times_out_naming_op_and_key() {
         let started = Instant::now();
         let result = match op {
             "acquire" => store
-                .acquire(&key, &node("b"), LONG_TTL, timeout)
+                .acquire(&key, &node("b"), LONG_TTL, None, timeout)
                 .await
                 .map(drop),
             "renew" => store
@@ -239,13 +251,13 @@ async fn concurrent_migrations_from_many_stores_succeed() {
         .await
         .expect("count versions");
     assert_eq!(
-        versions, 2,
-        "each of the two migrations is recorded exactly once"
+        versions, 3,
+        "each of the three migrations is recorded exactly once"
     );
 
     // All stores work on the same table.
     let key = unique_key("migrated");
-    let token = must_acquire(&stores[3], &key, &node("a"), LONG_TTL).await;
+    let token = must_take_over(&stores[3], &key, &node("a"), LONG_TTL).await;
     let info = stores[7]
         .read(&key, OP_TIMEOUT)
         .await
@@ -264,7 +276,7 @@ async fn watch_receives_a_release_made_by_another_store() {
         .await
         .expect("connect");
     let key = unique_key("watch-release");
-    let token = must_acquire(&leader, &key, &node("a"), LONG_TTL).await;
+    let token = must_take_over(&leader, &key, &node("a"), LONG_TTL).await;
     // Subscribed after the grant committed, so the only change of `key` it can see is the
     // release below.
     let mut watch = follower
@@ -290,7 +302,15 @@ async fn watch_receives_a_release_made_by_another_store() {
             .expect("release")
     );
     next_change_of(&mut watch, &key, tokio::time::Instant::now() + OP_TIMEOUT).await;
-    assert_eq!(follower.read(&key, OP_TIMEOUT).await.expect("read"), None);
+    let tombstone = follower
+        .read(&key, OP_TIMEOUT)
+        .await
+        .expect("read")
+        .expect("a tombstone");
+    assert!(
+        tombstone.released && tombstone.token == token,
+        "{tombstone:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,7 +360,7 @@ async fn watch_resyncs_and_keeps_listening_after_the_server_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grant_never_lowers_a_keys_token_even_if_the_sequence_goes_back() {
+async fn tokens_keep_growing_after_the_sequence_is_reset() {
     let server = shared_server().await;
     let table = format!("leases_rewind_{}", std::process::id());
     let store = PostgresLeaseStore::connect_with(
@@ -352,7 +372,7 @@ async fn a_grant_never_lowers_a_keys_token_even_if_the_sequence_goes_back() {
     let key = unique_key("rewind");
     let mut last = FencingToken(0);
     for _ in 0..10 {
-        last = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+        last = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
         assert!(
             store
                 .release(&key, &node("a"), last, OP_TIMEOUT)
@@ -360,25 +380,28 @@ async fn a_grant_never_lowers_a_keys_token_even_if_the_sequence_goes_back() {
                 .expect("release")
         );
     }
-    // What a late `nextval` (drawn before a concurrent grant, committed after it) looks like
-    // to the key's row: a smaller token than the row already has.
+    // A sequence reset (a restore, a move to another database, a late `nextval`) must not
+    // lower tokens: the grant is floored by every row's token and by the database's clock.
     server
         .execute(&format!("ALTER SEQUENCE {table}_token_seq RESTART WITH 1"))
         .await
         .expect("rewind the sequence");
-    match store.acquire(&key, &node("b"), LONG_TTL, OP_TIMEOUT).await {
-        Err(Error::Store { op: "acquire", .. }) => {}
-        other => panic!("a token at most {last} must not be granted again: {other:?}"),
-    }
-    assert_eq!(store.read(&key, OP_TIMEOUT).await.expect("read"), None);
-    // Once the sequence is past the row's token again, grants resume above it.
-    server
-        .execute(&format!(
-            "ALTER SEQUENCE {table}_token_seq RESTART WITH {}",
-            last.get() + 100
-        ))
-        .await
-        .expect("advance the sequence");
-    let next = must_acquire(&store, &key, &node("b"), LONG_TTL).await;
+    let next = must_take_over(&store, &key, &node("b"), LONG_TTL).await;
     assert!(next > last, "{next} after {last}");
+    // The clock floor: tokens are at least the database's time in microseconds.
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros();
+    assert!(
+        u128::from(next.get()) + 60_000_000 > now_us,
+        "{next} is floored by the clock ({now_us} µs)"
+    );
+    // Another key in the same table, after a reset, still gets a token above every row's.
+    server
+        .execute(&format!("ALTER SEQUENCE {table}_token_seq RESTART WITH 1"))
+        .await
+        .expect("rewind the sequence again");
+    let other = must_take_over(&store, &unique_key("rewind-other"), &node("c"), LONG_TTL).await;
+    assert!(other > next, "{other} after {next}");
 }

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use ha_core::{FencingToken, NodeId};
 use ha_election::redis::{counter_key, record_key};
-use ha_election::testing::{LONG_TTL, OP_TIMEOUT, must_acquire, unique_key};
-use ha_election::{Acquire, Error, LeaseStore, RedisLeaseStore};
+use ha_election::testing::{LONG_TTL, OP_TIMEOUT, must_take_over, unique_key};
+use ha_election::{Acquire, Error, LeaseStore, RedisLeaseStore, RedisLeaseStoreOptions};
 use ha_testkit::{
     FaultProxy, ProxyMode, RedisReplicaSet, RedisServer, RespValue, SentinelOptions, SentinelSet,
 };
@@ -61,16 +61,33 @@ async fn acquire_eventually(
     within: Duration,
 ) -> FencingToken {
     let deadline = Instant::now() + within;
+    // Takes over whatever record it last saw (a store-level test: no follower's wait).
+    let mut expected = None;
     loop {
         let last = match store
-            .acquire(key, holder, LONG_TTL, Duration::from_secs(1))
+            .acquire(
+                key,
+                holder,
+                LONG_TTL,
+                expected.as_ref(),
+                Duration::from_secs(1),
+            )
             .await
         {
             Ok(Acquire::Acquired(token)) => return token,
             // An earlier attempt was granted but its answer was lost (a timeout or a dropped
             // connection mid-failover): the grant is ours all the same.
-            Ok(Acquire::Held(info)) if info.holder == *holder => return info.token,
-            Ok(Acquire::Held(info)) => format!("held: {info:?}"),
+            Ok(Acquire::Held(info)) if info.holder == *holder && !info.released => {
+                return info.token;
+            }
+            Ok(Acquire::Held(info)) => {
+                expected = Some(info.record());
+                format!("held: {info:?}")
+            }
+            Ok(Acquire::Vacant) => {
+                expected = None;
+                "vacant".to_owned()
+            }
             Err(e) => format!("error: {e}"),
         };
         assert!(
@@ -94,7 +111,7 @@ async fn tokens_keep_growing_after_a_restart_that_lost_all_data() {
     let key = unique_key("restart");
     let mut earlier = Vec::new();
     for _ in 0..5 {
-        let token = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+        let token = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
         assert!(
             store
                 .release(&key, &node("a"), token, OP_TIMEOUT)
@@ -109,7 +126,7 @@ async fn tokens_keep_growing_after_a_restart_that_lost_all_data() {
         .command(&["SET", &counter_key(&key), &ahead.to_string()])
         .await
         .expect("SET counter");
-    let token = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+    let token = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
     assert_eq!(
         token,
         FencingToken(ahead + 1),
@@ -126,7 +143,7 @@ async fn tokens_keep_growing_after_a_restart_that_lost_all_data() {
         .command(&["DEL", &counter_key(&key)])
         .await
         .expect("DEL counter");
-    let before_restart = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+    let before_restart = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
     earlier.push(before_restart);
 
     server.restart().await.expect("restart without persistence");
@@ -155,7 +172,7 @@ async fn a_flushed_script_is_reloaded_once_and_costs_round_trips_only_then() {
         .await
         .expect("connect");
     let key = unique_key("noscript");
-    let token = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+    let token = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
     let reply = server
         .command(&["SCRIPT", "FLUSH"])
         .await
@@ -207,7 +224,7 @@ async fn a_partitioned_server_turns_an_operation_into_a_timeout_naming_op_and_ke
         .await
         .expect("connect through the proxy");
     let key = unique_key("blackhole");
-    let token = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+    let token = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
 
     proxy.set_mode(ProxyMode::Blackhole);
     let timeout = Duration::from_millis(300);
@@ -255,6 +272,37 @@ async fn a_partitioned_server_turns_an_operation_into_a_timeout_naming_op_and_ke
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_can_evict_leases_is_refused_unless_allowed() {
+    let server = RedisServer::start().await.expect("start");
+    for policy in ["volatile-ttl", "allkeys-lru"] {
+        server
+            .command(&["CONFIG", "SET", "maxmemory-policy", policy])
+            .await
+            .expect("CONFIG SET");
+        match RedisLeaseStore::connect(&server.url()).await {
+            Err(Error::UnsafeSetting { setting, value, .. }) => {
+                assert_eq!((setting, value.as_str()), ("maxmemory-policy", policy));
+            }
+            other => panic!("{policy} must be refused, got {other:?}"),
+        }
+        let store = RedisLeaseStore::connect_with(
+            &server.url(),
+            RedisLeaseStoreOptions::new().allow_eviction(true),
+        )
+        .await
+        .expect("an explicit opt-out connects");
+        must_take_over(&store, &unique_key("evictable"), &node("a"), LONG_TTL).await;
+    }
+    server
+        .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .await
+        .expect("CONFIG SET");
+    RedisLeaseStore::connect(&server.url())
+        .await
+        .expect("noeviction is fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_is_exactly_one_round_trip() {
     const RENEWALS: u64 = 25;
     let server = RedisServer::start().await.expect("start");
@@ -262,7 +310,7 @@ async fn a_renewal_is_exactly_one_round_trip() {
         .await
         .expect("connect");
     let key = unique_key("round-trips");
-    let token = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+    let token = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
     let evals_before = command_stat(&server, "evalsha", "calls").await;
     for _ in 0..RENEWALS {
         assert!(
@@ -290,8 +338,8 @@ async fn a_watcher_hears_of_a_release_and_of_a_grant_but_not_of_other_keys() {
         .await
         .expect("watch")
         .expect("redis pushes");
-    let other_token = must_acquire(&store, &other, &node("z"), LONG_TTL).await;
-    let token = must_acquire(&store, &key, &node("a"), LONG_TTL).await;
+    let other_token = must_take_over(&store, &other, &node("z"), LONG_TTL).await;
+    let token = must_take_over(&store, &key, &node("a"), LONG_TTL).await;
     assert!(
         store
             .release(&key, &node("a"), token, OP_TIMEOUT)
@@ -329,7 +377,7 @@ async fn after_a_sentinel_failover_the_lease_is_granted_on_the_new_master_with_a
     let key = unique_key("failover");
     let ttl = Duration::from_secs(2);
     let old = match store
-        .acquire(&key, &node("a"), ttl, OP_TIMEOUT)
+        .acquire(&key, &node("a"), ttl, None, OP_TIMEOUT)
         .await
         .expect("acquire on the first master")
     {
@@ -354,7 +402,7 @@ async fn after_a_sentinel_failover_the_lease_is_granted_on_the_new_master_with_a
         .wait_for_failover(old_master, Duration::from_secs(30))
         .await
         .expect("failover");
-    // Granted once the old lease expires on the new master (or at once if its write was lost).
+    // Granted by compare-and-set on the record the new master has (or at once if it lost it).
     let new = acquire_eventually(&store, &key, &node("b"), Duration::from_secs(30)).await;
     assert!(new > old, "token after failover {new} must exceed {old}");
     let record = set
@@ -365,7 +413,7 @@ async fn after_a_sentinel_failover_the_lease_is_granted_on_the_new_master_with_a
         .expect("GET on the new master");
     assert_eq!(
         record.as_str(),
-        Some(format!("{new}\nb").as_str()),
+        Some(format!("{new} 0 {}\nb", LONG_TTL.as_millis()).as_str()),
         "the new lease lives on the new master"
     );
 }

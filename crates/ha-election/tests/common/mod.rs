@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ha_core::{FencingToken, NodeId};
 use ha_election::{
-    Acquire, Elector, LeaseInfo, LeaseStore, LeaseWatch, Member, Result, with_timeout,
+    Acquire, Elector, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, Result, with_timeout,
 };
 
 /// One node's view of a shared store, with that node's faults: a partition (requests never
@@ -88,13 +88,14 @@ impl LeaseStore for FaultyStore {
         key: &str,
         holder: &NodeId,
         ttl: Duration,
+        expected: Option<&LeaseRecord>,
         timeout: Duration,
     ) -> Result<Acquire> {
         self.around(
             "acquire",
             key,
             timeout,
-            self.inner.acquire(key, holder, ttl, INNER),
+            self.inner.acquire(key, holder, ttl, expected, INNER),
         )
         .await
     }
