@@ -23,7 +23,11 @@ use ha_core::{
     HaEvent, Leadership, LeadershipGate, LossReason, NodeId, RecvError, Status, TryRecvError,
     Validate, async_trait, metric,
 };
-use ha_testkit::{FaultProxy, ProxyMode, Result, ServerProcess, TestkitError, binaries, free_port};
+use ha_testkit::ha_node::{built_binary, http};
+use ha_testkit::{
+    FaultProxy, HaNodeCluster, HaNodeOptions, HaNodeProcess, ProxyMode, Result, ServerProcess,
+    TestkitError, binaries, free_port, ha_node,
+};
 
 #[test]
 fn metric_list_is_public_and_complete() {
