@@ -21,6 +21,9 @@ if ((${#missing[@]})); then
 fi
 
 # The testkit starts its own servers on free ports; the packages' own services are not used.
+# Cross-process tests run the real `ha-node`/`hactl` binaries: build them first (a test cannot
+# build another package's binaries, and a stale one is refused).
+cargo build -p ha-orchestrator --bins
 if command -v cargo-nextest >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
 else

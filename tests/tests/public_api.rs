@@ -38,7 +38,11 @@ use ha_orchestrator::{
     LeaderView as _, LevelView as _, MemberView as _, MetricsRender as _, NodeGate as _,
     NodeStatus as _, Phase as _, Redactor as _, Secret as _, http, wait_for_signal,
 };
-use ha_testkit::{FaultProxy, ProxyMode, Result, ServerProcess, TestkitError, binaries, free_port};
+use ha_testkit::ha_node::{built_binary, http as node_http};
+use ha_testkit::{
+    FaultProxy, HaNodeCluster, HaNodeOptions, HaNodeProcess, ProxyMode, Result, ServerProcess,
+    TestkitError, binaries, free_port, ha_node,
+};
 
 #[test]
 fn metric_list_is_public_and_complete() {

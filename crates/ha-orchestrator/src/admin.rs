@@ -15,7 +15,8 @@ pub(crate) type Refusal = (StatusCode, String);
 const HOLD_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The leader steps down. With `to`, every other live member is first asked (with the
-/// caller's admin token) to stay out of the election for one ttl, so `to` wins it.
+/// caller's admin token) to stay out of the election for one ttl, and `to` to end any hold it
+/// is under (an earlier switchover to another member held it off), so `to` wins it.
 pub(crate) async fn switchover(
     node: &HaNode,
     to: Option<&str>,
@@ -52,11 +53,15 @@ pub(crate) async fn switchover(
             .timeout(HOLD_REQUEST_TIMEOUT)
             .build()
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let others = members
-            .iter()
-            .filter(|m| m.node.as_str() != target && m.node != *node.node_id());
+        let others = members.iter().filter(|m| m.node != *node.node_id());
         let mut holds = Vec::new();
         for member in others {
+            // `hold?ms=0` ends the target's hold, if any.
+            let hold_ms = if member.node.as_str() == target {
+                0
+            } else {
+                hold_ms
+            };
             let Some(api) = member.meta.get("api") else {
                 return Err((
                     StatusCode::CONFLICT,

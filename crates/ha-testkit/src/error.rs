@@ -95,6 +95,16 @@ pub enum TestkitError {
         /// What went wrong.
         detail: String,
     },
+    /// A binary of this workspace is older than its sources: the test would run old code.
+    #[error("{binary} is older than {source_file}; rebuild it with `{build_hint}`")]
+    StaleBinary {
+        /// The binary.
+        binary: PathBuf,
+        /// A source file changed after it was built.
+        source_file: PathBuf,
+        /// The command that builds it.
+        build_hint: String,
+    },
     /// A file could not be written or read.
     #[error("{path}: {source}")]
     File {

@@ -4,7 +4,8 @@
 //! streaming replica) processes from the machine's packages, each on a free loopback port in
 //! its own temporary directory, and stops and removes them on drop — also when a test panics.
 //! Faults are real: SIGKILL, SIGSTOP/SIGCONT, restarts, and a fault proxy that drops,
-//! blackholes, delays or cuts TCP traffic in front of any server.
+//! blackholes, delays or cuts TCP traffic in front of any server. [`HaNodeCluster`] runs
+//! this workspace's own `ha-node` binary the same way, one config file per node.
 //!
 //! A missing binary is an error naming the binary and the package to install, never a skipped
 //! test. Start-up waits on readiness probes, never on fixed sleeps.
@@ -18,6 +19,7 @@ pub mod binaries;
 #[cfg(feature = "containers")]
 pub mod containers;
 pub mod error;
+pub mod ha_node;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
@@ -25,6 +27,7 @@ pub mod redis;
 pub mod sentinel;
 
 pub use error::{Result, TestkitError};
+pub use ha_node::{HaNodeCluster, HaNodeOptions, HaNodeProcess};
 pub use postgres::{Lsn, ParseLsnError, PostgresServer, PostgresServerBuilder};
 pub use process::{ServerProcess, free_port};
 pub use proxy::{FaultProxy, ProxyMode};
