@@ -150,7 +150,7 @@ pub mod testing;
 pub use error::{Error, Result};
 pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
 pub use key::{KeyId, KeyRing, MasterKey};
-pub use manifest::{BackupKind, Compression, Details, Manifest};
+pub use manifest::{BackupKind, Compression, Details, Manifest, Skipped};
 pub use pg::PgTools;
 pub use progress::Progress;
 pub use repo::{
