@@ -155,7 +155,7 @@ pub use pg::PgTools;
 pub use progress::Progress;
 pub use repo::{
     Checked, DEFAULT_ZSTD_LEVEL, PruneGroup, PruneReport, Repository, RestoreTarget,
-    ScratchPostgres,
+    ScratchPostgres, Unreadable,
 };
 pub use retention::{Decision, RetentionPolicy};
 pub use schedule::{

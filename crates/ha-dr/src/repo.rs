@@ -72,6 +72,9 @@ pub struct PruneReport {
     pub groups: Vec<PruneGroup>,
     /// The backups removed (empty on a dry run).
     pub removed: Vec<BackupId>,
+    /// Backups whose manifest did not authenticate with this key ring: neither counted nor
+    /// removed.
+    pub unreadable: Vec<Unreadable>,
     /// Whether this was a dry run.
     pub dry_run: bool,
 }
@@ -111,6 +114,23 @@ pub struct Repository {
     compress: Compress,
     events: Option<(EventBus, NodeId)>,
     progress: Option<Progress>,
+    /// The newest backup of each source (kind, description) this repository has verified:
+    /// prune never deletes it.
+    verified: Arc<std::sync::Mutex<VerifiedBySource>>,
+}
+
+/// Per source (kind, description): when the newest verified backup was made, and its id.
+type VerifiedBySource = BTreeMap<(BackupKind, String), (SystemTime, BackupId)>;
+
+/// A backup whose manifest could not be read or authenticated: prune leaves it alone,
+/// `verify` of every backup counts it as a failure.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Unreadable {
+    /// The backup.
+    pub id: BackupId,
+    /// Why its manifest was not accepted.
+    pub reason: String,
 }
 
 impl Repository {
@@ -134,6 +154,7 @@ impl Repository {
             },
             events: None,
             progress: None,
+            verified: Arc::default(),
         }
     }
 
@@ -337,6 +358,47 @@ impl Repository {
         .await
     }
 
+    /// Every backup's manifest, authenticated with the key ring, oldest first; and the
+    /// backups whose manifest did not read or authenticate.
+    pub async fn list_authenticated(&self) -> Result<(Vec<Manifest>, Vec<Unreadable>)> {
+        let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
+        Self::blocking(move || {
+            let mut out = Vec::new();
+            let mut unreadable = Vec::new();
+            for id in store.list()? {
+                match store
+                    .get_manifest(&id)
+                    .and_then(|bytes| Manifest::open(&bytes, &id, &keys))
+                {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        tracing::warn!(backup_id = %id, error = %e, "manifest not accepted");
+                        unreadable.push(Unreadable {
+                            id,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            Ok((out, unreadable))
+        })
+        .await
+    }
+
+    fn note_verified(&self, manifest: &Manifest) {
+        let mut verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = verified
+            .entry((manifest.kind, manifest.source.clone()))
+            .or_insert((manifest.created, manifest.id.clone()));
+        if entry.0 <= manifest.created {
+            *entry = (manifest.created, manifest.id.clone());
+        }
+    }
+
     /// The authenticated manifest of `id`.
     pub async fn manifest(&self, id: &BackupId) -> Result<Manifest> {
         let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
@@ -357,6 +419,7 @@ impl Repository {
             Ok((reader.manifest().clone(), structure))
         })
         .await?;
+        self.note_verified(&manifest);
         Ok(Checked {
             manifest,
             duration: clock.elapsed(),
@@ -618,6 +681,7 @@ impl Repository {
             }
         };
         let duration = clock.elapsed();
+        self.note_verified(&manifest);
         self.restored(&manifest, duration, publish);
         Ok(Checked {
             manifest,
@@ -652,24 +716,38 @@ impl Repository {
         dry_run: bool,
         include: impl Fn(&Manifest) -> bool,
     ) -> Result<PruneReport> {
-        let mut manifests = self.list().await?;
+        // Only authenticated manifests count: a forged one could otherwise pose as the
+        // newest backup and have the real ones removed.
+        let (mut manifests, unreadable) = self.list_authenticated().await?;
         manifests.retain(|m| include(m));
-        let mut groups: BTreeMap<(BackupKind, String), Vec<(BackupId, SystemTime)>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<(BackupKind, String), Vec<Manifest>> = BTreeMap::new();
         for m in manifests {
             groups
-                .entry((m.kind, m.source))
+                .entry((m.kind, m.source.clone()))
                 .or_default()
-                .push((m.id, m.created));
+                .push(m);
         }
-        let groups: Vec<PruneGroup> = groups
-            .into_iter()
-            .map(|((kind, source), backups)| PruneGroup {
+        let mut out = Vec::new();
+        for ((kind, source), members) in groups {
+            let backups: Vec<(BackupId, SystemTime)> =
+                members.iter().map(|m| (m.id.clone(), m.created)).collect();
+            let mut decisions = retention::apply(policy, &backups);
+            let deletes = decisions.iter().any(|d| !d.keep);
+            if deletes && let Some(protect) = self.newest_verified(kind, &source, &members).await {
+                for d in &mut decisions {
+                    if d.id == protect {
+                        d.keep = true;
+                        d.reasons.push("newest verified");
+                    }
+                }
+            }
+            out.push(PruneGroup {
                 kind,
                 source,
-                decisions: retention::apply(policy, &backups),
-            })
-            .collect();
+                decisions,
+            });
+        }
+        let groups = out;
         let doomed: Vec<BackupId> = groups
             .iter()
             .flat_map(|g| g.decisions.iter().filter(|d| !d.keep).map(|d| d.id.clone()))
@@ -690,8 +768,40 @@ impl Repository {
         Ok(PruneReport {
             groups,
             removed,
+            unreadable,
             dry_run,
         })
+    }
+
+    /// The newest backup of a source known to verify: the newest this repository verified,
+    /// or else the newest of `members` that verifies now (checked newest first). `None` if
+    /// none does.
+    async fn newest_verified(
+        &self,
+        kind: BackupKind,
+        source: &str,
+        members: &[Manifest],
+    ) -> Option<BackupId> {
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(kind, source.to_owned()))
+            .map(|(_, id)| id.clone());
+        if let Some(id) = known.filter(|id| members.iter().any(|m| &m.id == id)) {
+            return Some(id);
+        }
+        let mut newest_first: Vec<&Manifest> = members.iter().collect();
+        newest_first.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.id.cmp(&a.id)));
+        for m in newest_first {
+            match self.verify(&m.id).await {
+                Ok(_) => return Some(m.id.clone()),
+                Err(e) => {
+                    tracing::warn!(backup_id = %m.id, error = %e, "backup does not verify; prune looks at an older one")
+                }
+            }
+        }
+        None
     }
 }
 

@@ -166,3 +166,82 @@ async fn setuid_and_setgid_bits_are_masked_on_restore() {
     assert_eq!(mode("sticky"), 0o1777);
     assert_eq!(mode("sgid-dir"), 0o775);
 }
+
+/// Finding 7: prune counts authenticated manifests only. A forged manifest posing as the
+/// newest backup of a source neither protects itself nor gets the real ones removed, and
+/// is left alone (reported).
+#[tokio::test]
+async fn prune_ignores_a_forged_manifest() {
+    let (repo, dir) = common::repo(1);
+    let src = dir.path().join("src");
+    common::sample_tree(&src);
+    let b1 = repo.backup(&Source::dir(&src), &[]).await.unwrap();
+    let b2 = repo.backup(&Source::dir(&src), &[]).await.unwrap();
+    let store = dir.path().join("store");
+    let real = fs::read_to_string(store.join(format!("{}.manifest", b2.id))).unwrap();
+    let forged_id = "dir-29990101T000000Z-forged00";
+    let mut forged: serde_json::Value = serde_json::from_str(&real).unwrap();
+    forged["manifest"]["id"] = forged_id.into();
+    forged["manifest"]["created"] = "2999-01-01T00:00:00Z".into();
+    fs::write(
+        store.join(format!("{forged_id}.manifest")),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .unwrap();
+    let policy = ha_dr::RetentionPolicy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    let report = repo.prune(&policy, false).await.unwrap();
+    assert_eq!(report.removed, [b1.id]);
+    assert_eq!(report.unreadable.len(), 1);
+    assert_eq!(report.unreadable[0].id.as_str(), forged_id);
+    repo.verify(&b2.id).await.unwrap();
+    assert!(store.join(format!("{forged_id}.manifest")).exists());
+}
+
+/// Finding 7: prune never deletes the newest backup of a source that verifies, even when
+/// the policy would keep only a newer one that does not.
+#[tokio::test]
+async fn prune_keeps_the_newest_verified_backup() {
+    let (repo, dir) = common::repo(1);
+    let src = dir.path().join("src");
+    common::sample_tree(&src);
+    let b1 = repo.backup(&Source::dir(&src), &[]).await.unwrap();
+    let b2 = repo.backup(&Source::dir(&src), &[]).await.unwrap();
+    // b2's data is damaged after the fact: it no longer verifies.
+    let data = dir.path().join("store").join(format!("{}.data", b2.id));
+    let mut bytes = fs::read(&data).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    fs::write(&data, bytes).unwrap();
+    assert!(repo.verify(&b2.id).await.is_err());
+    let policy = ha_dr::RetentionPolicy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    // A fresh repository (as a separate `ha-dr prune` run would be) finds it by verifying.
+    let fresh = Repository::new(
+        LocalStore::open(dir.path().join("store")).unwrap(),
+        common::ring(1),
+    );
+    for repo in [&fresh, &repo] {
+        let report = repo.prune(&policy, true).await.unwrap();
+        let kept: Vec<_> = report.groups[0]
+            .decisions
+            .iter()
+            .filter(|d| d.keep)
+            .map(|d| (d.id.clone(), d.reasons.clone()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (b2.id.clone(), vec!["newest", "last"]),
+                (b1.id.clone(), vec!["newest verified"])
+            ]
+        );
+    }
+    let report = fresh.prune(&policy, false).await.unwrap();
+    assert!(report.removed.is_empty());
+    repo.verify(&b1.id).await.unwrap();
+}
