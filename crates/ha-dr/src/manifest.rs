@@ -87,6 +87,12 @@ pub enum Details {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         skipped: Vec<Skipped>,
     },
+    /// A file: its permission bits (`0o777` part) when it was a regular file; a restore
+    /// gives them back (other kinds, and files without it, are restored `0600`).
+    File {
+        /// Permission bits.
+        mode: u32,
+    },
     /// A database: the exact row count of every table, counted in the same snapshot that
     /// `pg_dump` dumped (`schema.table` → rows).
     Postgres {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -916,7 +917,11 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
     let temp = parent.join(format!(".ha-dr-restore-{name}-{}", hex::encode(suffix)));
     let result = if kind == BackupKind::Dir {
         (|| {
-            fs::create_dir(&temp).map_err(|e| Error::io("create", &temp, e))?;
+            // Staged privately: the root gets its recorded mode once everything is in.
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&temp)
+                .map_err(|e| Error::io("create", &temp, e))?;
             // Finished files are flushed on a third thread while extraction goes on; the
             // `sync_tree` after it is still what guarantees everything reached the disk.
             let entries = std::thread::scope(|scope| {
@@ -941,6 +946,7 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&temp)
                 .map_err(|e| Error::io("create", &temp, e))?;
             read_ahead(reader, |plain| {
@@ -949,6 +955,13 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
                     other => other,
                 })
             })?;
+            // The recorded mode of a file (setuid/setgid never), private for the rest.
+            let mode = match &details {
+                Details::File { mode } => mode & 0o777,
+                _ => 0o600,
+            };
+            file.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io("set mode of", &temp, e))?;
             file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
             Ok(None)
         })()

@@ -356,13 +356,11 @@ fn tar_err(e: io::Error, path: &Path) -> Error {
 
 /// Writes one file's bytes into `out`.
 pub(crate) fn write_file(path: &Path, out: &mut dyn Write) -> Result<Details> {
+    use std::os::unix::fs::PermissionsExt;
     let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
     // Anything readable but a directory: regular files, and pipes such as `/dev/stdin`.
-    if file
-        .metadata()
-        .map_err(|e| Error::io("stat", path, e))?
-        .is_dir()
-    {
+    if meta.is_dir() {
         return Err(Error::io(
             "back up file",
             path,
@@ -376,7 +374,13 @@ pub(crate) fn write_file(path: &Path, out: &mut dyn Write) -> Result<Details> {
         Error::Stream { source, .. } => Error::io("read", path, source),
         other => other,
     })?;
-    Ok(Details::None)
+    Ok(if meta.is_file() {
+        Details::File {
+            mode: meta.permissions().mode() & 0o777,
+        }
+    } else {
+        Details::None
+    })
 }
 
 /// Writes a config snapshot into `out` as JSON.

@@ -245,3 +245,27 @@ async fn prune_keeps_the_newest_verified_backup() {
     assert!(report.removed.is_empty());
     repo.verify(&b1.id).await.unwrap();
 }
+
+/// Finding 8: a restored file keeps its recorded mode (not the umask's 0644), and kinds
+/// without one (configs, dumps) are restored private (0600).
+#[tokio::test]
+async fn restores_keep_the_recorded_mode_and_are_private_otherwise() {
+    let (repo, dir) = common::repo(1);
+    let file = dir.path().join("secret");
+    fs::write(&file, b"s3cret").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
+    let m = repo.backup(&Source::file(&file), &[]).await.unwrap();
+    let out = dir.path().join("out-file");
+    repo.restore(&m.id, &RestoreTarget::Path(out.clone()), false)
+        .await
+        .unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&out), 0o640);
+    let config = Source::config("app", &serde_json::json!({"password": "x"}), &[]).unwrap();
+    let m = repo.backup(&config, &[]).await.unwrap();
+    let out = dir.path().join("out-config");
+    repo.restore(&m.id, &RestoreTarget::Path(out.clone()), false)
+        .await
+        .unwrap();
+    assert_eq!(mode(&out), 0o600);
+}
