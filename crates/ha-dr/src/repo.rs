@@ -118,6 +118,9 @@ pub struct Repository {
     /// The newest backup of each source (kind, description) this repository has verified:
     /// prune never deletes it.
     verified: Arc<std::sync::Mutex<VerifiedBySource>>,
+    /// Tests: the restored database fails to take the target's place.
+    #[cfg(test)]
+    fail_swap: bool,
 }
 
 /// Per source (kind, description): when the newest verified backup was made, and its id.
@@ -156,6 +159,8 @@ impl Repository {
             events: None,
             progress: None,
             verified: Arc::default(),
+            #[cfg(test)]
+            fail_swap: false,
         }
     }
 
@@ -504,9 +509,7 @@ impl Repository {
                 reason: format!("database {target} exists"),
             });
         }
-        let suffix: [u8; 4] = random_array()?;
-        let prefix: String = target.chars().take(40).collect();
-        let temp = format!("{prefix}_hadr_restore_{}", hex::encode(suffix));
+        let temp = temp_database_name(&target, "restore")?;
         self.restore_into_new_database(id, url, &temp, tools)
             .await?;
         if let Err(e) = self
@@ -523,8 +526,10 @@ impl Repository {
         Ok(manifest)
     }
 
-    /// Puts the restored database `temp` in the place of `target`, after a safety backup of
-    /// `target` if it `exists`.
+    /// Puts the restored database `temp` in the place of `target`. If `target` `exists`, it
+    /// is first backed up (and that backup verified), then renamed aside, not dropped: if
+    /// the restored one cannot take its place, it is renamed back. At every step one
+    /// complete copy exists under a known name.
     async fn swap_in(
         &self,
         admin: &mut sqlx::PgConnection,
@@ -534,23 +539,74 @@ impl Repository {
         temp: &str,
         exists: bool,
     ) -> Result<()> {
-        if exists {
-            let safety = self
-                .backup(
-                    &Source::postgres(url, tools.clone()),
-                    &["pre-restore-safety".to_owned()],
-                )
-                .await?;
-            tracing::info!(backup_id = %safety.id, database = %target, "safety backup taken before restoring over it");
-            let drop_target = format!("DROP DATABASE {} WITH (FORCE)", pg::quote_ident(target));
-            pg::execute(admin, &drop_target).await?;
+        let rename = |from: &str, to: &str| {
+            format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                pg::quote_ident(from),
+                pg::quote_ident(to)
+            )
+        };
+        if !exists {
+            return pg::execute(admin, &rename(temp, target)).await;
         }
-        let rename = format!(
-            "ALTER DATABASE {} RENAME TO {}",
-            pg::quote_ident(temp),
-            pg::quote_ident(target)
+        let safety = self
+            .backup(
+                &Source::postgres(url, tools.clone()),
+                &["pre-restore-safety".to_owned()],
+            )
+            .await?;
+        self.verify(&safety.id).await?;
+        tracing::info!(backup_id = %safety.id, database = %target, "verified safety backup taken before restoring over it");
+        let aside = temp_database_name(target, "old")?;
+        // A database with sessions cannot be renamed: end them (as DROP ... WITH (FORCE)
+        // did before).
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(target)
+        .execute(&mut *admin)
+        .await
+        .map_err(|source| Error::Postgres {
+            context: format!("end the sessions of database {target}"),
+            source,
+        })?;
+        pg::execute(admin, &rename(target, &aside)).await?;
+        #[cfg(test)]
+        let swapped = if self.fail_swap {
+            Err(Error::Postgres {
+                context: "swap in the restored database".into(),
+                source: sqlx::Error::Protocol("injected failure".into()),
+            })
+        } else {
+            pg::execute(admin, &rename(temp, target)).await
+        };
+        #[cfg(not(test))]
+        let swapped = pg::execute(admin, &rename(temp, target)).await;
+        if let Err(e) = swapped {
+            return match pg::execute(admin, &rename(&aside, target)).await {
+                Ok(()) => Err(e),
+                Err(back) => Err(Error::Postgres {
+                    context: format!(
+                        "{e}; and the old database could not be renamed back: it is intact \
+                         as {aside}, and backed up as {}",
+                        safety.id
+                    ),
+                    source: match back {
+                        Error::Postgres { source, .. } => source,
+                        other => sqlx::Error::Protocol(other.to_string()),
+                    },
+                }),
+            };
+        }
+        let drop_aside = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            pg::quote_ident(&aside)
         );
-        pg::execute(admin, &rename).await
+        if let Err(e) = pg::execute(admin, &drop_aside).await {
+            tracing::warn!(database = %aside, error = %e, "the replaced database could not be dropped");
+        }
+        Ok(())
     }
 
     /// Creates database `name` on `url`'s server and restores `id` into it; drops it again on
@@ -804,6 +860,18 @@ impl Repository {
         }
         None
     }
+}
+
+/// `{target}_hadr_{what}_{8 hex}`, with `target` cut (at a character boundary) so that the
+/// name stays within PostgreSQL's 63 bytes.
+fn temp_database_name(target: &str, what: &str) -> Result<String> {
+    let suffix: [u8; 4] = random_array()?;
+    let tail = format!("_hadr_{what}_{}", hex::encode(suffix));
+    let mut cut = 63usize.saturating_sub(tail.len()).min(target.len());
+    while !target.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Ok(format!("{}{tail}", &target[..cut]))
 }
 
 /// Checks that the plaintext of a backup can be restored, by kind: every tar header, entry
@@ -1080,6 +1148,7 @@ mod tests {
     use super::*;
     use crate::store::LocalStore;
     use crate::{KeyRing, MasterKey};
+    use sqlx::Connection;
 
     /// Stores `plain` as a backup of `kind` with `details`, sealed like a real one: the
     /// cryptography is sound, only the content is what the test chose.
@@ -1218,6 +1287,84 @@ mod tests {
                 assert!(restored.is_err(), "{case}: restore must refuse it too");
                 assert!(!out.exists(), "{case}: nothing at the target");
             }
+        }
+    }
+
+    /// Finding 5: when the restored database cannot take the target's place, the target
+    /// is back under its own name with its data, the restored copy is gone, and the
+    /// safety backup was verified.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_database_swap_keeps_the_old_database() {
+        let pg = ha_testkit::PostgresServer::start().await.expect("server");
+        pg.execute("CREATE DATABASE app").await.expect("create");
+        let mut app = pg.connect_to("app").await.expect("app");
+        sqlx::raw_sql("CREATE TABLE t (v int); INSERT INTO t VALUES (1), (2)")
+            .execute(&mut app)
+            .await
+            .expect("rows");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = LocalStore::open(dir.path().join("store")).expect("store");
+        let mut repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([9; 32])));
+        let tools = PgTools::in_dir(ha_testkit::binaries::postgres_bin_dir().expect("pg bin"));
+        let url = pg.url_for("app");
+        let m = repo
+            .backup(&Source::postgres(&url, tools.clone()), &[])
+            .await
+            .expect("backup");
+        sqlx::raw_sql("INSERT INTO t VALUES (3)")
+            .execute(&mut app)
+            .await
+            .expect("row");
+        app.close().await.expect("close");
+        repo.fail_swap = true;
+        let target = RestoreTarget::Postgres {
+            url: url.clone(),
+            tools: tools.clone(),
+        };
+        let err = repo
+            .restore(&m.id, &target, true)
+            .await
+            .expect_err("injected");
+        assert!(err.to_string().contains("injected"), "{err}");
+        let mut conn = pg.connect_to("app").await.expect("app is there");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        assert_eq!(
+            rows, 3,
+            "the old database, with the row written after the backup"
+        );
+        let mut admin = pg.connect().await.expect("admin");
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE '%hadr%'")
+                .fetch_all(&mut admin)
+                .await
+                .expect("names");
+        assert!(
+            names.is_empty(),
+            "no restore or aside database left: {names:?}"
+        );
+        let safety = repo.list().await.expect("list");
+        assert!(safety.iter().any(|m| m.tags == ["pre-restore-safety"]));
+        // Without the fault, the same restore replaces it.
+        repo.fail_swap = false;
+        repo.restore(&m.id, &target, true).await.expect("restore");
+        let mut conn = pg.connect_to("app").await.expect("app is there");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        assert_eq!(rows, 2);
+    }
+
+    #[test]
+    fn temp_database_names_fit_in_63_bytes() {
+        let long = "é".repeat(40);
+        for target in ["app", long.as_str()] {
+            let name = temp_database_name(target, "restore").expect("name");
+            assert!(name.len() <= 63, "{name}");
+            assert!(name.contains("_hadr_restore_"));
         }
     }
 }
