@@ -84,18 +84,35 @@
 //!   dumped with `pg_dump -Fc -Z0 --snapshot=…` from a repeatable-read transaction that also
 //!   counts every table's rows (recorded in the manifest for restore tests); the exit status
 //!   is checked and the child is killed if the backup is abandoned.
-//! - **Verify** authenticates the manifest, then reads every segment and checks the final
-//!   flag, the stored and plaintext sizes and the SHA-256.
+//! - **Directory backups** write each file's header from one `stat` of the open file and
+//!   exactly that many bytes after it (a file that grows is cut, one that shrinks is padded
+//!   with zeros, as GNU tar does; both are listed as `changed` in the manifest). Only entry
+//!   types a restore accepts are written: files, directories, symlinks, never sparse
+//!   entries; FIFOs, sockets, device nodes and the store's own directory are left out and
+//!   listed as `skipped`.
+//! - **Verify** means restorable: it authenticates the manifest, reads every segment and
+//!   checks the final flag, the stored and plaintext sizes and the SHA-256, and walks the
+//!   plaintext as a restore would: every tar header, path, entry type and size, the entry
+//!   count against the manifest and zeros only after the archive (directories); the JSON
+//!   (configs); the `pg_dump` signature (databases). `ha-dr verify` of every backup fails
+//!   (exit 1) on a manifest that does not read or authenticate, and on an empty store.
 //! - **Restore** verifies while it streams and writes nothing in place until the whole backup
 //!   checked out: directories are extracted beside the target and renamed into place (tar
 //!   entries escaping the target are refused; symlinks are restored as links; modes and
-//!   mtimes are kept), files likewise; a database is restored by `pg_restore` into a fresh
-//!   temporary database that is renamed to the target name at the end (and dropped on any
-//!   error). A non-empty directory, an existing file or an existing database is refused
-//!   unless `force`; restoring over a database with `force` first takes a safety backup of it.
+//!   mtimes are kept, setuid/setgid masked since owners are not restored; the entry count
+//!   must match the manifest), files likewise (their recorded mode; other kinds `0600`);
+//!   staging is private (`0700`/`0600`). A database is restored by `pg_restore` into a
+//!   fresh temporary database that is renamed to the target name at the end (and dropped on
+//!   any error). A non-empty directory, an existing file or an existing database is refused
+//!   unless `force`; restoring over a database with `force` first takes a safety backup of
+//!   it and verifies it, renames the old database aside (renamed back if the restored one
+//!   cannot take its place) and drops it only after the swap.
 //! - **Restore test** restores into a scratch directory or scratch database, compares entry
 //!   or per-table row counts with the manifest, and reports the duration (measured RTO).
-//! - **Prune** applies a [`RetentionPolicy`] (restic's calendar buckets, UTC) per source.
+//! - **Prune** applies a [`RetentionPolicy`] (restic's calendar buckets, UTC) per source, to
+//!   authenticated manifests only (others are reported and left alone, so it needs the
+//!   key), and never deletes the newest backup of a source that verifies (the newest this
+//!   repository verified, or else the newest that verifies when prune checks).
 //! - **Schedule**: a [`BackupScheduler`] backs named sources up on intervals (defaults:
 //!   database 4 h, directory/file 24 h, config 24 h) or cron expressions (UTC, parsed by the
 //!   `croner` crate), only while a [`ha_core::LeadershipGate`] says this node leads, one run
@@ -128,7 +145,11 @@
 //! the structured cases (every header byte, segment boundaries, splices).
 //!
 //! Not built: an object-store `BackupStore`; a cargo-fuzz target;
-//! restoring ownership (tar entries carry uid/gid; restore keeps modes and mtimes, not owners);
+//! restoring ownership (tar entries carry uid/gid; restore keeps modes and mtimes, not owners,
+//! and so masks setuid/setgid); encrypting the manifest's descriptive fields (issue 14,
+//! finding 6); staging on the target's filesystem when it is a mount point (finding 11);
+//! credentials out of `pg_dump`'s argv and `HA_DR_KEY` out of children (finding 10);
+//! the small findings of 12 other than temp database name length;
 //! a scheduler daemon in the CLI; a 5-minute database RPO through WAL archiving; seeding a
 //! new leader's RPO from backups already in the store (its clock starts when it begins to
 //! lead).
@@ -150,12 +171,12 @@ pub mod testing;
 pub use error::{Error, Result};
 pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
 pub use key::{KeyId, KeyRing, MasterKey};
-pub use manifest::{BackupKind, Compression, Details, Manifest};
+pub use manifest::{BackupKind, Compression, Details, Manifest, Skipped};
 pub use pg::PgTools;
 pub use progress::Progress;
 pub use repo::{
     Checked, DEFAULT_ZSTD_LEVEL, PruneGroup, PruneReport, Repository, RestoreTarget,
-    ScratchPostgres,
+    ScratchPostgres, Unreadable,
 };
 pub use retention::{Decision, RetentionPolicy};
 pub use schedule::{

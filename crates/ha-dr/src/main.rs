@@ -99,9 +99,9 @@ enum Command {
     },
     /// Deletes backups that no keep rule keeps (per source).
     Prune {
-        /// The store directory.
-        #[arg(long)]
-        store: PathBuf,
+        /// The store and the key (prune reads authenticated manifests only).
+        #[command(flatten)]
+        repo: RepoArgs,
         #[command(flatten)]
         policy: PolicyArgs,
         /// Show what would go, and why each kept backup stays; delete nothing.
@@ -339,11 +339,23 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
                 tools: repo.tools(),
             });
             let repo = repo.open()?;
-            let ids = match id {
-                Some(id) => vec![BackupId::parse(&id)?],
-                None => repo.list().await?.into_iter().map(|m| m.id).collect(),
+            let (ids, unreadable) = match id {
+                Some(id) => (vec![BackupId::parse(&id)?], Vec::new()),
+                None => {
+                    let (manifests, unreadable) = repo.list_authenticated().await?;
+                    (manifests.into_iter().map(|m| m.id).collect(), unreadable)
+                }
             };
-            let mut failed = 0usize;
+            // A manifest that does not read or authenticate is a backup that cannot be
+            // restored: a failure, never skipped.
+            let mut failed = unreadable.len();
+            for u in &unreadable {
+                out(&format!("FAILED {}: {}", u.id, u.reason))?;
+            }
+            let total = ids.len() + unreadable.len();
+            if total == 0 {
+                return Ok(fail("no backups in the store: nothing verified"));
+            }
             for id in &ids {
                 let result = if restore_test {
                     with_bar(
@@ -366,7 +378,7 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
                         "ok {id} verified in {:.3}s",
                         checked.duration.as_secs_f64()
                     ))?,
-                    Err(e) if ids.len() == 1 => return Err(e),
+                    Err(e) if total == 1 => return Err(e),
                     Err(e) => {
                         failed += 1;
                         out(&format!("FAILED {id}: {e}"))?;
@@ -375,8 +387,7 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             }
             if failed > 0 {
                 return Ok(fail(&format!(
-                    "{failed} of {} backups failed verification",
-                    ids.len()
+                    "{failed} of {total} backups failed verification"
                 )));
             }
         }
@@ -412,7 +423,7 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             ))?;
         }
         Command::Prune {
-            store,
+            repo,
             policy,
             dry_run,
             json: as_json,
@@ -426,9 +437,15 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
                 keep_yearly: policy.keep_yearly,
             };
             ha_core::config::Validate::validate(&policy)?;
-            let store = LocalStore::open(&store)?;
-            let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([0; 32])));
+            // Prune acts on authenticated manifests only, so it needs the key.
+            let repo = repo.open()?;
             let report = repo.prune(&policy, dry_run).await?;
+            for u in &report.unreadable {
+                eprintln!(
+                    "ha-dr: warning: left alone, manifest not accepted: {}: {}",
+                    u.id, u.reason
+                );
+            }
             if as_json {
                 out(&json(&report)?)?;
             } else {

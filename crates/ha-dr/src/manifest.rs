@@ -71,10 +71,27 @@ pub enum Details {
     /// Nothing beyond the common fields.
     #[default]
     None,
-    /// A directory: how many tar entries (files, directories, symlinks) it held.
+    /// A directory: how many tar entries (files, directories, symlinks) it held, and what
+    /// was not stored as it was.
     Dir {
-        /// Tar entries written.
+        /// Tar entries written; every restore and verify checks the archive holds exactly
+        /// these.
         entries: u64,
+        /// Files that changed (grew, shrank, were rewritten or deleted) while they were
+        /// read: stored with the size they had when their header was written (cut or
+        /// zero-padded), so they may be inconsistent.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        changed: Vec<String>,
+        /// Entries left out, with the reason (FIFOs, sockets, device nodes, the store
+        /// itself, files replaced while read).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        skipped: Vec<Skipped>,
+    },
+    /// A file: its permission bits (`0o777` part) when it was a regular file; a restore
+    /// gives them back (other kinds, and files without it, are restored `0600`).
+    File {
+        /// Permission bits.
+        mode: u32,
     },
     /// A database: the exact row count of every table, counted in the same snapshot that
     /// `pg_dump` dumped (`schema.table` → rows).
@@ -87,6 +104,24 @@ pub enum Details {
         /// Captured variable names.
         env: Vec<String>,
     },
+}
+
+/// An entry of a directory that a backup left out.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Skipped {
+    /// The path, relative to the backed-up directory.
+    pub path: String,
+    /// Why it was left out.
+    pub reason: String,
+}
+
+impl Skipped {
+    pub(crate) fn new(path: &str, reason: &str) -> Self {
+        Self {
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
 }
 
 /// Everything known about one backup. Written last: a backup without its manifest does not
@@ -252,7 +287,11 @@ pub(crate) mod tests {
             cipher: "aes-256-gcm-stream".into(),
             segment_size: 65536,
             key_id: key.id().clone(),
-            details: Details::Dir { entries: 3 },
+            details: Details::Dir {
+                entries: 3,
+                changed: Vec::new(),
+                skipped: Vec::new(),
+            },
         }
     }
 

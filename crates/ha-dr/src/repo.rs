@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -72,6 +73,9 @@ pub struct PruneReport {
     pub groups: Vec<PruneGroup>,
     /// The backups removed (empty on a dry run).
     pub removed: Vec<BackupId>,
+    /// Backups whose manifest did not authenticate with this key ring: neither counted nor
+    /// removed.
+    pub unreadable: Vec<Unreadable>,
     /// Whether this was a dry run.
     pub dry_run: bool,
 }
@@ -111,6 +115,26 @@ pub struct Repository {
     compress: Compress,
     events: Option<(EventBus, NodeId)>,
     progress: Option<Progress>,
+    /// The newest backup of each source (kind, description) this repository has verified:
+    /// prune never deletes it.
+    verified: Arc<std::sync::Mutex<VerifiedBySource>>,
+    /// Tests: the restored database fails to take the target's place.
+    #[cfg(test)]
+    fail_swap: bool,
+}
+
+/// Per source (kind, description): when the newest verified backup was made, and its id.
+type VerifiedBySource = BTreeMap<(BackupKind, String), (SystemTime, BackupId)>;
+
+/// A backup whose manifest could not be read or authenticated: prune leaves it alone,
+/// `verify` of every backup counts it as a failure.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Unreadable {
+    /// The backup.
+    pub id: BackupId,
+    /// Why its manifest was not accepted.
+    pub reason: String,
 }
 
 impl Repository {
@@ -134,6 +158,9 @@ impl Repository {
             },
             events: None,
             progress: None,
+            verified: Arc::default(),
+            #[cfg(test)]
+            fail_swap: false,
         }
     }
 
@@ -269,7 +296,7 @@ impl Repository {
             let mut writer =
                 BackupWriter::new(&*store, &task_id, &key, compress)?.with_progress(progress);
             let details = match &task_source {
-                Source::Dir(path) => source::write_dir(path, &mut writer)?,
+                Source::Dir(path) => source::write_dir(path, store.local_dir(), &mut writer)?,
                 Source::File(path) => source::write_file(path, &mut writer)?,
                 Source::Config(config) => source::write_config(config, &mut writer)?,
                 Source::Postgres { url, tools } => {
@@ -337,6 +364,47 @@ impl Repository {
         .await
     }
 
+    /// Every backup's manifest, authenticated with the key ring, oldest first; and the
+    /// backups whose manifest did not read or authenticate.
+    pub async fn list_authenticated(&self) -> Result<(Vec<Manifest>, Vec<Unreadable>)> {
+        let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
+        Self::blocking(move || {
+            let mut out = Vec::new();
+            let mut unreadable = Vec::new();
+            for id in store.list()? {
+                match store
+                    .get_manifest(&id)
+                    .and_then(|bytes| Manifest::open(&bytes, &id, &keys))
+                {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        tracing::warn!(backup_id = %id, error = %e, "manifest not accepted");
+                        unreadable.push(Unreadable {
+                            id,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            Ok((out, unreadable))
+        })
+        .await
+    }
+
+    fn note_verified(&self, manifest: &Manifest) {
+        let mut verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = verified
+            .entry((manifest.kind, manifest.source.clone()))
+            .or_insert((manifest.created, manifest.id.clone()));
+        if entry.0 <= manifest.created {
+            *entry = (manifest.created, manifest.id.clone());
+        }
+    }
+
     /// The authenticated manifest of `id`.
     pub async fn manifest(&self, id: &BackupId) -> Result<Manifest> {
         let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
@@ -349,16 +417,19 @@ impl Repository {
         let clock = Instant::now();
         let (store, keys, id) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
         let progress = self.progress.clone();
-        let manifest = Self::blocking(move || {
+        let (manifest, structure) = Self::blocking(move || {
             let mut reader = BackupReader::open(&*store, &keys, &id)?.with_progress(progress);
+            let manifest = reader.manifest().clone();
+            let structure = read_ahead(&mut reader, |plain| check_structure(&manifest, plain))?;
             reader.drain()?;
-            Ok(reader.manifest().clone())
+            Ok((reader.manifest().clone(), structure))
         })
         .await?;
+        self.note_verified(&manifest);
         Ok(Checked {
             manifest,
             duration: clock.elapsed(),
-            detail: "every segment, the sizes and the SHA-256 check out".into(),
+            detail: format!("every segment, the sizes and the SHA-256 check out; {structure}"),
         })
     }
 
@@ -438,9 +509,7 @@ impl Repository {
                 reason: format!("database {target} exists"),
             });
         }
-        let suffix: [u8; 4] = random_array()?;
-        let prefix: String = target.chars().take(40).collect();
-        let temp = format!("{prefix}_hadr_restore_{}", hex::encode(suffix));
+        let temp = temp_database_name(&target, "restore")?;
         self.restore_into_new_database(id, url, &temp, tools)
             .await?;
         if let Err(e) = self
@@ -457,8 +526,10 @@ impl Repository {
         Ok(manifest)
     }
 
-    /// Puts the restored database `temp` in the place of `target`, after a safety backup of
-    /// `target` if it `exists`.
+    /// Puts the restored database `temp` in the place of `target`. If `target` `exists`, it
+    /// is first backed up (and that backup verified), then renamed aside, not dropped: if
+    /// the restored one cannot take its place, it is renamed back. At every step one
+    /// complete copy exists under a known name.
     async fn swap_in(
         &self,
         admin: &mut sqlx::PgConnection,
@@ -468,23 +539,74 @@ impl Repository {
         temp: &str,
         exists: bool,
     ) -> Result<()> {
-        if exists {
-            let safety = self
-                .backup(
-                    &Source::postgres(url, tools.clone()),
-                    &["pre-restore-safety".to_owned()],
-                )
-                .await?;
-            tracing::info!(backup_id = %safety.id, database = %target, "safety backup taken before restoring over it");
-            let drop_target = format!("DROP DATABASE {} WITH (FORCE)", pg::quote_ident(target));
-            pg::execute(admin, &drop_target).await?;
+        let rename = |from: &str, to: &str| {
+            format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                pg::quote_ident(from),
+                pg::quote_ident(to)
+            )
+        };
+        if !exists {
+            return pg::execute(admin, &rename(temp, target)).await;
         }
-        let rename = format!(
-            "ALTER DATABASE {} RENAME TO {}",
-            pg::quote_ident(temp),
-            pg::quote_ident(target)
+        let safety = self
+            .backup(
+                &Source::postgres(url, tools.clone()),
+                &["pre-restore-safety".to_owned()],
+            )
+            .await?;
+        self.verify(&safety.id).await?;
+        tracing::info!(backup_id = %safety.id, database = %target, "verified safety backup taken before restoring over it");
+        let aside = temp_database_name(target, "old")?;
+        // A database with sessions cannot be renamed: end them (as DROP ... WITH (FORCE)
+        // did before).
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(target)
+        .execute(&mut *admin)
+        .await
+        .map_err(|source| Error::Postgres {
+            context: format!("end the sessions of database {target}"),
+            source,
+        })?;
+        pg::execute(admin, &rename(target, &aside)).await?;
+        #[cfg(test)]
+        let swapped = if self.fail_swap {
+            Err(Error::Postgres {
+                context: "swap in the restored database".into(),
+                source: sqlx::Error::Protocol("injected failure".into()),
+            })
+        } else {
+            pg::execute(admin, &rename(temp, target)).await
+        };
+        #[cfg(not(test))]
+        let swapped = pg::execute(admin, &rename(temp, target)).await;
+        if let Err(e) = swapped {
+            return match pg::execute(admin, &rename(&aside, target)).await {
+                Ok(()) => Err(e),
+                Err(back) => Err(Error::Postgres {
+                    context: format!(
+                        "{e}; and the old database could not be renamed back: it is intact \
+                         as {aside}, and backed up as {}",
+                        safety.id
+                    ),
+                    source: match back {
+                        Error::Postgres { source, .. } => source,
+                        other => sqlx::Error::Protocol(other.to_string()),
+                    },
+                }),
+            };
+        }
+        let drop_aside = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            pg::quote_ident(&aside)
         );
-        pg::execute(admin, &rename).await
+        if let Err(e) = pg::execute(admin, &drop_aside).await {
+            tracing::warn!(database = %aside, error = %e, "the replaced database could not be dropped");
+        }
+        Ok(())
     }
 
     /// Creates database `name` on `url`'s server and restores `id` into it; drops it again on
@@ -591,7 +713,7 @@ impl Repository {
                 let (store, keys, id2) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
                 let progress = self.progress.clone();
                 let expected = match &manifest.details {
-                    Details::Dir { entries } => Some(*entries),
+                    Details::Dir { entries, .. } => Some(*entries),
                     _ => None,
                 };
                 Self::blocking(move || {
@@ -616,6 +738,7 @@ impl Repository {
             }
         };
         let duration = clock.elapsed();
+        self.note_verified(&manifest);
         self.restored(&manifest, duration, publish);
         Ok(Checked {
             manifest,
@@ -650,24 +773,38 @@ impl Repository {
         dry_run: bool,
         include: impl Fn(&Manifest) -> bool,
     ) -> Result<PruneReport> {
-        let mut manifests = self.list().await?;
+        // Only authenticated manifests count: a forged one could otherwise pose as the
+        // newest backup and have the real ones removed.
+        let (mut manifests, unreadable) = self.list_authenticated().await?;
         manifests.retain(|m| include(m));
-        let mut groups: BTreeMap<(BackupKind, String), Vec<(BackupId, SystemTime)>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<(BackupKind, String), Vec<Manifest>> = BTreeMap::new();
         for m in manifests {
             groups
-                .entry((m.kind, m.source))
+                .entry((m.kind, m.source.clone()))
                 .or_default()
-                .push((m.id, m.created));
+                .push(m);
         }
-        let groups: Vec<PruneGroup> = groups
-            .into_iter()
-            .map(|((kind, source), backups)| PruneGroup {
+        let mut out = Vec::new();
+        for ((kind, source), members) in groups {
+            let backups: Vec<(BackupId, SystemTime)> =
+                members.iter().map(|m| (m.id.clone(), m.created)).collect();
+            let mut decisions = retention::apply(policy, &backups);
+            let deletes = decisions.iter().any(|d| !d.keep);
+            if deletes && let Some(protect) = self.newest_verified(kind, &source, &members).await {
+                for d in &mut decisions {
+                    if d.id == protect {
+                        d.keep = true;
+                        d.reasons.push("newest verified");
+                    }
+                }
+            }
+            out.push(PruneGroup {
                 kind,
                 source,
-                decisions: retention::apply(policy, &backups),
-            })
-            .collect();
+                decisions,
+            });
+        }
+        let groups = out;
         let doomed: Vec<BackupId> = groups
             .iter()
             .flat_map(|g| g.decisions.iter().filter(|d| !d.keep).map(|d| d.id.clone()))
@@ -688,8 +825,100 @@ impl Repository {
         Ok(PruneReport {
             groups,
             removed,
+            unreadable,
             dry_run,
         })
+    }
+
+    /// The newest backup of a source known to verify: the newest this repository verified,
+    /// or else the newest of `members` that verifies now (checked newest first). `None` if
+    /// none does.
+    async fn newest_verified(
+        &self,
+        kind: BackupKind,
+        source: &str,
+        members: &[Manifest],
+    ) -> Option<BackupId> {
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(kind, source.to_owned()))
+            .map(|(_, id)| id.clone());
+        if let Some(id) = known.filter(|id| members.iter().any(|m| &m.id == id)) {
+            return Some(id);
+        }
+        let mut newest_first: Vec<&Manifest> = members.iter().collect();
+        newest_first.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.id.cmp(&a.id)));
+        for m in newest_first {
+            match self.verify(&m.id).await {
+                Ok(_) => return Some(m.id.clone()),
+                Err(e) => {
+                    tracing::warn!(backup_id = %m.id, error = %e, "backup does not verify; prune looks at an older one")
+                }
+            }
+        }
+        None
+    }
+}
+
+/// `{target}_hadr_{what}_{8 hex}`, with `target` cut (at a character boundary) so that the
+/// name stays within PostgreSQL's 63 bytes.
+fn temp_database_name(target: &str, what: &str) -> Result<String> {
+    let suffix: [u8; 4] = random_array()?;
+    let tail = format!("_hadr_{what}_{}", hex::encode(suffix));
+    let mut cut = 63usize.saturating_sub(tail.len()).min(target.len());
+    while !target.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Ok(format!("{}{tail}", &target[..cut]))
+}
+
+/// Checks that the plaintext of a backup can be restored, by kind: every tar header, entry
+/// type, path and size, and the entry count against the manifest (directories); that the
+/// JSON parses (configs); the `pg_dump` archive signature (databases).
+fn check_structure(manifest: &Manifest, plain: &mut dyn Read) -> Result<String> {
+    let id = manifest.id.as_str();
+    match (&manifest.kind, &manifest.details) {
+        (BackupKind::Dir, details) => {
+            let got = source::check_tar(id, plain)?;
+            check_entry_count(id, details, got)?;
+            Ok(format!("{got} tar entries check out"))
+        }
+        (BackupKind::Config, _) => {
+            serde_json::from_reader::<_, source::ConfigSnapshot>(plain).map_err(|e| {
+                Error::corrupt(id, format!("the config snapshot does not parse: {e}"))
+            })?;
+            Ok("the config snapshot parses".into())
+        }
+        (BackupKind::Postgres, _) => {
+            let mut magic = [0u8; 5];
+            plain
+                .read_exact(&mut magic)
+                .map_err(|e| from_io(e, || format!("read backup {id}")))?;
+            if &magic != b"PGDMP" {
+                return Err(Error::corrupt(id, "not a pg_dump custom-format archive"));
+            }
+            Ok("the pg_dump archive signature checks out".into())
+        }
+        _ => Ok("a plain byte stream".into()),
+    }
+}
+
+/// A directory backup restores exactly the entries its manifest recorded: fewer means the
+/// archive ended early (the tar reader stops at a zero block), more means entries were
+/// injected.
+fn check_entry_count(id: &str, details: &Details, got: u64) -> Result<()> {
+    match details {
+        Details::Dir { entries, .. } if *entries != got => Err(Error::corrupt(
+            id,
+            format!("the archive holds {got} entries, the manifest recorded {entries}"),
+        )),
+        Details::Dir { .. } => Ok(()),
+        _ => Err(Error::corrupt(
+            id,
+            "a directory backup without its entry count",
+        )),
     }
 }
 
@@ -741,6 +970,7 @@ impl Drop for ScratchDir {
 fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Result<Option<u64>> {
     let kind = reader.manifest().kind;
     let id = reader.manifest().id.to_string();
+    let details = reader.manifest().details.clone();
     check_target(target, kind == BackupKind::Dir, force)?;
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -755,7 +985,11 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
     let temp = parent.join(format!(".ha-dr-restore-{name}-{}", hex::encode(suffix)));
     let result = if kind == BackupKind::Dir {
         (|| {
-            fs::create_dir(&temp).map_err(|e| Error::io("create", &temp, e))?;
+            // Staged privately: the root gets its recorded mode once everything is in.
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&temp)
+                .map_err(|e| Error::io("create", &temp, e))?;
             // Finished files are flushed on a third thread while extraction goes on; the
             // `sync_tree` after it is still what guarantees everything reached the disk.
             let entries = std::thread::scope(|scope| {
@@ -771,6 +1005,7 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
                     })
                 })
             })?;
+            check_entry_count(&id, &details, entries)?;
             sync_tree(&temp)?;
             Ok(Some(entries))
         })()
@@ -779,6 +1014,7 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&temp)
                 .map_err(|e| Error::io("create", &temp, e))?;
             read_ahead(reader, |plain| {
@@ -787,6 +1023,13 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
                     other => other,
                 })
             })?;
+            // The recorded mode of a file (setuid/setgid never), private for the rest.
+            let mode = match &details {
+                Details::File { mode } => mode & 0o777,
+                _ => 0o600,
+            };
+            file.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io("set mode of", &temp, e))?;
             file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
             Ok(None)
         })()
@@ -898,4 +1141,230 @@ fn sync_tree(root: &Path) -> Result<()> {
         sync_dir(&dir)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+    use crate::{KeyRing, MasterKey};
+    use sqlx::Connection;
+
+    /// Stores `plain` as a backup of `kind` with `details`, sealed like a real one: the
+    /// cryptography is sound, only the content is what the test chose.
+    fn backup_raw(repo: &Repository, kind: BackupKind, plain: &[u8], details: Details) -> BackupId {
+        let created = SystemTime::now();
+        let id = BackupId::generate(kind.as_str(), created).expect("id");
+        let key = repo.keys.writer().clone();
+        let mut writer = BackupWriter::new(&*repo.store, &id, &key, repo.compress).expect("writer");
+        writer.write_all(plain).expect("write");
+        let written = writer.finish().expect("finish");
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            id: id.clone(),
+            kind,
+            source: "test".into(),
+            tags: Vec::new(),
+            created,
+            duration: Duration::ZERO,
+            plaintext_bytes: written.plaintext_bytes,
+            stored_bytes: written.stored_bytes,
+            plaintext_sha256: written.sha256,
+            compression: written.compression,
+            cipher: "aes-256-gcm-stream".into(),
+            segment_size: crate::format::SEGMENT_SIZE,
+            key_id: key.id().clone(),
+            details,
+        };
+        repo.store
+            .put_manifest(&id, &manifest.seal(&key).expect("seal"))
+            .expect("manifest");
+        id
+    }
+
+    fn dir_details(entries: u64) -> Details {
+        Details::Dir {
+            entries,
+            changed: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Finding 3: `verify` means restorable. Each of these backups is cryptographically
+    /// whole, yet a restore would fail or lose data; verify refuses every one.
+    #[tokio::test]
+    async fn verify_walks_the_archive_structure_of_every_kind() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = LocalStore::open(dir.path().join("store")).expect("store");
+        let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([9; 32])));
+        let tar_of = |names: &[&str]| {
+            let mut builder = tar::Builder::new(Vec::new());
+            for name in names {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(3);
+                header.set_mode(0o644);
+                builder
+                    .append_data(&mut header, name, &b"abc"[..])
+                    .expect("append");
+            }
+            builder.into_inner().expect("tar")
+        };
+        let good = tar_of(&["a", "b", "c"]);
+        let id = backup_raw(&repo, BackupKind::Dir, &good, dir_details(3));
+        let checked = repo.verify(&id).await.expect("a sound backup verifies");
+        assert!(
+            checked.detail.contains("3 tar entries"),
+            "{}",
+            checked.detail
+        );
+
+        let mut fifo = tar::Header::new_gnu();
+        fifo.set_entry_type(tar::EntryType::Fifo);
+        fifo.set_size(0);
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_data(&mut fifo, "fifo", io::empty())
+            .expect("fifo");
+        let fifo_tar = builder.into_inner().expect("tar");
+        let mut cut = good.clone();
+        cut.truncate(512 + 100);
+        let mut junk = good.clone();
+        junk.extend_from_slice(b"trailing junk");
+        let cases: Vec<(&str, BackupKind, Vec<u8>, Details)> = vec![
+            (
+                "fewer entries than recorded",
+                BackupKind::Dir,
+                good.clone(),
+                dir_details(4),
+            ),
+            (
+                "more entries than recorded",
+                BackupKind::Dir,
+                good.clone(),
+                dir_details(2),
+            ),
+            (
+                "a refused entry type",
+                BackupKind::Dir,
+                fifo_tar,
+                dir_details(1),
+            ),
+            ("an entry cut short", BackupKind::Dir, cut, dir_details(3)),
+            (
+                "data after the archive",
+                BackupKind::Dir,
+                junk,
+                dir_details(3),
+            ),
+            (
+                "a config that does not parse",
+                BackupKind::Config,
+                b"{not json".to_vec(),
+                Details::None,
+            ),
+            (
+                "a dump without its signature",
+                BackupKind::Postgres,
+                b"nope".to_vec(),
+                Details::None,
+            ),
+        ];
+        for (case, kind, plain, details) in cases {
+            let id = backup_raw(&repo, kind, &plain, details);
+            let err = repo.verify(&id).await.expect_err(case);
+            assert!(
+                matches!(
+                    err,
+                    Error::Corrupt { .. } | Error::UnsafeEntry { .. } | Error::Stream { .. }
+                ),
+                "{case}: {err}"
+            );
+            if kind == BackupKind::Dir {
+                let out = dir.path().join(format!("out-{}", id.as_str()));
+                let restored = repo
+                    .restore(&id, &RestoreTarget::Path(out.clone()), false)
+                    .await;
+                assert!(restored.is_err(), "{case}: restore must refuse it too");
+                assert!(!out.exists(), "{case}: nothing at the target");
+            }
+        }
+    }
+
+    /// Finding 5: when the restored database cannot take the target's place, the target
+    /// is back under its own name with its data, the restored copy is gone, and the
+    /// safety backup was verified.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_database_swap_keeps_the_old_database() {
+        let pg = ha_testkit::PostgresServer::start().await.expect("server");
+        pg.execute("CREATE DATABASE app").await.expect("create");
+        let mut app = pg.connect_to("app").await.expect("app");
+        sqlx::raw_sql("CREATE TABLE t (v int); INSERT INTO t VALUES (1), (2)")
+            .execute(&mut app)
+            .await
+            .expect("rows");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = LocalStore::open(dir.path().join("store")).expect("store");
+        let mut repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([9; 32])));
+        let tools = PgTools::in_dir(ha_testkit::binaries::postgres_bin_dir().expect("pg bin"));
+        let url = pg.url_for("app");
+        let m = repo
+            .backup(&Source::postgres(&url, tools.clone()), &[])
+            .await
+            .expect("backup");
+        sqlx::raw_sql("INSERT INTO t VALUES (3)")
+            .execute(&mut app)
+            .await
+            .expect("row");
+        app.close().await.expect("close");
+        repo.fail_swap = true;
+        let target = RestoreTarget::Postgres {
+            url: url.clone(),
+            tools: tools.clone(),
+        };
+        let err = repo
+            .restore(&m.id, &target, true)
+            .await
+            .expect_err("injected");
+        assert!(err.to_string().contains("injected"), "{err}");
+        let mut conn = pg.connect_to("app").await.expect("app is there");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        assert_eq!(
+            rows, 3,
+            "the old database, with the row written after the backup"
+        );
+        let mut admin = pg.connect().await.expect("admin");
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE '%hadr%'")
+                .fetch_all(&mut admin)
+                .await
+                .expect("names");
+        assert!(
+            names.is_empty(),
+            "no restore or aside database left: {names:?}"
+        );
+        let safety = repo.list().await.expect("list");
+        assert!(safety.iter().any(|m| m.tags == ["pre-restore-safety"]));
+        // Without the fault, the same restore replaces it.
+        repo.fail_swap = false;
+        repo.restore(&m.id, &target, true).await.expect("restore");
+        let mut conn = pg.connect_to("app").await.expect("app is there");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        assert_eq!(rows, 2);
+    }
+
+    #[test]
+    fn temp_database_names_fit_in_63_bytes() {
+        let long = "é".repeat(40);
+        for target in ["app", long.as_str()] {
+            let name = temp_database_name(target, "restore").expect("name");
+            assert!(name.len() <= 63, "{name}");
+            assert!(name.contains("_hadr_restore_"));
+        }
+    }
 }

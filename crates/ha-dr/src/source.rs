@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, from_io};
-use crate::manifest::{BackupKind, Details};
+use crate::manifest::{BackupKind, Details, Skipped};
 use crate::pg::PgTools;
 
 /// Something to back up.
@@ -16,7 +16,8 @@ use crate::pg::PgTools;
 #[non_exhaustive]
 pub enum Source {
     /// A directory tree, as a tar stream: regular files, directories and symlinks (stored as
-    /// links, never followed), with permissions and mtimes. Sockets are skipped.
+    /// links, never followed), with permissions and mtimes. FIFOs, sockets and device nodes
+    /// are skipped and listed in the manifest, as is the store's own directory.
     Dir(PathBuf),
     /// One file's bytes (a regular file, or a pipe such as `/dev/stdin`).
     File(PathBuf),
@@ -109,8 +110,32 @@ impl ConfigSnapshot {
     }
 }
 
-/// Writes a directory tree into `out` as tar; returns the number of entries.
-pub(crate) fn write_dir(root: &Path, out: &mut dyn Write) -> Result<Details> {
+/// Writes a directory tree into `out` as tar; returns the entry count and what was skipped
+/// or changed while it was read. `exclude` (the store's own directory, when it lies inside
+/// the tree) is left out.
+///
+/// Every header is written from one `stat` of the open file and exactly that many bytes
+/// follow it, as GNU tar does: a file that grows is cut, one that shrinks is padded with
+/// zeros, and both are recorded as changed while read. Only entry types that a restore
+/// accepts are written (regular files, directories, symlinks; never sparse entries);
+/// FIFOs, sockets and device nodes are skipped and recorded.
+pub(crate) fn write_dir(
+    root: &Path,
+    exclude: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<Details> {
+    write_dir_observed(root, exclude, out, &mut |_| {})
+}
+
+/// [`write_dir`], calling `before_read` with each regular file's path between its `stat`
+/// and the copy of its bytes (tests change files there).
+pub(crate) fn write_dir_observed(
+    root: &Path,
+    exclude: Option<&Path>,
+    out: &mut dyn Write,
+    before_read: &mut dyn FnMut(&Path),
+) -> Result<Details> {
+    use std::os::unix::fs::MetadataExt;
     let meta = fs::symlink_metadata(root).map_err(|e| Error::io("stat", root, e))?;
     if !meta.is_dir() {
         return Err(Error::io(
@@ -119,14 +144,19 @@ pub(crate) fn write_dir(root: &Path, out: &mut dyn Write) -> Result<Details> {
             io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
         ));
     }
+    let excluded = match exclude.map(fs::metadata) {
+        Some(Ok(m)) => Some((m.dev(), m.ino())),
+        _ => None,
+    };
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
+    builder.sparse(false);
     builder.mode(tar::HeaderMode::Complete);
     let mut entries = 0u64;
+    let mut changed = Vec::new();
+    let mut skipped = Vec::new();
     // The root itself, so its mode and mtime come back too.
-    builder
-        .append_dir(".", root)
-        .map_err(|e| tar_err(e, root))?;
+    append_dir_entry(&mut builder, Path::new("."), &meta).map_err(|e| tar_err(e, root))?;
     entries += 1;
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -140,23 +170,180 @@ pub(crate) fn write_dir(root: &Path, out: &mut dyn Write) -> Result<Details> {
         for name in names {
             let rel_path = rel.join(&name);
             let path = root.join(&rel_path);
-            let meta = fs::symlink_metadata(&path).map_err(|e| Error::io("stat", &path, e))?;
+            let shown = rel_path.display().to_string();
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                // Deleted since the listing: as if it had never been there.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    changed.push(shown);
+                    continue;
+                }
+                Err(e) => return Err(Error::io("stat", &path, e)),
+            };
             let file_type = meta.file_type();
-            if std::os::unix::fs::FileTypeExt::is_socket(&file_type) {
-                tracing::debug!(path = %path.display(), "socket skipped");
+            if file_type.is_dir() {
+                if excluded == Some((meta.dev(), meta.ino())) {
+                    skipped.push(Skipped::new(&shown, "the backup store itself"));
+                    continue;
+                }
+                append_dir_entry(&mut builder, &rel_path, &meta).map_err(|e| tar_err(e, &path))?;
+                stack.push(rel_path);
+            } else if file_type.is_symlink() {
+                let target = fs::read_link(&path).map_err(|e| Error::io("read link", &path, e))?;
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                header.set_size(0);
+                builder
+                    .append_link(&mut header, &rel_path, &target)
+                    .map_err(|e| tar_err(e, &path))?;
+            } else if file_type.is_file() {
+                match append_file_entry(&mut builder, &path, &rel_path, &meta, before_read)? {
+                    FileOutcome::Whole => {}
+                    FileOutcome::Changed => changed.push(shown),
+                    FileOutcome::Skipped(reason) => {
+                        skipped.push(Skipped::new(&shown, reason));
+                        continue;
+                    }
+                }
+            } else {
+                let reason = special_kind(&file_type);
+                tracing::warn!(path = %path.display(), kind = reason, "special file skipped");
+                skipped.push(Skipped::new(&shown, reason));
                 continue;
             }
-            builder
-                .append_path_with_name(&path, &rel_path)
-                .map_err(|e| tar_err(e, &path))?;
             entries += 1;
-            if file_type.is_dir() {
-                stack.push(rel_path);
-            }
         }
     }
     builder.finish().map_err(|e| tar_err(e, root))?;
-    Ok(Details::Dir { entries })
+    for path in &changed {
+        tracing::warn!(root = %root.display(), path, "file changed while it was read");
+    }
+    Ok(Details::Dir {
+        entries,
+        changed,
+        skipped,
+    })
+}
+
+fn special_kind(file_type: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_fifo() {
+        "a FIFO (not backed up)"
+    } else if file_type.is_socket() {
+        "a socket (not backed up)"
+    } else if file_type.is_block_device() || file_type.is_char_device() {
+        "a device node (not backed up)"
+    } else {
+        "an unknown file type (not backed up)"
+    }
+}
+
+fn append_dir_entry(
+    builder: &mut tar::Builder<&mut dyn Write>,
+    rel: &Path,
+    meta: &fs::Metadata,
+) -> io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_size(0);
+    builder.append_data(&mut header, rel, io::empty())
+}
+
+enum FileOutcome {
+    Whole,
+    Changed,
+    Skipped(&'static str),
+}
+
+fn append_file_entry(
+    builder: &mut tar::Builder<&mut dyn Write>,
+    path: &Path,
+    rel: &Path,
+    listed: &fs::Metadata,
+    before_read: &mut dyn FnMut(&Path),
+) -> Result<FileOutcome> {
+    use nix::fcntl::OFlag;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // Never follow a link swapped in since the listing, never block on a FIFO.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(FileOutcome::Skipped("deleted while read"));
+        }
+        Err(e) => return Err(Error::io("open", path, e)),
+    };
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    if !meta.is_file() || (meta.dev(), meta.ino()) != (listed.dev(), listed.ino()) {
+        return Ok(FileOutcome::Skipped("replaced while read"));
+    }
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(meta.len());
+    before_read(path);
+    let mut exact = Exact {
+        inner: &mut file,
+        left: meta.len(),
+        short: false,
+    };
+    builder
+        .append_data(&mut header, rel, &mut exact)
+        .map_err(|e| tar_err(e, path))?;
+    let short = exact.short;
+    let mut probe = [0u8; 1];
+    let grew = loop {
+        match file.read(&mut probe) {
+            Ok(n) => break n > 0,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read", path, e)),
+        }
+    };
+    let after = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    let touched = after.len() != meta.len()
+        || (after.mtime(), after.mtime_nsec()) != (meta.mtime(), meta.mtime_nsec());
+    Ok(if short || grew || touched {
+        FileOutcome::Changed
+    } else {
+        FileOutcome::Whole
+    })
+}
+
+/// Exactly `left` bytes of `inner`: cut if it has more, padded with zeros (and `short` set)
+/// if it has fewer.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+    short: bool,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = if self.short {
+            0
+        } else {
+            self.inner.read(&mut buf[..want])?
+        };
+        let n = if n == 0 {
+            self.short = true;
+            buf[..want].fill(0);
+            want
+        } else {
+            n
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 fn tar_err(e: io::Error, path: &Path) -> Error {
@@ -169,13 +356,11 @@ fn tar_err(e: io::Error, path: &Path) -> Error {
 
 /// Writes one file's bytes into `out`.
 pub(crate) fn write_file(path: &Path, out: &mut dyn Write) -> Result<Details> {
+    use std::os::unix::fs::PermissionsExt;
     let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
     // Anything readable but a directory: regular files, and pipes such as `/dev/stdin`.
-    if file
-        .metadata()
-        .map_err(|e| Error::io("stat", path, e))?
-        .is_dir()
-    {
+    if meta.is_dir() {
         return Err(Error::io(
             "back up file",
             path,
@@ -189,7 +374,13 @@ pub(crate) fn write_file(path: &Path, out: &mut dyn Write) -> Result<Details> {
         Error::Stream { source, .. } => Error::io("read", path, source),
         other => other,
     })?;
-    Ok(Details::None)
+    Ok(if meta.is_file() {
+        Details::File {
+            mode: meta.permissions().mode() & 0o777,
+        }
+    } else {
+        Details::None
+    })
 }
 
 /// Writes a config snapshot into `out` as JSON.
@@ -224,12 +415,12 @@ pub(crate) fn extract_dir(
     archive.set_preserve_mtime(true);
     archive.set_overwrite(false);
     archive.set_unpack_xattrs(false);
-    let unsafe_entry = |entry: &str, reason: &str| Error::UnsafeEntry {
-        backup_id: backup_id.to_owned(),
-        entry: entry.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let read_err = |e: io::Error| from_io(e, || format!("read tar stream of backup {backup_id}"));
+    // Ownership is never restored, so setuid/setgid bits would come back on files owned by
+    // whoever restores (a user's 4755 file a root setuid binary on a root restore).
+    archive.set_preserve_ownerships(false);
+    archive.set_mask(SETID_BITS);
+    let unsafe_entry = |entry: &str, reason: &str| unsafe_entry(backup_id, entry, reason);
+    let read_err = |e: io::Error| tar_read_err(backup_id, e);
     let mut count = 0u64;
     // Directories last (as `tar::Archive::unpack` does), so that their modes (a read-only
     // directory) and mtimes are set after their contents are written.
@@ -239,32 +430,8 @@ pub(crate) fn extract_dir(
         let mut entry = entry.map_err(read_err)?;
         let path = entry.path().map_err(read_err)?.into_owned();
         let shown = path.display().to_string();
-        if !is_contained(&path) {
-            return Err(unsafe_entry(
-                &shown,
-                "absolute or `..` path escapes the target",
-            ));
-        }
         let kind = entry.header().entry_type();
-        if kind.is_hard_link() {
-            let target = entry.link_name().map_err(read_err)?;
-            if !target.as_deref().is_some_and(is_contained) {
-                return Err(unsafe_entry(&shown, "hard link to outside the target"));
-            }
-        }
-        if !(kind.is_file()
-            || kind.is_dir()
-            || kind.is_symlink()
-            || kind.is_hard_link()
-            || kind.is_fifo()
-            || kind == tar::EntryType::Continuous
-            || kind.is_pax_global_extensions())
-        {
-            return Err(unsafe_entry(
-                &shown,
-                "entry type not restored (device or unknown)",
-            ));
-        }
+        check_entry(backup_id, &entry, &path)?;
         count += 1;
         if kind.is_dir() && path.components().all(|c| c == Component::CurDir) {
             // The root: `unpack_in` skips it; its mode and mtime go onto `dest` at the end.
@@ -314,9 +481,115 @@ pub(crate) fn extract_dir(
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
         fs::File::open(dest)
             .and_then(|d| d.set_modified(mtime))
-            .and_then(|()| fs::set_permissions(dest, fs::Permissions::from_mode(mode & 0o7777)))
+            .and_then(|()| {
+                fs::set_permissions(
+                    dest,
+                    fs::Permissions::from_mode(mode & 0o7777 & !SETID_BITS),
+                )
+            })
             .map_err(|e| Error::io("set mode and mtime of", dest, e))?;
     }
+    drain_zeros(backup_id, archive.into_inner())?;
+    Ok(count)
+}
+
+/// setuid and setgid: masked on restore, as ownership is not restored.
+const SETID_BITS: u32 = 0o6000;
+
+fn unsafe_entry(backup_id: &str, entry: &str, reason: &str) -> Error {
+    Error::UnsafeEntry {
+        backup_id: backup_id.to_owned(),
+        entry: entry.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn tar_read_err(backup_id: &str, e: io::Error) -> Error {
+    from_io(e, || format!("read tar stream of backup {backup_id}"))
+}
+
+/// Refuses an entry that a restore would refuse: a path or hard link leaving the target,
+/// or a type other than file, directory, symlink or hard link.
+fn check_entry<R: Read>(backup_id: &str, entry: &tar::Entry<'_, R>, path: &Path) -> Result<()> {
+    let shown = path.display().to_string();
+    if !is_contained(path) {
+        return Err(unsafe_entry(
+            backup_id,
+            &shown,
+            "absolute or `..` path escapes the target",
+        ));
+    }
+    let kind = entry.header().entry_type();
+    if kind.is_hard_link() {
+        let target = entry.link_name().map_err(|e| tar_read_err(backup_id, e))?;
+        if !target.as_deref().is_some_and(is_contained) {
+            return Err(unsafe_entry(
+                backup_id,
+                &shown,
+                "hard link to outside the target",
+            ));
+        }
+    }
+    if !(kind.is_file()
+        || kind.is_dir()
+        || kind.is_symlink()
+        || kind.is_hard_link()
+        || kind == tar::EntryType::Continuous
+        || kind.is_pax_global_extensions())
+    {
+        return Err(unsafe_entry(
+            backup_id,
+            &shown,
+            "entry type not restored (FIFO, device, sparse or unknown)",
+        ));
+    }
+    Ok(())
+}
+
+/// What follows the end-of-archive marker must be zeros: anything else was not meant to be
+/// there.
+fn drain_zeros(backup_id: &str, input: &mut dyn Read) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(tar_read_err(backup_id, e)),
+        };
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Err(Error::corrupt(
+                backup_id,
+                "data after the end of the tar archive",
+            ));
+        }
+    }
+}
+
+/// Walks the tar stream `input` as a restore would, without writing anything: every header,
+/// path, entry type and size (each entry's data is read to its end). Returns the number of
+/// entries.
+pub(crate) fn check_tar(backup_id: &str, input: &mut dyn Read) -> Result<u64> {
+    let mut archive = tar::Archive::new(input);
+    let mut count = 0u64;
+    for entry in archive.entries().map_err(|e| tar_read_err(backup_id, e))? {
+        let mut entry = entry.map_err(|e| tar_read_err(backup_id, e))?;
+        let path = entry
+            .path()
+            .map_err(|e| tar_read_err(backup_id, e))?
+            .into_owned();
+        check_entry(backup_id, &entry, &path)?;
+        let want = entry.size();
+        let got = io::copy(&mut entry, &mut io::sink()).map_err(|e| tar_read_err(backup_id, e))?;
+        if got != want {
+            return Err(Error::corrupt(
+                backup_id,
+                format!("tar entry {} is cut short", path.display()),
+            ));
+        }
+        count += 1;
+    }
+    drain_zeros(backup_id, archive.into_inner())?;
     Ok(count)
 }
 
@@ -395,5 +668,86 @@ mod tests {
             Some("/etc")
         );
         assert_eq!(fs::read(dest.join("ok.txt")).expect("file"), b"fine");
+    }
+
+    /// A file that grows (with bytes that look like tar headers) and one that shrinks
+    /// between their `stat` and their read: the archive stays whole, every later entry
+    /// comes back, nothing is injected, and both are recorded as changed.
+    #[test]
+    fn files_growing_and_shrinking_during_a_backup_keep_the_archive_whole() {
+        let src = tempfile::tempdir().expect("temp dir");
+        let root = src.path();
+        fs::write(root.join("a-grows"), vec![b'a'; 1000]).expect("write");
+        fs::write(root.join("b-shrinks"), vec![b'b'; 5000]).expect("write");
+        fs::write(root.join("c-zero-grows"), vec![b'c'; 100]).expect("write");
+        fs::write(root.join("d-after"), b"still here").expect("write");
+        fs::write(root.join("e-after"), b"me too").expect("write");
+        let injected = hostile_tar(&[("evil", tar::EntryType::Regular, "", b"pwned")]);
+        let mut tar = Vec::new();
+        let details = write_dir_observed(root, None, &mut tar, &mut |path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let grow = |bytes: &[u8]| {
+                fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| f.write_all(bytes))
+                    .expect("grow");
+            };
+            match name {
+                "a-grows" => grow(&injected),
+                "b-shrinks" => fs::File::options()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(10))
+                    .expect("shrink"),
+                "c-zero-grows" => grow(&[0u8; 4096]),
+                _ => {}
+            }
+        })
+        .expect("backup");
+        let Details::Dir {
+            entries, changed, ..
+        } = details
+        else {
+            panic!("not dir details: {details:?}");
+        };
+        assert_eq!(entries, 6);
+        assert_eq!(changed, ["a-grows", "b-shrinks", "c-zero-grows"]);
+        assert_eq!(check_tar("b1", &mut &tar[..]).expect("structure"), 6);
+        let (result, dir) = extract(&tar);
+        assert_eq!(result.expect("extract"), 6);
+        let dest = dir.path().join("dest");
+        assert_eq!(fs::read(dest.join("a-grows")).expect("a"), vec![b'a'; 1000]);
+        let mut shrunk = vec![b'b'; 10];
+        shrunk.resize(5000, 0);
+        assert_eq!(fs::read(dest.join("b-shrinks")).expect("b"), shrunk);
+        assert_eq!(
+            fs::read(dest.join("c-zero-grows")).expect("c"),
+            vec![b'c'; 100]
+        );
+        assert_eq!(fs::read(dest.join("d-after")).expect("d"), b"still here");
+        assert_eq!(fs::read(dest.join("e-after")).expect("e"), b"me too");
+        assert!(!dest.join("evil").exists());
+    }
+
+    #[test]
+    fn trailing_data_and_refused_types_fail_the_structure_check() {
+        let mut tar = hostile_tar(&[("ok", tar::EntryType::Regular, "", b"x")]);
+        assert_eq!(check_tar("b1", &mut &tar[..]).expect("fine"), 1);
+        tar.extend_from_slice(&[0u8; 1024]);
+        tar.extend_from_slice(b"junk");
+        let err = check_tar("b1", &mut &tar[..]).expect_err("junk");
+        assert!(err.to_string().contains("after the end"), "{err}");
+        for kind in [
+            tar::EntryType::Fifo,
+            tar::EntryType::Char,
+            tar::EntryType::Block,
+        ] {
+            let tar = hostile_tar(&[("odd", kind, "", b"")]);
+            let err = check_tar("b1", &mut &tar[..]).expect_err("refused type");
+            assert!(matches!(err, Error::UnsafeEntry { .. }), "{err}");
+        }
+        let sparse = hostile_tar(&[("odd", tar::EntryType::GNUSparse, "", b"")]);
+        assert!(check_tar("b1", &mut &sparse[..]).is_err());
     }
 }

@@ -57,6 +57,12 @@ pub trait BackupStore: Send + Sync + Debug + 'static {
     /// was never written (a crash between the two). Returns what was removed. Leftovers
     /// younger than that may belong to a backup still running and are kept.
     fn cleanup(&self, older_than: Duration) -> Result<Vec<String>>;
+
+    /// The local directory the store writes into, if it has one: a directory backup of a
+    /// tree that contains it leaves it out (it would otherwise read its own output).
+    fn local_dir(&self) -> Option<&Path> {
+        None
+    }
 }
 
 /// The data of one backup being written. Dropping it without [`commit`](Self::commit)
@@ -192,6 +198,10 @@ impl Drop for LocalWriter {
 impl BackupStore for LocalStore {
     fn describe(&self) -> String {
         format!("local:{}", self.root.display())
+    }
+
+    fn local_dir(&self) -> Option<&Path> {
+        Some(&self.root)
     }
 
     fn create_data(&self, id: &BackupId) -> Result<Box<dyn DataWriter>> {

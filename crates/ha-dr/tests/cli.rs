@@ -142,6 +142,8 @@ fn keygen_backup_list_verify_restore_prune() {
         "prune",
         "--store",
         s(&store),
+        "--key-file",
+        s(&key),
         "--keep-last",
         "1",
         "--dry-run",
@@ -269,4 +271,41 @@ fn progress_bar_only_on_a_terminal() {
         shown.contains("backing up"),
         "no progress bar on a terminal: {shown:?}"
     );
+}
+
+/// Finding 9: `verify` of every backup counts a manifest that does not parse as a failure
+/// (named, exit 1); an empty store is not "verified".
+#[test]
+fn verify_of_every_backup_fails_on_a_broken_manifest_and_an_empty_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, key) = (dir.path().join("store"), dir.path().join("key"));
+    ok(&["keygen", "--out", s(&key)]);
+    let err = fails(&["verify", "--store", s(&store), "--key-file", s(&key)]);
+    assert!(err.contains("no backups"), "{err}");
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "remember\n").unwrap();
+    let backup = |path: &Path| {
+        ok(&[
+            "backup",
+            "--store",
+            s(&store),
+            "--key-file",
+            s(&key),
+            "--file",
+            s(path),
+        ])
+        .trim()
+        .to_owned()
+    };
+    let good = backup(&file);
+    let broken = backup(&file);
+    assert_ne!(good, broken);
+    std::fs::write(store.join(format!("{broken}.manifest")), b"{ not json").unwrap();
+    let out = ha_dr(&["verify", "--store", s(&store), "--key-file", s(&key)]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stdout.contains(&format!("ok {good}")), "{stdout}");
+    assert!(stdout.contains(&format!("FAILED {broken}")), "{stdout}");
+    assert!(stderr.contains("1 of 2 backups failed"), "{stderr}");
 }

@@ -23,7 +23,7 @@ async fn dir_round_trip_keeps_content_links_modes_and_mtimes() {
     assert_eq!(m.kind, BackupKind::Dir);
     assert_eq!(m.tags, ["nightly"]);
     assert!(
-        matches!(m.details, Details::Dir { entries: 11 }),
+        matches!(m.details, Details::Dir { entries: 11, .. }),
         "{:?}",
         m.details
     );
