@@ -54,14 +54,30 @@ pub enum Error {
         /// The components on the cycle, each depending on the next and the last on the first.
         cycle: Vec<String>,
     },
+    /// A component's step timeout is shorter than its action says it needs
+    /// ([`FailoverAction::required_timeout`](crate::FailoverAction::required_timeout)).
+    #[error(
+        "component `{component}`: timeout {} is shorter than the {} its action needs",
+        humantime::format_duration(*.timeout),
+        humantime::format_duration(*.required)
+    )]
+    TimeoutTooShort {
+        /// The component.
+        component: String,
+        /// Its configured `timeout`.
+        timeout: std::time::Duration,
+        /// What its action needs.
+        required: std::time::Duration,
+    },
     /// A report named a component that is not registered.
     #[error("no component `{component}` is registered")]
     UnknownComponent {
         /// The name given.
         component: String,
     },
-    /// A failover was requested while `capacity` others were waiting; it was refused (and
-    /// recorded as such).
+    /// A failover was requested while `capacity` others were waiting; it was not queued (and
+    /// was recorded as skipped). It waits outside the queue and asks again while the
+    /// component stays down.
     #[error("failover of `{component}` refused: {capacity} failovers are already waiting")]
     QueueFull {
         /// The component.
@@ -87,6 +103,7 @@ impl Error {
             | Error::DuplicateComponent { .. }
             | Error::UnknownDependency { .. }
             | Error::DependencyCycle { .. }
+            | Error::TimeoutTooShort { .. }
             | Error::UnknownComponent { .. }
             | Error::Stopped => false,
             Error::Rejected(r) => r.is_retryable(),

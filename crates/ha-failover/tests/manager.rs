@@ -1,6 +1,7 @@
 //! The failover manager on paused tokio time, with scripted actions: thresholds, dependency
-//! order, the concurrency limit and its queue, timeouts that cancel, rollback, cooldown, the
-//! leadership gate, health events and the audit history.
+//! order, the concurrency limit and its queue, timeouts that cancel (effect unknown),
+//! rollback, retries and giving up, cooldown, the leadership gate before every step, health
+//! events and the audit history.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -110,6 +111,8 @@ struct Scripted {
     dropped: Arc<AtomicBool>,
     /// Whether the failover's future had been dropped when the rollback started.
     dropped_before_rollback: Arc<AtomicBool>,
+    /// Failovers that fail before the script applies (each takes one).
+    fail_first: Arc<AtomicUsize>,
 }
 
 impl Scripted {
@@ -122,7 +125,13 @@ impl Scripted {
             rollback: Does::Succeed,
             dropped: Arc::default(),
             dropped_before_rollback: Arc::default(),
+            fail_first: Arc::default(),
         }
+    }
+
+    fn fail_first(self, n: usize) -> Self {
+        self.fail_first.store(n, Ordering::SeqCst);
+        self
     }
 
     fn work(mut self, work: Duration) -> Self {
@@ -175,7 +184,12 @@ impl FailoverAction for Scripted {
         let _inside = Inside::enter(&self.probe);
         self.probe.tokens.lock().unwrap().push(ctx.token());
         self.probe.note(format!("start {}", ctx.component()));
-        let result = self.act(self.failover, "failover", ctx).await;
+        let failing = self
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let does = if failing { Does::Fail } else { self.failover };
+        let result = self.act(does, "failover", ctx).await;
         self.probe.note(format!("end {}", ctx.component()));
         result
     }
@@ -220,9 +234,13 @@ fn leader() -> Arc<dyn LeadershipGate> {
     Arc::new(AlwaysLeader::new(FencingToken(1)))
 }
 
-/// No cooldown, so tests that are not about it can fail a component over again.
+/// No cooldown and one try, so tests that are not about them can fail a component over
+/// again and see one run per outage.
 fn component() -> ComponentConfig {
-    ComponentConfig::default().cooldown(Duration::ZERO)
+    let backoff = ComponentConfig::default().retry_backoff;
+    ComponentConfig::default()
+        .cooldown(Duration::ZERO)
+        .retry(1, backoff)
 }
 
 fn fail(manager: &FailoverManager, component: &str, times: usize) {
@@ -478,8 +496,11 @@ async fn at_most_the_limit_run_and_every_queued_failover_completes() {
     assert!((30 * S..31 * S).contains(&took), "{took:?}");
 }
 
+/// A request that finds the queue full is recorded and reported once, and runs when a slot
+/// frees — even when it came from a health transition, after which no further event comes
+/// while the component stays down.
 #[tokio::test(start_paused = true)]
-async fn a_full_queue_refuses_loudly_and_the_failure_count_starts_over() {
+async fn a_full_queue_refuses_loudly_and_the_request_runs_when_a_slot_frees() {
     let probe = Probe::default();
     let bus = EventBus::default();
     let mut events = bus.subscribe();
@@ -516,33 +537,53 @@ async fn a_full_queue_refuses_loudly_and_the_failure_count_starts_over() {
     );
     assert!(err.is_retryable());
     let c = manager.component_state("c").unwrap();
-    assert_eq!(
-        (c.failed, c.consecutive_failures, c.phase),
-        (false, 0, Phase::Idle)
-    );
+    assert_eq!((c.failed, c.phase), (true, Phase::WaitingForQueue));
     let skipped = drain(&mut events);
     assert_eq!(skipped, ["failover_started a", "failover_skipped c"]);
 
-    // The accepted ones all complete; c, asked again later, too.
-    eventually("a and b completed", 60 * S, || manager.history().len() == 3).await;
-    fail(&manager, "c", 3);
-    eventually("c completed", 60 * S, || manager.history().len() == 4).await;
+    // Nothing more is reported about c, yet it runs once a slot frees; its skip is recorded
+    // once, however often it asked again.
+    eventually("a, b and c completed", 60 * S, || {
+        manager.history().len() == 4
+    })
+    .await;
     let got = outcomes(&manager);
     assert_eq!(
-        got[0],
-        (
-            "c".to_owned(),
-            Outcome::Skipped {
-                reason: SkipReason::QueueFull
-            }
-        )
-    );
-    assert_eq!(
-        got[1..]
-            .iter()
+        got.iter()
             .map(|(c, o)| (c.as_str(), o.as_str()))
             .collect::<Vec<_>>(),
-        [("a", "completed"), ("b", "completed"), ("c", "completed")]
+        [
+            ("c", "skipped"),
+            ("a", "completed"),
+            ("b", "completed"),
+            ("c", "completed")
+        ]
+    );
+    assert_eq!(
+        got[0].1,
+        Outcome::Skipped {
+            reason: SkipReason::QueueFull
+        }
+    );
+
+    // The same through a health transition, the only event while the component stays down.
+    for name in ["a", "b", "c"] {
+        succeed(&manager, name, 2);
+    }
+    fail(&manager, "a", 3);
+    eventually("a runs again", S, || manager.in_flight() == 1).await;
+    fail(&manager, "b", 3);
+    bus.publish(health("c", Status::Healthy, Status::Unhealthy));
+    eventually("c waits for the queue", S, || {
+        manager.component_state("c").unwrap().phase == Phase::WaitingForQueue
+    })
+    .await;
+    eventually("c completed again", 60 * S, || manager.history().len() == 8).await;
+    assert_eq!(
+        outcomes(&manager)[7],
+        ("c".to_owned(), Outcome::Completed),
+        "{:?}",
+        outcomes(&manager)
     );
 }
 
@@ -551,7 +592,7 @@ async fn a_full_queue_refuses_loudly_and_the_failure_count_starts_over() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
-async fn a_timeout_cancels_the_action_then_rolls_back() {
+async fn a_timeout_cancels_the_action_and_its_effect_is_unknown() {
     let probe = Probe::default();
     let bus = EventBus::default();
     let mut events = bus.subscribe();
@@ -578,23 +619,20 @@ async fn a_timeout_cancels_the_action_then_rolls_back() {
         next_failover_event(&mut events, S).await.name(),
         "failover_started"
     );
-    let HaEvent::FailoverRolledBack { reason, .. } = next_failover_event(&mut events, 10 * S).await
+    let HaEvent::FailoverFailed { reason, token, .. } =
+        next_failover_event(&mut events, 10 * S).await
     else {
-        panic!("rolled back")
+        panic!("failed, and not reported as rolled back")
     };
     assert_eq!(
         Instant::now() - started,
         5 * S,
         "the timeout, then an instant rollback"
     );
-    assert_eq!(reason, "failover timed out after 5s and was cancelled");
-    let HaEvent::FailoverFailed { reason, token, .. } = next_failover_event(&mut events, S).await
-    else {
-        panic!("then failed")
-    };
     assert_eq!(
         reason,
-        "failover timed out after 5s and was cancelled; rolled back"
+        "gave up after 1 of 1 tries: failover timed out after 5s and was cancelled: effect \
+         unknown (it may still land); rollback reported success"
     );
     assert_eq!(token, Some(FencingToken(1)));
     assert!(
@@ -609,13 +647,15 @@ async fn a_timeout_cancels_the_action_then_rolls_back() {
     let record = manager.history().pop().unwrap();
     assert_eq!(
         record.outcome,
-        Outcome::RolledBack {
+        Outcome::EffectUnknown {
             failure: ha_failover::StepFailure {
                 step: Step::Failover,
                 kind: FailureKind::TimedOut(5 * S),
-            }
+            },
+            rollback: None,
         }
     );
+    assert!(record.gave_up, "one try, still down: given up");
     assert_eq!(record.duration, 5 * S);
     assert_eq!(record.token, Some(FencingToken(1)));
 }
@@ -945,13 +985,14 @@ async fn leadership_lost_mid_action_starts_nothing_new_and_the_action_can_see_it
     assert_eq!(db.component, "db");
     assert_eq!(
         db.error().unwrap(),
-        "failover failed: node `local` no longer leads with fencing token 3; rolled back"
+        "failover failed: node `local` no longer leads with fencing token 3; this node \
+         stopped leading; rollback skipped"
     );
     sleep(10 * S).await;
     assert_eq!(
         probe.log(),
-        ["start db", "end db", "rollback db"],
-        "cache never started"
+        ["start db", "end db"],
+        "no rollback by a deposed leader, and cache never started"
     );
     assert_eq!(
         manager.history()[1].outcome,
@@ -1202,4 +1243,489 @@ async fn built_it_waits_for_its_start_which_runs_once() {
     assert_eq!(manager.status(), Status::Unknown);
     manager.stop().await.unwrap();
     assert_eq!(manager.report_failure("a"), Err(Error::Stopped));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retries, giving up, new outages (issue 15, items 5–8)
+// ---------------------------------------------------------------------------------------------
+
+/// Full jitter under a ceiling of `initial`, doubling, at most `max`.
+fn backoff(initial: Duration, max: Duration) -> ha_core::backoff::BackoffConfig {
+    ha_core::backoff::BackoffConfig {
+        initial,
+        max,
+        multiplier: 2.0,
+        max_attempts: None,
+    }
+}
+
+/// Every failover event published so far, as `name component` (the caller has waited for
+/// the history, which is written before each event).
+fn names(events: &mut EventSubscriber) -> Vec<String> {
+    drain(events)
+}
+
+async fn started(manager: &FailoverManager, ctx: ComponentContext) {
+    manager.start(ctx).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_try_is_retried_with_backoff_while_the_component_stays_down() {
+    let probe = Probe::default();
+    let bus = EventBus::default();
+    let mut events = bus.subscribe();
+    let manager = FailoverManager::builder()
+        .component(
+            "db",
+            Scripted::new(&probe).fail_first(1),
+            component().retry(3, backoff(2 * S, 10 * S)),
+        )
+        .build()
+        .unwrap();
+    started(
+        &manager,
+        ComponentContext::new(NodeId::new("local"), bus.clone(), leader()),
+    )
+    .await;
+    fail(&manager, "db", 3);
+    eventually("the first try ended", 5 * S, || {
+        manager.history().len() == 1
+    })
+    .await;
+    let first_end = Instant::now();
+    match manager.component_state("db").unwrap().phase {
+        Phase::WaitingToRetry { left } => assert!(left <= 2 * S, "{left:?}"),
+        other => panic!("waits to retry, not {other:?}"),
+    }
+    eventually("the second try ended", 10 * S, || {
+        manager.history().len() == 2
+    })
+    .await;
+    let h = manager.history();
+    assert_eq!(
+        h.iter()
+            .map(|r| (r.outcome.as_str(), r.try_number, r.gave_up))
+            .collect::<Vec<_>>(),
+        [("rolled_back", 1, false), ("completed", 2, false)]
+    );
+    assert_ne!(h[0].id, h[1].id, "each try is its own attempt");
+    let second_start = probe.position("verify db");
+    assert!(second_start > probe.position("rollback db"));
+    // The retry came within the first ceiling (2 s) plus the 1 s of work.
+    assert!(Instant::now() - first_end <= 3 * S);
+    assert_eq!(
+        names(&mut events),
+        [
+            "failover_started db",
+            "failover_rolled_back db",
+            "failover_started db",
+            "failover_completed db"
+        ],
+        "a try that is retried does not report the outage failed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn it_gives_up_after_the_last_try_with_one_failed_event() {
+    let probe = Probe::default();
+    let bus = EventBus::default();
+    let mut events = bus.subscribe();
+    let manager = FailoverManager::builder()
+        .component(
+            "db",
+            Scripted::new(&probe).failover(Does::Fail),
+            component().retry(3, backoff(S, 4 * S)),
+        )
+        .build()
+        .unwrap();
+    started(
+        &manager,
+        ComponentContext::new(NodeId::new("local"), bus.clone(), leader()),
+    )
+    .await;
+    fail(&manager, "db", 3);
+    eventually("three tries", 30 * S, || manager.history().len() == 3).await;
+    // Long after, still down: nothing more.
+    fail(&manager, "db", 10);
+    sleep(600 * S).await;
+    let h = manager.history();
+    assert_eq!(
+        h.iter()
+            .map(|r| (r.try_number, r.gave_up))
+            .collect::<Vec<_>>(),
+        [(1, false), (2, false), (3, true)]
+    );
+    let got = names(&mut events);
+    assert_eq!(
+        got.iter().filter(|e| *e == "failover_started db").count(),
+        3
+    );
+    assert_eq!(
+        got.iter().filter(|e| *e == "failover_failed db").count(),
+        1,
+        "{got:?}"
+    );
+    assert_eq!(got.last().unwrap(), "failover_failed db");
+    assert_eq!(manager.component_state("db").unwrap().phase, Phase::Idle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_give_up_event_says_so() {
+    let probe = Probe::default();
+    let bus = EventBus::default();
+    let mut events = bus.subscribe();
+    let manager = FailoverManager::builder()
+        .component(
+            "db",
+            Scripted::new(&probe).failover(Does::Fail),
+            component().retry(2, backoff(S, S)),
+        )
+        .build()
+        .unwrap();
+    started(
+        &manager,
+        ComponentContext::new(NodeId::new("local"), bus.clone(), leader()),
+    )
+    .await;
+    fail(&manager, "db", 3);
+    loop {
+        if let HaEvent::FailoverFailed { reason, .. } =
+            next_failover_event(&mut events, 30 * S).await
+        {
+            assert_eq!(
+                reason,
+                "gave up after 2 of 2 tries: failover failed: failover of db broke; rolled back"
+            );
+            break;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_outage_after_a_failed_one_is_handled() {
+    let probe = Probe::default();
+    let manager = FailoverManager::builder()
+        .component(
+            "db",
+            Scripted::new(&probe).fail_first(2),
+            // A long cooldown: a cleanly rolled-back failover switched nothing, so it does
+            // not hold the next outage back.
+            ComponentConfig::default().retry(2, backoff(S, S)),
+        )
+        .build()
+        .unwrap();
+    started(
+        &manager,
+        ComponentContext::standalone("local").with_leadership(leader()),
+    )
+    .await;
+    fail(&manager, "db", 3);
+    eventually("both tries failed", 30 * S, || manager.history().len() == 2).await;
+    assert!(manager.history()[1].gave_up);
+    // One success (fewer than the recovery threshold of 2), then the threshold of failures:
+    // a new outage, handled at once.
+    succeed(&manager, "db", 1);
+    fail(&manager, "db", 3);
+    assert_eq!(manager.component_state("db").unwrap().phase, Phase::Queued);
+    eventually("the new outage's failover ended", 5 * S, || {
+        manager.history().len() == 3
+    })
+    .await;
+    let last = manager.history().pop().unwrap();
+    assert_eq!((last.outcome, last.try_number), (Outcome::Completed, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn leadership_lost_between_failover_and_verify_skips_verify_and_rollback() {
+    let probe = Probe::default();
+    let gate = Arc::new(Gate::default());
+    gate.lead(3);
+    let bus = EventBus::default();
+    let mut events = bus.subscribe();
+    let manager = FailoverManager::builder()
+        .component(
+            "db",
+            // Verify would fail, and a rollback follow, if they ran.
+            Scripted::new(&probe).work(5 * S).verify(Does::Fail),
+            ComponentConfig::default(),
+        )
+        .build()
+        .unwrap();
+    started(
+        &manager,
+        ComponentContext::new(NodeId::new("local"), bus.clone(), gate.clone()),
+    )
+    .await;
+    fail(&manager, "db", 3);
+    eventually("db runs", S, || manager.in_flight() == 1).await;
+    // Deposed while the failover step runs.
+    gate.follow();
+    eventually("db's failover ended", 30 * S, || {
+        !manager.history().is_empty()
+    })
+    .await;
+    sleep(60 * S).await;
+    assert_eq!(
+        probe.log(),
+        ["start db", "end db"],
+        "no verify, no rollback"
+    );
+    let h = manager.history();
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(
+        h[0].outcome,
+        Outcome::StoppedLeading {
+            skipped: Step::Verify,
+            failure: None
+        }
+    );
+    assert_eq!(h[0].token, Some(FencingToken(3)));
+    assert_eq!(
+        h[0].error().unwrap(),
+        "this node stopped leading; verify skipped"
+    );
+    assert_eq!(
+        names(&mut events),
+        ["failover_started db", "failover_failed db"]
+    );
+    // Still down: it waits to lead again rather than retry under the stale term.
+    assert_eq!(
+        manager.component_state("db").unwrap().phase,
+        Phase::WaitingForLeadership
+    );
+}
+
+/// Its failover sends a change that lands `lands_after` later, whatever happens to the call,
+/// and then hangs; its rollback reports success.
+struct LateEffect {
+    lands_after: Duration,
+    landed: Arc<AtomicBool>,
+    rolled_back: Arc<AtomicBool>,
+    reversible: bool,
+}
+
+#[async_trait]
+impl FailoverAction for LateEffect {
+    async fn failover(&self, _ctx: &ActionContext) -> Result<(), ActionError> {
+        let (landed, after) = (Arc::clone(&self.landed), self.lands_after);
+        // The remote side: not cancelled by dropping this future.
+        tokio::spawn(async move {
+            sleep(after).await;
+            landed.store(true, Ordering::SeqCst);
+        });
+        std::future::pending().await
+    }
+
+    async fn rollback(&self, _ctx: &ActionContext) -> Result<(), ActionError> {
+        self.rolled_back.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn can_roll_back(&self) -> bool {
+        self.reversible
+    }
+
+    fn required_timeout(&self) -> Option<Duration> {
+        Some(5 * S)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_whose_effect_lands_later_is_recorded_as_effect_unknown() {
+    let late = |reversible| LateEffect {
+        lands_after: 8 * S,
+        landed: Arc::default(),
+        rolled_back: Arc::default(),
+        reversible,
+    };
+    let (db, one_way) = (late(true), late(false));
+    let (landed, rolled_back) = (Arc::clone(&db.landed), Arc::clone(&db.rolled_back));
+    let one_way_rolled_back = Arc::clone(&one_way.rolled_back);
+    let manager = FailoverManager::builder()
+        .component("db", db, component().timeout(5 * S))
+        .component("one-way", one_way, component().timeout(5 * S))
+        .build()
+        .unwrap();
+    started(
+        &manager,
+        ComponentContext::standalone("local").with_leadership(leader()),
+    )
+    .await;
+    fail(&manager, "db", 3);
+    fail(&manager, "one-way", 3);
+    eventually("both timed out", 10 * S, || manager.history().len() == 2).await;
+    assert!(!landed.load(Ordering::SeqCst), "not yet");
+    assert!(rolled_back.load(Ordering::SeqCst));
+    assert!(
+        !one_way_rolled_back.load(Ordering::SeqCst),
+        "an action that declares it cannot undo is not asked to"
+    );
+    sleep(10 * S).await;
+    assert!(landed.load(Ordering::SeqCst), "the change landed after all");
+    let by = |name: &str| {
+        manager
+            .history()
+            .into_iter()
+            .find(|r| r.component == name)
+            .unwrap()
+    };
+    let db = by("db");
+    assert_eq!(db.outcome.as_str(), "effect_unknown");
+    assert_eq!(
+        db.outcome,
+        Outcome::EffectUnknown {
+            failure: ha_failover::StepFailure {
+                step: Step::Failover,
+                kind: FailureKind::TimedOut(5 * S)
+            },
+            rollback: None
+        }
+    );
+    let one_way = by("one-way");
+    assert_eq!(
+        one_way.error().unwrap(),
+        "failover timed out after 5s and was cancelled: effect unknown (it may still land); \
+         not rolled back: rollback unsupported: the action declares that its effect cannot \
+         be undone"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_of_an_irreversible_action_is_not_reported_as_rolled_back() {
+    let probe = Probe::default();
+    /// Fails, and cannot undo.
+    struct OneWay(Probe);
+    #[async_trait]
+    impl FailoverAction for OneWay {
+        async fn failover(&self, _: &ActionContext) -> Result<(), ActionError> {
+            Err(ActionError::failed("half done"))
+        }
+        async fn rollback(&self, _: &ActionContext) -> Result<(), ActionError> {
+            self.0.note("rollback".into());
+            Ok(())
+        }
+        fn can_roll_back(&self) -> bool {
+            false
+        }
+    }
+    let manager = FailoverManager::builder()
+        .component("lb", OneWay(probe.clone()), component())
+        .build()
+        .unwrap();
+    started(
+        &manager,
+        ComponentContext::standalone("local").with_leadership(leader()),
+    )
+    .await;
+    fail(&manager, "lb", 3);
+    eventually("it ended", 5 * S, || manager.history().len() == 1).await;
+    let record = manager.history().pop().unwrap();
+    assert_eq!(record.outcome.as_str(), "irreversible");
+    assert!(probe.log().is_empty(), "rollback never called");
+}
+
+#[tokio::test]
+async fn a_component_timeout_shorter_than_its_action_needs_is_refused() {
+    let late = LateEffect {
+        lands_after: S,
+        landed: Arc::default(),
+        rolled_back: Arc::default(),
+        reversible: true,
+    };
+    let err = FailoverManager::builder()
+        .component("db", late, component().timeout(2 * S))
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::TimeoutTooShort {
+            component: "db".into(),
+            timeout: 2 * S,
+            required: 5 * S
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "component `db`: timeout 2s is shorter than the 5s its action needs"
+    );
+    let ok =
+        ha_failover::CommandAction::new("true", Vec::<String>::new()).with_required_timeout(60 * S);
+    assert!(
+        FailoverManager::builder()
+            .component("pg", ok, component().timeout(60 * S))
+            .build()
+            .is_ok()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cooldown_of_a_dependency_holds_its_dependents_back() {
+    let probe = Probe::default();
+    let bus = EventBus::default();
+    let mut events = bus.subscribe();
+    let manager = FailoverManager::builder()
+        .component(
+            "api",
+            Scripted::new(&probe),
+            component().depends_on("db").cooldown(10 * S),
+        )
+        .component("db", Scripted::new(&probe), component().cooldown(120 * S))
+        .build()
+        .unwrap();
+    started(
+        &manager,
+        ComponentContext::new(NodeId::new("local"), bus.clone(), leader()),
+    )
+    .await;
+    fail(&manager, "db", 3);
+    fail(&manager, "api", 3);
+    eventually("both failed over", 10 * S, || manager.history().len() == 2).await;
+    drain(&mut events);
+
+    // Both up, then both down again: a second genuine outage, inside both cooldowns.
+    for name in ["db", "api"] {
+        succeed(&manager, name, 2);
+    }
+    fail(&manager, "db", 3);
+    fail(&manager, "api", 3);
+    assert_eq!(
+        names(&mut events),
+        ["failover_skipped db", "failover_skipped api"],
+        "the second outage is reported, not silently suppressed"
+    );
+    // api's cooldown is over, db's is not: api waits in the queue behind db.
+    sleep(20 * S).await;
+    assert_eq!(manager.component_state("api").unwrap().phase, Phase::Queued);
+    assert!(matches!(
+        manager.component_state("db").unwrap().phase,
+        Phase::WaitingForCooldown { .. }
+    ));
+    eventually("both failed over again", 300 * S, || {
+        manager.history().len() == 6
+    })
+    .await;
+    let log = probe.log();
+    let starts: Vec<&str> = log
+        .iter()
+        .filter_map(|l| l.strip_prefix("start "))
+        .collect();
+    assert_eq!(
+        starts,
+        ["db", "api", "db", "api"],
+        "api's shorter cooldown does not let it run before db: {log:?}"
+    );
+    let h = manager.history();
+    assert_eq!(
+        h.iter()
+            .map(|r| (r.component.as_str(), r.outcome.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("db", "completed"),
+            ("api", "completed"),
+            ("db", "skipped"),
+            ("api", "skipped"),
+            ("db", "completed"),
+            ("api", "completed")
+        ]
+    );
 }

@@ -57,9 +57,16 @@ impl Program {
 /// by a signal, a program that cannot be started — is a failure whose message ends with the
 /// last 2 KiB of the program's standard error.
 ///
-/// The child is killed when its future is dropped, i.e. when the manager's timeout cancels
-/// the step (`kill_on_drop`); processes *it* started are not (put them in the child's process
-/// group and have it clean up, or use a supervisor).
+/// On Unix each program runs in a process group of its own, and when its future is dropped
+/// before it exited — the manager's timeout cancels the step — the whole group is killed
+/// (`SIGKILL`): the program and every process it started that stayed in its group. A process
+/// that moved to another group or session (a daemon that calls `setsid`) is out of reach;
+/// one started by a program that *exited* is left alone (`pg_ctl start` may leave a server
+/// running on purpose). Elsewhere only the program itself is killed.
+///
+/// [`can_roll_back`](FailoverAction::can_roll_back) is `false` without a rollback command.
+/// [`with_required_timeout`](Self::with_required_timeout) states the step timeout the
+/// programs need, which the manager's builder checks against the component's.
 ///
 /// Without a rollback program, `rollback` returns [`ActionError::Unsupported`]; without a
 /// verify program, `verify` checks nothing.
@@ -79,6 +86,7 @@ pub struct CommandAction {
     verify: Option<Program>,
     env: Vec<(OsString, OsString)>,
     current_dir: Option<PathBuf>,
+    required_timeout: Option<Duration>,
 }
 
 impl CommandAction {
@@ -93,6 +101,7 @@ impl CommandAction {
             verify: None,
             env: Vec::new(),
             current_dir: None,
+            required_timeout: None,
         }
     }
 
@@ -132,6 +141,14 @@ impl CommandAction {
         self
     }
 
+    /// States the step timeout the programs need (a slow promotion); the manager's builder
+    /// refuses a component timeout shorter than this.
+    #[must_use]
+    pub fn with_required_timeout(mut self, timeout: Duration) -> Self {
+        self.required_timeout = Some(timeout);
+        self
+    }
+
     async fn run(
         &self,
         program: &Program,
@@ -154,9 +171,14 @@ impl CommandAction {
         if let Some(dir) = &self.current_dir {
             command.current_dir(dir);
         }
+        #[cfg(unix)]
+        command.process_group(0);
         let mut child = command.spawn().map_err(|e| {
             ActionError::with_source(format!("could not start `{}`", program.display()), e)
         })?;
+        // Until the program is reaped its pid is not reused, so its group id names its group.
+        #[cfg(unix)]
+        let mut group = GroupKill(child.id());
         let mut tail = Vec::new();
         let status = match child.stderr.take() {
             Some(stderr) => {
@@ -182,7 +204,34 @@ impl CommandAction {
         .map_err(|e| {
             ActionError::with_source(format!("could not wait for `{}`", program.display()), e)
         })?;
+        // It exited: what it left running was meant to run.
+        #[cfg(unix)]
+        group.disarm();
         check(status, program, &tail)
+    }
+}
+
+/// Kills a process group when dropped, unless disarmed: the cancellation of a program that
+/// has not exited.
+#[cfg(unix)]
+struct GroupKill(Option<u32>);
+
+#[cfg(unix)]
+impl GroupKill {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+#[cfg(unix)]
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, killpg};
+        use nix::unistd::Pid;
+        if let Some(pgid) = self.0.and_then(|id| i32::try_from(id).ok()) {
+            // ESRCH: the group is gone already; nothing else can be done in a drop.
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
     }
 }
 
@@ -239,6 +288,14 @@ impl FailoverAction for CommandAction {
             Some(program) => self.run(program, "verify", ctx).await,
             None => Ok(()),
         }
+    }
+
+    fn can_roll_back(&self) -> bool {
+        self.rollback.is_some()
+    }
+
+    fn required_timeout(&self) -> Option<Duration> {
+        self.required_timeout
     }
 }
 
@@ -314,6 +371,59 @@ mod tests {
             && !std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| s.contains(") Z "))
         {
             assert!(tokio::time::Instant::now() < deadline, "child still alive");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Whether `pid` is gone (or a zombie: dead, waiting for its reaper).
+    fn gone(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_timeout_kills_the_whole_process_group() {
+        let dir = std::env::temp_dir().join(format!("ha-failover-pgrp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pids = dir.join("pids");
+        // The shell starts a grandchild and waits for it; the grandchild's pid is written
+        // once it runs.
+        let script = format!("sleep 30 & echo \"$$ $!\" > {}; wait", pids.display());
+        let action = CommandAction::new("sh", ["-c", script.as_str()])
+            .with_required_timeout(Duration::from_secs(60));
+        assert_eq!(action.required_timeout(), Some(Duration::from_secs(60)));
+        assert!(!action.can_roll_back(), "no rollback command");
+        let ctx = ctx();
+        // Boxed, so that dropping it drops the future itself.
+        let mut run = Box::pin(action.failover(&ctx));
+        // Run it until the grandchild is there, then cancel it by dropping its future.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&pids).map_or(true, |p| p.split_whitespace().count() < 2) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the script never ran"
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(10), &mut run).await;
+        }
+        let text = std::fs::read_to_string(&pids).unwrap();
+        let (shell, grandchild) = text.trim().split_once(' ').unwrap();
+        assert!(
+            !gone(shell) && !gone(grandchild),
+            "both run before the cancellation"
+        );
+        drop(run);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !(gone(shell) && gone(grandchild)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still alive: shell {} grandchild {}",
+                !gone(shell),
+                !gone(grandchild)
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -237,6 +237,11 @@ impl FailoverAction for HttpAction {
         }
     }
 
+    /// Only with a rollback request.
+    fn can_roll_back(&self) -> bool {
+        self.rollback.is_some()
+    }
+
     async fn verify(&self, ctx: &ActionContext) -> Result<(), ActionError> {
         match &self.verify {
             Some(call) => self.send(call, "verify", ctx).await,

@@ -18,6 +18,7 @@ mod step_down;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use ha_core::{BoxError, FencingToken, Leadership, LeadershipGate, NodeId};
@@ -59,6 +60,23 @@ pub trait FailoverAction: Send + Sync + 'static {
     async fn verify(&self, ctx: &ActionContext) -> Result<(), ActionError> {
         let _ = ctx;
         Ok(())
+    }
+
+    /// Whether [`rollback`](Self::rollback) can undo what `failover` does (default `true`).
+    /// An action whose effect cannot be undone (leadership given up, a one-way promotion, a
+    /// command without a rollback command) says `false`: the manager then never calls
+    /// `rollback` and records the failed failover as
+    /// [`Outcome::Irreversible`](crate::Outcome::Irreversible), never as rolled back.
+    fn can_roll_back(&self) -> bool {
+        true
+    }
+
+    /// The shortest step timeout this action needs to finish its work (default `None`: no
+    /// need stated). [`FailoverManagerBuilder::build`](crate::FailoverManagerBuilder::build)
+    /// refuses a component whose `timeout` is shorter, because a step cut off midway is
+    /// recorded as "effect unknown", not as done or undone.
+    fn required_timeout(&self) -> Option<Duration> {
+        None
     }
 }
 

@@ -53,6 +53,11 @@ impl FailoverAction for StepDownAction {
         ))
     }
 
+    /// Leadership given up cannot be taken back.
+    fn can_roll_back(&self) -> bool {
+        false
+    }
+
     async fn verify(&self, ctx: &ActionContext) -> Result<(), ActionError> {
         match ctx.current_leadership() {
             Some(now) if now.token == ctx.token() => Err(ActionError::failed(format!(

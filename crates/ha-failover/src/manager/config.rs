@@ -20,6 +20,7 @@
 
 use std::time::Duration;
 
+use ha_core::backoff::BackoffConfig;
 use ha_core::config::{self, ConfigError, Validate};
 use serde::Deserialize;
 
@@ -90,7 +91,7 @@ impl Validate for FailoverConfig {
 }
 
 /// Settings of one component.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ComponentConfig {
     /// Consecutive failures that ask for a failover (default 3).
@@ -113,6 +114,16 @@ pub struct ComponentConfig {
     /// within minutes.
     #[serde(with = "config::duration")]
     pub cooldown: Duration,
+    /// Tries at one outage (default 3, at least 1). A try that does not complete is tried
+    /// again after `retry_backoff` while the component stays down; after the last, the
+    /// manager gives up on this outage with one `FailoverFailed` that says so. A new outage
+    /// (one success seen, then the failure threshold again) starts over.
+    pub max_attempts: u32,
+    /// How long to wait before each retry (default: full jitter under a ceiling that starts
+    /// at 5 s, doubles, and stops growing at 1 min). Its own `max_attempts` must be unset:
+    /// `max_attempts` above bounds the tries. Retries of one outage do not wait for the
+    /// cooldown, which is for new outages.
+    pub retry_backoff: BackoffConfig,
 }
 
 impl Default for ComponentConfig {
@@ -123,6 +134,13 @@ impl Default for ComponentConfig {
             depends_on: Vec::new(),
             timeout: Duration::from_secs(30),
             cooldown: Duration::from_secs(300),
+            max_attempts: 3,
+            retry_backoff: BackoffConfig {
+                initial: Duration::from_secs(5),
+                max: Duration::from_secs(60),
+                multiplier: 2.0,
+                max_attempts: None,
+            },
         }
     }
 }
@@ -156,6 +174,14 @@ impl ComponentConfig {
         self.cooldown = cooldown;
         self
     }
+
+    /// Sets `max_attempts` and `retry_backoff`.
+    #[must_use]
+    pub fn retry(mut self, max_attempts: u32, backoff: BackoffConfig) -> Self {
+        self.max_attempts = max_attempts;
+        self.retry_backoff = backoff;
+        self
+    }
 }
 
 impl Validate for ComponentConfig {
@@ -165,7 +191,16 @@ impl Validate for ComponentConfig {
         for (i, name) in self.depends_on.iter().enumerate() {
             config::non_empty(&format!("depends_on[{i}]"), name)?;
         }
-        config::positive("timeout", self.timeout)
+        config::positive("timeout", self.timeout)?;
+        config::at_least("max_attempts", self.max_attempts, 1)?;
+        self.retry_backoff
+            .validate()
+            .map_err(|e| e.within("retry_backoff"))?;
+        config::ensure(
+            self.retry_backoff.max_attempts.is_none(),
+            "retry_backoff.max_attempts",
+            || "must be unset: `max_attempts` of the component bounds the tries".to_owned(),
+        )
     }
 }
 
@@ -190,6 +225,7 @@ mod tests {
         assert_eq!((c.failure_threshold, c.recovery_threshold), (3, 2));
         assert_eq!(c.timeout, Duration::from_secs(30));
         assert_eq!(c.cooldown, Duration::from_secs(300));
+        assert_eq!(c.max_attempts, 3);
         let none: FailoverConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(none, m);
     }
@@ -233,6 +269,18 @@ mod tests {
         assert_eq!(field(c().depends_on(" ")), "depends_on[0]");
         assert_eq!(field(c().timeout(Duration::ZERO)), "timeout");
         assert!(c().cooldown(Duration::ZERO).validate().is_ok());
+        let backoff = c().retry_backoff;
+        assert_eq!(field(c().retry(0, backoff.clone())), "max_attempts");
+        let bounded = BackoffConfig {
+            max_attempts: Some(2),
+            ..backoff.clone()
+        };
+        assert_eq!(field(c().retry(2, bounded)), "retry_backoff.max_attempts");
+        let zero = BackoffConfig {
+            initial: Duration::ZERO,
+            ..backoff
+        };
+        assert_eq!(field(c().retry(2, zero)), "retry_backoff.initial");
         assert!(serde_json::from_str::<ComponentConfig>(r#"{"cooldwn": "1s"}"#).is_err());
     }
 }

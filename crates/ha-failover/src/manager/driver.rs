@@ -12,6 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use ha_core::backoff::Backoff;
 use ha_core::{
     ComponentContext, EventBus, EventSubscriber, FencingToken, HaEvent, Leadership, LeadershipGate,
     NodeId, RecvError, Status, TryRecvError, metric,
@@ -58,8 +59,8 @@ struct ComponentMetrics {
     triggers: metrics::Counter,
     /// By [`SkipReason`], in the order of [`skip_index`].
     skipped: [metrics::Counter; 4],
-    /// `completed`, `failed`, `timed_out`, `verify_failed`.
-    runs: [metrics::Counter; 4],
+    /// `completed`, `failed`, `timed_out`, `verify_failed`, `stopped_leading`.
+    runs: [metrics::Counter; 5],
     /// `rolled_back`, `failed`, `timed_out`, `unsupported`.
     rollbacks: [metrics::Counter; 4],
     duration: metrics::Histogram,
@@ -78,8 +79,14 @@ impl ComponentMetrics {
         Self {
             triggers: metrics::counter!(metric::FAILOVER_TRIGGERS_TOTAL, "component" => Arc::clone(name)),
             skipped,
-            runs: ["completed", "failed", "timed_out", "verify_failed"]
-                .map(|o| labelled(metric::FAILOVERS_TOTAL, "outcome", o)),
+            runs: [
+                "completed",
+                "failed",
+                "timed_out",
+                "verify_failed",
+                "stopped_leading",
+            ]
+            .map(|o| labelled(metric::FAILOVERS_TOTAL, "outcome", o)),
             rollbacks: ["rolled_back", "failed", "timed_out", "unsupported"]
                 .map(|o| labelled(metric::FAILOVER_ROLLBACKS_TOTAL, "outcome", o)),
             duration: metrics::histogram!(metric::FAILOVER_DURATION_SECONDS, "component" => Arc::clone(name)),
@@ -101,8 +108,14 @@ fn skip_index(reason: SkipReason) -> usize {
 struct Request {
     id: u64,
     trigger: Trigger,
+    /// Which try at this outage it is (from 1).
+    try_number: u32,
+    /// The sleeps before its retries.
+    backoff: Backoff,
     /// Whether its wait for leadership is in the history already (one record per request).
     noted_not_leader: bool,
+    /// Whether its wait for room in the queue is in the history already.
+    noted_queue_full: bool,
 }
 
 /// Why a request waits outside the queue.
@@ -110,6 +123,19 @@ struct Request {
 enum Wait {
     Cooldown,
     Leadership,
+    /// A try that did not complete, before the next.
+    Retry,
+    /// The queue was full.
+    QueueFull,
+}
+
+impl Wait {
+    /// Whether a dependent must wait for this request's failover: it is still to run in its
+    /// turn. A wait for room in the queue does not hold dependents back, or a queue full of
+    /// dependents would never let their dependencies in.
+    fn holds_dependents(self) -> bool {
+        matches!(self, Wait::Cooldown | Wait::Retry | Wait::Leadership)
+    }
 }
 
 /// Where a component is in the failover machinery.
@@ -281,7 +307,10 @@ impl Shared {
                         consecutive_failures,
                         cause,
                     },
+                    try_number: 1,
+                    backoff: Backoff::new(entry.config.retry_backoff.clone()),
                     noted_not_leader: false,
+                    noted_queue_full: false,
                 };
                 self.request(&mut st, idx, request)
             }
@@ -341,23 +370,39 @@ impl Shared {
         }
     }
 
-    /// Puts `request` in the queue, or refuses it if the queue is full.
-    fn enqueue(&self, st: &mut State, idx: usize, request: Request) -> Result<(), Error> {
+    /// Puts `request` in the queue; if the queue is full, it waits outside and asks again
+    /// every `leadership_retry_interval` (recorded, and returned as an error, the first time
+    /// only).
+    fn enqueue(&self, st: &mut State, idx: usize, mut request: Request) -> Result<(), Error> {
         let capacity = self.config.max_queued_failovers;
         if st.queued >= capacity {
-            self.skip(
-                st,
-                idx,
-                &request,
-                SkipReason::QueueFull,
-                format!("the failover queue is full ({capacity} waiting); request refused"),
-            );
-            st.trackers[idx].rearm();
-            st.phases[idx] = Phase::Idle;
-            return Err(Error::QueueFull {
-                component: self.components[idx].name.to_string(),
-                capacity,
-            });
+            let first = !request.noted_queue_full;
+            if first {
+                request.noted_queue_full = true;
+                self.skip(
+                    st,
+                    idx,
+                    &request,
+                    SkipReason::QueueFull,
+                    format!(
+                        "the failover queue is full ({capacity} waiting); waits outside it and \
+                         asks again while the component stays down"
+                    ),
+                );
+            }
+            st.phases[idx] = Phase::Waiting {
+                request,
+                until: Instant::now() + self.config.leadership_retry_interval,
+                why: Wait::QueueFull,
+            };
+            return if first {
+                Err(Error::QueueFull {
+                    component: self.components[idx].name.to_string(),
+                    capacity,
+                })
+            } else {
+                Ok(())
+            };
         }
         st.phases[idx] = Phase::Queued(request);
         st.queued += 1;
@@ -412,6 +457,8 @@ impl Shared {
             duration: Duration::ZERO,
             outcome: Outcome::Skipped { reason },
             token: None,
+            try_number: request.try_number,
+            gave_up: false,
         });
         self.publish(HaEvent::FailoverSkipped {
             at,
@@ -453,13 +500,16 @@ impl Shared {
     }
 
     /// The first queued component, in dependency order, none of whose dependencies (direct or
-    /// not) is queued or running.
+    /// not) has a failover still to run: queued, running, or waiting for its cooldown, its
+    /// retry or leadership. A cooldown of a dependency therefore holds its dependents back.
     fn next_ready(&self, st: &State) -> Option<usize> {
         self.order.iter().copied().find(|&i| {
             matches!(st.phases[i], Phase::Queued(_))
-                && self.ancestors[i]
-                    .iter()
-                    .all(|&a| !matches!(st.phases[a], Phase::Queued(_) | Phase::Running { .. }))
+                && self.ancestors[i].iter().all(|&a| match &st.phases[a] {
+                    Phase::Idle => true,
+                    Phase::Queued(_) | Phase::Running { .. } => false,
+                    Phase::Waiting { why, .. } => !why.holds_dependents(),
+                })
         })
     }
 
@@ -540,18 +590,40 @@ impl Shared {
         let (action, timeout) = (&entry.action, entry.config.timeout);
         let started_at = SystemTime::now();
         let started = Instant::now();
-        let failure = match step(Step::Failover, timeout, action.failover(&ctx)).await {
-            Ok(()) => step(Step::Verify, timeout, action.verify(&ctx)).await.err(),
-            Err(failure) => Some(failure),
-        };
-        let outcome = match failure {
-            None => Outcome::Completed,
-            Some(failure) => {
-                tracing::warn!(%failure, "failover did not complete; rolling back");
-                match step(Step::Rollback, timeout, action.rollback(&ctx)).await {
-                    Ok(()) => Outcome::RolledBack { failure },
-                    Err(rollback) => Outcome::RollbackFailed { failure, rollback },
+        // The gate is asked before every step: a deposed leader neither verifies nor undoes
+        // what the new leader may already be doing.
+        let leads = || ctx.ensure_leader().is_ok();
+        let outcome = if !leads() {
+            Outcome::StoppedLeading {
+                skipped: Step::Failover,
+                failure: None,
+            }
+        } else {
+            match step(Step::Failover, timeout, action.failover(&ctx)).await {
+                Ok(()) if !leads() => Outcome::StoppedLeading {
+                    skipped: Step::Verify,
+                    failure: None,
+                },
+                Ok(()) => match step(Step::Verify, timeout, action.verify(&ctx)).await {
+                    Ok(()) => Outcome::Completed,
+                    Err(failure) => undo(action.as_ref(), &ctx, timeout, failure).await,
+                },
+                Err(failure) if failure.is_timeout() => {
+                    tracing::warn!(%failure, "failover timed out: its effect is unknown");
+                    match undo(action.as_ref(), &ctx, timeout, failure).await {
+                        Outcome::RolledBack { failure } => Outcome::EffectUnknown {
+                            failure,
+                            rollback: None,
+                        },
+                        Outcome::RollbackFailed { failure, rollback }
+                        | Outcome::Irreversible { failure, rollback } => Outcome::EffectUnknown {
+                            failure,
+                            rollback: Some(rollback),
+                        },
+                        other => other,
+                    }
                 }
+                Err(failure) => undo(action.as_ref(), &ctx, timeout, failure).await,
             }
         };
         self.finish(
@@ -578,21 +650,92 @@ impl Shared {
         st.running -= 1;
         self.set_gauges(&st);
         let now = Instant::now();
-        st.last_end[idx] = Some(now);
+        // The cooldown guards against switching a component that was just switched; a run
+        // that was cleanly rolled back switched nothing.
+        let changed = outcome.may_have_changed();
+        if changed {
+            st.last_end[idx] = Some(now);
+        }
         entry.metrics.duration.record(duration.as_secs_f64());
         entry.metrics.runs[run_index(&outcome)].increment(1);
-        match &outcome {
-            Outcome::RolledBack { .. } => entry.metrics.rollbacks[0].increment(1),
-            Outcome::RollbackFailed { rollback, .. } => {
-                let i = match rollback.kind {
-                    FailureKind::TimedOut(_) => 2,
-                    FailureKind::Unsupported(_) => 3,
-                    FailureKind::Error(_) | FailureKind::Panicked(_) => 1,
-                };
-                entry.metrics.rollbacks[i].increment(1);
-            }
-            Outcome::Completed | Outcome::Skipped { .. } => {}
+        let rollback = match &outcome {
+            Outcome::RolledBack { .. } | Outcome::EffectUnknown { rollback: None, .. } => Some(0),
+            Outcome::RollbackFailed { rollback, .. }
+            | Outcome::Irreversible { rollback, .. }
+            | Outcome::EffectUnknown {
+                rollback: Some(rollback),
+                ..
+            } => Some(match rollback.kind {
+                FailureKind::TimedOut(_) => 2,
+                FailureKind::Unsupported(_) => 3,
+                FailureKind::Error(_) | FailureKind::Panicked(_) => 1,
+            }),
+            Outcome::Completed | Outcome::StoppedLeading { .. } | Outcome::Skipped { .. } => None,
+        };
+        if let Some(i) = rollback {
+            entry.metrics.rollbacks[i].increment(1);
         }
+
+        let deferred = match std::mem::replace(&mut st.phases[idx], Phase::Idle) {
+            Phase::Running { deferred } => deferred,
+            other => {
+                debug_assert!(false, "finished a failover that was not running: {other:?}");
+                None
+            }
+        };
+        let still_down = st.trackers[idx].is_tripped();
+        let completed = outcome == Outcome::Completed;
+        let stopped_leading = matches!(outcome, Outcome::StoppedLeading { .. });
+        let try_number = request.try_number;
+        let max_attempts = entry.config.max_attempts;
+        // What comes next for this component: a new outage seen during the run (it waits for
+        // the cooldown if this run may have changed something), else another try at this
+        // one while it stays down.
+        let mut retry_in = None;
+        let mut next = None;
+        if let Some(request) = deferred {
+            let until = if changed {
+                now + entry.config.cooldown
+            } else {
+                now
+            };
+            next = Some((request, until, Wait::Cooldown));
+        } else if still_down && !completed {
+            let id = st.next_id;
+            st.next_id += 1;
+            let mut retry = Request {
+                id,
+                trigger: request.trigger.clone(),
+                try_number,
+                backoff: request.backoff.clone(),
+                noted_not_leader: stopped_leading,
+                noted_queue_full: false,
+            };
+            if stopped_leading {
+                // Not this node's to finish: it waits to lead again, as a new try's record
+                // would say nothing new.
+                let until = now + self.config.leadership_retry_interval;
+                next = Some((retry, until, Wait::Leadership));
+            } else if try_number < max_attempts {
+                retry.try_number += 1;
+                let delay = retry.backoff.next().unwrap_or(Duration::ZERO);
+                retry_in = Some(delay);
+                next = Some((retry, now + delay, Wait::Retry));
+            }
+        }
+        let gave_up = !completed && !stopped_leading && still_down && next.is_none();
+        if gave_up {
+            // One success now ends this outage, so the next failures are a new one.
+            st.trackers[idx].give_up();
+        }
+        if let Some((request, until, why)) = next {
+            st.phases[idx] = Phase::Waiting {
+                request,
+                until,
+                why,
+            };
+        }
+
         let record = FailoverRecord {
             id: request.id,
             component: entry.name.to_string(),
@@ -602,28 +745,19 @@ impl Shared {
             duration,
             outcome,
             token: Some(token),
+            try_number,
+            gave_up,
         };
         let error = record.error();
         let outcome = record.outcome.clone();
         st.history.push(record);
 
-        let deferred = match std::mem::replace(&mut st.phases[idx], Phase::Idle) {
-            Phase::Running { deferred } => deferred,
-            other => {
-                debug_assert!(false, "finished a failover that was not running: {other:?}");
-                None
-            }
-        };
-        if let Some(request) = deferred {
-            st.phases[idx] = Phase::Waiting {
-                request,
-                until: now + entry.config.cooldown,
-                why: Wait::Cooldown,
-            };
-        }
-
         let (at, node, component) = (SystemTime::now(), self.node.clone(), entry.name.to_string());
         let took = humantime::format_duration(round_ms(duration));
+        let mut reason = error.unwrap_or_default();
+        if gave_up {
+            reason = format!("gave up after {try_number} of {max_attempts} tries: {reason}");
+        }
         match outcome {
             Outcome::Completed => {
                 tracing::info!(took = %took, "failover completed");
@@ -634,9 +768,11 @@ impl Shared {
                     token: Some(token),
                     duration,
                 });
+                drop(st);
+                self.wake.notify_one();
+                return;
             }
             Outcome::RolledBack { failure } => {
-                let reason = error.unwrap_or_default();
                 tracing::warn!(took = %took, %reason, "failover failed and was rolled back");
                 self.publish(HaEvent::FailoverRolledBack {
                     at,
@@ -645,25 +781,24 @@ impl Shared {
                     token: Some(token),
                     reason: failure.to_string(),
                 });
-                self.publish(HaEvent::FailoverFailed {
-                    at,
-                    node,
-                    component,
-                    token: Some(token),
-                    reason,
-                });
             }
-            Outcome::RollbackFailed { .. } | Outcome::Skipped { .. } => {
-                let reason = error.unwrap_or_default();
-                tracing::error!(took = %took, %reason, "failover failed and was not rolled back");
-                self.publish(HaEvent::FailoverFailed {
-                    at,
-                    node,
-                    component,
-                    token: Some(token),
-                    reason,
-                });
-            }
+            _ => tracing::error!(took = %took, %reason, "failover failed and was not rolled back"),
+        }
+        match retry_in {
+            // The outage is not over and another try follows: the event that ends it comes
+            // with the last try, so one outage that is never fixed reports one failure.
+            Some(delay) => tracing::warn!(
+                try_number, max_attempts,
+                retry_in = %humantime::format_duration(round_ms(delay)),
+                "failover will be tried again"
+            ),
+            None => self.publish(HaEvent::FailoverFailed {
+                at,
+                node,
+                component,
+                token: Some(token),
+                reason,
+            }),
         }
         drop(st);
         self.wake.notify_one();
@@ -806,6 +941,8 @@ impl Shared {
                 match why {
                     Wait::Cooldown => PublicPhase::WaitingForCooldown { left },
                     Wait::Leadership => PublicPhase::WaitingForLeadership,
+                    Wait::Retry => PublicPhase::WaitingToRetry { left },
+                    Wait::QueueFull => PublicPhase::WaitingForQueue,
                 }
             }
         };
@@ -825,11 +962,49 @@ impl Shared {
 
 /// The `ha_failovers_total` outcome label of a run.
 fn run_index(outcome: &Outcome) -> usize {
+    if matches!(outcome, Outcome::StoppedLeading { .. }) {
+        return 4;
+    }
     match outcome.failure() {
         None => 0,
         Some(f) if f.is_timeout() => 2,
         Some(f) if f.step == Step::Verify => 3,
         Some(_) => 1,
+    }
+}
+
+/// After `failure`: the rollback, unless the action declares it cannot undo its effect or
+/// this node no longer leads under the failover's token.
+async fn undo(
+    action: &dyn FailoverAction,
+    ctx: &ActionContext,
+    timeout: Duration,
+    failure: StepFailure,
+) -> Outcome {
+    if !action.can_roll_back() {
+        return Outcome::Irreversible {
+            failure,
+            rollback: StepFailure {
+                step: Step::Rollback,
+                kind: FailureKind::Unsupported(
+                    "the action declares that its effect cannot be undone".into(),
+                ),
+            },
+        };
+    }
+    if ctx.ensure_leader().is_err() {
+        return Outcome::StoppedLeading {
+            skipped: Step::Rollback,
+            failure: Some(failure),
+        };
+    }
+    tracing::warn!(%failure, "failover did not complete; rolling back");
+    match step(Step::Rollback, timeout, action.rollback(ctx)).await {
+        Ok(()) => Outcome::RolledBack { failure },
+        Err(rollback) if matches!(rollback.kind, FailureKind::Unsupported(_)) => {
+            Outcome::Irreversible { failure, rollback }
+        }
+        Err(rollback) => Outcome::RollbackFailed { failure, rollback },
     }
 }
 

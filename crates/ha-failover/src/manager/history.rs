@@ -112,7 +112,8 @@ pub enum SkipReason {
     NotLeader,
     /// The component's cooldown had not ended. The request waits for its end.
     Cooldown,
-    /// The waiting queue was full. The request was refused.
+    /// The waiting queue was full. The request waits outside it and asks again every
+    /// `leadership_retry_interval` while the component stays down (one record per request).
     QueueFull,
     /// The manager shut down before the request's turn came.
     Shutdown,
@@ -137,18 +138,49 @@ impl SkipReason {
 pub enum Outcome {
     /// The failover and its verification passed.
     Completed,
-    /// The failover or its verification failed or timed out, and the rollback succeeded.
+    /// The failover or its verification failed, and the rollback succeeded.
     RolledBack {
         /// What went wrong first.
         failure: StepFailure,
     },
-    /// The failover or its verification failed or timed out, and the rollback failed, timed
-    /// out or is unsupported: the component may be left half-switched.
+    /// The failover or its verification failed, and the rollback failed or timed out: the
+    /// component may be left half-switched.
     RollbackFailed {
         /// What went wrong first.
         failure: StepFailure,
         /// What went wrong with the rollback.
         rollback: StepFailure,
+    },
+    /// The failover or its verification failed, and the action cannot undo its effect: it
+    /// declares so ([`FailoverAction::can_roll_back`](crate::FailoverAction::can_roll_back)
+    /// is `false`, and no rollback was tried) or its rollback answered
+    /// [`ActionError::Unsupported`](crate::ActionError::Unsupported). Whatever the failover
+    /// changed stays changed.
+    Irreversible {
+        /// What went wrong first.
+        failure: StepFailure,
+        /// Why it cannot be undone (an unsupported rollback's answer).
+        rollback: StepFailure,
+    },
+    /// The failover step timed out. Its future was dropped, but that does not stop an effect
+    /// already under way elsewhere (an HTTP call already sent, a `pg_promote`, a process the
+    /// program started): the change may have happened, or may still happen after this record
+    /// was written. Never reported as rolled back.
+    EffectUnknown {
+        /// The timeout.
+        failure: StepFailure,
+        /// The rollback tried after it: `None` if it reported success (which cannot cover a
+        /// change that lands later), else how it failed or that it is unsupported.
+        rollback: Option<StepFailure>,
+    },
+    /// This node stopped leading under the failover's token before a step, so that step and
+    /// everything after it were skipped: a deposed leader neither verifies nor undoes what
+    /// the new leader may already be doing.
+    StoppedLeading {
+        /// The step that was skipped (the first not run).
+        skipped: Step,
+        /// What went wrong before, if anything (the failure a skipped rollback was for).
+        failure: Option<StepFailure>,
     },
     /// The failover did not run.
     Skipped {
@@ -158,12 +190,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// A stable snake-case name: `completed`, `rolled_back`, `rollback_failed`, `skipped`.
+    /// A stable snake-case name: `completed`, `rolled_back`, `rollback_failed`,
+    /// `irreversible`, `effect_unknown`, `stopped_leading`, `skipped`.
     pub const fn as_str(&self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
             Outcome::RolledBack { .. } => "rolled_back",
             Outcome::RollbackFailed { .. } => "rollback_failed",
+            Outcome::Irreversible { .. } => "irreversible",
+            Outcome::EffectUnknown { .. } => "effect_unknown",
+            Outcome::StoppedLeading { .. } => "stopped_leading",
             Outcome::Skipped { .. } => "skipped",
         }
     }
@@ -171,9 +207,11 @@ impl Outcome {
     /// What went wrong first, for a failover that ran and did not complete.
     pub fn failure(&self) -> Option<&StepFailure> {
         match self {
-            Outcome::RolledBack { failure } | Outcome::RollbackFailed { failure, .. } => {
-                Some(failure)
-            }
+            Outcome::RolledBack { failure }
+            | Outcome::RollbackFailed { failure, .. }
+            | Outcome::Irreversible { failure, .. }
+            | Outcome::EffectUnknown { failure, .. } => Some(failure),
+            Outcome::StoppedLeading { failure, .. } => failure.as_ref(),
             Outcome::Completed | Outcome::Skipped { .. } => None,
         }
     }
@@ -181,6 +219,20 @@ impl Outcome {
     /// Whether the failover ran (completed or not), rather than was skipped.
     pub fn ran(&self) -> bool {
         !matches!(self, Outcome::Skipped { .. })
+    }
+
+    /// Whether the component may have been switched: everything but a clean rollback, a run
+    /// stopped before its failover step, and a skip. The cooldown starts only after these.
+    pub fn may_have_changed(&self) -> bool {
+        !matches!(
+            self,
+            Outcome::RolledBack { .. }
+                | Outcome::Skipped { .. }
+                | Outcome::StoppedLeading {
+                    skipped: Step::Failover,
+                    ..
+                }
+        )
     }
 }
 
@@ -205,6 +257,12 @@ pub struct FailoverRecord {
     pub outcome: Outcome,
     /// The fencing token it ran under; `None` if it did not run.
     pub token: Option<FencingToken>,
+    /// Which try at this outage it was (1 for the first; a failed try is retried while the
+    /// component stays down, up to the component's `max_attempts`).
+    pub try_number: u32,
+    /// Whether this was the last try: it did not complete and no other will follow for this
+    /// outage (`max_attempts` reached).
+    pub gave_up: bool,
 }
 
 impl FailoverRecord {
@@ -213,8 +271,26 @@ impl FailoverRecord {
         match &self.outcome {
             Outcome::Completed | Outcome::Skipped { .. } => None,
             Outcome::RolledBack { failure } => Some(format!("{failure}; rolled back")),
-            Outcome::RollbackFailed { failure, rollback } => {
+            Outcome::RollbackFailed { failure, rollback }
+            | Outcome::Irreversible { failure, rollback } => {
                 Some(format!("{failure}; not rolled back: {rollback}"))
+            }
+            Outcome::EffectUnknown { failure, rollback } => Some(match rollback {
+                None => format!(
+                    "{failure}: effect unknown (it may still land); rollback reported success"
+                ),
+                Some(rollback) => format!(
+                    "{failure}: effect unknown (it may still land); not rolled back: {rollback}"
+                ),
+            }),
+            Outcome::StoppedLeading { skipped, failure } => {
+                let skipped = skipped.as_str();
+                Some(match failure {
+                    None => format!("this node stopped leading; {skipped} skipped"),
+                    Some(failure) => {
+                        format!("{failure}; this node stopped leading; {skipped} skipped")
+                    }
+                })
             }
         }
     }
@@ -268,6 +344,8 @@ mod tests {
                 reason: SkipReason::NotLeader,
             },
             token: None,
+            try_number: 1,
+            gave_up: false,
         }
     }
 

@@ -48,14 +48,29 @@
 //! only once no failover of a component it depends on, directly or not, is queued or
 //! running), then in registration order. The queue holds at most `max_queued_failovers`
 //! requests (default 64, and never more than one per component); a request that finds it
-//! full is refused — recorded, published as `FailoverSkipped`, and returned as
-//! [`Error::QueueFull`] — never dropped silently. Every queued request runs, even if its
-//! component recovers meanwhile (the recovery may be its dependency's failover working).
+//! full is recorded, published as `FailoverSkipped` and returned as [`Error::QueueFull`]
+//! (once), then waits outside the queue and asks again every `leadership_retry_interval`
+//! while its component stays down — so a request from a health *transition*, after which no
+//! further event comes, is not lost. Every queued request runs, even if its component
+//! recovers meanwhile (the recovery may be its dependency's failover working).
 //!
 //! A request that comes within a component's `cooldown` (default 5 min) after its last
-//! failover ended — or while one runs — is recorded as skipped and waits for the cooldown's
-//! end; it is dropped if the component recovers first. So a flapping component fails over at
-//! most once per cooldown, and one that stays down is still failed over once it has passed.
+//! failover that may have switched it — or while one runs — is recorded as skipped and
+//! published as `FailoverSkipped`, and waits for the cooldown's end; it is dropped if the
+//! component recovers first. So a flapping component fails over at most once per cooldown,
+//! and one that stays down is still failed over once it has passed. A cleanly rolled-back
+//! failover switched nothing and starts no cooldown. A dependency waiting for its cooldown
+//! (or its retry) holds its dependents back, so a shorter cooldown never reorders them.
+//!
+//! # Retries and giving up
+//!
+//! A failover that does not complete is tried again while its component stays down (it has
+//! not recovered), after a [`Backoff`](ha_core::backoff::Backoff) sleep (`retry_backoff`:
+//! full jitter under a growing ceiling), up to `max_attempts` tries (default 3), each its own
+//! attempt with its own record (`try_number`). A try that will be retried publishes no
+//! `FailoverFailed`; the last publishes one whose reason starts `gave up after N of N
+//! tries`, and its record says `gave_up`. After giving up, one success ends the outage, so
+//! the next failures are a new outage, handled afresh.
 //!
 //! # Only the leader acts
 //!
@@ -67,11 +82,18 @@
 //! with the fencing token of the leadership that started it, in its
 //! [`ActionContext`](crate::ActionContext).
 //!
+//! The gate is asked again before each step — failover, verify, rollback — under the token the
+//! failover started with: a node that lost it skips that step and every later one, and
+//! records [`Outcome::StoppedLeading`] naming the skipped step, so a deposed leader never
+//! verifies or rolls back over the new leader's work. The request then waits for this node
+//! to lead again (a new term), while the component stays down.
+//!
 //! Leadership lost while an action runs does not cancel it (cancelling midway can leave more
 //! damage than finishing), but nothing new starts, and the action can see it:
 //! [`ActionContext::ensure_leader`](crate::ActionContext::ensure_leader) fails once the gate
 //! no longer grants the same token, and downstream systems that fence reject the old token
-//! once a new leader has used a newer one. A failed step is rolled back under the same token.
+//! once a new leader has used a newer one. A failed step is rolled back under the same token,
+//! if this node still holds it.
 //! The built-in [`RouterSwitch`](crate::RouterSwitch) checks just before it switches;
 //! [`CommandAction`](crate::CommandAction) and [`HttpAction`](crate::HttpAction) hand the
 //! token to the program or endpoint.
@@ -79,10 +101,17 @@
 //! # One failover
 //!
 //! `failover`, then `verify`, each under the component's `timeout` (default 30 s): at the
-//! timeout the step's future is dropped, which cancels it. If either fails, times out or
-//! panics, `rollback` runs (under the same timeout). Events, in order: `FailoverStarted`;
-//! then `FailoverCompleted`, or `FailoverRolledBack` (if the rollback succeeded) and
-//! `FailoverFailed` with the reason. A record is in [`FailoverManager::history`] before the
+//! timeout the step's future is dropped, which cancels the local work. If either fails,
+//! times out or panics, `rollback` runs (under the same timeout) — unless the action declares
+//! it cannot undo ([`FailoverAction::can_roll_back`];
+//! recorded as [`Outcome::Irreversible`], as is a rollback that answers `Unsupported`).
+//! Dropping a future does not stop an effect already sent elsewhere, so a timed-out failover
+//! step is recorded as [`Outcome::EffectUnknown`], never as rolled back, whatever the
+//! rollback said. An action states the timeout it needs
+//! ([`FailoverAction::required_timeout`]), and
+//! `build()` refuses a shorter component `timeout` ([`Error::TimeoutTooShort`]). Events, in
+//! order: `FailoverStarted`; then `FailoverCompleted`, or `FailoverRolledBack` (if the
+//! rollback succeeded) and — on the last try — `FailoverFailed` with the reason. A record is in [`FailoverManager::history`] before the
 //! event that ends its failover is published. Each failover runs in a `failover` tracing span
 //! (component, attempt, token, node), and is counted in the `ha_failover*` metrics of
 //! [`ha_core::metric`].
@@ -172,6 +201,13 @@ pub enum Phase {
     },
     /// A request waits for this node to lead.
     WaitingForLeadership,
+    /// A try that did not complete waits to be tried again (the component is still down).
+    WaitingToRetry {
+        /// The time left.
+        left: Duration,
+    },
+    /// A request found the queue full and waits to ask again.
+    WaitingForQueue,
 }
 
 /// What the manager knows about one component now.
@@ -363,7 +399,9 @@ impl FailoverManagerBuilder {
     /// Validates everything and returns the manager, not started.
     ///
     /// Fails on an invalid config (naming the component and field), an empty or repeated
-    /// name, an unknown dependency or a dependency cycle (naming the components on it).
+    /// name, an unknown dependency, a dependency cycle (naming the components on it), or a
+    /// component `timeout` shorter than its action's
+    /// [`required_timeout`](crate::FailoverAction::required_timeout) (naming both).
     pub fn build(self) -> Result<FailoverManager, Error> {
         let invalid = |source: ConfigError| Error::Config {
             what: "failover manager",
@@ -376,6 +414,17 @@ impl FailoverManagerBuilder {
                 component: name.clone(),
                 source,
             })?;
+        }
+        for (name, action, config) in &self.components {
+            if let Some(required) = action.required_timeout()
+                && config.timeout < required
+            {
+                return Err(Error::TimeoutTooShort {
+                    component: name.clone(),
+                    timeout: config.timeout,
+                    required,
+                });
+            }
         }
         let graph = DependencyGraph::new(
             self.components

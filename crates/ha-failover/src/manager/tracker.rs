@@ -22,6 +22,9 @@ pub(crate) struct Tracker {
     failures: u32,
     successes: u32,
     tripped: bool,
+    /// Set when the manager gave up on the current outage: then one success ends it, so that
+    /// the next failures are a new outage, handled afresh.
+    gave_up: bool,
 }
 
 impl Tracker {
@@ -32,6 +35,7 @@ impl Tracker {
             failures: 0,
             successes: 0,
             tripped: false,
+            gave_up: false,
         }
     }
 
@@ -62,20 +66,29 @@ impl Tracker {
         } else {
             self.failures = 0;
             self.successes = self.successes.saturating_add(n);
-            if self.tripped && self.successes >= self.recovery_threshold {
+            if self.tripped && (self.gave_up || self.successes >= self.recovery_threshold) {
                 self.tripped = false;
+                self.gave_up = false;
                 return Some(Edge::Recovered);
             }
         }
         None
     }
 
-    /// Forgets the episode, as if the component had never failed: after a refused request,
-    /// so that further failures ask again.
+    /// Forgets the episode, as if the component had never failed.
+    #[cfg(test)]
     pub(crate) fn rearm(&mut self) {
         self.failures = 0;
         self.successes = 0;
         self.tripped = false;
+        self.gave_up = false;
+    }
+
+    /// The manager gave up on this outage: the next success ends it.
+    pub(crate) fn give_up(&mut self) {
+        if self.tripped {
+            self.gave_up = true;
+        }
     }
 
     pub(crate) fn is_tripped(&self) -> bool {
@@ -114,6 +127,14 @@ mod tests {
         assert_eq!(t.observe_confirmed(true), Some(Edge::Tripped));
         assert_eq!(t.observe_confirmed(false), Some(Edge::Recovered));
         t.observe_confirmed(true);
+        t.give_up();
+        assert_eq!(
+            t.observe(false),
+            Some(Edge::Recovered),
+            "one success ends a given-up outage"
+        );
+        assert_eq!(t.observe_confirmed(true), Some(Edge::Tripped));
+        assert_eq!(t.observe(false), None, "not given up: the threshold holds");
         t.rearm();
         assert!(!t.is_tripped());
         assert_eq!((t.failures(), t.successes()), (0, 0));
