@@ -9,14 +9,20 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::id::FencingToken;
 
-/// Proof of leadership at the moment it was asked for.
+/// Proof of leadership at the moment it was asked for — a snapshot, not a lease of its own.
+///
+/// It does not learn of a step-down, a lost renewal or a suspended machine: `valid_until` is
+/// an upper bound that such events cut short. Long leader work re-asks the gate before each
+/// step ([`LeadershipGate::is_leader`], or [`LeadershipGate::still_leads`] with the value it
+/// holds) and passes `token` to every write, so a fence rejects what slips through.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Leadership {
     /// The fencing token of the current term; pass it to every write the leader makes so that
     /// stale leaders can be rejected downstream.
     pub token: FencingToken,
     /// The local monotonic deadline after which this node must no longer act as leader unless
-    /// it has renewed. Long-running leader work should re-check before each step.
+    /// it has renewed. The term may end before it (see the type's docs): long-running leader
+    /// work re-checks with the gate before each step; checking this field alone is not enough.
     pub valid_until: Instant,
 }
 
@@ -40,6 +46,14 @@ pub trait LeadershipGate: Send + Sync + Debug {
     /// The current leadership, checked against its deadline at call time, or `None` if this
     /// node does not lead right now.
     fn is_leader(&self) -> Option<Leadership>;
+
+    /// Whether the term `lead` came from still runs now: the gate answers a leadership with
+    /// the same token (the token names the term). `false` after a step-down or a loss, even
+    /// if `lead.valid_until` has not passed, and for a later term too: work started under
+    /// one term does not carry over into the next one unasked.
+    fn still_leads(&self, lead: &Leadership) -> bool {
+        self.is_leader().is_some_and(|now| now.token == lead.token)
+    }
 }
 
 /// Gives up this node's leadership on purpose, so that another node is elected: a forced

@@ -26,6 +26,65 @@ use crate::store::{Acquire, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Memb
 /// campaign attempt and every renewal, so it must be cheap and must not block.
 pub type Eligibility = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// A clock that keeps counting while the machine is suspended or the VM is paused, as a
+/// duration since some fixed origin; `None` if it cannot be read. See
+/// [`ElectorBuilder::suspend_clock`].
+pub type SuspendClock = Arc<dyn Fn() -> Option<Duration> + Send + Sync>;
+
+/// `CLOCK_BOOTTIME` (Linux, Android): monotonic, and counting suspended time, unlike
+/// `CLOCK_MONOTONIC`, on which `std` and tokio measure time. `None` elsewhere.
+pub fn boottime() -> Option<Duration> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use nix::time::{ClockId, clock_gettime};
+        let now = clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?;
+        let secs = u64::try_from(now.tv_sec()).ok()?;
+        let nanos = u32::try_from(now.tv_nsec()).ok()?;
+        Some(Duration::new(secs, nanos))
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        None
+    }
+}
+
+/// A running term as [`Elector::is_leader`] checks it: the leadership handed out, and the
+/// same deadline on the [`SuspendClock`] (`None`: that clock could not be read at send time).
+#[derive(Clone, Copy, Debug)]
+struct Term {
+    lead: Leadership,
+    suspend_deadline: Option<Duration>,
+}
+
+impl Term {
+    /// Valid on both clocks: tokio's (which stops while the machine sleeps) and the suspend
+    /// clock (which does not). A suspend clock readable at send time but not now refuses.
+    fn is_valid(&self, now: Instant, clock: &SuspendClock) -> bool {
+        self.lead.is_valid_at(now)
+            && self
+                .suspend_deadline
+                .is_none_or(|deadline| clock().is_some_and(|t| t < deadline))
+    }
+}
+
+/// When a request was sent, on both clocks.
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    at: Instant,
+    suspend: Option<Duration>,
+}
+
+impl Sent {
+    fn now(clock: &SuspendClock) -> Self {
+        Self {
+            // The suspend clock is read first: the pair may only understate the send time
+            // on it, which can only shorten leadership.
+            suspend: clock(),
+            at: Instant::now(),
+        }
+    }
+}
+
 /// This node's role, as published on [`Elector::subscribe`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -85,6 +144,7 @@ pub struct ElectorBuilder {
     config: ElectorConfig,
     eligibility: Option<Eligibility>,
     meta: BTreeMap<String, String>,
+    suspend_clock: SuspendClock,
 }
 
 impl std::fmt::Debug for ElectorBuilder {
@@ -115,6 +175,20 @@ impl ElectorBuilder {
         self
     }
 
+    /// The clock that counts suspended time, checked alongside tokio's (default:
+    /// [`boottime`]). Tokio's clock is `CLOCK_MONOTONIC`, which stops while the machine is
+    /// suspended or the VM paused, so a resumed leader would believe its deadline still runs;
+    /// the elector also records this clock at each send and refuses leadership once
+    /// `renew_deadline` has passed on it. It can only shorten leadership. Tests inject a
+    /// clock here to simulate a suspend (tokio's paused clock does not move `CLOCK_BOOTTIME`).
+    pub fn suspend_clock(
+        mut self,
+        clock: impl Fn() -> Option<Duration> + Send + Sync + 'static,
+    ) -> Self {
+        self.suspend_clock = Arc::new(clock);
+        self
+    }
+
     /// Validates the config and builds the elector, not yet running: starting it as a
     /// [`Component`] (with the node's [`ComponentContext`]) sets it campaigning as
     /// `ctx.node`, publishing `LeadershipAcquired`/`LeadershipLost` on `ctx.bus`.
@@ -126,6 +200,8 @@ impl ElectorBuilder {
             config: self.config,
             store: self.store,
             role: Arc::new(watch::Sender::new(Role::Follower)),
+            term: Arc::new(Mutex::new(None)),
+            suspend_clock: self.suspend_clock,
             leader: Arc::new(watch::Sender::new(None)),
             events,
             commands,
@@ -156,6 +232,8 @@ struct Shared {
     eligibility: Option<Eligibility>,
     meta: BTreeMap<String, String>,
     role: Arc<watch::Sender<Role>>,
+    term: Arc<Mutex<Option<Term>>>,
+    suspend_clock: SuspendClock,
     leader: Arc<watch::Sender<Option<LeaderInfo>>>,
     events: broadcast::Sender<ElectorEvent>,
 }
@@ -195,6 +273,21 @@ struct Shared {
 /// clock on every call, so a leader that was paused or cut off from the store stops acting on
 /// time even if its task has not run since.
 ///
+/// **Suspend and VM pause.** Tokio's clock (`CLOCK_MONOTONIC`) stops while the machine is
+/// suspended or the VM paused, so a resumed leader would believe its deadline still runs. The
+/// elector also records a clock that counts suspended time (`CLOCK_BOOTTIME`, see
+/// [`ElectorBuilder::suspend_clock`]) at each send and refuses leadership once
+/// `renew_deadline` has passed on *either* clock; the leader's task, at its next wake-up, ends
+/// the term (`LossReason::Expired`) instead of renewing on. What remains: work already past
+/// its last check when the machine froze resumes without asking again (fence its writes with
+/// the token), and a process that hangs without being suspended (a stuck kernel call, a
+/// livelock) keeps its stale belief until a check runs — Patroni pairs its lease with a
+/// hardware/softdog watchdog that resets the machine then; this crate has none.
+///
+/// **A [`Leadership`] is a snapshot.** Its `valid_until` does not learn of a step-down or a
+/// loss: long leader work re-asks [`is_leader`](Self::is_leader) (or
+/// [`LeadershipGate::still_leads`]) before each step.
+///
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
@@ -221,6 +314,9 @@ pub struct Elector {
     config: ElectorConfig,
     store: Arc<dyn LeaseStore>,
     role: Arc<watch::Sender<Role>>,
+    /// What `is_leader` checks; set before `role` on a gain, cleared before it on a loss.
+    term: Arc<Mutex<Option<Term>>>,
+    suspend_clock: SuspendClock,
     leader: Arc<watch::Sender<Option<LeaderInfo>>>,
     events: broadcast::Sender<ElectorEvent>,
     commands: mpsc::Sender<Command>,
@@ -249,6 +345,7 @@ impl Elector {
             config: ElectorConfig::default(),
             eligibility: None,
             meta: BTreeMap::new(),
+            suspend_clock: Arc::new(boottime),
         }
     }
 
@@ -264,12 +361,20 @@ impl Elector {
             .await
     }
 
-    /// This node's leadership, if it leads *now*: the deadline is checked at call time.
+    /// This node's leadership, if it leads *now*: the deadline is checked at call time, on
+    /// tokio's clock and on the [suspend clock](ElectorBuilder::suspend_clock), so a leader
+    /// resumed after a suspend or VM pause longer than its remaining term answers `None` at
+    /// once.
+    ///
+    /// The answer is a snapshot: its `valid_until` is an upper bound, not a promise. A
+    /// step-down, a lost renewal or a suspend ends the term earlier, and the value handed out
+    /// does not change. Long leader work re-asks before each step — this call, or
+    /// [`LeadershipGate::still_leads`] with the value it holds (the same term: same token) —
+    /// and passes the token to every fenced write.
     pub fn is_leader(&self) -> Option<Leadership> {
-        match *self.role.borrow() {
-            Role::Leader(lead) if lead.is_valid_at(Instant::now()) => Some(lead),
-            _ => None,
-        }
+        let term = (*lock(&self.term))?;
+        term.is_valid(Instant::now(), &self.suspend_clock)
+            .then_some(term.lead)
     }
 
     /// A receiver of role changes (it also sees each renewal's new deadline).
@@ -349,6 +454,8 @@ impl Component for Elector {
             eligibility: pending.eligibility,
             meta: pending.meta,
             role: Arc::clone(&self.role),
+            term: Arc::clone(&self.term),
+            suspend_clock: Arc::clone(&self.suspend_clock),
             leader: Arc::clone(&self.leader),
             events: self.events.clone(),
         });
@@ -549,7 +656,7 @@ impl Runner {
         watch: &mut Option<LeaseWatch>,
         backoff: &mut Backoff,
         seen: &mut Option<Seen>,
-    ) -> Option<(FencingToken, Instant)> {
+    ) -> Option<(FencingToken, Sent)> {
         let config = self.shared.config.clone();
         let store = Arc::clone(&self.shared.store);
         let node = self.shared.node.clone();
@@ -563,7 +670,7 @@ impl Runner {
                 } else {
                     Step::Look
                 };
-                let sent = Instant::now();
+                let sent = Sent::now(&self.shared.suspend_clock);
                 match step {
                     Step::Take(expected) => {
                         let outcome = store
@@ -648,7 +755,7 @@ impl Runner {
     }
 
     /// A grant (or an adopted term) arrived: lead, unless the elector is stopping.
-    async fn won(&self, token: FencingToken, sent: Instant) -> Option<(FencingToken, Instant)> {
+    async fn won(&self, token: FencingToken, sent: Sent) -> Option<(FencingToken, Sent)> {
         if self.shutdown.is_cancelled() {
             self.release(token).await;
             return None;
@@ -689,17 +796,18 @@ impl Runner {
 
     /// Leads until the lease is lost (returns `true`: campaign again) or the elector stops
     /// (`false`).
-    async fn lead(&mut self, token: FencingToken, sent: Instant) -> bool {
+    async fn lead(&mut self, token: FencingToken, sent: Sent) -> bool {
         let config = self.shared.config.clone();
-        let mut valid_until = sent + config.renew_deadline;
-        if valid_until <= Instant::now() {
+        let mut term = self.term(token, sent);
+        let mut valid_until = term.lead.valid_until;
+        if !term.is_valid(Instant::now(), &self.shared.suspend_clock) {
             // The grant arrived too late to act on; give it back rather than lead blind.
             tracing::warn!(%token, "acquire answered after the deadline it would grant; releasing");
             self.release(token).await;
             return true;
         }
-        self.gained(token, valid_until);
-        let mut next_renew = sent + config.renew_interval;
+        self.gained(term);
+        let mut next_renew = sent.at + config.renew_interval;
         let mut retry = Backoff::new(BackoffConfig {
             initial: (config.renew_interval / 8).max(Duration::from_millis(1)),
             max: (config.renew_interval / 2).max(Duration::from_millis(1)),
@@ -728,12 +836,18 @@ impl Runner {
                     }
                 }
                 _ = sleep_until(next_renew) => {
+                    // Tokio's timers run on a clock that stops during a suspend: after one,
+                    // this is the first moment the task can see that the term ran out.
+                    if !term.is_valid(Instant::now(), &self.shared.suspend_clock) {
+                        self.lost(token, LossReason::Expired);
+                        return true;
+                    }
                     if !self.eligible() {
                         self.give_up(token, LossReason::NotEligible).await;
                         return true;
                     }
-                    let sent = Instant::now();
-                    let timeout = config.request_timeout.min(valid_until.saturating_duration_since(sent));
+                    let sent = Sent::now(&self.shared.suspend_clock);
+                    let timeout = config.request_timeout.min(valid_until.saturating_duration_since(sent.at));
                     let renewal = self.shared.store.renew(&config.key, &self.shared.node, token, config.ttl, timeout);
                     let outcome = tokio::select! {
                         outcome = renewal => Some(outcome),
@@ -746,9 +860,10 @@ impl Runner {
                         }
                         Some(Ok(true)) => {
                             retry.reset();
-                            valid_until = sent + config.renew_deadline;
-                            next_renew = sent + config.renew_interval;
-                            self.renewed(token, valid_until);
+                            term = self.term(token, sent);
+                            valid_until = term.lead.valid_until;
+                            next_renew = sent.at + config.renew_interval;
+                            self.renewed(term);
                         }
                         Some(Ok(false)) => {
                             self.lost(token, LossReason::Superseded);
@@ -808,12 +923,24 @@ impl Runner {
         });
     }
 
-    fn gained(&self, token: FencingToken, valid_until: Instant) {
+    /// The term a request sent at `sent` grants: `renew_deadline` on both clocks.
+    fn term(&self, token: FencingToken, sent: Sent) -> Term {
+        let deadline = self.shared.config.renew_deadline;
+        Term {
+            lead: Leadership {
+                token,
+                valid_until: sent.at + deadline,
+            },
+            suspend_deadline: sent.suspend.map(|t| t + deadline),
+        }
+    }
+
+    fn gained(&self, term: Term) {
         let shared = &self.shared;
         let key = shared.config.key.clone();
-        shared
-            .role
-            .send_replace(Role::Leader(Leadership { token, valid_until }));
+        let Leadership { token, valid_until } = term.lead;
+        *lock(&shared.term) = Some(term);
+        shared.role.send_replace(Role::Leader(term.lead));
         shared.leader.send_replace(Some(LeaderInfo {
             node: shared.node.clone(),
             token,
@@ -835,10 +962,10 @@ impl Runner {
         });
     }
 
-    fn renewed(&self, token: FencingToken, valid_until: Instant) {
-        self.shared
-            .role
-            .send_replace(Role::Leader(Leadership { token, valid_until }));
+    fn renewed(&self, term: Term) {
+        let Leadership { token, valid_until } = term.lead;
+        *lock(&self.shared.term) = Some(term);
+        self.shared.role.send_replace(Role::Leader(term.lead));
         tracing::debug!(%token, "lease renewed");
         let _ = self
             .shared
@@ -851,6 +978,7 @@ impl Runner {
     fn lost(&self, token: FencingToken, reason: LossReason) {
         let shared = &self.shared;
         let key = shared.config.key.clone();
+        *lock(&shared.term) = None;
         shared.role.send_replace(Role::Follower);
         shared.leader.send_if_modified(|seen| {
             let ours = seen.as_ref().is_some_and(|s| s.node == shared.node);

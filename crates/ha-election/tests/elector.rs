@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{FaultyStore, Invariants};
-use ha_core::{Component, ComponentContext, EventBus, HaEvent, LossReason, NodeId, StepDown};
+use ha_core::{
+    Component, ComponentContext, EventBus, HaEvent, LeadershipGate, LossReason, NodeId, StepDown,
+};
 use ha_election::{Elector, ElectorConfig, ElectorEvent, LeaseStore, MemoryLeaseStore, Role};
 use tokio::time::Instant;
 
@@ -479,4 +481,96 @@ async fn members_lists_live_electors_and_drops_dead_ones_within_ttl() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let _ = b;
+}
+
+/// A suspend clock that runs with tokio's plus the time the test says the machine spent
+/// suspended (in ns): tokio's paused clock stands still meanwhile, as `CLOCK_MONOTONIC` does
+/// while a machine is suspended.
+fn suspend_clock() -> (
+    Arc<std::sync::atomic::AtomicU64>,
+    impl Fn() -> Option<Duration>,
+) {
+    let suspended = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read = Arc::clone(&suspended);
+    let origin = Instant::now();
+    (suspended, move || {
+        Some(origin.elapsed() + Duration::from_nanos(read.load(Ordering::SeqCst)))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_resumed_from_suspend_is_not_leader() {
+    let (suspended, clock) = suspend_clock();
+    let a = Elector::builder(Arc::new(MemoryLeaseStore::new()))
+        .config(config())
+        .suspend_clock(clock)
+        .build()
+        .expect("valid config");
+    a.start(ComponentContext::standalone("a")).await.unwrap();
+    let mut events = a.events();
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], COLD_START, |l| l == Some(0)).await;
+    // Renewals go on while the suspend clock runs with tokio's.
+    run_for(&mut inv, &[&a], config().renew_deadline * 2).await;
+    let lead = a.is_leader().expect("leads while awake");
+    // A suspend just shorter than the term's rest does not end it …
+    let left = u64::try_from((lead.valid_until - Instant::now()).as_nanos()).unwrap();
+    suspended.store(left - 1, Ordering::SeqCst);
+    assert!(
+        a.is_leader().is_some(),
+        "still inside the term on both clocks"
+    );
+    // … one that reaches the deadline does, at once, although tokio's clock has not moved.
+    suspended.fetch_add(1, Ordering::SeqCst);
+    assert!(
+        lead.is_valid_at(Instant::now()),
+        "tokio's clock stood still"
+    );
+    assert!(a.is_leader().is_none(), "the suspended time counts");
+    assert!(!a.still_leads(&lead));
+    // The task ends the term at its next wake-up instead of renewing on.
+    let lost = tokio::time::timeout(config().renew_interval * 2, async {
+        loop {
+            match events.recv().await.unwrap() {
+                ElectorEvent::Lost { token, reason } => return (token, reason),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the term ends when the task wakes");
+    assert_eq!(lost, (lead.token, LossReason::Expired));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leadership_handed_out_before_a_step_down_no_longer_leads() {
+    let store = Arc::new(MemoryLeaseStore::new());
+    let a = elector(store.clone(), "a").await;
+    let mut inv = Invariants::default();
+    run_until(&mut inv, &[&a], COLD_START, |l| l == Some(0)).await;
+    let lead = a.is_leader().unwrap();
+    assert!(a.still_leads(&lead));
+    assert!(a.step_down().await);
+    // The snapshot still reads as valid: only the gate knows the term ended.
+    assert!(lead.is_valid_at(Instant::now()));
+    assert!(!a.still_leads(&lead), "the gate says the term ended");
+    // A later term of the same node is not the one the work started under.
+    run_until(&mut inv, &[&a], TTL * 3, |l| l == Some(0)).await;
+    let again = a.is_leader().unwrap();
+    assert!(again.token > lead.token);
+    assert!(a.still_leads(&again));
+    assert!(
+        !a.still_leads(&lead),
+        "a later term does not revive an earlier one"
+    );
+}
+
+#[test]
+fn boottime_reads_a_clock_that_moves_forward() {
+    let first = ha_election::elector::boottime();
+    if cfg!(target_os = "linux") {
+        let first = first.expect("CLOCK_BOOTTIME is readable on Linux");
+        let second = ha_election::elector::boottime().unwrap();
+        assert!(second >= first);
+    }
 }
