@@ -51,7 +51,7 @@ pub use error::{Error, Result};
 pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
 pub use pg_fence::PgFence;
-pub use postgres::{PostgresLeaseStore, PostgresLeaseStoreOptions};
+pub use postgres::{Durability, PostgresLeaseStore, PostgresLeaseStoreOptions};
 pub use redis::{RedisLeaseStore, RedisLeaseStoreOptions};
 pub use store::{
     Acquire, LeaseChange, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, with_timeout,

@@ -2,14 +2,15 @@
 //! with `LISTEN`/`NOTIFY`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ha_core::{Backoff, BackoffConfig, ConfigError, FencingToken, NodeId};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Executor, Row};
-use tokio::sync::{broadcast, oneshot};
+use sqlx::{Connection, Executor, Row};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::store::{
@@ -81,6 +82,9 @@ pub struct PostgresLeaseStoreOptions {
     max_connections: u32,
     acquire_timeout: Duration,
     migrate_timeout: Duration,
+    max_lifetime: Duration,
+    idle_check_after: Duration,
+    allow_async_replication: bool,
 }
 
 impl Default for PostgresLeaseStoreOptions {
@@ -92,6 +96,9 @@ impl Default for PostgresLeaseStoreOptions {
             max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
             migrate_timeout: Duration::from_secs(30),
+            max_lifetime: Duration::from_secs(60),
+            idle_check_after: Duration::from_secs(10),
+            allow_async_replication: false,
         }
     }
 }
@@ -143,6 +150,32 @@ impl PostgresLeaseStoreOptions {
         self
     }
 
+    /// How long a connection may serve operations before it is closed and replaced
+    /// (default 60 s), so a store behind a moved address (a virtual IP, DNS, a proxy) reaches
+    /// the new primary within that time even if the old one still accepts writes.
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.max_lifetime = lifetime;
+        self
+    }
+
+    /// A connection unused for this long (default 10 s) is validated before its next
+    /// operation with `SELECT pg_is_in_recovery()`: a dead one is replaced, one to a server
+    /// now in recovery (a demoted primary) is refused. Busier connections are not pinged, so
+    /// an operation stays one round trip.
+    pub fn idle_check_after(mut self, idle: Duration) -> Self {
+        self.idle_check_after = idle;
+        self
+    }
+
+    /// Connect even if the server streams to asynchronous replicas only (default: refuse
+    /// with [`Error::UnsafeSetting`]). With asynchronous replication a promoted replica may
+    /// lack the last grants and renewals: two nodes lead, and a lost grant's token is handed
+    /// out again. Allow it only if the lease database never fails over to a replica.
+    pub fn allow_async_replication(mut self, allow: bool) -> Self {
+        self.allow_async_replication = allow;
+        self
+    }
+
     /// The channel lease changes are notified on.
     pub fn channel_name(&self) -> &str {
         self.channel.as_deref().unwrap_or(&self.table)
@@ -162,6 +195,7 @@ impl PostgresLeaseStoreOptions {
         })?;
         ha_core::config::at_least("max_connections", self.max_connections, 1)?;
         ha_core::config::positive("acquire_timeout", self.acquire_timeout)?;
+        ha_core::config::positive("max_lifetime", self.max_lifetime)?;
         ha_core::config::positive("migrate_timeout", self.migrate_timeout)
     }
 }
@@ -343,7 +377,14 @@ impl Statements {
 ///   its row committed — provided commits are durable: [`connect`](Self::connect) sets
 ///   `synchronous_commit = on` on its connections; with [`from_pool`](Self::from_pool) that
 ///   is the pool's business. With asynchronous replication, a promoted replica may lack the
-///   last grants: use synchronous replication for the lease database.
+///   last grants: [`connect`](Self::connect) finds out the server's [`Durability`] and
+///   refuses asynchronous replicas unless
+///   [allowed](PostgresLeaseStoreOptions::allow_async_replication), and refuses a standby.
+/// - **Connections.** At most `max_connections` serve operations (plus `migrate`'s and the
+///   listener's); each lives at most `max_lifetime`, one idle for `idle_check_after` is
+///   validated with `SELECT pg_is_in_recovery()` before reuse, and new ones are checked not to
+///   be in recovery. Each session's `statement_timeout` is the operation's timeout, so a
+///   backend whose client gave up cancels its statement instead of committing later.
 /// - **Timeouts.** Every operation runs under [`with_timeout`]; sqlx failures become
 ///   [`Error::Store`], a row that does not decode becomes [`Error::Corrupt`].
 ///
@@ -372,6 +413,9 @@ pub struct PostgresLeaseStore {
 #[derive(Debug)]
 struct Inner {
     pool: PgPool,
+    /// `host:port/database`, for errors (no credentials).
+    target: String,
+    durability: OnceLock<Durability>,
     options: PostgresLeaseStoreOptions,
     sql: Statements,
     connections: Connections,
@@ -383,39 +427,79 @@ struct Inner {
 /// make every operation two round trips. A connection whose operation did not finish (an
 /// error, or a timeout that cancelled it mid-query) is dropped, never reused, so no half-read
 /// answer can reach the next operation.
+///
+/// Bounded in number: every live connection (idle or in use) holds one of `max_connections`
+/// permits. Each has a maximum lifetime; one idle for `idle_check_after` is validated (and
+/// re-checked not to be in recovery) before reuse.
 #[derive(Debug)]
 struct Connections {
-    idle: Mutex<Vec<PgConnection>>,
-    max_idle: usize,
+    idle: Mutex<Vec<Pooled>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A live connection with what the store tracks about it.
+#[derive(Debug)]
+struct Pooled {
+    conn: PgConnection,
+    born: Instant,
+    used: Instant,
+    /// The session's `statement_timeout` as last set (`None`: the server's default).
+    statement_timeout: Option<Duration>,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// A connection checked out of [`Connections`]; [`finish`](Self::finish) returns it, dropping
 /// it closes it.
 struct Checkout<'a> {
-    conn: Option<PgConnection>,
+    pooled: Option<Pooled>,
     home: &'a Connections,
 }
 
 impl Checkout<'_> {
     fn conn(&mut self) -> &mut PgConnection {
-        self.conn
+        &mut self
+            .pooled
             .as_mut()
             .unwrap_or_else(|| unreachable!("a checkout holds its connection until finished"))
+            .conn
     }
 
     /// The operation completed: the connection is clean and may serve the next one.
     fn finish(mut self) {
-        if let Some(conn) = self.conn.take() {
-            let mut idle = self
-                .home
+        if let Some(mut pooled) = self.pooled.take() {
+            pooled.used = Instant::now();
+            self.home
                 .idle
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < self.home.max_idle {
-                idle.push(conn);
-            }
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(pooled);
         }
     }
+}
+
+const IN_RECOVERY: &str =
+    "the server is in recovery (a standby): lease operations need the primary";
+
+/// How durable a grant is on the lease database, as
+/// [`PostgresLeaseStore::check_durability`] found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// No replica streams from the server: a grant is as durable as its disk.
+    Single,
+    /// At least one standby is synchronous (`sync_state` `sync` or `quorum`): a commit (with
+    /// `synchronous_commit = on`) waits for it.
+    Synchronous {
+        /// Synchronous standbys.
+        standbys: u32,
+        /// All streaming replicas.
+        replicas: u32,
+    },
+    /// Replicas stream, none synchronously: refused unless allowed.
+    Asynchronous {
+        /// Streaming replicas.
+        replicas: u32,
+    },
 }
 
 /// The running listener task: dropping `_stop` (with the store) ends it.
@@ -444,11 +528,25 @@ impl PostgresLeaseStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
-            // Connections leave the pool for the store's own idle list (see `Connections`); no
-            // ping when they are taken: a dead one fails its operation, which callers retry.
-            .test_before_acquire(false)
+            .max_lifetime(options.max_lifetime)
+            // For the connections `migrate` takes back to the pool; operations' connections
+            // live in the store's own list, validated there after `idle_check_after`.
+            .test_before_acquire(true)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    if in_recovery {
+                        return Err(sqlx::Error::Protocol(IN_RECOVERY.to_owned()));
+                    }
+                    Ok(())
+                })
+            })
             .connect_lazy_with(connect);
         let store = Self::from_pool_with(pool, options)?;
+        let durability = store.check_durability().await?;
+        tracing::info!(store = KIND, target = %store.inner.target, ?durability, "lease store durability");
         store.migrate().await?;
         Ok(store)
     }
@@ -468,12 +566,25 @@ impl PostgresLeaseStore {
 
     fn build(pool: PgPool, options: PostgresLeaseStoreOptions) -> Self {
         let sql = Statements::new(&options);
+        let target = {
+            let connect = pool.connect_options();
+            format!(
+                "{}:{}/{}",
+                connect.get_host(),
+                connect.get_port(),
+                connect.get_database().unwrap_or("")
+            )
+        };
         Self {
             inner: Arc::new(Inner {
                 pool,
+                target,
+                durability: OnceLock::new(),
                 connections: Connections {
                     idle: Mutex::new(Vec::new()),
-                    max_idle: usize::try_from(options.max_connections).unwrap_or(1).max(1),
+                    permits: Arc::new(Semaphore::new(
+                        usize::try_from(options.max_connections).unwrap_or(1).max(1),
+                    )),
                 },
                 options,
                 sql,
@@ -490,6 +601,75 @@ impl PostgresLeaseStore {
     /// The options the store was built with.
     pub fn options(&self) -> &PostgresLeaseStoreOptions {
         &self.inner.options
+    }
+
+    /// What [`check_durability`](Self::check_durability) found (run by
+    /// [`connect`](Self::connect)); `None` if it has not run.
+    pub fn durability(&self) -> Option<Durability> {
+        self.inner.durability.get().copied()
+    }
+
+    /// Finds out how durable a grant is on this server and refuses what leases cannot live
+    /// with: a server in recovery (a standby), and — unless
+    /// [`allow_async_replication`](PostgresLeaseStoreOptions::allow_async_replication) —
+    /// replicas that all stream asynchronously ([`Error::UnsafeSetting`] on
+    /// `synchronous_standby_names`). Reads `pg_stat_replication`: a role that may not see its
+    /// `sync_state` (neither superuser nor `pg_read_all_stats`) sees its replicas as
+    /// asynchronous. [`connect`](Self::connect) runs it; with [`from_pool`](Self::from_pool),
+    /// call it yourself.
+    pub async fn check_durability(&self) -> Result<Durability> {
+        let key = "";
+        // A connection of its own: the pool's refuse a standby and would only time out.
+        let options = (*self.inner.pool.connect_options()).clone();
+        let mut conn = tokio::time::timeout(
+            self.inner.options.acquire_timeout,
+            PgConnection::connect_with(&options),
+        )
+        .await
+        .map_err(|_| store_error("connect", key, sqlx::Error::PoolTimedOut))?
+        .map_err(|e| store_error("connect", key, e))?;
+        let row = sqlx::query(
+            "SELECT pg_is_in_recovery() AS in_recovery, \
+                    current_setting('synchronous_standby_names') AS standby_names, \
+                    (SELECT count(*) FROM pg_stat_replication) AS replicas, \
+                    (SELECT count(*) FROM pg_stat_replication \
+                      WHERE sync_state IN ('sync', 'quorum')) AS standbys",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| store_error("connect", key, e))?;
+        drop(conn);
+        if decode::<bool>(&row, "in_recovery", key)? {
+            return Err(store_error(
+                "connect",
+                key,
+                sqlx::Error::Protocol(IN_RECOVERY.to_owned()),
+            ));
+        }
+        let count = |column| -> Result<u32> {
+            Ok(u32::try_from(decode::<i64>(&row, column, key)?).unwrap_or(u32::MAX))
+        };
+        let (replicas, standbys) = (count("replicas")?, count("standbys")?);
+        let durability = match (replicas, standbys) {
+            (0, _) => Durability::Single,
+            (_, 0) => Durability::Asynchronous { replicas },
+            _ => Durability::Synchronous { standbys, replicas },
+        };
+        if let Durability::Asynchronous { .. } = durability
+            && !self.inner.options.allow_async_replication
+        {
+            return Err(Error::UnsafeSetting {
+                store: KIND,
+                target: self.inner.target.clone(),
+                setting: "synchronous_standby_names",
+                value: decode::<String>(&row, "standby_names", key)?,
+                why: "leaves every replica asynchronous: a promoted replica may lack the last \
+                      grants and renewals (two leaders) and hand out a lost grant's token \
+                      again; make a standby synchronous or allow asynchronous replication",
+            });
+        }
+        let _ = self.inner.durability.set(durability);
+        Ok(durability)
     }
 
     /// Creates (or upgrades) the lease table, the token sequence and the schema-version table.
@@ -565,32 +745,92 @@ impl PostgresLeaseStore {
     }
 
     /// A connection for one operation: an idle one, or a new one from the pool.
-    async fn checkout(&self, op: &'static str, key: &str) -> Result<Checkout<'_>> {
+    ///
+    /// The session's `statement_timeout` is the operation's `timeout` (set when it differs
+    /// from the last one, so once per connection for a steady caller): a backend whose client
+    /// gave up cancels its statement instead of committing later.
+    async fn checkout(
+        &self,
+        op: &'static str,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Checkout<'_>> {
         let home = &self.inner.connections;
-        let idle = home
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let conn = match idle {
-            Some(conn) => conn,
-            None => self
-                .inner
-                .pool
-                .acquire()
-                .await
-                .map_err(|e| store_error(op, key, e))?
-                .detach(),
+        let options = &self.inner.options;
+        let mut pooled = loop {
+            let idle = home
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let Some(mut pooled) = idle else {
+                let permit = Arc::clone(&home.permits)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| store_error(op, key, sqlx::Error::PoolClosed))?;
+                let conn = self
+                    .inner
+                    .pool
+                    .acquire()
+                    .await
+                    .map_err(|e| store_error(op, key, e))?
+                    .detach();
+                let now = Instant::now();
+                break Pooled {
+                    conn,
+                    born: now,
+                    used: now,
+                    statement_timeout: None,
+                    _permit: permit,
+                };
+            };
+            if pooled.born.elapsed() >= options.max_lifetime {
+                continue;
+            }
+            if pooled.used.elapsed() >= options.idle_check_after {
+                match sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
+                    .fetch_one(&mut pooled.conn)
+                    .await
+                {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        return Err(store_error(
+                            op,
+                            key,
+                            sqlx::Error::Protocol(IN_RECOVERY.to_owned()),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::debug!(store = KIND, error = %e, "idle connection failed its check; replaced");
+                        continue;
+                    }
+                }
+            }
+            break pooled;
         };
+        if pooled.statement_timeout != Some(timeout) {
+            let ms = timeout.as_nanos().div_ceil(1_000_000).max(1);
+            pooled
+                .conn
+                .execute(format!("SET statement_timeout = {ms}").as_str())
+                .await
+                .map_err(|e| store_error(op, key, e))?;
+            pooled.statement_timeout = Some(timeout);
+        }
         Ok(Checkout {
-            conn: Some(conn),
+            pooled: Some(pooled),
             home,
         })
     }
 
     /// The fresh-snapshot read behind `read` and the refused-acquire fallback.
-    async fn read_row(&self, op: &'static str, key: &str) -> Result<Option<LeaseInfo>> {
-        let mut checkout = self.checkout(op, key).await?;
+    async fn read_row(
+        &self,
+        op: &'static str,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<LeaseInfo>> {
+        let mut checkout = self.checkout(op, key, timeout).await?;
         let row = sqlx::query(&self.inner.sql.read)
             .bind(key)
             .fetch_optional(checkout.conn())
@@ -601,8 +841,8 @@ impl PostgresLeaseStore {
     }
 
     /// A refused acquire's answer from a fresh read.
-    async fn refusal(&self, key: &str) -> Result<Acquire> {
-        Ok(match self.read_row("acquire", key).await? {
+    async fn refusal(&self, key: &str, timeout: Duration) -> Result<Acquire> {
+        Ok(match self.read_row("acquire", key, timeout).await? {
             Some(info) => Acquire::Held(info),
             None => Acquire::Vacant,
         })
@@ -793,10 +1033,10 @@ impl LeaseStore for PostgresLeaseStore {
                 None => None,
                 Some(Ok(token)) => Some(token),
                 // No token this store issued is that large: the key cannot hold that record.
-                Some(Err(_)) => return self.refusal(key).await,
+                Some(Err(_)) => return self.refusal(key, timeout).await,
             };
             for attempt in 1..=ACQUIRE_ATTEMPTS {
-                let mut checkout = self.checkout("acquire", key).await?;
+                let mut checkout = self.checkout("acquire", key, timeout).await?;
                 let row = sqlx::query(&sql.acquire)
                     .bind(key)
                     .bind(holder.as_str())
@@ -824,7 +1064,7 @@ impl LeaseStore for PostgresLeaseStore {
                 // No grant and no row in our snapshot: the key is vacant, or a concurrent
                 // statement created the row after our snapshot was taken. Look again with a
                 // fresh one; retry only if it shows what we expected after all.
-                match self.read_row("acquire", key).await? {
+                match self.read_row("acquire", key, timeout).await? {
                     None if expected.is_some() => return Ok(Acquire::Vacant),
                     Some(info) if Some(&info.record()) != expected => {
                         tracing::debug!(store = KIND, key, %holder, held_by = %info.holder, "lease held");
@@ -861,7 +1101,7 @@ impl LeaseStore for PostgresLeaseStore {
                 // No token this store issued is that large.
                 return Ok(false);
             };
-            let mut checkout = self.checkout("renew", key).await?;
+            let mut checkout = self.checkout("renew", key, timeout).await?;
             let done = sqlx::query(&self.inner.sql.renew)
                 .bind(key)
                 .bind(holder.as_str())
@@ -889,7 +1129,7 @@ impl LeaseStore for PostgresLeaseStore {
             let Ok(token_value) = i64::try_from(token.get()) else {
                 return Ok(false);
             };
-            let mut checkout = self.checkout("release", key).await?;
+            let mut checkout = self.checkout("release", key, timeout).await?;
             let row = sqlx::query(&self.inner.sql.release)
                 .bind(key)
                 .bind(holder.as_str())
@@ -908,7 +1148,7 @@ impl LeaseStore for PostgresLeaseStore {
 
     async fn read(&self, key: &str, timeout: Duration) -> Result<Option<LeaseInfo>> {
         with_timeout(KIND, "read", key, timeout, async {
-            let info = self.read_row("read", key).await?;
+            let info = self.read_row("read", key, timeout).await?;
             tracing::debug!(store = KIND, key, holder = ?info.as_ref().map(|i| &i.holder), "lease read");
             Ok(info)
         })
@@ -926,7 +1166,7 @@ impl LeaseStore for PostgresLeaseStore {
         with_timeout(KIND, "heartbeat", group, timeout, async {
             let (keys, values): (Vec<&str>, Vec<&str>) =
                 meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
-            let mut checkout = self.checkout("heartbeat", group).await?;
+            let mut checkout = self.checkout("heartbeat", group, timeout).await?;
             sqlx::query(&self.inner.sql.heartbeat)
                 .bind(group)
                 .bind(node.as_str())
@@ -945,7 +1185,7 @@ impl LeaseStore for PostgresLeaseStore {
 
     async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
         with_timeout(KIND, "members", group, timeout, async {
-            let mut checkout = self.checkout("members", group).await?;
+            let mut checkout = self.checkout("members", group, timeout).await?;
             let rows = sqlx::query(&self.inner.sql.list_members)
                 .bind(group)
                 .fetch_all(checkout.conn())
