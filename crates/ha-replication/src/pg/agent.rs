@@ -28,10 +28,10 @@
 //! 1. `ALTER SYSTEM SET default_transaction_read_only = on` and `pg_reload_conf()`;
 //! 2. wait until the agent's own session sees the new value: the postmaster has reloaded, so
 //!    every session forked after that moment `T` starts read-only;
-//! 3. `pg_terminate_backend(pid, timeout)` every client backend that started at or before
+//! 3. `pg_terminate_backend(pid)` every client backend that started at or before
 //!    `T` (walsenders are kept, so replicas keep streaming): this aborts in-flight
 //!    transactions and ends sessions that may have been writable;
-//! 4. confirm that none of those sessions remains.
+//! 4. confirm that none of those sessions remains (polled every 5 ms).
 //!
 //! If any step fails or the budget runs out, the agent **stops PostgreSQL**: it runs
 //! `stop_command` (e.g. `pg_ctl stop -D … -m fast`) when one is configured, else it signals
@@ -682,14 +682,15 @@ impl Inner {
             let left: i64 = self
                 .member
                 .run("ending writable sessions", |pool| async move {
-                    // pg_terminate_backend(pid, timeout) waits for the backend to exit.
+                    // No wait argument: pg_terminate_backend(pid, timeout) sleeps in steps of
+                    // 100 ms per backend; the count below polls every 5 ms instead.
                     // Materialized first, so no plan can call pg_terminate_backend on a
                     // row the filter would have excluded (walsenders, this session).
                     sqlx::query(
                         "WITH victims AS MATERIALIZED (SELECT pid FROM pg_stat_activity \
                          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
                          AND backend_start <= $1::timestamptz) \
-                         SELECT count(*) FILTER (WHERE NOT pg_terminate_backend(pid, 200)) \
+                         SELECT count(*) FILTER (WHERE NOT pg_terminate_backend(pid)) \
                          FROM victims",
                     )
                     .bind(&cut)
