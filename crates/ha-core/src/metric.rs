@@ -61,6 +61,9 @@ pub const REPLICATION_LAG_BYTES: &str = "ha_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "ha_replication_lag_seconds";
 /// Counter, label `outcome`: promotions attempted.
 pub const PROMOTIONS_TOTAL: &str = "ha_promotions_total";
+/// Counter, label `outcome` (`read_only`, `stopped`, `failed`): self-demotions of a primary by
+/// its PostgreSQL agent.
+pub const PG_AGENT_DEMOTIONS_TOTAL: &str = "ha_pg_agent_demotions_total";
 /// Counter, labels `sync`, `outcome` (`complete`, `incomplete` — some entries failed —,
 /// `failed`): file sync runs.
 pub const REPLICATION_FILE_SYNCS_TOTAL: &str = "ha_replication_file_syncs_total";
@@ -138,6 +141,7 @@ pub const ALL: &[&str] = &[
     REPLICATION_LAG_BYTES,
     REPLICATION_LAG_SECONDS,
     PROMOTIONS_TOTAL,
+    PG_AGENT_DEMOTIONS_TOTAL,
     REPLICATION_FILE_SYNCS_TOTAL,
     REPLICATION_FILE_SYNC_DURATION_SECONDS,
     REPLICATION_FILE_COPIED_TOTAL,

@@ -4,8 +4,8 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use ha_core::{AlwaysLeader, Component, ComponentContext, EventBus, FencingToken, NodeId};
-//! use ha_replication::pg::{LagConfig, PgMember, PgReplicationMonitor, PromoteConfig, Promoter,
-//!     SqlShutdownFence};
+//! use ha_replication::pg::{LagConfig, PgAgent, PgAgentConfig, PgMember, PgReplicationMonitor,
+//!     PromoteConfig, Promoter, SqlShutdownFence};
 //!
 //! # async fn demo() -> Result<(), ha_replication::Error> {
 //! let bus = EventBus::default();
@@ -23,6 +23,12 @@
 //! for replica in &sample.replicas {
 //!     println!("{}: {:?} bytes, {:?} behind", replica.replica, replica.lag_bytes, replica.lag);
 //! }
+//!
+//! // Beside each database, an agent keeps its role in line with this node's leadership (the
+//! // node's elector is `ctx.leadership`): it promotes a replica when the node leads and
+//! // demotes its own primary before the leadership deadline when it does not.
+//! let agent = PgAgent::new(primary.clone(), PgAgentConfig::default())?;
+//! agent.start(ComponentContext::standalone("node-a")).await.expect("started once");
 //!
 //! // Later, when the primary is gone, on the leader (the elector is the gate in production):
 //! let promoter = Promoter::new(
@@ -51,6 +57,10 @@
 //!   proof of a write, the others re-pointed; every refusal has a reason). The monitor is an
 //!   [`ha_core::Component`] (`postgres-replication`) started with the node's
 //!   [`ha_core::ComponentContext`].
+//! - [`PgAgent`] — the component beside one database (`postgres-agent`): promotes it when
+//!   this node leads and it is an eligible replica, and demotes it *itself* before the
+//!   leadership deadline when this node does not lead (read-only plus terminated sessions,
+//!   else PostgreSQL is stopped); see [`pg::agent`] for the mechanism and what is still open.
 //! - [`sentinel`] — [`SentinelMonitor`]: master (confirmed with `ROLE`), replicas and
 //!   sentinels by field name, `CKQUORUM`, manual failover, and Sentinel's announcements as
 //!   `HaEvent`s once started as a [`ha_core::Component`] (`redis-sentinel`), falling through
@@ -80,5 +90,5 @@ pub use files::{
     FileReplicator, FileSync, FileSyncConfig, FileSyncError, LocalTarget, SyncReport, SyncTarget,
 };
 pub use lsn::Lsn;
-pub use pg::{LagConfig, PgMember, PgReplicationMonitor, Promoter};
+pub use pg::{LagConfig, PgAgent, PgMember, PgReplicationMonitor, Promoter};
 pub use sentinel::SentinelMonitor;

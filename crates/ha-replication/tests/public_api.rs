@@ -5,9 +5,10 @@
 use ha_core::Validate;
 use ha_replication::lsn::{Lsn, ParseLsnError};
 use ha_replication::pg::{
-    CommandFence, Ineligible, LagConfig, Link, NoFence, PgMember, PgReplicationMonitor,
-    PrimaryFence, PrimaryStatus, PromoteConfig, Promoter, PromotionReport, Refusal, ReplicaLag,
-    ReplicaStatus, RepointOutcome, Sample, SqlShutdownFence, StandbyStatus, WalReceiver,
+    AgentAction, AgentStatus, CommandFence, DemoteMode, Ineligible, LagConfig, Link, NoFence,
+    PgAgent, PgAgentConfig, PgMember, PgReplicationMonitor, PgRole, PrimaryFence, PrimaryStatus,
+    PromoteConfig, Promoter, PromotionReport, Refusal, ReplicaLag, ReplicaStatus, RepointOutcome,
+    Sample, SqlShutdownFence, StandbyStatus, WalReceiver,
 };
 use ha_replication::sentinel::{
     Instance, MasterInfo, Quorum, SentinelMonitor, WATCHED_CHANNELS, parse_announcement,
@@ -19,6 +20,9 @@ async fn every_public_path_is_reachable() {
     let _: Result<Lsn, ParseLsnError> = "0/1".parse::<ha_replication::Lsn>();
     assert!(LagConfig::default().validate().is_ok());
     assert!(PromoteConfig::default().validate().is_ok());
+    assert!(PgAgentConfig::default().validate().is_ok());
+    let _: Option<(PgAgent, AgentStatus, AgentAction, DemoteMode, PgRole)> = None;
+    let _: Option<ha_replication::PgAgent> = None;
     let _: Option<(
         PgReplicationMonitor,
         Promoter,

@@ -1,11 +1,13 @@
-//! PostgreSQL streaming replication: members, status queries, the lag monitor and safe
-//! promotion.
+//! PostgreSQL streaming replication: members, status queries, the lag monitor, safe
+//! promotion, and the agent that runs beside each database.
 
+pub mod agent;
 pub mod member;
 pub mod monitor;
 pub mod promote;
 pub mod status;
 
+pub use agent::{AgentAction, AgentStatus, DemoteMode, PgAgent, PgAgentConfig, PgRole};
 pub use member::PgMember;
 pub use monitor::{LagConfig, Link, PgReplicationMonitor, ReplicaLag, Sample};
 pub use promote::{
