@@ -14,7 +14,7 @@ use ha_failover::{
     Target,
 };
 use ha_health::{CheckConfig, CheckerConfig, HealthCheck, HealthChecker};
-use ha_replication::{FileSync, PgReplicationMonitor, SentinelMonitor};
+use ha_replication::{FileSync, PgAgent, PgReplicationMonitor, SentinelMonitor};
 
 use crate::error::Error;
 use crate::node::{HaNode, NodeStepDown, Parts};
@@ -76,6 +76,7 @@ pub struct HaNodeBuilder {
     failovers: Vec<(String, Arc<dyn FailoverAction>, ComponentConfig)>,
     failover_config: FailoverConfig,
     postgres: Option<Arc<PgReplicationMonitor>>,
+    pg_agent: Option<PgAgent>,
     sentinel: Option<Arc<SentinelMonitor>>,
     files: Vec<Arc<FileSync>>,
     backups: Option<Arc<BackupScheduler>>,
@@ -113,6 +114,7 @@ impl Default for HaNodeBuilder {
             failovers: Vec::new(),
             failover_config: FailoverConfig::default(),
             postgres: None,
+            pg_agent: None,
             sentinel: None,
             files: Vec::new(),
             backups: None,
@@ -233,6 +235,15 @@ impl HaNodeBuilder {
     /// Monitors PostgreSQL streaming replication.
     pub fn postgres(mut self, monitor: PgReplicationMonitor) -> Self {
         self.postgres = Some(Arc::new(monitor));
+        self
+    }
+
+    /// Runs the agent beside this node's PostgreSQL (Patroni's model): the leader's database
+    /// is the primary; an agent that loses leadership demotes its own database before the
+    /// deadline. It asks the elector itself, never the paused gate; `pause` suspends it
+    /// (neither promotion nor demotion) through [`PgAgent::paused_by`].
+    pub fn pg_agent(mut self, agent: PgAgent) -> Self {
+        self.pg_agent = Some(agent);
         self
     }
 
@@ -369,7 +380,13 @@ impl HaNodeBuilder {
                 source: Box::new(e),
             })?))
         };
+        // One pause flag for the node: its paused gate (failover, promotion) and the agent.
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pg_agent = self
+            .pg_agent
+            .map(|agent| Arc::new(agent.paused_by(Arc::clone(&paused))));
         let parts = Parts {
+            pg_agent,
             health,
             failover,
             postgres: self.postgres,
@@ -383,6 +400,7 @@ impl HaNodeBuilder {
             cluster: self.cluster,
             election,
             elector_slot: self.elector_slot,
+            paused,
             parts,
             member_meta: self.member_meta,
             hooks: self.hooks,
@@ -421,6 +439,10 @@ impl HaNodeBuilder {
         let leader_only = [
             (!self.failovers.is_empty(), "failover"),
             (self.postgres.is_some(), "replication.postgres (promotion)"),
+            (
+                self.pg_agent.is_some(),
+                "replication.agent (promotion and demotion)",
+            ),
             (
                 self.backups.is_some(),
                 "disaster_recovery (scheduled backups)",

@@ -47,7 +47,10 @@ use ha_failover::{
 };
 use ha_health::{CheckConfig, CheckerConfig, HealthCheck};
 use ha_replication::files::{FileReplicator, FileSyncConfig, LocalTarget};
-use ha_replication::{FileSync, LagConfig, PgMember, PgReplicationMonitor, SentinelMonitor};
+use ha_replication::pg::PgAgentConfig;
+use ha_replication::{
+    FileSync, LagConfig, PgAgent, PgMember, PgReplicationMonitor, SentinelMonitor,
+};
 use serde::Deserialize;
 
 use crate::builder::HaNodeBuilder;
@@ -287,6 +290,9 @@ pub enum ActionEntry {
 pub struct ReplicationConfig {
     /// PostgreSQL streaming replication.
     pub postgres: Option<PgConfig>,
+    /// The agent beside this node's PostgreSQL (promotes it when this node leads, demotes it
+    /// when it stops leading).
+    pub agent: Option<AgentConfig>,
     /// Redis Sentinel.
     pub sentinel: Option<SentinelConfig>,
     /// Directory replication.
@@ -315,6 +321,18 @@ pub struct PgConfig {
     /// Lag bounds and sampling.
     #[serde(default)]
     pub lag: LagConfig,
+}
+
+/// The agent beside this node's PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The database beside this node (a superuser connection: `ALTER SYSTEM`,
+    /// `pg_promote`, `pg_terminate_backend`).
+    pub member: PgMemberConfig,
+    /// Loop, demotion and promotion settings.
+    #[serde(default)]
+    pub settings: PgAgentConfig,
 }
 
 /// Redis Sentinel.
@@ -610,6 +628,13 @@ impl HaConfig {
                 .map_err(|e| setup("replication.postgres".into(), Box::new(e)))?;
             b = b.postgres(monitor);
         }
+        if let Some(agent) = &rep.agent {
+            let member = PgMember::new(agent.member.name.clone(), &agent.member.url)
+                .map_err(|e| setup("replication.agent.member".into(), Box::new(e)))?;
+            let agent = PgAgent::new(member, agent.settings.clone())
+                .map_err(|e| setup("replication.agent".into(), Box::new(e)))?;
+            b = b.pg_agent(agent);
+        }
         if let Some(s) = &rep.sentinel {
             let monitor = SentinelMonitor::new(s.master.clone(), &s.sentinels)
                 .map_err(|e| setup("replication.sentinel".into(), Box::new(e)))?;
@@ -723,6 +748,7 @@ impl Validate for HaConfig {
         }
         let leader_only = !self.failover.components.is_empty()
             || self.replication.postgres.is_some()
+            || self.replication.agent.is_some()
             || self.disaster_recovery.is_some();
         if leader_only && !r.single_node && r.store.is_none() && self.enable.redundancy {
             return Err(ConfigError::new(

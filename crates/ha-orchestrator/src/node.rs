@@ -16,7 +16,7 @@ use ha_dr::BackupScheduler;
 use ha_election::{Elector, ElectorConfig, LeaseStore, Member};
 use ha_failover::FailoverManager;
 use ha_health::HealthChecker;
-use ha_replication::{FileSync, PgReplicationMonitor, SentinelMonitor};
+use ha_replication::{FileSync, PgAgent, PgReplicationMonitor, SentinelMonitor};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,7 @@ pub(crate) struct Parts {
     pub(crate) health: Option<Arc<HealthChecker>>,
     pub(crate) failover: Option<Arc<FailoverManager>>,
     pub(crate) postgres: Option<Arc<PgReplicationMonitor>>,
+    pub(crate) pg_agent: Option<Arc<PgAgent>>,
     pub(crate) sentinel: Option<Arc<SentinelMonitor>>,
     pub(crate) files: Vec<Arc<FileSync>>,
     pub(crate) backups: Option<Arc<BackupScheduler>>,
@@ -44,6 +45,8 @@ pub(crate) struct Settings {
     pub(crate) election: Option<(Arc<dyn LeaseStore>, ElectorConfig)>,
     /// Where the elector goes once started (actions built before it refer to it).
     pub(crate) elector_slot: Arc<OnceLock<Arc<Elector>>>,
+    /// The node's pause flag (shared with the agent, which it suspends).
+    pub(crate) paused: Arc<AtomicBool>,
     pub(crate) parts: Parts,
     pub(crate) member_meta: Vec<(String, String)>,
     pub(crate) hooks: Vec<EventHook>,
@@ -228,7 +231,7 @@ impl HaNode {
             election_configured,
             elector,
             gate,
-            paused: Arc::new(AtomicBool::new(false)),
+            paused: settings.paused,
             hold_until: Arc::new(Mutex::new(None)),
             phase: watch::Sender::new(Phase::Built),
             level: watch::Sender::new(LevelReport {
@@ -521,6 +524,10 @@ impl HaNode {
         if let Some(pg) = &parts.postgres {
             order.push((pg.clone(), &gated));
         }
+        if let Some(agent) = &parts.pg_agent {
+            // The elector itself: a paused gate would read as "not leader" and demote.
+            order.push((agent.clone(), ctx));
+        }
         if let Some(sentinel) = &parts.sentinel {
             order.push((sentinel.clone(), ctx));
         }
@@ -636,6 +643,7 @@ impl HaNode {
             .postgres
             .iter()
             .map(|c| c.status())
+            .chain(parts.pg_agent.iter().map(|c| c.status()))
             .chain(parts.sentinel.iter().map(|c| c.status()))
             .chain(parts.files.iter().map(|c| c.status()))
             .collect();

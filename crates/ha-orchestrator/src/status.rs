@@ -250,6 +250,16 @@ impl HaNode {
                 }),
             );
         }
+        if let Some(agent) = &parts.pg_agent {
+            replication.insert(
+                "agent".into(),
+                serde_json::json!({
+                    "status": agent.status(),
+                    "paused": agent.is_paused(),
+                    "report": json(&agent.agent_status()),
+                }),
+            );
+        }
         if let Some(sentinel) = &parts.sentinel {
             replication.insert(
                 "sentinel".into(),

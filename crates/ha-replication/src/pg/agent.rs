@@ -60,9 +60,9 @@
 //!
 //! - Without any known primary position the lag bound is not applied (the issue wants a
 //!   missing reference never to mean "no bound": members must publish their positions).
-//! - Pausing: the node's paused gate answers "not leader", which would make the agent demote
-//!   its primary during maintenance; a node must give the agent the elector itself plus a
-//!   pause flag that suspends both promotion and demotion.
+//! - Pausing: the agent is given the elector itself (never a "paused" gate, which would
+//!   answer "not leader" and make it demote its primary during maintenance) plus a pause flag
+//!   ([`PgAgent::paused_by`]) that suspends both promotion and demotion, as Patroni's pause.
 //!
 //! # If the agent dies (open item)
 //!
@@ -254,6 +254,8 @@ struct Inner {
     member: PgMember,
     config: PgAgentConfig,
     state: Mutex<State>,
+    /// Maintenance: while set, the agent changes nothing (no promotion, no demotion).
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct State {
@@ -297,9 +299,28 @@ impl PgAgent {
                     status,
                     deadline: None,
                 }),
+                paused: Arc::default(),
             }),
             tasks: ComponentTasks::default(),
         })
+    }
+
+    /// Pauses the agent while `flag` is set (maintenance, as Patroni's pause): it neither
+    /// promotes nor demotes its database, whatever the leadership says — so an operator who
+    /// pauses a cluster owns split-brain safety until resuming. `ha-orchestrator` passes its
+    /// node's pause flag here.
+    #[must_use]
+    pub fn paused_by(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.paused = flag,
+            None => tracing::error!("paused_by after the agent started: ignored"),
+        }
+        self
+    }
+
+    /// Whether the agent is paused now.
+    pub fn is_paused(&self) -> bool {
+        self.inner.paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The database.
@@ -381,6 +402,10 @@ async fn agent_loop(inner: Arc<Inner>, ctx: ComponentContext, stop: Cancellation
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + inner.config.loop_interval;
+        }
+        if inner.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::debug!("paused: the agent leaves its database as it is");
+            continue;
         }
         // An iteration is not abandoned at stop: a demotion half done is worse than a stop
         // that waits for it; every step has its own time limit.
