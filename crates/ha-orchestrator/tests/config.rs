@@ -615,3 +615,18 @@ action = {{ kind = \"step_down\" }}
     assert_eq!(lost, (token, ha_core::LossReason::SteppedDown));
     node.shutdown().await;
 }
+
+#[test]
+fn the_sentinel_keepalive_and_reconcile_intervals_parse() {
+    let text = format!(
+        "{BASE}\n[replication.sentinel]\nmaster = \"m\"\nsentinels = [\"127.0.0.1:26379\"]\n\
+         keepalive = \"300ms\"\nreconcile = \"5s\"\n"
+    );
+    let config = HaConfig::from_toml_str(&text, "sentinel").expect("valid");
+    let sentinel = config.replication.sentinel.expect("a sentinel section");
+    assert_eq!(
+        sentinel.keepalive,
+        Some(std::time::Duration::from_millis(300))
+    );
+    assert_eq!(sentinel.reconcile, Some(std::time::Duration::from_secs(5)));
+}
