@@ -48,11 +48,16 @@ fn assert_refused(text: &str, path: &str, rule: &str) {
 
 #[test]
 fn every_example_config_parses() {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(examples_dir())
-        .expect("examples/config")
+    let mut files: Vec<PathBuf> = [examples_dir(), examples_dir().join("redis-ha")]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).expect("examples/config"))
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with("redis-ha/ha-node.toml")),
+        "{files:?}"
+    );
     files.sort();
     assert!(
         files.len() >= 2,
