@@ -294,6 +294,32 @@ impl HaNodeBuilder {
         })
     }
 
+    /// Moves `router` in this process to whichever of its two targets is the Redis master
+    /// `master` switched to, as this process's own sentinel monitor observes it
+    /// (`RedisMasterSwitched`; see [`ha_replication::sentinel::switched_to`]). `addr_of`
+    /// names a target's `ip:port`. Every node follows the master, leader or not, and back
+    /// again on the next switch; a switch to an address neither target has is logged and
+    /// ignored.
+    pub fn follow_redis_master<T: Send + Sync + 'static>(
+        self,
+        master: impl Into<String>,
+        router: Router<T>,
+        addr_of: impl Fn(&T) -> &str + Send + Sync + 'static,
+    ) -> Self {
+        let master = master.into();
+        let targets = router.clone();
+        self.route(router, move |event| {
+            let to = ha_replication::sentinel::switched_to(event, &master)?;
+            let target = [Target::Primary, Target::Secondary]
+                .into_iter()
+                .find(|t| addr_of(targets.target(*t)) == to);
+            if target.is_none() {
+                tracing::warn!(%master, %to, "the new Redis master is neither router target");
+            }
+            target
+        })
+    }
+
     /// Serves the HTTP API on `addr` (port 0 picks a free one; [`HaNode::http_addr`] tells).
     pub fn http(mut self, addr: SocketAddr) -> Self {
         self.http = Some(addr);

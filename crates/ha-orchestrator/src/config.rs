@@ -343,6 +343,14 @@ pub struct SentinelConfig {
     pub master: String,
     /// Sentinel addresses.
     pub sentinels: Vec<String>,
+    /// Interval between keepalive `PING`s on the subscription (default 1 s): a half-open
+    /// subscription is noticed within this plus the 1 s command timeout.
+    #[serde(default, with = "duration")]
+    pub keepalive: Option<Duration>,
+    /// Interval between comparisons of the sentinels' quorum view with the last announced
+    /// master (default 10 s).
+    #[serde(default, with = "duration")]
+    pub reconcile: Option<Duration>,
 }
 
 /// Directory replication.
@@ -636,8 +644,14 @@ impl HaConfig {
             b = b.pg_agent(agent);
         }
         if let Some(s) = &rep.sentinel {
-            let monitor = SentinelMonitor::new(s.master.clone(), &s.sentinels)
+            let mut monitor = SentinelMonitor::new(s.master.clone(), &s.sentinels)
                 .map_err(|e| setup("replication.sentinel".into(), Box::new(e)))?;
+            if let Some(every) = s.keepalive {
+                monitor = monitor.keepalive(every);
+            }
+            if let Some(every) = s.reconcile {
+                monitor = monitor.reconcile(every);
+            }
             b = b.sentinel(monitor);
         }
         for (i, f) in rep.files.iter().enumerate() {

@@ -48,11 +48,16 @@ fn assert_refused(text: &str, path: &str, rule: &str) {
 
 #[test]
 fn every_example_config_parses() {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(examples_dir())
-        .expect("examples/config")
+    let mut files: Vec<PathBuf> = [examples_dir(), examples_dir().join("redis-ha")]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).expect("examples/config"))
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with("redis-ha/ha-node.toml")),
+        "{files:?}"
+    );
     files.sort();
     assert!(
         files.len() >= 2,
@@ -614,4 +619,19 @@ action = {{ kind = \"step_down\" }}
     .expect("the failover stepped the leader down");
     assert_eq!(lost, (token, ha_core::LossReason::SteppedDown));
     node.shutdown().await;
+}
+
+#[test]
+fn the_sentinel_keepalive_and_reconcile_intervals_parse() {
+    let text = format!(
+        "{BASE}\n[replication.sentinel]\nmaster = \"m\"\nsentinels = [\"127.0.0.1:26379\"]\n\
+         keepalive = \"300ms\"\nreconcile = \"5s\"\n"
+    );
+    let config = HaConfig::from_toml_str(&text, "sentinel").expect("valid");
+    let sentinel = config.replication.sentinel.expect("a sentinel section");
+    assert_eq!(
+        sentinel.keepalive,
+        Some(std::time::Duration::from_millis(300))
+    );
+    assert_eq!(sentinel.reconcile, Some(std::time::Duration::from_secs(5)));
 }

@@ -52,12 +52,25 @@ pub enum Error {
     /// A promotion was refused; nothing was promoted.
     #[error("promotion refused: {0}")]
     Refused(Refusal),
-    /// A Sentinel operation failed on every sentinel.
+    /// A Sentinel operation failed on every sentinel, the sentinels hold no quorum view, or
+    /// a sentinel refused a failover.
     #[error("sentinel `{master}`: {detail}")]
     Sentinel {
         /// The monitored master's name.
         master: String,
         /// What went wrong, per sentinel tried.
+        detail: String,
+    },
+    /// `SENTINEL FAILOVER` was sent but its outcome is unknown (no answer in time, or the
+    /// connection was lost): a failover may be running. Not retryable: asking again, or
+    /// another sentinel, could start a second failover; watch for the master switch instead.
+    #[error("sentinel `{master}`: failover requested from {sentinel}, outcome unknown: {detail}")]
+    FailoverOutcomeUnknown {
+        /// The monitored master's name.
+        master: String,
+        /// The sentinel the request went to.
+        sentinel: String,
+        /// Why the outcome is unknown.
         detail: String,
     },
     /// The operation is not possible here; nothing was done.
@@ -67,7 +80,7 @@ pub enum Error {
 
 impl Error {
     /// Whether trying again might succeed: connections, queries and timeouts may; a bad
-    /// config or an unsupported operation never does; a refusal may, once its reason is gone.
+    /// config, an unsupported operation or a failover of unknown outcome never does; a refusal may, once its reason is gone.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connect { .. }
@@ -75,7 +88,9 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Sentinel { .. }
             | Error::Refused(_) => true,
-            Error::Config { .. } | Error::Unsupported(_) => false,
+            Error::Config { .. } | Error::Unsupported(_) | Error::FailoverOutcomeUnknown { .. } => {
+                false
+            }
         }
     }
 }

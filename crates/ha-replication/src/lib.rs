@@ -61,10 +61,13 @@
 //!   this node leads and it is an eligible replica, and demotes it *itself* before the
 //!   leadership deadline when this node does not lead (read-only plus terminated sessions,
 //!   else PostgreSQL is stopped); see [`pg::agent`] for the mechanism and what is still open.
-//! - [`sentinel`] — [`SentinelMonitor`]: master (confirmed with `ROLE`), replicas and
-//!   sentinels by field name, `CKQUORUM`, manual failover, and Sentinel's announcements as
-//!   `HaEvent`s once started as a [`ha_core::Component`] (`redis-sentinel`), falling through
-//!   to the next sentinel when one is down.
+//! - [`sentinel`] — [`SentinelMonitor`]: the master a quorum of sentinels names at the newest
+//!   config epoch (confirmed with `ROLE`), replicas and sentinels by field name, `CKQUORUM`
+//!   from every sentinel, a manual failover sent once (an unknown outcome is its own error),
+//!   and Sentinel's announcements as `HaEvent`s once started as a [`ha_core::Component`]
+//!   (`redis-sentinel`) — a keepalive notices a half-open subscription, and a missed switch
+//!   is caught up from the quorum view, never backwards. [`sentinel::switched_to`] maps a
+//!   switch to the address every process should follow.
 //! - [`files`] — [`FileReplicator`]: one-way mirror of a source directory onto a target:
 //!   copies only what changed (size+mtime fast path, SHA-256 to confirm), writes each file to
 //!   a temporary file, fsyncs and renames it, then re-hashes it on the target; copies links as

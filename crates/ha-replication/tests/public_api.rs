@@ -11,7 +11,7 @@ use ha_replication::pg::{
     Sample, SqlShutdownFence, StandbyStatus, WalReceiver,
 };
 use ha_replication::sentinel::{
-    Instance, MasterInfo, Quorum, SentinelMonitor, WATCHED_CHANNELS, parse_announcement,
+    Instance, MasterInfo, MasterView, Quorum, SentinelMonitor, WATCHED_CHANNELS, parse_announcement,
 };
 use ha_replication::{Error, pg::monitor, pg::promote, pg::status};
 
@@ -43,7 +43,7 @@ async fn every_public_path_is_reachable() {
         Ineligible,
         Refusal,
     )> = None;
-    let _: Option<(Instance, MasterInfo, Quorum, SentinelMonitor)> = None;
+    let _: Option<(Instance, MasterInfo, MasterView, Quorum, SentinelMonitor)> = None;
     fn component<C: ha_core::Component>() {}
     component::<PgReplicationMonitor>();
     component::<SentinelMonitor>();
