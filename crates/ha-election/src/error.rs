@@ -83,6 +83,26 @@ pub enum Error {
         /// What it can do to leases.
         why: &'static str,
     },
+    /// The store applied a write but could not confirm within the operation's time that it
+    /// reached a replica, so the write does not count: a master cut off from its replicas (and
+    /// possibly from the sentinels, which may be promoting another) must not extend a term.
+    #[error(
+        "{store} lease store: {op} of `{key}` reached {acked} of the {wanted} replica(s) required within {waited:?}; it does not count"
+    )]
+    NotReplicated {
+        /// Which store.
+        store: &'static str,
+        /// Which operation.
+        op: &'static str,
+        /// The lease key.
+        key: String,
+        /// How many replicas had to acknowledge.
+        wanted: u32,
+        /// How many did.
+        acked: u64,
+        /// How long the store waited for them.
+        waited: Duration,
+    },
     /// A config broke a rule.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -91,7 +111,10 @@ pub enum Error {
 impl Error {
     /// Whether retrying the same operation later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Timeout { .. } | Error::Store { .. })
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::Store { .. } | Error::NotReplicated { .. }
+        )
     }
 }
 

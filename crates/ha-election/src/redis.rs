@@ -13,11 +13,13 @@ use fred::prelude::{
     Client, ClientLike, Config, ConnectionConfig, EventInterface, LuaInterface, PerformanceConfig,
     PubsubInterface, ReconnectPolicy, ServerConfig, TcpConfig,
 };
+use fred::types::config::Options;
 use fred::types::config::UnresponsiveConfig;
 use fred::types::{ConnectHandle, Value};
 use ha_core::{FencingToken, NodeId};
 use tokio::sync::{OnceCell, broadcast};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::store::{
@@ -46,6 +48,10 @@ pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
 /// Bounds `connect` as a whole: the first connection, `SCRIPT LOAD`, and for Sentinel the
 /// master lookup.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The longest a `WAIT` for a replica's acknowledgement may block the store's connection
+/// (it stays well below [`UNRESPONSIVE_AFTER`]).
+pub const MAX_REPLICA_WAIT: Duration = Duration::from_secs(2);
 
 /// Capacity of each watched key's change channel; a slow watcher is told it lagged.
 const WATCH_CAPACITY: usize = 64;
@@ -106,37 +112,48 @@ pub fn members_meta_key(group: &str) -> String {
 ///
 ///   Tokens are microseconds since the Unix epoch (about 1.7 × 10^15), exact in the script's
 ///   Lua doubles below 2^53, i.e. until the year 2255.
-/// - **Timeouts.** Every operation runs under [`with_timeout`] and fails with
-///   [`Error::Timeout`] naming the operation and key. A timed-out operation may still have been
+/// - **Timeouts.** Every operation fails with [`Error::Timeout`] naming the operation and key
+///   once its `timeout` passed (fred's per-command timeout, see below). A timed-out operation may still have been
 ///   applied by the server.
 ///
 /// fred's own settings: connect timeout [`CONNECT_TIMEOUT`]; a connection whose command stays
 /// unanswered for [`UNRESPONSIVE_AFTER`] is dropped and reopened; reconnects back off
-/// exponentially from 50 ms to 2 s with jitter and never give up; no command timeout of fred's
-/// own (each operation's `timeout` governs); and each command is written at most once — fred does
+/// exponentially from 50 ms to 2 s with jitter and never give up; the operation's `timeout` is
+/// fred's own per-command timeout (the outer [`with_timeout`] is only a backstop just after
+/// it), so a command still queued inside fred when it expires (behind a reconnect) is
+/// skipped, never written later (one already written cannot be recalled); and each command is written at most once — fred does
 /// not resend a lease operation after a connection broke mid-flight (the caller, normally the
 /// elector, decides whether to retry; a resent acquire would only ever see its own lease).
 ///
 /// # Across a Sentinel failover
 ///
-/// Redis replication is asynchronous, and this store does not use `WAIT` or rely on
-/// `min-replicas-to-write`. So a lease write the old master acknowledged may be missing on the
-/// promoted replica, and fred asks the sentinels for the master only when it reconnects. What
-/// that means:
+/// Redis replication is asynchronous, so a lease write the old master acknowledged may be
+/// missing on the promoted replica, and fred asks the sentinels for the master only when it
+/// reconnects. Behind Sentinel a grant or renewal therefore counts only once a replica
+/// acknowledged it ([`RedisLeaseStoreOptions::require_replica_ack`], on by default for
+/// [`connect_sentinel`](Self::connect_sentinel): `WAIT 1 <ms>` pipelined with the script, one
+/// round trip). What that means:
 ///
 /// - **Handled by the elector: a lost or older record.** If the promoted replica lacks the last
 ///   acquire or renewals, followers see the record vanish or change and wait a full TTL from
 ///   then on their own clocks (see [`Elector`](crate::Elector)); the old holder's renewals on
 ///   the new master fail the compare-and-set, so it stops at its local deadline.
-/// - **Not bounded: a leader cut off together with the old master.** A leader that still
-///   reaches the old master (a partition that isolates both from the sentinels and the other
-///   nodes) keeps renewing *there* successfully for as long as the partition lasts, while the
-///   new master grants the lease to another node. Two nodes then both lead, each by its own
-///   master, for the whole partition — not "at most one TTL". Configure the master with
-///   `min-replicas-to-write 1` and `min-replicas-max-lag` so an isolated master refuses
-///   writes (this store then sees `NOREPLICAS` refusals as [`Error::Store`] and the leader
-///   stops at its deadline); making renewals count only once they reached a replica is
-///   tracked in issue 12 (finding 3).
+/// - **Bounded by the replica acknowledgement: a leader cut off together with the old
+///   master.** A leader that still reaches the old master (a partition that isolates both from
+///   the sentinels and the other nodes) gets [`Error::NotReplicated`] for every renewal once
+///   the old master reaches no replica, so it stops at the deadline of its last acknowledged
+///   renewal (`renew_deadline`), before the followers' `ttl` wait lets another node lead. The
+///   bound fails if the old master is cut off with one of its replicas (that replica still
+///   acknowledges): give the set enough replicas that a partition minority holds none, or
+///   require more with `min-replicas-to-write` on the servers. Without the acknowledgement
+///   (opted out, or [`connect`](Self::connect)) the overlap lasts the whole partition.
+/// - **Reconnect on `+switch-master`.** The store subscribes to `+switch-master` on every
+///   sentinel (one extra connection each, made in the background) and makes fred reconnect,
+///   which asks the sentinels for the master again, as soon as one announces a new master for
+///   this name; otherwise fred would stay on the old master until that connection broke (a
+///   hung old master: [`UNRESPONSIVE_AFTER`] after a command). Announcements are
+///   fire-and-forget: one missed while this store is cut off from every sentinel is not
+///   replayed, and then the replica acknowledgement above is what bounds the overlap.
 /// - **Holds in practice: fencing.** The new holder's token comes from the new master's clock
 ///   floor (or its replicated counter + 1), so it is greater than the old holder's token as long
 ///   as the two masters' clocks are synchronised to within the failover time (seconds: Sentinel
@@ -162,9 +179,13 @@ struct Inner {
     /// The router task of `client`; aborted on drop so a dropped store stops reconnecting.
     connection: ConnectHandle,
     sha: String,
+    /// Whether grants and renewals must reach a replica (`WAIT 1`) to count.
+    replica_ack: bool,
     target: String,
     config: Settings,
     watcher: OnceCell<Watcher>,
+    /// Behind Sentinel: the subscriptions to each sentinel's `+switch-master` and their tasks.
+    switches: Mutex<Vec<(ConnectHandle, JoinHandle<()>)>>,
 }
 
 /// Everything needed to open another connection like the first one (for the subscriber).
@@ -197,6 +218,14 @@ impl fmt::Debug for RedisLeaseStore {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.connection.abort();
+        let switches = self
+            .switches
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (connection, task) in switches.drain(..) {
+            connection.abort();
+            task.abort();
+        }
         if let Some(watcher) = self.watcher.get() {
             watcher.connection.abort();
             for task in &watcher.tasks {
@@ -261,19 +290,46 @@ impl Settings {
 /// Options of a [`RedisLeaseStore`].
 ///
 /// ```
-/// let options = ha_election::redis::RedisLeaseStoreOptions::new().allow_eviction(false);
+/// let options = ha_election::redis::RedisLeaseStoreOptions::new()
+///     .allow_eviction(false)
+///     .require_replica_ack(true);
 /// assert!(!options.allows_eviction());
+/// assert_eq!(options.replica_ack(), Some(true));
 /// ```
 #[derive(Debug, Clone, Default)]
 #[must_use]
 pub struct RedisLeaseStoreOptions {
     allow_eviction: bool,
+    replica_ack: Option<bool>,
 }
 
 impl RedisLeaseStoreOptions {
-    /// The defaults: refuse a server whose `maxmemory-policy` can evict lease records.
+    /// The defaults: refuse a server whose `maxmemory-policy` can evict lease records; require
+    /// a replica's acknowledgement behind Sentinel, not on a standalone server.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Count a grant or renewal only once a replica acknowledged it: a `WAIT 1 <ms>` is
+    /// pipelined right after the script (same round trip), `<ms>` being half the operation's
+    /// timeout (at most [`MAX_REPLICA_WAIT`]). A `WAIT` that answers 0 turns the grant or
+    /// renewal into [`Error::NotReplicated`] (retryable), so a leader's deadline is not
+    /// extended by a master that reaches no replica — in particular an old master partitioned
+    /// away together with the leader while the sentinels promote another.
+    ///
+    /// On by default for [`connect_sentinel`](RedisLeaseStore::connect_sentinel) (a Sentinel
+    /// set then needs at least one replica up for a leader to stay), off by default for
+    /// [`connect`](RedisLeaseStore::connect). While the master waits, later commands on the
+    /// store's connection (other keys, heartbeats) queue behind the `WAIT`.
+    pub fn require_replica_ack(mut self, require: bool) -> Self {
+        self.replica_ack = Some(require);
+        self
+    }
+
+    /// Whether replica acknowledgements were required or refused explicitly (`None`: the
+    /// connect function's default).
+    pub fn replica_ack(&self) -> Option<bool> {
+        self.replica_ack
     }
 
     /// Connect even if the server's `maxmemory-policy` can evict lease records (`allkeys-*`,
@@ -342,7 +398,7 @@ impl RedisLeaseStore {
             fail_fast: true,
             ..config
         };
-        Self::start(settings, redact(url), options).await
+        Self::start(settings, redact(url), options, false).await
     }
 
     /// Connects to the master that the Sentinels at `sentinels` know as `master_name`, and
@@ -368,14 +424,23 @@ impl RedisLeaseStore {
         let server = ServerConfig::new_sentinel(hosts, master_name);
         let list: Vec<String> = sentinels.iter().map(ToString::to_string).collect();
         let target = format!("sentinel {master_name} via {}", list.join(","));
-        Self::start(Settings::new(server), target, options).await
+        let store = Self::start(Settings::new(server), target, options, true).await?;
+        let switches = follow_switch_master(&store.inner.client, sentinels, master_name);
+        *store
+            .inner
+            .switches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = switches;
+        Ok(store)
     }
 
     async fn start(
         settings: Settings,
         target: String,
         options: RedisLeaseStoreOptions,
+        sentinel: bool,
     ) -> Result<Self> {
+        let replica_ack = options.replica_ack.unwrap_or(sentinel);
         with_timeout(KIND, "connect", &target, CONNECT_DEADLINE, async {
             let client = settings.client();
             let connection = client
@@ -408,15 +473,17 @@ impl RedisLeaseStore {
                     return Err(store_error("connect", &target, e));
                 }
             };
-            tracing::debug!(store = KIND, %target, script = %sha, "connected; lease script loaded");
+            tracing::debug!(store = KIND, %target, script = %sha, replica_ack, "connected; lease script loaded");
             Ok(Self {
                 inner: Arc::new(Inner {
                     client,
                     connection,
                     sha,
+                    replica_ack,
                     target: target.clone(),
                     config: settings,
                     watcher: OnceCell::new(),
+                    switches: Mutex::default(),
                 }),
             })
         })
@@ -424,46 +491,132 @@ impl RedisLeaseStore {
     }
 
     /// Runs the lease script for `op` on `key`: one `EVALSHA`, plus `SCRIPT LOAD` and a second
-    /// `EVALSHA` if the server answers `NOSCRIPT`.
-    async fn run(&self, op: &'static str, key: &str, args: Vec<String>) -> Result<Value> {
-        self.run_on(op, key, vec![record_key(key), counter_key(key)], args)
-            .await
+    /// `EVALSHA` if the server answers `NOSCRIPT`. With `ack` (and the store's
+    /// `require_replica_ack`) a `WAIT 1` follows each `EVALSHA` in the same round trip, and a
+    /// write no replica acknowledged fails with [`Error::NotReplicated`] (see `acknowledged`).
+    async fn run(
+        &self,
+        op: &'static str,
+        key: &str,
+        args: Vec<String>,
+        timeout: Duration,
+        ack: bool,
+    ) -> Result<(Value, Option<Acked>)> {
+        self.run_on(
+            op,
+            key,
+            vec![record_key(key), counter_key(key)],
+            args,
+            timeout,
+            ack,
+        )
+        .await
     }
 
     /// Runs the script for `op` with explicit `keys` (`key` names the subject in errors).
+    ///
+    /// Every command carries fred's own timeout, ending when the caller's `timeout` does:
+    /// fred then marks it timed out and skips it if it is still queued (for example behind a
+    /// reconnect), so an operation the caller gave up on is not written later. A command
+    /// already written cannot be recalled.
     async fn run_on(
         &self,
         op: &'static str,
         key: &str,
         keys: Vec<String>,
         args: Vec<String>,
-    ) -> Result<Value> {
-        let client = &self.inner.client;
-        let first = client
-            .evalsha::<Value, _, _, _>(self.inner.sha.as_str(), keys.clone(), args.clone())
-            .await;
-        let reply = match first {
-            Err(e) if e.details().starts_with("NOSCRIPT") => {
+        timeout: Duration,
+        ack: bool,
+    ) -> Result<(Value, Option<Acked>)> {
+        let deadline = command_deadline(timeout);
+        let ack = ack && self.inner.replica_ack;
+        // Boxed: fred's command futures are large, and every operation would carry them.
+        let first = Box::pin(self.eval(keys.clone(), args.clone(), deadline, ack)).await;
+        let (reply, acked) = match first {
+            (Err(e), _) if e.details().starts_with("NOSCRIPT") => {
                 tracing::debug!(
                     store = KIND,
                     op,
                     key,
                     "server lost the lease script; reloading"
                 );
-                client
-                    .script_load::<String, _>(SCRIPT)
-                    .await
-                    .map_err(|e| self.error(op, key, e))?;
-                client
-                    .evalsha::<Value, _, _, _>(self.inner.sha.as_str(), keys, args)
-                    .await
+                Box::pin(
+                    self.inner
+                        .client
+                        .with_options(&command_options(deadline))
+                        .custom::<String, _>(command("SCRIPT"), vec!["LOAD", SCRIPT]),
+                )
+                .await
+                .map_err(|e| self.error(op, key, e, timeout))?;
+                Box::pin(self.eval(keys, args, deadline, ack)).await
             }
             other => other,
         };
-        reply.map_err(|e| self.error(op, key, e))
+        let reply = reply.map_err(|e| self.error(op, key, e, timeout))?;
+        let acked = acked
+            .map(|acked| acked.map_err(|e| self.error(op, key, e, timeout)))
+            .transpose()?;
+        Ok((reply, acked))
     }
 
-    fn error(&self, op: &'static str, key: &str, error: fred::error::Error) -> Error {
+    /// One `EVALSHA`, followed on the same connection by `WAIT 1 <ms>` if `ack`. Both are
+    /// handed to fred's router before either is awaited (`join!` in `biased` order polls the
+    /// script first), so fred's automatic pipelining writes them back to back: one round trip.
+    /// (fred's `Pipeline` would also do, but it does not mark its commands timed out when the
+    /// caller's timeout passes, so a queued pipeline would still be written after a reconnect.)
+    async fn eval(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+        deadline: Instant,
+        ack: bool,
+    ) -> (
+        std::result::Result<Value, fred::error::Error>,
+        Option<std::result::Result<Acked, fred::error::Error>>,
+    ) {
+        let client = self.inner.client.with_options(&command_options(deadline));
+        // `custom`, not `evalsha`: fred's `WithOptions` does not implement `LuaInterface`, so
+        // `evalsha` on it would go to the plain client and drop the per-command timeout.
+        let mut command_args = Vec::with_capacity(2 + keys.len() + args.len());
+        command_args.push(self.inner.sha.clone());
+        command_args.push(keys.len().to_string());
+        command_args.extend(keys);
+        command_args.extend(args);
+        let script = client.custom::<Value, _>(command("EVALSHA"), command_args);
+        if !ack {
+            return (script.await, None);
+        }
+        let waited = replica_wait(deadline);
+        let wait = async {
+            let millis = i64::try_from(waited.as_millis()).unwrap_or(i64::MAX);
+            client
+                .custom::<i64, _>(command("WAIT"), vec![1, millis])
+                .await
+                .map(|replicas| Acked {
+                    replicas: u64::try_from(replicas).unwrap_or(0),
+                    waited,
+                })
+        };
+        let (reply, acked) = tokio::join!(biased; script, wait);
+        (reply, Some(acked))
+    }
+
+    fn error(
+        &self,
+        op: &'static str,
+        key: &str,
+        error: fred::error::Error,
+        timeout: Duration,
+    ) -> Error {
+        if *error.kind() == fred::error::ErrorKind::Timeout {
+            // fred's own per-command timeout (see `command_deadline`): the caller's timeout.
+            return Error::Timeout {
+                store: KIND,
+                op,
+                key: key.to_owned(),
+                after: timeout,
+            };
+        }
         let details = error.details();
         if details.starts_with("CORRUPT") || details.starts_with("WRONGTYPE") {
             return Error::Corrupt {
@@ -556,6 +709,67 @@ impl Watcher {
     }
 }
 
+/// Subscribes to `+switch-master` on every sentinel (one subscriber connection each, so one
+/// sentinel down does not blind the store) and makes `client` reconnect, which asks the
+/// sentinels for the master again, when one announces a new master for `master_name`. Without
+/// this fred would stay on the old master until that connection broke. The subscriptions are
+/// made in the background (a sentinel that is down does not hold up the store); the store
+/// works without any of them, only without the early switch.
+fn follow_switch_master(
+    client: &Client,
+    sentinels: &[SocketAddr],
+    master_name: &str,
+) -> Vec<(ConnectHandle, JoinHandle<()>)> {
+    const CHANNEL: &str = "+switch-master";
+    let mut switches = Vec::new();
+    for sentinel in sentinels {
+        let mut settings = Settings::new(ServerConfig::new_centralized(
+            sentinel.ip().to_string(),
+            sentinel.port(),
+        ));
+        // Keep retrying a sentinel that is down now instead of failing the store.
+        settings.config.fail_fast = false;
+        let subscriber = settings.subscriber();
+        let mut messages = subscriber.message_rx();
+        // Not awaited: connect_sentinel must not wait for a sentinel that is down.
+        let connection = subscriber.connect();
+        let client = client.clone();
+        let master_name = master_name.to_owned();
+        let sentinel = *sentinel;
+        let task = tokio::spawn(async move {
+            if let Err(e) = subscriber.wait_for_connect().await {
+                tracing::warn!(store = KIND, %sentinel, error = %e, "cannot follow +switch-master on this sentinel");
+                return;
+            }
+            // Resubscribes after every reconnect of this subscriber.
+            let _manager = subscriber.manage_subscriptions();
+            if let Err(e) = subscriber.subscribe(CHANNEL).await {
+                tracing::warn!(store = KIND, %sentinel, error = %e, "subscribing to +switch-master failed");
+                return;
+            }
+            loop {
+                match messages.recv().await {
+                    Ok(message) => {
+                        let text = message.value.as_string().unwrap_or_default();
+                        // `<name> <old ip> <old port> <new ip> <new port>`
+                        if text.split_whitespace().next() != Some(master_name.as_str()) {
+                            continue;
+                        }
+                        tracing::info!(store = KIND, %sentinel, switch = %text, "sentinel announced a new master; reconnecting");
+                        if let Err(e) = client.force_reconnection().await {
+                            tracing::warn!(store = KIND, error = %e, "reconnecting after +switch-master failed");
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        switches.push((connection, task));
+    }
+    switches
+}
+
 /// Tells the watchers of `key` (of every key if `None`) that it changed; forgets keys nobody
 /// watches any more.
 fn notify(senders: &Senders, key: Option<&str>) {
@@ -592,6 +806,74 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// A command sent through `custom`, which (unlike the typed interfaces) honours
+/// [`command_options`] on fred's `WithOptions`. Not blocking as fred counts it: a `WAIT` is
+/// bounded by its own `<ms>`.
+fn command(name: &'static str) -> fred::types::CustomCommand {
+    fred::types::CustomCommand::new_static(name, fred::types::ClusterHash::Random, false)
+}
+
+/// What a `WAIT 1 <ms>` after a write answered.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    /// Replicas that acknowledged every write this connection made before the `WAIT`.
+    replicas: u64,
+    /// The `<ms>` it was given.
+    waited: Duration,
+}
+
+/// Fails a write that counts only if a replica acknowledged it (`acked` is `None` when the
+/// store does not require acknowledgements).
+fn acknowledged(op: &'static str, key: &str, acked: Option<Acked>) -> Result<()> {
+    match acked {
+        Some(Acked {
+            replicas: 0,
+            waited,
+        }) => Err(Error::NotReplicated {
+            store: KIND,
+            op,
+            key: key.to_owned(),
+            wanted: 1,
+            acked: 0,
+            waited,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// When fred's own timeout of an operation's commands ends: the caller's `timeout` after the
+/// operation started. fred then gives up on its own, marking a command still queued (behind a
+/// reconnect) as not to be written, and the operation fails with [`Error::Timeout`].
+fn command_deadline(timeout: Duration) -> Instant {
+    Instant::now() + timeout
+}
+
+/// The outer [`with_timeout`] of an operation: only a backstop a little after fred's own
+/// timeout, because a future dropped by the outer timer is not marked timed out inside fred,
+/// so its command could still be written after a reconnect.
+fn backstop(timeout: Duration) -> Duration {
+    timeout + (timeout / 10).clamp(Duration::from_millis(5), Duration::from_millis(50))
+}
+
+/// fred's per-command options for a command due by `deadline`.
+fn command_options(deadline: Instant) -> Options {
+    // fred reads a zero timeout as "none": keep at least a millisecond.
+    let left = deadline.saturating_duration_since(Instant::now());
+    Options {
+        timeout: Some(left.max(Duration::from_millis(1))),
+        ..Options::default()
+    }
+}
+
+/// How long a `WAIT` for a replica may block: half of what is left before `deadline` (the other
+/// half is for the round trip and the script), whole milliseconds, at least 1 (`WAIT … 0` would
+/// block for ever) and at most [`MAX_REPLICA_WAIT`].
+fn replica_wait(deadline: Instant) -> Duration {
+    let half = deadline.saturating_duration_since(Instant::now()) / 2;
+    Duration::from_millis(u64::try_from(half.as_millis()).unwrap_or(u64::MAX))
+        .clamp(Duration::from_millis(1), MAX_REPLICA_WAIT)
 }
 
 fn ttl_millis(ttl: Duration) -> String {
@@ -711,7 +993,7 @@ impl LeaseStore for RedisLeaseStore {
         expected: Option<&LeaseRecord>,
         timeout: Duration,
     ) -> Result<Acquire> {
-        with_timeout(KIND, "acquire", key, timeout, async {
+        with_timeout(KIND, "acquire", key, backstop(timeout), async {
             let args = vec![
                 "acquire".to_owned(),
                 holder.as_str().to_owned(),
@@ -720,14 +1002,18 @@ impl LeaseStore for RedisLeaseStore {
                 key.to_owned(),
                 expected.map(expected_text).unwrap_or_default(),
             ];
-            let reply = self.run("acquire", key, args).await?;
+            let (reply, acked) = self.run("acquire", key, args, timeout, true).await?;
             let items = match &reply {
                 Value::Array(items) => items.as_slice(),
                 _ => &[],
             };
             let outcome = match items {
                 [granted, token] if integer(key, granted, "acquire flag")? == 1 => {
-                    Acquire::Acquired(parse_token(key, &text(key, token, "token")?)?)
+                    let token = parse_token(key, &text(key, token, "token")?)?;
+                    // The grant is written but not known to survive a failover: not acquired.
+                    // The record names this node; the elector adopts it by a renew later.
+                    acknowledged("acquire", key, acked)?;
+                    Acquire::Acquired(token)
                 }
                 [granted, record, pttl] if integer(key, granted, "acquire flag")? == 0 => {
                     Acquire::Held(parse_info(key, record, pttl)?)
@@ -749,14 +1035,18 @@ impl LeaseStore for RedisLeaseStore {
         ttl: Duration,
         timeout: Duration,
     ) -> Result<bool> {
-        with_timeout(KIND, "renew", key, timeout, async {
+        with_timeout(KIND, "renew", key, backstop(timeout), async {
             let args = vec![
                 "renew".to_owned(),
                 holder.as_str().to_owned(),
                 token.get().to_string(),
                 ttl_millis(ttl),
             ];
-            let renewed = flag(key, &self.run("renew", key, args).await?)?;
+            let (reply, acked) = self.run("renew", key, args, timeout, true).await?;
+            let renewed = flag(key, &reply)?;
+            if renewed {
+                acknowledged("renew", key, acked)?;
+            }
             tracing::debug!(store = KIND, key, %holder, %token, renewed, "renew");
             Ok(renewed)
         })
@@ -770,7 +1060,7 @@ impl LeaseStore for RedisLeaseStore {
         token: FencingToken,
         timeout: Duration,
     ) -> Result<bool> {
-        with_timeout(KIND, "release", key, timeout, async {
+        with_timeout(KIND, "release", key, backstop(timeout), async {
             let args = vec![
                 "release".to_owned(),
                 holder.as_str().to_owned(),
@@ -778,7 +1068,8 @@ impl LeaseStore for RedisLeaseStore {
                 CHANGE_CHANNEL.to_owned(),
                 key.to_owned(),
             ];
-            let released = flag(key, &self.run("release", key, args).await?)?;
+            let (reply, _) = self.run("release", key, args, timeout, false).await?;
+            let released = flag(key, &reply)?;
             tracing::debug!(store = KIND, key, %holder, %token, released, "release");
             Ok(released)
         })
@@ -786,8 +1077,10 @@ impl LeaseStore for RedisLeaseStore {
     }
 
     async fn read(&self, key: &str, timeout: Duration) -> Result<Option<LeaseInfo>> {
-        with_timeout(KIND, "read", key, timeout, async {
-            let reply = self.run("read", key, vec!["read".to_owned()]).await?;
+        with_timeout(KIND, "read", key, backstop(timeout), async {
+            let (reply, _) = self
+                .run("read", key, vec!["read".to_owned()], timeout, false)
+                .await?;
             let info = match &reply {
                 Value::Null => None,
                 Value::Array(items) => match items.as_slice() {
@@ -816,7 +1109,7 @@ impl LeaseStore for RedisLeaseStore {
         ttl: Duration,
         timeout: Duration,
     ) -> Result<()> {
-        with_timeout(KIND, "heartbeat", group, timeout, async {
+        with_timeout(KIND, "heartbeat", group, backstop(timeout), async {
             let meta =
                 serde_json::to_string(meta).map_err(|e| corrupt(group, format!("meta: {e}")))?;
             let keys = vec![members_key(group), members_meta_key(group)];
@@ -826,7 +1119,9 @@ impl LeaseStore for RedisLeaseStore {
                 ttl_millis(ttl),
                 meta,
             ];
-            let reply = self.run_on("heartbeat", group, keys, args).await?;
+            let (reply, _) = self
+                .run_on("heartbeat", group, keys, args, timeout, false)
+                .await?;
             flag(group, &reply)?;
             tracing::debug!(store = KIND, group, %node, "member heartbeat");
             Ok(())
@@ -835,10 +1130,17 @@ impl LeaseStore for RedisLeaseStore {
     }
 
     async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
-        with_timeout(KIND, "members", group, timeout, async {
+        with_timeout(KIND, "members", group, backstop(timeout), async {
             let keys = vec![members_key(group), members_meta_key(group)];
-            let reply = self
-                .run_on("members", group, keys, vec!["members".to_owned()])
+            let (reply, _) = self
+                .run_on(
+                    "members",
+                    group,
+                    keys,
+                    vec!["members".to_owned()],
+                    timeout,
+                    false,
+                )
                 .await?;
             let Value::Array(items) = &reply else {
                 return Err(corrupt(group, format!("members answered {reply:?}")));

@@ -367,7 +367,9 @@ async fn a_watcher_hears_of_a_release_and_of_a_grant_but_not_of_other_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_sentinel_failover_the_lease_is_granted_on_the_new_master_with_a_greater_token() {
-    let mut set = RedisReplicaSet::start(1).await.expect("replica set");
+    // Two replicas: behind Sentinel a grant counts only once a replica acknowledged it, so the
+    // new master needs one of its own after the failover.
+    let mut set = RedisReplicaSet::start(2).await.expect("replica set");
     let sentinels = SentinelSet::start(&set, SentinelOptions::default())
         .await
         .expect("sentinels");
@@ -416,4 +418,86 @@ async fn after_a_sentinel_failover_the_lease_is_granted_on_the_new_master_with_a
         Some(format!("{new} 0 {}\nb", LONG_TTL.as_millis()).as_str()),
         "the new lease lives on the new master"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_switch_master_the_store_moves_to_the_new_master_while_the_old_one_hangs() {
+    let mut set = RedisReplicaSet::start(2).await.expect("replica set");
+    let sentinels = SentinelSet::start(&set, SentinelOptions::default())
+        .await
+        .expect("sentinels");
+    let store = RedisLeaseStore::connect_sentinel(&sentinels.addrs(), set.master_name())
+        .await
+        .expect("connect via sentinel");
+    // The store subscribes in the background: wait until every sentinel has its subscriber
+    // (sentinels have no `PUBSUB`; a subscribed client shows `flags=P` in `CLIENT LIST`).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for sentinel in sentinels.sentinels() {
+        loop {
+            let clients = sentinel
+                .command(&["CLIENT", "LIST"])
+                .await
+                .expect("CLIENT LIST");
+            let clients = clients.as_str().unwrap_or_default().to_owned();
+            if clients
+                .lines()
+                .any(|c| c.contains(" flags=P ") && c.contains(" sub=1 "))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no +switch-master subscriber: {clients}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+    let key = unique_key("switch-master");
+    store
+        .read(&key, OP_TIMEOUT)
+        .await
+        .expect("read on the first master");
+
+    let old_master = set.master().addr();
+    // A hung master (not a dead one): fred's connection to it stays open.
+    set.master_mut().pause().expect("SIGSTOP the master");
+    let new_master = sentinels
+        .wait_for_failover(old_master, Duration::from_secs(30))
+        .await
+        .expect("failover");
+    let switched = Instant::now();
+    // A read is answered only by a live master; the old one hangs.
+    loop {
+        match store.read(&key, Duration::from_millis(500)).await {
+            Ok(_) => break,
+            Err(e) if e.is_retryable() => {
+                assert!(
+                    switched.elapsed() < Duration::from_secs(20),
+                    "still failing: {e}"
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let took = switched.elapsed();
+    let token = acquire_eventually(&store, &key, &node("a"), Duration::from_secs(30)).await;
+    let record = set
+        .node(new_master)
+        .expect("one of ours")
+        .command(&["GET", &record_key(&key)])
+        .await
+        .expect("GET on the new master");
+    assert!(
+        record
+            .as_str()
+            .is_some_and(|r| r.starts_with(&token.to_string())),
+        "granted on the new master: {record}"
+    );
+    // Without following +switch-master fred leaves the hung connection only after
+    // UNRESPONSIVE_AFTER of an unanswered command.
+    assert!(
+        took < ha_election::redis::UNRESPONSIVE_AFTER,
+        "the store reached the new master {took:?} after the failover"
+    );
+    set.master_mut().resume().expect("SIGCONT the old master");
 }
