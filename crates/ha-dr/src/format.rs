@@ -457,6 +457,15 @@ impl<R: Read> SegmentReader<R> {
                 )
             })?
             .len();
+        if last && counter > 0 && plain == 0 {
+            // The writer never makes one (it seals a full segment only once more data
+            // arrives), and the spec forbids it: an authentic but empty final segment after
+            // full ones is a forgery by someone holding the key, or a broken writer.
+            return Err(Error::corrupt(
+                self.backup_id.as_str(),
+                format!("segment {counter} is an empty final segment after full ones"),
+            ));
+        }
         self.pos = 0;
         self.end = plain;
         self.counter += 1;
@@ -548,6 +557,23 @@ mod tests {
                 "{size}"
             );
         }
+    }
+
+    #[test]
+    fn an_empty_final_segment_after_full_ones_is_refused() {
+        let keys = ring();
+        let mut header = Header::new(keys.writer(), id("b1"), COMPRESSION_NONE).unwrap();
+        header.segment_size = 1024;
+        let mut w = SegmentWriter::new(Vec::new(), &header, keys.writer()).unwrap();
+        w.write_all(&[7; 1024]).unwrap();
+        // What a broken writer would do: seal the full segment as non-final at once.
+        w.seal(false).unwrap();
+        let (stored, _) = w.finish().unwrap();
+        let err = open(&stored).expect_err("an empty final segment after a full one");
+        assert!(err.is_corruption(), "{err}");
+        assert!(err.to_string().contains("empty final segment"), "{err}");
+        // An empty stream is one empty final segment, and that is fine.
+        assert_eq!(open(&seal(&[], 1, 1024)).unwrap(), Vec::<u8>::new());
     }
 
     #[test]

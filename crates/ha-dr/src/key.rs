@@ -130,9 +130,31 @@ impl MasterKey {
         Self::from_text(&origin, &text)
     }
 
-    /// Reads a key file: exactly 32 raw bytes, as [`keygen`](Self::keygen) writes.
+    /// Reads a key file: exactly 32 raw bytes, as [`keygen`](Self::keygen) writes. Refuses a
+    /// file that its group or others may read or write (anything looser than `0600`), as ssh
+    /// does with private keys: whoever can read it can read every backup.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("read key file", path, e))?;
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let mut file =
+            std::fs::File::open(path).map_err(|e| Error::io("open key file", path, e))?;
+        let mode = file
+            .metadata()
+            .map_err(|e| Error::io("stat key file", path, e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(Error::InvalidKey {
+                origin: format!("file {}", path.display()),
+                detail: format!(
+                    "its mode {:04o} lets group or others at it; `chmod 600` it",
+                    mode & 0o7777
+                ),
+            });
+        }
+        let mut bytes = Vec::with_capacity(KEY_LEN);
+        file.read_to_end(&mut bytes)
+            .map_err(|e| Error::io("read key file", path, e))?;
         let bytes: [u8; KEY_LEN] = bytes.try_into().map_err(|b: Vec<u8>| Error::InvalidKey {
             origin: format!("file {}", path.display()),
             detail: format!(
@@ -312,6 +334,26 @@ mod tests {
         let err = MasterKey::keygen(&path).unwrap_err();
         assert!(err.to_string().contains("must not exist"), "{err}");
         assert_eq!(MasterKey::load(&path).unwrap().id(), key.id(), "untouched");
+    }
+
+    #[test]
+    fn a_key_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let key = MasterKey::keygen(&path).unwrap();
+        for mode in [0o640, 0o604, 0o660, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = MasterKey::load(&path).expect_err("a loose key file must be refused");
+            assert!(matches!(err, Error::InvalidKey { .. }), "{mode:o}: {err}");
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(
+            MasterKey::load(&path).unwrap().id(),
+            key.id(),
+            "0400 is fine"
+        );
     }
 
     #[test]

@@ -53,7 +53,8 @@
 //! ```
 //!
 //! Every segment but the last holds exactly `segment_size` plaintext bytes; the last holds
-//! 1 ..= `segment_size` bytes, or 0 only when the whole stream is empty. Since the whole header
+//! 1 ..= `segment_size` bytes, or 0 only when the whole stream is empty (readers refuse an
+//! empty final segment after full ones). Since the whole header
 //! is the associated data of every segment and the data key is bound to the backup id, a
 //! changed header byte, a segment moved, dropped or taken from another backup, and a
 //! truncation (at a segment boundary the new last segment was sealed without the last flag)
@@ -71,7 +72,10 @@
 //! ## Keys
 //!
 //! A master key is 32 random bytes ([`MasterKey::keygen`] writes a file with mode 0600 and
-//! refuses to overwrite; [`MasterKey::from_env`] reads hex or base64). Its id is the first
+//! refuses to overwrite; [`MasterKey::load`] refuses a file its group or others may read or
+//! write; [`MasterKey::from_env`] reads hex or base64). `pg_dump`/`pg_restore` get the
+//! database password in `PGPASSWORD`, never in their argv, and never `HA_DR_KEY`. A
+//! `LocalStore` creates its directory `0700` and its files `0600`. Its id is the first
 //! 8 bytes of SHA-256(`"ha-dr key id v1\0"` ‖ key), in hex. A [`KeyRing`] writes with one key
 //! and reads with any of several; a backup whose key is not in the ring fails with
 //! [`Error::MissingKey`] naming the key id.
@@ -148,8 +152,8 @@
 //! restoring ownership (tar entries carry uid/gid; restore keeps modes and mtimes, not owners,
 //! and so masks setuid/setgid); encrypting the manifest's descriptive fields (issue 14,
 //! finding 6); staging on the target's filesystem when it is a mount point (finding 11);
-//! credentials out of `pg_dump`'s argv and `HA_DR_KEY` out of children (finding 10);
-//! the small findings of 12 other than temp database name length;
+//! of finding 12: leftover staging dirs and temp databases cleaned, key zeroization, the
+//! segment writer after a failed write;
 //! a scheduler daemon in the CLI; a 5-minute database RPO through WAL archiving; seeding a
 //! new leader's RPO from backups already in the store (its clock starts when it begins to
 //! lead).

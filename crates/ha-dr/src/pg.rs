@@ -33,8 +33,92 @@ impl PgTools {
             Some(dir) => dir.join(program),
             None => PathBuf::from(program),
         };
-        Command::new(path)
+        let mut command = Command::new(path);
+        // The master key is never a child's business.
+        command.env_remove(crate::key::KEY_ENV);
+        command
     }
+
+    /// `program` connecting to `url`: the URL goes into `--dbname` without its password, and
+    /// the password reaches the child through `PGPASSWORD` in its environment (readable only
+    /// by the same user), never through its argv (readable by everyone in `ps` and
+    /// `/proc/<pid>/cmdline`).
+    pub(crate) fn connecting(&self, program: &str, url: &str) -> Command {
+        let (url, password) = split_password(url);
+        let mut command = self.command(program);
+        command.arg(format!("--dbname={url}"));
+        match password {
+            Some(password) => command.env("PGPASSWORD", password),
+            None => command.env_remove("PGPASSWORD"),
+        };
+        command
+    }
+}
+
+/// `url` without its password (in the user info or a `password=` query parameter), and the
+/// password, percent-decoded.
+pub(crate) fn split_password(url: &str) -> (String, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let (before_query, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(b, q)| (b, Some(q)));
+    let (authority, path) = before_query
+        .find('/')
+        .map_or((before_query, ""), |i| before_query.split_at(i));
+    let mut password = None;
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, secret)) => {
+                password = Some(percent_decode(secret));
+                format!("{name}@{host}")
+            }
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let query = query.map(|query| {
+        query
+            .split('&')
+            .filter(|pair| match pair.strip_prefix("password=") {
+                Some(secret) => {
+                    password = Some(percent_decode(secret));
+                    false
+                }
+                None => true,
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    let url = match query {
+        Some(query) if !query.is_empty() => format!("{scheme}://{authority}{path}?{query}"),
+        _ => format!("{scheme}://{authority}{path}"),
+    };
+    (url, password)
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A child process that is killed and reaped if dropped before [`wait`](Self::wait): an
@@ -284,25 +368,31 @@ impl Snapshot {
 /// Spawns `pg_dump` of the database at `url` in the custom format, uncompressed (zstd
 /// compresses it next), reading `snapshot`.
 pub(crate) fn spawn_dump(tools: &PgTools, url: &str, snapshot: &str) -> Result<ChildGuard> {
-    let mut command = tools.command("pg_dump");
+    ChildGuard::spawn(dump_command(tools, url, snapshot), "pg_dump")
+}
+
+fn dump_command(tools: &PgTools, url: &str, snapshot: &str) -> Command {
+    let mut command = tools.connecting("pg_dump", url);
     command
         .args(["--format=custom", "--compress=0", "--no-sync"])
         .arg(format!("--snapshot={snapshot}"))
-        .arg(format!("--dbname={url}"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    ChildGuard::spawn(command, "pg_dump")
+    command
 }
 
 /// Spawns `pg_restore` into the database at `url`, reading the archive from stdin.
 pub(crate) fn spawn_restore(tools: &PgTools, url: &str) -> Result<ChildGuard> {
-    let mut command = tools.command("pg_restore");
+    ChildGuard::spawn(restore_command(tools, url), "pg_restore")
+}
+
+fn restore_command(tools: &PgTools, url: &str) -> Command {
+    let mut command = tools.connecting("pg_restore", url);
     command
         .args(["--format=custom", "--exit-on-error"])
-        .arg(format!("--dbname={url}"))
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
-    ChildGuard::spawn(command, "pg_restore")
+    command
 }
 
 /// The server's maintenance connection (database `postgres`) for `url`'s server.
@@ -333,6 +423,48 @@ pub(crate) async fn execute(admin: &mut PgConnection, sql: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::OsStr;
+
+    #[test]
+    fn children_get_the_password_in_their_environment_never_in_argv_and_never_the_key() {
+        let tools = super::PgTools::default();
+        let url = "postgres://app:s3cr%40t@db:5432/orders?sslmode=disable&password=other";
+        for command in [
+            super::dump_command(&tools, url, "snap-1"),
+            super::restore_command(&tools, url),
+        ] {
+            let argv: Vec<String> = command
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            assert!(
+                argv.iter()
+                    .all(|a| !a.contains("s3cr") && !a.contains("other")),
+                "{argv:?}"
+            );
+            assert!(
+                argv.contains(&"--dbname=postgres://app@db:5432/orders?sslmode=disable".to_owned()),
+                "{argv:?}"
+            );
+            let envs: Vec<(&OsStr, Option<&OsStr>)> = command.get_envs().collect();
+            assert!(
+                envs.contains(&(OsStr::new("PGPASSWORD"), Some(OsStr::new("other")))),
+                "the last password given wins, as libpq reads it: {envs:?}"
+            );
+            assert!(
+                envs.contains(&(OsStr::new(crate::key::KEY_ENV), None)),
+                "HA_DR_KEY is removed from the child: {envs:?}"
+            );
+        }
+        let (plain, password) = super::split_password("postgres://app:p%2Fw@h/db");
+        assert_eq!(
+            (plain.as_str(), password.as_deref()),
+            ("postgres://app@h/db", Some("p/w"))
+        );
+        let (plain, password) = super::split_password("postgresql://h:5/db");
+        assert_eq!((plain.as_str(), password), ("postgresql://h:5/db", None));
+    }
+
     use super::*;
 
     #[test]

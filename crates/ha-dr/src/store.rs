@@ -9,6 +9,7 @@
 use std::fmt::Debug;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -89,7 +90,12 @@ impl LocalStore {
     /// A store in `root`, created (with parents) if missing.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|e| Error::io("create store directory", &root, e))?;
+        // Private: the manifests name sources and sizes, the data is only as safe as the key.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(|e| Error::io("create store directory", &root, e))?;
         Ok(Self { root })
     }
 
@@ -133,7 +139,13 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync directory.
 pub(crate) fn write_atomic(path: &Path, temp: &Path, bytes: &[u8]) -> Result<()> {
     let result = (|| {
-        let mut file = File::create(temp).map_err(|e| Error::io("create", temp, e))?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(temp)
+            .map_err(|e| Error::io("create", temp, e))?;
         file.write_all(bytes)
             .and_then(|()| file.sync_all())
             .map_err(|e| Error::io("write", temp, e))?;
@@ -209,6 +221,7 @@ impl BackupStore for LocalStore {
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&temp)
             .map_err(|e| Error::io("create", &temp, e))?;
         Ok(Box::new(LocalWriter {
@@ -329,6 +342,39 @@ impl BackupStore for LocalStore {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn store_files_are_private() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("new").join("store");
+        let store = LocalStore::open(&root).expect("open store");
+        let id = BackupId::parse("b-private").expect("id");
+        let mut data = store.create_data(&id).expect("create");
+        data.write_all(b"secret-ish").expect("write");
+        data.commit().expect("commit");
+        store.put_manifest(&id, b"{}").expect("manifest");
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700, "the store directory");
+        assert_eq!(
+            mode(root.parent().expect("parent")),
+            0o700,
+            "created parents"
+        );
+        for entry in fs::read_dir(&root).expect("list") {
+            let path = entry.expect("entry").path();
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+        assert_eq!(
+            fs::read_dir(&root).expect("list").count(),
+            2,
+            "data and manifest"
+        );
+    }
+
     mod local_conformance {
         crate::backup_store_conformance!({
             let dir = tempfile::tempdir().expect("temp dir");
