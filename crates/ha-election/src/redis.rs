@@ -113,8 +113,8 @@ pub fn members_meta_key(group: &str) -> String {
 ///   Tokens are microseconds since the Unix epoch (about 1.7 × 10^15), exact in the script's
 ///   Lua doubles below 2^53, i.e. until the year 2255.
 /// - **Timeouts.** Every operation fails with [`Error::Timeout`] naming the operation and key
-///   once its `timeout` passed (fred's per-command timeout, see below). A timed-out operation may still have been
-///   applied by the server.
+///   once its `timeout` passed (fred's per-command timeout, see below). A timed-out operation
+///   may still have been applied by the server if it was already written.
 ///
 /// fred's own settings: connect timeout [`CONNECT_TIMEOUT`]; a connection whose command stays
 /// unanswered for [`UNRESPONSIVE_AFTER`] is dropped and reopened; reconnects back off
