@@ -12,7 +12,7 @@
 //! | leads | replica | promote it if eligible (reachable, replay not paused, replay position within `max_lag_on_failover` of the freshest primary position known: [`PgAgent::observe_primary_position`], or the WAL receiver's `latest_end_lsn`, which PostgreSQL fills only from the primary's keepalives) |
 //! | leads | primary | make sure it takes writes (undo the agent's own read-only setting) |
 //! | does not lead | primary | **self-demotion** (below) |
-//! | does not lead | replica | nothing (re-pointing is not in this slice) |
+//! | does not lead | replica | follow the leader's database (below) |
 //!
 //! "Leads" means the gate answers *and* its deadline is more than `demote_margin` away: a
 //! leadership about to end is treated as already ended, so the demotion lands before the
@@ -56,8 +56,32 @@
 //! `ReplicaPromoted` event carrying the leadership's token, and a second loop finds a primary
 //! and does not promote again.
 //!
+//! # Following the leader
+//!
+//! Given a source of the leader's database ([`PgAgent::follow`]; `ha-orchestrator` reads the
+//! leader member's `pg_conninfo` metadata), a replica whose WAL receiver is not `streaming`
+//! from that sender host and port gets its `primary_conninfo` rewritten — only `host`,
+//! `hostaddr` and `port` change; user, password, passfile, sslmode and the rest stay — by
+//! `ALTER SYSTEM` and `pg_reload_conf()` ([`AgentAction::Repointed`]). Success is never
+//! assumed: [`AgentStatus::streaming_from`] is what `pg_stat_wal_receiver` says.
+//!
+//! A database that is a *primary* while another member's database leads is not re-pointed:
+//! its timeline has diverged. It stays demoted and is reported
+//! ([`AgentStatus::needs_rejoin`], [`AgentAction::NeedsRejoin`], an error log) for
+//! `pg_rewind` or a re-clone, which the agent does not do yet. The led primary keeps a
+//! physical slot for each of `replica_slots`.
+//!
+//! # Eligibility
+//!
+//! [`PgAgent::eligible`] answers from the last loop: a primary with no pending rejoin, or a
+//! replica that may be promoted (replay not paused, within `max_lag_on_failover`).
+//! `ha-orchestrator` makes it part of the elector's eligibility, so an ineligible member
+//! neither campaigns nor keeps the lease.
+//!
 //! # Open items
 //!
+//! - Members do not yet publish WAL positions, so an agent does not defer to a more advanced
+//!   eligible member; eligibility is judged on the member alone.
 //! - Without any known primary position the lag bound is not applied (the issue wants a
 //!   missing reference never to mean "no bound": members must publish their positions).
 //! - Pausing: the agent is given the elector itself (never a "paused" gate, which would
@@ -67,10 +91,14 @@
 //! # If the agent dies (open item)
 //!
 //! Nothing here stops a primary whose agent process dies while it leads: the database stays a
-//! writable primary past the lease. The intended answers, not built yet: run the postmaster
-//! as the agent's child with `PR_SET_PDEATHSIG` (PostgreSQL's own children then exit with
-//! it), or a watchdog (systemd `BindsTo=`, or a tiny supervisor holding the lease deadline)
-//! that stops PostgreSQL when the agent's heartbeat stops.
+//! writable primary past the lease. No mechanism inside PostgreSQL can do it without the
+//! agent (`default_transaction_read_only` needs a session to set it; `archive_command` or
+//! `statement_timeout` tricks do not stop commits). What is left to build, outside the
+//! agent's process: a watchdog — the agent writes its leadership deadline (monotonic clocks
+//! do not cross processes: wall-clock, minus a drift margin) to a file beside the data
+//! directory on every renew, and a tiny separate supervisor (or systemd unit with
+//! `BindsTo=`/a timer) runs `pg_ctl stop -m immediate` when the deadline in the file has
+//! passed; or the postmaster run as the agent's child with `PR_SET_PDEATHSIG`.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
