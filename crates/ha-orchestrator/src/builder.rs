@@ -242,6 +242,11 @@ impl HaNodeBuilder {
     /// is the primary; an agent that loses leadership demotes its own database before the
     /// deadline. It asks the elector itself, never the paused gate; `pause` suspends it
     /// (neither promotion nor demotion) through [`PgAgent::paused_by`].
+    ///
+    /// The node also publishes the database's host and port as the member metadata
+    /// `pg_conninfo` (unless set by [`member_meta`](Self::member_meta)); a following agent
+    /// re-points its replica at the leader's `pg_conninfo` ([`PgAgent::follow`]). The
+    /// elector campaigns, and keeps leading, only while [`PgAgent::eligible`] holds.
     pub fn pg_agent(mut self, agent: PgAgent) -> Self {
         self.pg_agent = Some(agent);
         self
@@ -408,9 +413,20 @@ impl HaNodeBuilder {
         };
         // One pause flag for the node: its paused gate (failover, promotion) and the agent.
         let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let pg_agent = self
-            .pg_agent
-            .map(|agent| Arc::new(agent.paused_by(Arc::clone(&paused))));
+        // The agent publishes where its database is (`pg_conninfo`, no credential) and, not
+        // leading, follows the database that the leader's member published.
+        let mut member_meta = self.member_meta;
+        let pg_agent = self.pg_agent.map(|agent| {
+            if !member_meta.iter().any(|(k, _)| k == PG_CONNINFO_META) {
+                member_meta.push((PG_CONNINFO_META.into(), agent.upstream().conninfo()));
+            }
+            let elector = Arc::clone(&self.elector_slot);
+            Arc::new(
+                agent
+                    .paused_by(Arc::clone(&paused))
+                    .follow(move || leader_upstream(Arc::clone(&elector))),
+            )
+        });
         let parts = Parts {
             pg_agent,
             health,
@@ -428,7 +444,7 @@ impl HaNodeBuilder {
             elector_slot: self.elector_slot,
             paused,
             parts,
-            member_meta: self.member_meta,
+            member_meta,
             hooks: self.hooks,
             http: self.http,
             admin_token: self.admin_token,
@@ -512,4 +528,22 @@ impl HaNodeBuilder {
         }
         Ok(())
     }
+}
+
+/// The member metadata key under which a node with a [`PgAgent`] publishes where its
+/// database is reached (`host=… port=…`, no credential).
+pub const PG_CONNINFO_META: &str = "pg_conninfo";
+
+/// The leader's database as its member published it, when another node leads.
+async fn leader_upstream(
+    elector: Arc<OnceLock<Arc<Elector>>>,
+) -> Option<ha_replication::pg::Upstream> {
+    let elector = Arc::clone(elector.get()?);
+    let leader = elector.leader()?;
+    if elector.is_leader().is_some() {
+        return None;
+    }
+    let members = elector.members().await.ok()?;
+    let meta = members.into_iter().find(|m| m.node == leader.node)?.meta;
+    ha_replication::pg::Upstream::from_conninfo(meta.get(PG_CONNINFO_META)?)
 }

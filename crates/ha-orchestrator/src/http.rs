@@ -5,6 +5,8 @@
 //! | `GET /health` | 200 while the node's loops run (liveness; no dependency checks) |
 //! | `GET /ready` | 200 when started and every critical check is healthy, else 503 |
 //! | `GET /leader` | 200 only on the node that leads now, else 503 (for load balancers) |
+//! | `GET /primary` | 200 only where the node leads now and its PostgreSQL agent's database is a writable primary (at the agent's last loop), else 503 with the reason |
+//! | `GET /replica` | 200 only where the agent's database is a replica streaming from a primary (`pg_stat_wal_receiver`), else 503 with the reason |
 //! | `GET /status` | [`NodeStatus`](crate::NodeStatus) |
 //! | `GET /metrics` | Prometheus text, when the binary installed a recorder |
 //! | `POST /switchover[?to=NODE]` | admin: the leader steps down (to `NODE`: the others hold off) |
@@ -39,6 +41,8 @@ pub fn router(node: HaNode) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/leader", get(leader))
+        .route("/primary", get(primary))
+        .route("/replica", get(replica))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/switchover", post(switchover))
@@ -138,6 +142,76 @@ async fn leader(State(node): State<HaNode>) -> Response {
             )
         }
     }
+}
+
+/// `GET /primary`: Patroni's load-balancer check for the writable primary.
+async fn primary(State(node): State<HaNode>) -> Response {
+    let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
+        return reply(
+            &node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "primary": false, "reason": "no postgres agent on this node" }),
+        );
+    };
+    let report = agent.agent_status();
+    let reason = if node.is_leader().is_none() {
+        Some("this node does not lead")
+    } else if !agent.is_writable_primary() {
+        Some(match report.role {
+            Some(ha_replication::pg::PgRole::Primary) if report.demoted => "primary demoted",
+            Some(ha_replication::pg::PgRole::Primary) => "primary is read-only or not led yet",
+            Some(ha_replication::pg::PgRole::Replica) => "database is a replica",
+            Some(ha_replication::pg::PgRole::Unreachable) => "database does not answer",
+            None => "agent has not looked yet",
+        })
+    } else {
+        None
+    };
+    let code = if reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    reply(
+        &node,
+        code,
+        json!({ "primary": reason.is_none(), "reason": reason, "role": report.role, "member": report.member }),
+    )
+}
+
+/// `GET /replica`: 200 on a replica that streams.
+async fn replica(State(node): State<HaNode>) -> Response {
+    let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
+        return reply(
+            &node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "replica": false, "reason": "no postgres agent on this node" }),
+        );
+    };
+    let report = agent.agent_status();
+    let reason = match (report.role, &report.streaming_from) {
+        (Some(ha_replication::pg::PgRole::Replica), Some(_)) => None,
+        (Some(ha_replication::pg::PgRole::Replica), None) => Some("replica is not streaming"),
+        (Some(ha_replication::pg::PgRole::Primary), _) => Some("database is a primary"),
+        (Some(ha_replication::pg::PgRole::Unreachable), _) => Some("database does not answer"),
+        (None, _) => Some("agent has not looked yet"),
+    };
+    let code = if reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    reply(
+        &node,
+        code,
+        json!({
+            "replica": reason.is_none(),
+            "reason": reason,
+            "role": report.role,
+            "member": report.member,
+            "streaming_from": report.streaming_from.map(|u| u.to_string()),
+        }),
+    )
 }
 
 async fn status(State(node): State<HaNode>) -> Response {

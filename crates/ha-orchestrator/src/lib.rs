@@ -55,7 +55,7 @@ mod node;
 mod secret;
 mod status;
 
-pub use builder::{EventHook, HaNodeBuilder, MetricsRender};
+pub use builder::{EventHook, HaNodeBuilder, MetricsRender, PG_CONNINFO_META};
 pub use config::HaConfig;
 
 pub use error::Error;

@@ -497,6 +497,8 @@ impl HaNode {
         let election = lock(&inner.election).take();
         if let Some((store, config)) = election {
             let hold = Arc::clone(&inner.hold_until);
+            // Only a member whose database may lead campaigns (and keeps the lease).
+            let agent = inner.parts.pg_agent.clone();
             let mut meta: BTreeMap<String, String> = inner.member_meta.iter().cloned().collect();
             if let Some(addr) = inner.http_addr.get() {
                 meta.insert("api".into(), format!("http://{addr}"));
@@ -504,7 +506,10 @@ impl HaNode {
             let elector = Elector::builder(store)
                 .config(config)
                 .member_meta(meta)
-                .eligibility(move || lock(&hold).is_none_or(|until| Instant::now() >= until))
+                .eligibility(move || {
+                    lock(&hold).is_none_or(|until| Instant::now() >= until)
+                        && agent.as_ref().is_none_or(|a| a.eligible())
+                })
                 .build()
                 .map_err(|e| Error::Setup {
                     path: "election".into(),

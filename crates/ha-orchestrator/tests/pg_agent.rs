@@ -1,6 +1,10 @@
 //! The PostgreSQL agent inside a node: it follows the node's elector (never the paused gate),
-//! `pause` suspends it (no demotion during maintenance), `resume` lets it demote again.
+//! `pause` suspends it (no demotion during maintenance), `resume` lets it demote again; a
+//! member whose replica may not be promoted does not campaign, and `GET /primary` and
+//! `GET /replica` answer from the agents (load-balancer checks).
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +13,8 @@ use ha_election::{ElectorConfig, MemoryLeaseStore};
 use ha_orchestrator::HaNode;
 use ha_replication::pg::{PgAgent, PgAgentConfig, PgMember};
 use ha_testkit::PostgresServer;
+use reqwest::StatusCode;
+use serde_json::Value;
 use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -89,6 +95,134 @@ async fn a_paused_agent_keeps_its_primary_until_resumed_then_demotes_it() {
         !writable(&primary).await
     })
     .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+fn agent_for(name: &str, server: &PostgresServer) -> PgAgent {
+    let member = PgMember::new(name, &server.url())
+        .unwrap()
+        .query_timeout(Duration::from_secs(1));
+    let config = PgAgentConfig {
+        loop_interval: Duration::from_millis(200),
+        demote_margin: Duration::from_millis(600),
+        demote_timeout: Duration::from_millis(500),
+        ..PgAgentConfig::default()
+    };
+    PgAgent::new(member, config).unwrap()
+}
+
+async fn get(node: &HaNode, path: &str) -> (StatusCode, Value) {
+    let url = format!("http://{}{path}", node.http_addr().unwrap());
+    let response = common::client().get(url).send().await.unwrap();
+    let code = response.status();
+    (
+        code,
+        serde_json::from_str(&response.text().await.unwrap()).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_eligible_member_leads_and_the_load_balancer_checks_follow_the_agents() {
+    let mut primary = PostgresServer::start().await.unwrap();
+    primary
+        .execute("CREATE TABLE w (id bigserial PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let replica = primary.start_replica().await.unwrap();
+    replica
+        .execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let store = Arc::new(MemoryLeaseStore::new());
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    let node = |id: &str, agent: PgAgent| {
+        HaNode::builder()
+            .node_id(id)
+            .election_with(store.clone(), timing.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .pg_agent(agent)
+            .build()
+            .unwrap()
+    };
+    // b first, alone, over a replica whose replay is paused: it must not campaign.
+    let b = node("b", agent_for("db-b", &replica));
+    b.start().await.unwrap();
+    until("b's agent to judge its replica", async || {
+        let (_, body) = get(&b, "/status").await;
+        body["replication"]["agent"]["report"]["ineligible"]
+            .as_str()
+            .is_some_and(|r| r.contains("paused"))
+    })
+    .await;
+    let window = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < window {
+        assert!(
+            b.is_leader().is_none(),
+            "an ineligible member took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(replica.is_in_recovery().await.unwrap());
+    let (code, body) = get(&b, "/primary").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Replay paused, the WAL receiver still streams: a replica for reads.
+    until("b to serve /replica", async || {
+        get(&b, "/replica").await.0 == StatusCode::OK
+    })
+    .await;
+    let (_, body) = get(&b, "/replica").await;
+    assert_eq!(
+        body["streaming_from"],
+        format!("127.0.0.1:{}", primary.port())
+    );
+
+    // a, over the primary, leads; /primary answers there only.
+    let a = node("a", agent_for("db-a", &primary));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    assert!(a.is_leader().is_some());
+    let (code, body) = get(&a, "/replica").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["reason"], "database is a primary");
+    let (code, body) = get(&b, "/primary").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["reason"], "this node does not lead");
+    // a publishes where its database is.
+    let members = a.elector().unwrap().members().await.unwrap();
+    let meta = &members
+        .iter()
+        .find(|m| m.node.as_str() == "a")
+        .unwrap()
+        .meta;
+    assert_eq!(
+        meta.get(ha_orchestrator::PG_CONNINFO_META)
+            .map(String::as_str),
+        Some(format!("host='127.0.0.1' port={}", primary.port()).as_str())
+    );
+
+    // The primary dies: a's member is not eligible any more and gives the lease up; b, its
+    // replay resumed, is eligible, leads and promotes its replica.
+    replica
+        .execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    primary.kill().unwrap();
+    until("b to serve /primary", async || {
+        get(&b, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    assert!(a.is_leader().is_none());
+    assert!(!replica.is_in_recovery().await.unwrap());
+    replica
+        .execute("INSERT INTO w (note) VALUES ('after')")
+        .await
+        .unwrap();
+    let (code, _) = get(&a, "/primary").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     a.shutdown().await;
     b.shutdown().await;
 }

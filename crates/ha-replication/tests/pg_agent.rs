@@ -13,7 +13,9 @@ use ha_core::{
     Component, ComponentContext, EventBus, FencingToken, HaEvent, Leadership, LeadershipGate,
     NodeId, Status,
 };
-use ha_replication::pg::{AgentAction, DemoteMode, PgAgent, PgAgentConfig, PgMember, PgRole};
+use ha_replication::pg::{
+    AgentAction, DemoteMode, PgAgent, PgAgentConfig, PgMember, PgRole, Upstream,
+};
 use ha_testkit::PostgresServer;
 use sqlx::Connection;
 use tokio::time::Instant;
@@ -365,4 +367,124 @@ async fn a_replica_with_paused_replay_is_not_promoted() {
         Status::Degraded,
         "a leader over a replica is not settled"
     );
+}
+
+/// Re-pointing: after a failover, a replica whose agent does not lead streams from the new
+/// leader's database (its conninfo keeps every keyword but host and port; confirmed by
+/// `pg_stat_wal_receiver`), the new primary keeps its slot, and the old primary, demoted,
+/// is reported as needing a rejoin instead of being re-pointed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_is_repointed_to_the_leader_and_a_former_primary_needs_a_rejoin() {
+    let mut primary = seeded().await;
+    let r1 = primary.start_replica().await.unwrap();
+    let r2 = primary.start_replica().await.unwrap();
+    let before: String = r2
+        .query_scalar("SELECT current_setting('primary_conninfo')")
+        .await
+        .unwrap();
+    let r1_at = Upstream {
+        host: "127.0.0.1".into(),
+        port: r1.port(),
+    };
+    let leader = {
+        let r1_at = r1_at.clone();
+        move || {
+            let r1_at = r1_at.clone();
+            async move { Some(r1_at) }
+        }
+    };
+    let bus = EventBus::default();
+
+    // The old primary's agent does not lead: it demotes its database, then, told where the
+    // leader's database is, reports a rejoin and leaves it a (read-only) primary.
+    let g0 = Arc::new(TestGate::default());
+    let a0 = agent("pg0", &primary, fast()).follow(leader.clone());
+    a0.run_once(&context(&g0, &bus)).await;
+    let s0 = a0.agent_status();
+    assert!(s0.demoted, "{s0:?}");
+    assert!(
+        matches!(&s0.last_action, Some(AgentAction::NeedsRejoin { leader }) if *leader == r1_at.to_string()),
+        "{s0:?}"
+    );
+    assert!(s0.needs_rejoin.is_some());
+    assert!(
+        !a0.eligible(),
+        "a former primary to rejoin must not campaign"
+    );
+    assert!(!primary.is_in_recovery().await.unwrap(), "not re-pointed");
+
+    // Both replicas have everything; the old primary dies; r1's agent leads and promotes.
+    let lsn = primary.current_wal_lsn().await.unwrap();
+    r1.wait_for_replay(lsn, WAIT).await.unwrap();
+    r2.wait_for_replay(lsn, WAIT).await.unwrap();
+    primary.kill().unwrap();
+    let slot = r2.slot_name().unwrap().to_owned();
+    let g1 = Arc::new(TestGate::default());
+    g1.lead(2, Duration::from_secs(600));
+    let a1 = agent(
+        "pg1",
+        &r1,
+        PgAgentConfig {
+            replica_slots: vec![slot.clone()],
+            ..fast()
+        },
+    );
+    a1.run_once(&context(&g1, &bus)).await;
+    assert_eq!(
+        a1.agent_status().last_action,
+        Some(AgentAction::Promoted { token: 2 })
+    );
+    a1.run_once(&context(&g1, &bus)).await;
+    let has_slot: bool = r1
+        .query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
+        ))
+        .await
+        .unwrap();
+    assert!(has_slot, "the led primary keeps its follower's slot");
+    assert!(a1.is_writable_primary());
+
+    // r2's agent, not leading, follows r1: streaming from it, confirmed by the receiver.
+    let g2 = Arc::new(TestGate::default());
+    let a2 = agent("pg2", &r2, fast()).follow(leader);
+    assert!(!a2.eligible(), "nothing known before the first loop");
+    a2.start(context(&g2, &bus)).await.unwrap();
+    until("r2 to stream from r1", || {
+        a2.agent_status().streaming_from.as_ref() == Some(&r1_at)
+    })
+    .await;
+    let s2 = a2.agent_status();
+    assert_eq!(s2.role, Some(PgRole::Replica));
+    assert!(a2.eligible(), "{s2:?}");
+    let after: String = r2
+        .query_scalar("SELECT current_setting('primary_conninfo')")
+        .await
+        .unwrap();
+    assert!(
+        after.contains(&format!("port={}", r1.port()))
+            || after.contains(&format!("port='{}'", r1.port())),
+        "{after}"
+    );
+    // Every keyword but host and port is kept (user, passfile, sslmode, …).
+    for pair in before.split_whitespace() {
+        let key = pair.split('=').next().unwrap();
+        if !matches!(key, "host" | "hostaddr" | "port") {
+            assert!(
+                after.contains(&format!("{key}=")),
+                "{key} lost: {before} -> {after}"
+            );
+        }
+    }
+    // And it replays what the new primary commits.
+    r1.execute("INSERT INTO w (note) VALUES ('on r1')")
+        .await
+        .unwrap();
+    let lsn = r1.current_wal_lsn().await.unwrap();
+    r2.wait_for_replay(lsn, WAIT).await.unwrap();
+    let rows: i64 = r2
+        .query_scalar("SELECT count(*) FROM w WHERE note = 'on r1'")
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    a2.stop().await.unwrap();
 }

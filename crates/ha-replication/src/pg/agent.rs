@@ -12,7 +12,7 @@
 //! | leads | replica | promote it if eligible (reachable, replay not paused, replay position within `max_lag_on_failover` of the freshest primary position known: [`PgAgent::observe_primary_position`], or the WAL receiver's `latest_end_lsn`, which PostgreSQL fills only from the primary's keepalives) |
 //! | leads | primary | make sure it takes writes (undo the agent's own read-only setting) |
 //! | does not lead | primary | **self-demotion** (below) |
-//! | does not lead | replica | nothing (re-pointing is not in this slice) |
+//! | does not lead | replica | follow the leader's database (below) |
 //!
 //! "Leads" means the gate answers *and* its deadline is more than `demote_margin` away: a
 //! leadership about to end is treated as already ended, so the demotion lands before the
@@ -56,8 +56,32 @@
 //! `ReplicaPromoted` event carrying the leadership's token, and a second loop finds a primary
 //! and does not promote again.
 //!
+//! # Following the leader
+//!
+//! Given a source of the leader's database ([`PgAgent::follow`]; `ha-orchestrator` reads the
+//! leader member's `pg_conninfo` metadata), a replica whose WAL receiver is not `streaming`
+//! from that sender host and port gets its `primary_conninfo` rewritten — only `host`,
+//! `hostaddr` and `port` change; user, password, passfile, sslmode and the rest stay — by
+//! `ALTER SYSTEM` and `pg_reload_conf()` ([`AgentAction::Repointed`]). Success is never
+//! assumed: [`AgentStatus::streaming_from`] is what `pg_stat_wal_receiver` says.
+//!
+//! A database that is a *primary* while another member's database leads is not re-pointed:
+//! its timeline has diverged. It stays demoted and is reported
+//! ([`AgentStatus::needs_rejoin`], [`AgentAction::NeedsRejoin`], an error log) for
+//! `pg_rewind` or a re-clone, which the agent does not do yet. The led primary keeps a
+//! physical slot for each of `replica_slots`.
+//!
+//! # Eligibility
+//!
+//! [`PgAgent::eligible`] answers from the last loop: a primary with no pending rejoin, or a
+//! replica that may be promoted (replay not paused, within `max_lag_on_failover`).
+//! `ha-orchestrator` makes it part of the elector's eligibility, so an ineligible member
+//! neither campaigns nor keeps the lease.
+//!
 //! # Open items
 //!
+//! - Members do not yet publish WAL positions, so an agent does not defer to a more advanced
+//!   eligible member; eligibility is judged on the member alone.
 //! - Without any known primary position the lag bound is not applied (the issue wants a
 //!   missing reference never to mean "no bound": members must publish their positions).
 //! - Pausing: the agent is given the elector itself (never a "paused" gate, which would
@@ -67,10 +91,14 @@
 //! # If the agent dies (open item)
 //!
 //! Nothing here stops a primary whose agent process dies while it leads: the database stays a
-//! writable primary past the lease. The intended answers, not built yet: run the postmaster
-//! as the agent's child with `PR_SET_PDEATHSIG` (PostgreSQL's own children then exit with
-//! it), or a watchdog (systemd `BindsTo=`, or a tiny supervisor holding the lease deadline)
-//! that stops PostgreSQL when the agent's heartbeat stops.
+//! writable primary past the lease. No mechanism inside PostgreSQL can do it without the
+//! agent (`default_transaction_read_only` needs a session to set it; `archive_command` or
+//! `statement_timeout` tricks do not stop commits). What is left to build, outside the
+//! agent's process: a watchdog — the agent writes its leadership deadline (monotonic clocks
+//! do not cross processes: wall-clock, minus a drift margin) to a file beside the data
+//! directory on every renew, and a tiny separate supervisor (or systemd unit with
+//! `BindsTo=`/a timer) runs `pg_ctl stop -m immediate` when the deadline in the file has
+//! passed; or the postmaster run as the agent's child with `PR_SET_PDEATHSIG`.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -133,6 +161,10 @@ pub struct PgAgentConfig {
     /// `["pg_ctl", "stop", "-D", "/var/lib/postgresql/15/main", "-m", "fast"]`. Empty: stop
     /// by signalling the postmaster from SQL, which needs a database that answers.
     pub stop_command: Vec<String>,
+    /// Physical replication slots the agent keeps on its database while it is the led
+    /// primary, one per member that follows it (each replica's `primary_slot_name`). Created
+    /// if missing; never dropped by the agent.
+    pub replica_slots: Vec<String>,
 }
 
 impl Default for PgAgentConfig {
@@ -145,6 +177,7 @@ impl Default for PgAgentConfig {
             max_lag_on_failover: 1024 * 1024,
             promote_timeout: Duration::from_secs(30),
             stop_command: Vec::new(),
+            replica_slots: Vec::new(),
         }
     }
 }
@@ -219,7 +252,129 @@ pub enum AgentAction {
     },
     /// The agent's read-only setting was removed: the primary takes writes again.
     MadeWritable,
+    /// The replica was pointed at the leader's database (`primary_conninfo` rewritten with
+    /// this host and port, every other keyword kept, and reloaded).
+    Repointed {
+        /// The leader's database host.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
+    /// The database is a primary while another member leads: its timeline has diverged, so
+    /// it cannot simply follow; it needs `pg_rewind` or a re-clone (not done by the agent yet).
+    NeedsRejoin {
+        /// What it would have to follow.
+        leader: String,
+    },
 }
+
+/// Where a database is reached by its replicas: the leader's side of `primary_conninfo`.
+/// Carries no credential (it is published in the election's member metadata); a following
+/// replica keeps user, password, `sslmode` and the rest from its own `primary_conninfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Upstream {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl Upstream {
+    /// `host=… port=…`, the form published as member metadata (`pg_conninfo`).
+    pub fn conninfo(&self) -> String {
+        format!("host={} port={}", quote_value(&self.host), self.port)
+    }
+
+    /// The `host` and `port` of a libpq keyword/value conninfo; `None` if either is missing
+    /// or the text does not parse.
+    pub fn from_conninfo(conninfo: &str) -> Option<Self> {
+        let pairs = parse_conninfo(conninfo)?;
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        Some(Self {
+            host: get("host")?,
+            port: get("port")?.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Parses a libpq keyword/value conninfo (`key=value`, values optionally single-quoted with
+/// backslash escapes).
+fn parse_conninfo(text: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') || key.is_empty() {
+            return None;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\\' => value.push(chars.next()?),
+                    '\'' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next()?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
+/// A conninfo value, quoted.
+fn quote_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// `current` with its `host`, `hostaddr` and `port` replaced by `upstream`'s, every other
+/// keyword (user, password, passfile, sslmode, application_name, …) kept.
+fn repoint_conninfo(current: &str, upstream: &Upstream) -> Option<String> {
+    let pairs = parse_conninfo(current)?;
+    let mut out: Vec<String> = pairs
+        .into_iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "host" | "hostaddr" | "port"))
+        .map(|(k, v)| format!("{k}={}", quote_value(&v)))
+        .collect();
+    out.push(format!("host={}", quote_value(&upstream.host)));
+    out.push(format!("port={}", upstream.port));
+    Some(out.join(" "))
+}
+
+/// Where the leader's database is, asked by a following agent every loop: `None` while no
+/// leader is known (the replica is left as it is).
+pub type LeaderSource = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Upstream>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// What the agent reports about itself (in the node's `/status`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -234,6 +389,16 @@ pub struct AgentStatus {
     pub demoted: bool,
     /// The freshest primary WAL position known (for the lag bound).
     pub reference: Option<Lsn>,
+    /// A primary whose `default_transaction_read_only` is on (the agent's or the operator's).
+    pub read_only: bool,
+    /// A replica's WAL receiver, when `pg_stat_wal_receiver` says `streaming`: the server it
+    /// streams from (sender host and port).
+    pub streaming_from: Option<Upstream>,
+    /// Why this replica may not be promoted now (replay paused, too far behind, …).
+    pub ineligible: Option<String>,
+    /// Set on a primary that another member's agent leads over: it must be rewound or
+    /// re-cloned before it can follow (see [`AgentAction::NeedsRejoin`]).
+    pub needs_rejoin: Option<String>,
     /// The last action and when it was taken.
     pub last_action: Option<AgentAction>,
     /// When the last action was taken.
@@ -256,6 +421,8 @@ struct Inner {
     state: Mutex<State>,
     /// Maintenance: while set, the agent changes nothing (no promotion, no demotion).
     paused: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the leader's database is, for a following replica.
+    leader: Option<LeaderSource>,
 }
 
 struct State {
@@ -287,6 +454,10 @@ impl PgAgent {
             leader: false,
             demoted: false,
             reference: None,
+            read_only: false,
+            streaming_from: None,
+            ineligible: None,
+            needs_rejoin: None,
             last_action: None,
             last_action_at: None,
             last_error: None,
@@ -300,6 +471,7 @@ impl PgAgent {
                     deadline: None,
                 }),
                 paused: Arc::default(),
+                leader: None,
             }),
             tasks: ComponentTasks::default(),
         })
@@ -316,6 +488,55 @@ impl PgAgent {
             None => tracing::error!("paused_by after the agent started: ignored"),
         }
         self
+    }
+
+    /// Makes a replica follow the leader: while the agent does not lead and its database is
+    /// a replica, it asks `leader` where the leader's database is and, when the replica does
+    /// not stream from there, rewrites `primary_conninfo` (host and port only) and reloads.
+    /// `ha-orchestrator` answers from the election's member metadata (`pg_conninfo`).
+    #[must_use]
+    pub fn follow<F>(mut self, leader: impl Fn() -> F + Send + Sync + 'static) -> Self
+    where
+        F: std::future::Future<Output = Option<Upstream>> + Send + 'static,
+    {
+        let source: LeaderSource = Arc::new(move || Box::pin(leader()));
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.leader = Some(source),
+            None => tracing::error!("follow after the agent started: ignored"),
+        }
+        self
+    }
+
+    /// Where this agent's database is reached (host and port of its member), the value a
+    /// node publishes as its `pg_conninfo` member metadata.
+    pub fn upstream(&self) -> Upstream {
+        Upstream {
+            host: self.inner.member.host().to_owned(),
+            port: self.inner.member.port(),
+        }
+    }
+
+    /// Whether this member may campaign for leadership, judged at the last loop: its
+    /// database answered and is either a primary that needs no rejoin, or a replica that may
+    /// be promoted (replay not paused, within `max_lag_on_failover` of the freshest known
+    /// primary position). False before the first loop. `ha-orchestrator` makes it part of
+    /// the elector's eligibility, so an ineligible leader also gives the lease up.
+    pub fn eligible(&self) -> bool {
+        let state = self.inner.lock();
+        let s = &state.status;
+        match s.role {
+            Some(PgRole::Primary) => s.needs_rejoin.is_none(),
+            Some(PgRole::Replica) => s.ineligible.is_none(),
+            Some(PgRole::Unreachable) | None => false,
+        }
+    }
+
+    /// At the last loop: a primary that takes writes (not read-only, not demoted) while the
+    /// agent led. Callers that serve `GET /primary` also check the leadership now.
+    pub fn is_writable_primary(&self) -> bool {
+        let state = self.inner.lock();
+        let s = &state.status;
+        s.role == Some(PgRole::Primary) && s.leader && !s.demoted && !s.read_only
     }
 
     /// Whether the agent is paused now.
@@ -455,17 +676,25 @@ impl Inner {
         };
         let role = self.read_role().await;
         let result = match (lead, &role) {
-            (Some(l), Ok(Observed::Replica)) => self.promote(ctx, l).await,
-            (Some(_), Ok(Observed::Primary { .. })) => self.ensure_writable(ctx).await,
+            (Some(l), Ok(Observed::Replica { .. })) => self.promote(ctx, l).await,
+            (Some(_), Ok(Observed::Primary { .. })) => {
+                let writable = self.ensure_writable(ctx).await;
+                let slots = self.ensure_slots().await;
+                writable.and(slots)
+            }
             (None, Ok(Observed::Primary { read_only })) => {
                 let demoted = self.lock().status.demoted;
-                if demoted && *read_only {
+                let demotion = if demoted && *read_only {
                     Ok(())
                 } else {
                     self.demote(deadline).await
-                }
+                };
+                self.check_rejoin().await;
+                demotion
             }
-            (None, Ok(Observed::Replica)) => Ok(()),
+            (None, Ok(Observed::Replica { streaming_from })) => {
+                self.follow_leader(streaming_from.as_ref()).await
+            }
             (None, Err(e)) => {
                 let was_primary = self.lock().status.role == Some(PgRole::Primary);
                 let demoted = self.lock().status.demoted;
@@ -481,9 +710,22 @@ impl Inner {
         };
         let mut state = self.lock();
         let new_role = match &role {
-            Ok(Observed::Primary { .. }) => PgRole::Primary,
-            Ok(Observed::Replica) => PgRole::Replica,
-            Err(_) => PgRole::Unreachable,
+            Ok(Observed::Primary { read_only }) => {
+                state.status.read_only = *read_only;
+                state.status.streaming_from = None;
+                state.status.ineligible = None;
+                PgRole::Primary
+            }
+            Ok(Observed::Replica { streaming_from }) => {
+                state.status.read_only = true;
+                state.status.streaming_from = streaming_from.clone();
+                state.status.needs_rejoin = None;
+                PgRole::Replica
+            }
+            Err(_) => {
+                state.status.streaming_from = None;
+                PgRole::Unreachable
+            }
         };
         if state.status.role != Some(new_role) {
             tracing::info!(member = self.member.name(), role = ?new_role, "postgres agent: role");
@@ -507,13 +749,17 @@ impl Inner {
     }
 
     async fn read_role(&self) -> Result<Observed, Error> {
-        let (in_recovery, read_only, latest_end): (bool, String, Option<String>) = self
+        type Row5 = (bool, String, Option<String>, Option<String>, Option<i32>);
+        let (in_recovery, read_only, latest_end, sender_host, sender_port): Row5 = self
             .member
             .run("reading the database's role", |pool| async move {
                 let row = sqlx::query(
                     "SELECT pg_is_in_recovery() AS r, \
                      current_setting('default_transaction_read_only') AS ro, \
-                     (SELECT latest_end_lsn::text FROM pg_stat_wal_receiver) AS latest_end",
+                     w.latest_end_lsn::text AS latest_end, \
+                     CASE WHEN w.status = 'streaming' THEN w.sender_host END AS sender_host, \
+                     CASE WHEN w.status = 'streaming' THEN w.sender_port END AS sender_port \
+                     FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS w ON true",
                 )
                 .fetch_one(&pool)
                 .await?;
@@ -521,17 +767,34 @@ impl Inner {
                     row.try_get("r")?,
                     row.try_get("ro")?,
                     row.try_get("latest_end")?,
+                    row.try_get("sender_host")?,
+                    row.try_get("sender_port")?,
                 ))
             })
             .await?;
         if in_recovery {
+            let streaming_from = match (sender_host, sender_port) {
+                (Some(host), Some(port)) => {
+                    u16::try_from(port).ok().map(|port| Upstream { host, port })
+                }
+                _ => None,
+            };
             // The primary's end of WAL as its walsender last reported it: a reference that
             // survives the primary's death.
             if let Some(lsn) = latest_end.and_then(|t| t.parse::<Lsn>().ok()) {
                 let mut state = self.lock();
                 state.status.reference = state.status.reference.max(Some(lsn));
             }
-            Ok(Observed::Replica)
+            // Eligibility, judged every loop (the elector asks between loops).
+            let ineligible = match self.member.replica_status().await {
+                Ok(status) => {
+                    let reference = self.lock().status.reference;
+                    ineligible(&status, reference, self.config.max_lag_on_failover)
+                }
+                Err(e) => Some(format!("replica status unknown: {e}")),
+            };
+            self.lock().status.ineligible = ineligible;
+            Ok(Observed::Replica { streaming_from })
         } else {
             Ok(Observed::Primary {
                 read_only: read_only == "on",
@@ -634,6 +897,102 @@ impl Inner {
         self.lock().status.demoted = false;
         self.record(AgentAction::MadeWritable);
         Ok(())
+    }
+
+    /// The led primary keeps a physical slot for each of `replica_slots`.
+    async fn ensure_slots(&self) -> Result<(), String> {
+        if self.config.replica_slots.is_empty() {
+            return Ok(());
+        }
+        let slots = self.config.replica_slots.clone();
+        self.member
+            .run("creating replica slots", |pool| async move {
+                sqlx::query(
+                    "SELECT pg_create_physical_replication_slot(name, true) \
+                     FROM unnest($1::text[]) AS name \
+                     WHERE name NOT IN (SELECT slot_name FROM pg_replication_slots)",
+                )
+                .bind(slots)
+                .execute(&pool)
+                .await
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where the leader's database is, if a source is set and knows; never this database.
+    async fn leader_upstream(&self) -> Option<Upstream> {
+        let source = self.leader.as_ref()?;
+        let upstream = source().await?;
+        let own = upstream.host == self.member.host() && upstream.port == self.member.port();
+        (!own).then_some(upstream)
+    }
+
+    /// A replica that does not stream from the leader's database is pointed at it.
+    async fn follow_leader(&self, streaming_from: Option<&Upstream>) -> Result<(), String> {
+        let Some(leader) = self.leader_upstream().await else {
+            return Ok(());
+        };
+        if streaming_from == Some(&leader) {
+            return Ok(());
+        }
+        let current: String = self
+            .member
+            .run("reading primary_conninfo", |pool| async move {
+                sqlx::query_scalar("SELECT current_setting('primary_conninfo')")
+                    .fetch_one(&pool)
+                    .await
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if Upstream::from_conninfo(&current).as_ref() == Some(&leader) {
+            // Already pointed there; the WAL receiver is (re)connecting. Confirmed only by
+            // pg_stat_wal_receiver on a later loop.
+            return Ok(());
+        }
+        let conninfo = repoint_conninfo(&current, &leader)
+            .ok_or_else(|| "cannot parse the replica's primary_conninfo".to_owned())?;
+        let statement = format!(
+            "ALTER SYSTEM SET primary_conninfo = '{}'",
+            conninfo.replace('\'', "''")
+        );
+        tracing::info!(member = self.member.name(), %leader, "re-pointing the replica");
+        self.member
+            .run("re-pointing primary_conninfo", |pool| async move {
+                sqlx::query(&statement).execute(&pool).await?;
+                sqlx::query("SELECT pg_reload_conf()").execute(&pool).await
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        self.record(AgentAction::Repointed {
+            host: leader.host,
+            port: leader.port,
+        });
+        Ok(())
+    }
+
+    /// A primary that does not lead while the leader's database is elsewhere: its timeline
+    /// diverged; reported, never re-pointed as it is.
+    async fn check_rejoin(&self) {
+        let Some(leader) = self.leader_upstream().await else {
+            return;
+        };
+        let first = self.lock().status.needs_rejoin.is_none();
+        if first {
+            tracing::error!(
+                member = self.member.name(),
+                %leader,
+                "a former primary while another member leads: needs pg_rewind or a re-clone \
+                 before it can follow; left demoted"
+            );
+        }
+        self.lock().status.needs_rejoin = Some(format!(
+            "former primary; the leader's database is {leader}: needs pg_rewind or a re-clone"
+        ));
+        self.record(AgentAction::NeedsRejoin {
+            leader: leader.to_string(),
+        });
     }
 
     /// Self-demotion (see the module docs); `deadline` is the end of the last leadership.
@@ -776,10 +1135,10 @@ impl Inner {
 }
 
 /// What one look at the database found.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Observed {
     Primary { read_only: bool },
-    Replica,
+    Replica { streaming_from: Option<Upstream> },
 }
 
 /// Why this replica may not be promoted, if it may not.
@@ -841,6 +1200,33 @@ mod tests {
         // Received 1100, replayed 1000: 100 bytes of backlog count against a 10-byte bound.
         assert!(ineligible(&replica(Some(1000), false), Some(Lsn(1100)), 10).is_some());
         assert!(ineligible(&replica(None, false), None, 10).is_some());
+    }
+
+    #[test]
+    fn repointing_keeps_every_keyword_but_host_and_port() {
+        let current = "user=postgres passfile='/root/.pg pass' channel_binding=prefer \
+                       host=127.0.0.1 port=5432 sslmode=require password='it\\'s x'";
+        let up = Upstream {
+            host: "10.0.0.2".into(),
+            port: 6543,
+        };
+        let new = repoint_conninfo(current, &up).unwrap();
+        assert_eq!(Upstream::from_conninfo(&new), Some(up.clone()));
+        let pairs = parse_conninfo(&new).unwrap();
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("passfile"), Some("/root/.pg pass"));
+        assert_eq!(get("sslmode"), Some("require"));
+        assert_eq!(get("user"), Some("postgres"));
+        assert_eq!(get("password"), Some("it's x"));
+        assert_eq!(pairs.iter().filter(|(k, _)| k == "host").count(), 1);
+        assert_eq!(Upstream::from_conninfo(&up.conninfo()), Some(up));
+        assert_eq!(parse_conninfo("host"), None);
+        assert_eq!(parse_conninfo("host='open"), None);
     }
 
     #[test]

@@ -99,6 +99,11 @@ impl PgMember {
         self.options.get_port()
     }
 
+    /// The server's host, as the member's URL names it.
+    pub fn host(&self) -> &str {
+        self.options.get_host()
+    }
+
     /// `host=… port=… user=…` for another server's `primary_conninfo`, with
     /// `application_name` set to `application_name`.
     pub fn conninfo(&self, application_name: &str) -> String {

@@ -7,7 +7,9 @@ pub mod monitor;
 pub mod promote;
 pub mod status;
 
-pub use agent::{AgentAction, AgentStatus, DemoteMode, PgAgent, PgAgentConfig, PgRole};
+pub use agent::{
+    AgentAction, AgentStatus, DemoteMode, LeaderSource, PgAgent, PgAgentConfig, PgRole, Upstream,
+};
 pub use member::PgMember;
 pub use monitor::{LagConfig, Link, PgReplicationMonitor, ReplicaLag, Sample};
 pub use promote::{
