@@ -12,6 +12,15 @@
 //!
 //! Every store passes the same conformance suite ([`testing`]).
 //!
+//! # Features
+//!
+//! Each server-backed store is behind a feature, so a service compiles only the client it uses:
+//! - `redis` (default): [`RedisLeaseStore`], with fred;
+//! - `postgres` (default): [`PostgresLeaseStore`] and [`PgFence`], with sqlx.
+//!
+//! With `--no-default-features` the crate is [`MemoryLeaseStore`], [`MemoryFence`], the
+//! [`Elector`] and the conformance suite, and compiles no client.
+//!
 //! ```
 //! use std::time::Duration;
 //! use ha_core::NodeId;
@@ -39,8 +48,11 @@ pub mod elector;
 pub mod error;
 pub mod fence;
 pub mod memory;
+#[cfg(feature = "postgres")]
 pub mod pg_fence;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
 pub mod redis;
 pub mod store;
 pub mod testing;
@@ -50,8 +62,11 @@ pub use elector::{Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo
 pub use error::{Error, Result};
 pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
+#[cfg(feature = "postgres")]
 pub use pg_fence::PgFence;
+#[cfg(feature = "postgres")]
 pub use postgres::{Durability, PostgresLeaseStore, PostgresLeaseStoreOptions};
+#[cfg(feature = "redis")]
 pub use redis::{RedisLeaseStore, RedisLeaseStoreOptions};
 pub use store::{
     Acquire, LeaseChange, LeaseInfo, LeaseRecord, LeaseStore, LeaseWatch, Member, with_timeout,

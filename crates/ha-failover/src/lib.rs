@@ -90,6 +90,17 @@
 //!   [`ActionError::Unsupported`], never a faked success.
 //! - [`Error`] — the crate's one error type.
 //!
+//! # Features
+//!
+//! The built-in actions that reach outside the process are behind features, both on by
+//! default:
+//! - `http`: [`HttpAction`] (reqwest);
+//! - `command`: [`CommandAction`] (tokio's process support, nix process groups on Unix).
+//!
+//! The crate depends on ha-health without its default features (only its dependency graph),
+//! so with `--no-default-features` it is the circuit breaker, the failover manager,
+//! [`RouterSwitch`] and [`StepDownAction`], and compiles no client.
+//!
 //! # Benchmark
 //!
 //! `cargo bench -p ha-failover --bench breaker` prints the cost of a closed-state call and of
@@ -101,10 +112,13 @@ pub mod breaker;
 pub mod error;
 pub mod manager;
 
+#[cfg(feature = "command")]
+pub use action::CommandAction;
 pub use action::{
-    ActionContext, ActionError, CommandAction, FailoverAction, HttpAction, HttpMethod, Router,
-    RouterSwitch, StepDownAction, Target,
+    ActionContext, ActionError, FailoverAction, Router, RouterSwitch, StepDownAction, Target,
 };
+#[cfg(feature = "http")]
+pub use action::{HttpAction, HttpMethod};
 pub use breaker::{
     BreakerConfig, BreakerSnapshot, CallError, CircuitBreaker, CircuitBreakerLayer, OwnedPermit,
     Permit, Rejected, SlidingWindow,

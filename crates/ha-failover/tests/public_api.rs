@@ -6,10 +6,13 @@
 use std::time::Duration;
 
 use ha_core::{CircuitState, Validate};
+#[cfg(feature = "command")]
+use ha_failover::action::CommandAction;
 use ha_failover::action::{
-    ActionContext, ActionError, CommandAction, FailoverAction, HttpAction, HttpMethod, Router,
-    RouterSwitch, StepDownAction, Target,
+    ActionContext, ActionError, FailoverAction, Router, RouterSwitch, StepDownAction, Target,
 };
+#[cfg(feature = "http")]
+use ha_failover::action::{HttpAction, HttpMethod};
 use ha_failover::breaker::config::{MAX_COUNT_WINDOW, MAX_PERMITTED_IN_HALF_OPEN, MAX_TIME_WINDOW};
 use ha_failover::breaker::{
     AllErrors, BreakerConfig, BreakerSnapshot, CallError, CircuitBreaker, CircuitBreakerBuilder,
@@ -80,8 +83,11 @@ fn every_failover_path_is_reachable() {
     let _: Option<ha_failover::ComponentState> = None::<ComponentState>;
     let _: Option<ha_failover::ActionContext> = None::<ActionContext>;
     let _: ha_failover::ActionError = ActionError::unsupported("x");
+    #[cfg(feature = "command")]
     let _: ha_failover::CommandAction = CommandAction::new("true", Vec::<String>::new());
+    #[cfg(feature = "http")]
     let _: ha_failover::HttpAction = HttpAction::new(HttpMethod::Get, "http://127.0.0.1/").unwrap();
+    #[cfg(feature = "http")]
     let _: ha_failover::HttpMethod = HttpMethod::Post;
     let router: ha_failover::Router<u8> = Router::new(1, 2);
     let _: ha_failover::RouterSwitch<u8> = RouterSwitch::new(router);
@@ -111,7 +117,9 @@ fn handles_and_futures_cross_threads() {
     send_sync_static::<FailoverRecord>();
     send_sync_static::<Router<String>>();
     send_sync_static::<RouterSwitch<String>>();
+    #[cfg(feature = "command")]
     send_sync_static::<CommandAction>();
+    #[cfg(feature = "http")]
     send_sync_static::<HttpAction>();
     send_sync_static::<StepDownAction>();
     let breaker = CircuitBreaker::builder("api").build().unwrap();

@@ -65,6 +65,18 @@
 //!   (hdrhistogram ring), EWMA with variance, success rate. [`anomaly`] — named [`Rule`]s:
 //!   statistics, not machine learning.
 //!
+//! # Features
+//!
+//! Each built-in check that needs a client library is behind a feature, all on by default:
+//! - `redis`: [`RedisCheck`] (fred);
+//! - `postgres`: [`PostgresCheck`] (sqlx);
+//! - `http`: [`HttpCheck`] (reqwest);
+//! - `system`: [`CpuCheck`] and [`MemoryCheck`] (sysinfo).
+//!
+//! With `--no-default-features` the crate is the checker, the dependency graph, phi,
+//! baselines, anomalies, thresholds and the [`TcpCheck`], [`CommandCheck`], [`DiskCheck`]
+//! (statvfs) and [`FnCheck`] checks, and compiles no client.
+//!
 //! The pure parts (phi, threshold, baseline, anomaly, graph, rollup) read no clock: every
 //! method takes `now: tokio::time::Instant`, so the checker's logic is tested on paused time.
 
@@ -85,10 +97,15 @@ pub use anomaly::{Anomaly, Rule};
 pub use baseline::{Baseline, BaselineConfig, Observation};
 pub use check::{CheckResult, HealthCheck};
 pub use checker::{HealthChecker, HealthCheckerBuilder};
-pub use checks::{
-    CommandCheck, CpuCheck, DiskCheck, FnCheck, HttpCheck, MemoryCheck, PostgresCheck, RedisCheck,
-    RedisRole, TcpCheck, UsageThresholds,
-};
+#[cfg(feature = "http")]
+pub use checks::HttpCheck;
+#[cfg(feature = "postgres")]
+pub use checks::PostgresCheck;
+pub use checks::{CommandCheck, DiskCheck, FnCheck, TcpCheck, UsageThresholds};
+#[cfg(feature = "system")]
+pub use checks::{CpuCheck, MemoryCheck};
+#[cfg(feature = "redis")]
+pub use checks::{RedisCheck, RedisRole};
 pub use config::{CheckConfig, CheckerConfig};
 pub use error::Error;
 pub use graph::DependencyGraph;

@@ -14,7 +14,12 @@ use ha_failover::{
     Target,
 };
 use ha_health::{CheckConfig, CheckerConfig, HealthCheck, HealthChecker};
-use ha_replication::{FileSync, PgAgent, PgReplicationMonitor, SentinelMonitor};
+#[cfg(all(unix, feature = "files"))]
+use ha_replication::FileSync;
+#[cfg(feature = "sentinel")]
+use ha_replication::SentinelMonitor;
+#[cfg(feature = "postgres")]
+use ha_replication::{PgAgent, PgReplicationMonitor};
 
 use crate::error::Error;
 use crate::node::{HaNode, NodeStepDown, Parts};
@@ -75,9 +80,13 @@ pub struct HaNodeBuilder {
     checker_config: CheckerConfig,
     failovers: Vec<(String, Arc<dyn FailoverAction>, ComponentConfig)>,
     failover_config: FailoverConfig,
+    #[cfg(feature = "postgres")]
     postgres: Option<Arc<PgReplicationMonitor>>,
+    #[cfg(feature = "postgres")]
     pg_agent: Option<PgAgent>,
+    #[cfg(feature = "sentinel")]
     sentinel: Option<Arc<SentinelMonitor>>,
+    #[cfg(all(unix, feature = "files"))]
     files: Vec<Arc<FileSync>>,
     backups: Option<Arc<BackupScheduler>>,
     extra: Vec<Arc<dyn Component>>,
@@ -113,9 +122,13 @@ impl Default for HaNodeBuilder {
             checker_config: CheckerConfig::default(),
             failovers: Vec::new(),
             failover_config: FailoverConfig::default(),
+            #[cfg(feature = "postgres")]
             postgres: None,
+            #[cfg(feature = "postgres")]
             pg_agent: None,
+            #[cfg(feature = "sentinel")]
             sentinel: None,
+            #[cfg(all(unix, feature = "files"))]
             files: Vec::new(),
             backups: None,
             extra: Vec::new(),
@@ -233,6 +246,7 @@ impl HaNodeBuilder {
     }
 
     /// Monitors PostgreSQL streaming replication.
+    #[cfg(feature = "postgres")]
     pub fn postgres(mut self, monitor: PgReplicationMonitor) -> Self {
         self.postgres = Some(Arc::new(monitor));
         self
@@ -247,18 +261,21 @@ impl HaNodeBuilder {
     /// `pg_conninfo` (unless set by [`member_meta`](Self::member_meta)); a following agent
     /// re-points its replica at the leader's `pg_conninfo` ([`PgAgent::follow`]). The
     /// elector campaigns, and keeps leading, only while [`PgAgent::eligible`] holds.
+    #[cfg(feature = "postgres")]
     pub fn pg_agent(mut self, agent: PgAgent) -> Self {
         self.pg_agent = Some(agent);
         self
     }
 
     /// Watches Redis Sentinel (every node, not only the leader: routing moves everywhere).
+    #[cfg(feature = "sentinel")]
     pub fn sentinel(mut self, monitor: SentinelMonitor) -> Self {
         self.sentinel = Some(Arc::new(monitor));
         self
     }
 
     /// Replicates a directory.
+    #[cfg(all(unix, feature = "files"))]
     pub fn file_sync(mut self, sync: FileSync) -> Self {
         self.files.push(Arc::new(sync));
         self
@@ -305,6 +322,7 @@ impl HaNodeBuilder {
     /// names a target's `ip:port`. Every node follows the master, leader or not, and back
     /// again on the next switch; a switch to an address neither target has is logged and
     /// ignored.
+    #[cfg(feature = "sentinel")]
     pub fn follow_redis_master<T: Send + Sync + 'static>(
         self,
         master: impl Into<String>,
@@ -415,7 +433,9 @@ impl HaNodeBuilder {
         let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // The agent publishes where its database is (`pg_conninfo`, no credential) and, not
         // leading, follows the database that the leader's member published.
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut member_meta = self.member_meta;
+        #[cfg(feature = "postgres")]
         let pg_agent = self.pg_agent.map(|agent| {
             if !member_meta.iter().any(|(k, _)| k == PG_CONNINFO_META) {
                 member_meta.push((PG_CONNINFO_META.into(), agent.upstream().conninfo()));
@@ -428,11 +448,15 @@ impl HaNodeBuilder {
             )
         });
         let parts = Parts {
+            #[cfg(feature = "postgres")]
             pg_agent,
             health,
             failover,
+            #[cfg(feature = "postgres")]
             postgres: self.postgres,
+            #[cfg(feature = "sentinel")]
             sentinel: self.sentinel,
+            #[cfg(all(unix, feature = "files"))]
             files: self.files,
             backups: self.backups,
             extra: self.extra,
@@ -480,7 +504,9 @@ impl HaNodeBuilder {
         }
         let leader_only = [
             (!self.failovers.is_empty(), "failover"),
+            #[cfg(feature = "postgres")]
             (self.postgres.is_some(), "replication.postgres (promotion)"),
+            #[cfg(feature = "postgres")]
             (
                 self.pg_agent.is_some(),
                 "replication.agent (promotion and demotion)",
@@ -535,6 +561,7 @@ impl HaNodeBuilder {
 pub const PG_CONNINFO_META: &str = "pg_conninfo";
 
 /// The leader's database as its member published it, when another node leads.
+#[cfg(feature = "postgres")]
 async fn leader_upstream(
     elector: Arc<OnceLock<Arc<Elector>>>,
 ) -> Option<ha_replication::pg::Upstream> {

@@ -39,22 +39,40 @@ use ha_dr::{
     BackupScheduler, KeyRing, LocalStore, MasterKey, PgTools, Repository, RetentionPolicy,
     ScheduleConfig, Source, SourceSchedule,
 };
-use ha_election::{
-    ElectorConfig, LeaseStore, MemoryLeaseStore, PostgresLeaseStore, RedisLeaseStore,
-};
-use ha_failover::{
-    CommandAction, ComponentConfig, FailoverAction, FailoverConfig, HttpAction, HttpMethod,
-};
+#[cfg(feature = "postgres")]
+use ha_election::PostgresLeaseStore;
+#[cfg(feature = "redis")]
+use ha_election::RedisLeaseStore;
+use ha_election::{ElectorConfig, LeaseStore, MemoryLeaseStore};
+#[cfg(feature = "command")]
+use ha_failover::CommandAction;
+use ha_failover::{ComponentConfig, FailoverAction, FailoverConfig};
+#[cfg(feature = "http")]
+use ha_failover::{HttpAction, HttpMethod};
 use ha_health::{CheckConfig, CheckerConfig, HealthCheck};
+#[cfg(all(unix, feature = "files"))]
+use ha_replication::FileSync;
+#[cfg(feature = "sentinel")]
+use ha_replication::SentinelMonitor;
+#[cfg(all(unix, feature = "files"))]
 use ha_replication::files::{FileReplicator, FileSyncConfig, LocalTarget};
+#[cfg(feature = "postgres")]
 use ha_replication::pg::PgAgentConfig;
-use ha_replication::{
-    FileSync, LagConfig, PgAgent, PgMember, PgReplicationMonitor, SentinelMonitor,
-};
+#[cfg(feature = "postgres")]
+use ha_replication::{LagConfig, PgAgent, PgMember, PgReplicationMonitor};
 use serde::Deserialize;
 
 use crate::builder::HaNodeBuilder;
 use crate::error::Error;
+
+// Without the feature that builds a section, its settings are still read (any value), so
+// such a config is refused as `Unsupported`, naming the feature, rather than as unknown keys.
+#[cfg(not(feature = "postgres"))]
+type LagConfig = serde::de::IgnoredAny;
+#[cfg(not(feature = "postgres"))]
+type PgAgentConfig = serde::de::IgnoredAny;
+#[cfg(not(all(unix, feature = "files")))]
+type FileSyncConfig = serde::de::IgnoredAny;
 
 /// A whole node, as `ha-node --config` reads it.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -619,8 +637,27 @@ impl HaConfig {
         c
     }
 
+    #[allow(unused_mut)] // never reassigned without the replication features
     fn add_replication(&self, mut b: HaNodeBuilder) -> Result<HaNodeBuilder, Error> {
         let rep = &self.replication;
+        #[cfg(not(feature = "postgres"))]
+        if rep.postgres.is_some() || rep.agent.is_some() {
+            let what = if rep.postgres.is_some() {
+                "replication.postgres"
+            } else {
+                "replication.agent"
+            };
+            return Err(without_feature(what, "postgres"));
+        }
+        #[cfg(not(feature = "sentinel"))]
+        if rep.sentinel.is_some() {
+            return Err(without_feature("replication.sentinel", "sentinel"));
+        }
+        #[cfg(not(all(unix, feature = "files")))]
+        if !rep.files.is_empty() {
+            return Err(without_feature("replication.files", "files"));
+        }
+        #[cfg(feature = "postgres")]
         if let Some(pg) = &rep.postgres {
             let member = |path: String, m: &PgMemberConfig| {
                 PgMember::new(m.name.clone(), &m.url).map_err(|e| setup(path, Box::new(e)))
@@ -636,6 +673,7 @@ impl HaConfig {
                 .map_err(|e| setup("replication.postgres".into(), Box::new(e)))?;
             b = b.postgres(monitor);
         }
+        #[cfg(feature = "postgres")]
         if let Some(agent) = &rep.agent {
             let member = PgMember::new(agent.member.name.clone(), &agent.member.url)
                 .map_err(|e| setup("replication.agent.member".into(), Box::new(e)))?;
@@ -643,6 +681,7 @@ impl HaConfig {
                 .map_err(|e| setup("replication.agent".into(), Box::new(e)))?;
             b = b.pg_agent(agent);
         }
+        #[cfg(feature = "sentinel")]
         if let Some(s) = &rep.sentinel {
             let mut monitor = SentinelMonitor::new(s.master.clone(), &s.sentinels)
                 .map_err(|e| setup("replication.sentinel".into(), Box::new(e)))?;
@@ -654,6 +693,7 @@ impl HaConfig {
             }
             b = b.sentinel(monitor);
         }
+        #[cfg(all(unix, feature = "files"))]
         for (i, f) in rep.files.iter().enumerate() {
             let path = format!("replication.files[{i}]");
             let replicator =
@@ -789,6 +829,7 @@ impl Validate for HaConfig {
                 "must be at least 16 characters",
             ));
         }
+        #[cfg(feature = "postgres")]
         if let Some(pg) = &self.replication.postgres {
             pg.lag
                 .validate()
@@ -947,7 +988,29 @@ fn kind_name(kind: CheckKind) -> &'static str {
 }
 
 fn setup(path: String, source: ha_core::BoxError) -> Error {
-    Error::Setup { path, source }
+    // A part this build leaves out is `Unsupported` whatever the path it was met on.
+    match source.downcast::<Error>() {
+        Ok(e) => match *e {
+            Error::Unsupported { what, why } => Error::Unsupported {
+                what: format!("{path}: {what}"),
+                why,
+            },
+            e => Error::Setup {
+                path,
+                source: Box::new(e),
+            },
+        },
+        Err(source) => Error::Setup { path, source },
+    }
+}
+
+/// `what` needs a cargo feature of ha-orchestrator that this build does not have.
+#[allow(dead_code)] // only called when a feature is off
+fn without_feature(what: impl Into<String>, feature: &str) -> Error {
+    Error::Unsupported {
+        what: what.into(),
+        why: format!("this build of ha-orchestrator lacks its `{feature}` cargo feature"),
+    }
 }
 
 /// The environment layer of nested keys: `HA_A__B` for any key `a.b` (values parsed as TOML
@@ -991,7 +1054,13 @@ fn store_scheme(url: &str) -> Result<&'static str, String> {
 async fn connect_store(url: &str) -> Result<Arc<dyn LeaseStore>, ha_core::BoxError> {
     Ok(match store_scheme(url)? {
         "memory" => Arc::new(MemoryLeaseStore::new()),
+        #[cfg(not(feature = "redis"))]
+        "redis" | "redis+sentinel" => {
+            return Err(Box::new(without_feature("a Redis lease store", "redis")));
+        }
+        #[cfg(feature = "redis")]
         "redis" => Arc::new(RedisLeaseStore::connect(url).await?),
+        #[cfg(feature = "redis")]
         "redis+sentinel" => {
             let rest = &url["redis+sentinel://".len()..];
             let (hosts, master) = rest
@@ -1006,22 +1075,43 @@ async fn connect_store(url: &str) -> Result<Arc<dyn LeaseStore>, ha_core::BoxErr
             }
             Arc::new(RedisLeaseStore::connect_sentinel(&addrs, master).await?)
         }
+        #[cfg(feature = "postgres")]
         "postgres" => Arc::new(PostgresLeaseStore::connect(url).await?),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => {
+            return Err(Box::new(without_feature(
+                "a PostgreSQL lease store",
+                "postgres",
+            )));
+        }
         other => return Err(format!("unsupported store {other}").into()),
     })
 }
 
 async fn build_check(entry: &CheckEntry) -> Result<Arc<dyn HealthCheck>, ha_core::BoxError> {
-    use ha_health::{
-        CommandCheck, CpuCheck, DiskCheck, HttpCheck, MemoryCheck, PostgresCheck, RedisCheck,
-        TcpCheck,
-    };
+    #[cfg(feature = "http")]
+    use ha_health::HttpCheck;
+    #[cfg(feature = "postgres")]
+    use ha_health::PostgresCheck;
+    #[cfg(feature = "redis")]
+    use ha_health::RedisCheck;
+    use ha_health::{CommandCheck, DiskCheck, TcpCheck};
+    #[cfg(feature = "system")]
+    use ha_health::{CpuCheck, MemoryCheck};
     let name = entry.name.clone();
     let missing = |field: &str| format!("`{field}` is required");
     Ok(match entry.kind {
+        #[cfg(not(feature = "redis"))]
+        CheckKind::Redis => return Err(Box::new(without_feature("a redis check", "redis"))),
+        #[cfg(feature = "redis")]
         CheckKind::Redis => Arc::new(
             RedisCheck::connect(name, entry.url.as_deref().ok_or_else(|| missing("url"))?).await?,
         ),
+        #[cfg(not(feature = "postgres"))]
+        CheckKind::Postgres => {
+            return Err(Box::new(without_feature("a postgres check", "postgres")));
+        }
+        #[cfg(feature = "postgres")]
         CheckKind::Postgres => Arc::new(
             PostgresCheck::connect(name, entry.url.as_deref().ok_or_else(|| missing("url"))?)
                 .await?,
@@ -1030,6 +1120,9 @@ async fn build_check(entry: &CheckEntry) -> Result<Arc<dyn HealthCheck>, ha_core
             name,
             entry.address.clone().ok_or_else(|| missing("address"))?,
         )?),
+        #[cfg(not(feature = "http"))]
+        CheckKind::Http => return Err(Box::new(without_feature("an http check", "http"))),
+        #[cfg(feature = "http")]
         CheckKind::Http => Arc::new(HttpCheck::new(
             name,
             entry.url.as_deref().ok_or_else(|| missing("url"))?,
@@ -1043,13 +1136,24 @@ async fn build_check(entry: &CheckEntry) -> Result<Arc<dyn HealthCheck>, ha_core
             name,
             entry.path.clone().ok_or_else(|| missing("path"))?,
         )),
+        #[cfg(feature = "system")]
         CheckKind::Memory => Arc::new(MemoryCheck::new(name)),
+        #[cfg(feature = "system")]
         CheckKind::Cpu => Arc::new(CpuCheck::new(name)),
+        #[cfg(not(feature = "system"))]
+        CheckKind::Memory | CheckKind::Cpu => {
+            return Err(Box::new(without_feature("a memory or cpu check", "system")));
+        }
     })
 }
 
 fn build_action(entry: &ActionEntry) -> Result<Arc<dyn FailoverAction>, ha_core::BoxError> {
     Ok(match entry {
+        #[cfg(not(feature = "command"))]
+        ActionEntry::Command { .. } => {
+            return Err(Box::new(without_feature("a command action", "command")));
+        }
+        #[cfg(feature = "command")]
         ActionEntry::Command { command, rollback } => {
             let (program, args) = command
                 .split_first()
@@ -1063,6 +1167,11 @@ fn build_action(entry: &ActionEntry) -> Result<Arc<dyn FailoverAction>, ha_core:
             }
             Arc::new(action)
         }
+        #[cfg(not(feature = "http"))]
+        ActionEntry::Http { .. } => {
+            return Err(Box::new(without_feature("an http action", "http")));
+        }
+        #[cfg(feature = "http")]
         ActionEntry::Http { url, method } => {
             let method = match method.as_deref().unwrap_or("post") {
                 "post" | "POST" => HttpMethod::Post,

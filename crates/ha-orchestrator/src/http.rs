@@ -145,6 +145,7 @@ async fn leader(State(node): State<HaNode>) -> Response {
 }
 
 /// `GET /primary`: Patroni's load-balancer check for the writable primary.
+#[cfg(feature = "postgres")]
 async fn primary(State(node): State<HaNode>) -> Response {
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
         return reply(
@@ -180,6 +181,7 @@ async fn primary(State(node): State<HaNode>) -> Response {
 }
 
 /// `GET /replica`: 200 on a replica that streams.
+#[cfg(feature = "postgres")]
 async fn replica(State(node): State<HaNode>) -> Response {
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
         return reply(
@@ -352,5 +354,25 @@ async fn hold(
         &node,
         StatusCode::OK,
         json!({ "held_ms": duration.as_millis() as u64 }),
+    )
+}
+
+/// `GET /primary` in a build without PostgreSQL: never a primary.
+#[cfg(not(feature = "postgres"))]
+async fn primary(State(node): State<HaNode>) -> Response {
+    reply(
+        &node,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({ "primary": false, "reason": "built without the `postgres` feature" }),
+    )
+}
+
+/// `GET /replica` in a build without PostgreSQL: never a replica.
+#[cfg(not(feature = "postgres"))]
+async fn replica(State(node): State<HaNode>) -> Response {
+    reply(
+        &node,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({ "replica": false, "reason": "built without the `postgres` feature" }),
     )
 }

@@ -17,6 +17,25 @@
 //! The crate owns no algorithm: elections, checks, failovers, replication and backups are
 //! the other crates'; this one composes them and shows what they do.
 //!
+//! # Features
+//!
+//! Each backend is a feature, forwarded under the same name to the crates that have it, all
+//! on by default:
+//! - `redis`: the Redis lease store (`redis://`, `redis+sentinel://`) and the `redis` check;
+//! - `postgres`: the PostgreSQL lease store, the `postgres` check, replication monitoring,
+//!   promotion and the agent (`[replication.postgres]`, `[replication.agent]`);
+//! - `http`: the `http` check and the `http` failover action;
+//! - `system`: the `cpu` and `memory` checks;
+//! - `command`: the `command` failover action;
+//! - `sentinel`: Redis Sentinel monitoring (`[replication.sentinel]`,
+//!   `HaNodeBuilder::follow_redis_master`);
+//! - `files`: directory replication (`[[replication.files]]`).
+//!
+//! With `--no-default-features` the node keeps the in-memory lease store, the checker with
+//! its TCP, command, disk and closure checks, the failover manager with its step-down and
+//! router actions, backups, the HTTP API and `hactl`. A config that names a left-out backend
+//! is refused with [`Error::Unsupported`] naming the feature.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use std::time::Duration;

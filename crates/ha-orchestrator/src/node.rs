@@ -16,7 +16,12 @@ use ha_dr::BackupScheduler;
 use ha_election::{Elector, ElectorConfig, LeaseStore, Member};
 use ha_failover::FailoverManager;
 use ha_health::HealthChecker;
-use ha_replication::{FileSync, PgAgent, PgReplicationMonitor, SentinelMonitor};
+#[cfg(all(unix, feature = "files"))]
+use ha_replication::FileSync;
+#[cfg(feature = "sentinel")]
+use ha_replication::SentinelMonitor;
+#[cfg(feature = "postgres")]
+use ha_replication::{PgAgent, PgReplicationMonitor};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -30,9 +35,13 @@ use crate::secret::{Redactor, Secret};
 pub(crate) struct Parts {
     pub(crate) health: Option<Arc<HealthChecker>>,
     pub(crate) failover: Option<Arc<FailoverManager>>,
+    #[cfg(feature = "postgres")]
     pub(crate) postgres: Option<Arc<PgReplicationMonitor>>,
+    #[cfg(feature = "postgres")]
     pub(crate) pg_agent: Option<Arc<PgAgent>>,
+    #[cfg(feature = "sentinel")]
     pub(crate) sentinel: Option<Arc<SentinelMonitor>>,
+    #[cfg(all(unix, feature = "files"))]
     pub(crate) files: Vec<Arc<FileSync>>,
     pub(crate) backups: Option<Arc<BackupScheduler>>,
     pub(crate) extra: Vec<Arc<dyn Component>>,
@@ -498,7 +507,12 @@ impl HaNode {
         if let Some((store, config)) = election {
             let hold = Arc::clone(&inner.hold_until);
             // Only a member whose database may lead campaigns (and keeps the lease).
+            #[cfg(feature = "postgres")]
             let agent = inner.parts.pg_agent.clone();
+            #[cfg(feature = "postgres")]
+            let database_may_lead = move || agent.as_ref().is_none_or(|a| a.eligible());
+            #[cfg(not(feature = "postgres"))]
+            let database_may_lead = || true;
             let mut meta: BTreeMap<String, String> = inner.member_meta.iter().cloned().collect();
             if let Some(addr) = inner.http_addr.get() {
                 meta.insert("api".into(), format!("http://{addr}"));
@@ -507,8 +521,7 @@ impl HaNode {
                 .config(config)
                 .member_meta(meta)
                 .eligibility(move || {
-                    lock(&hold).is_none_or(|until| Instant::now() >= until)
-                        && agent.as_ref().is_none_or(|a| a.eligible())
+                    lock(&hold).is_none_or(|until| Instant::now() >= until) && database_may_lead()
                 })
                 .build()
                 .map_err(|e| Error::Setup {
@@ -526,16 +539,20 @@ impl HaNode {
         if let Some(failover) = &parts.failover {
             order.push((failover.clone(), &gated));
         }
+        #[cfg(feature = "postgres")]
         if let Some(pg) = &parts.postgres {
             order.push((pg.clone(), &gated));
         }
+        #[cfg(feature = "postgres")]
         if let Some(agent) = &parts.pg_agent {
             // The elector itself: a paused gate would read as "not leader" and demote.
             order.push((agent.clone(), ctx));
         }
+        #[cfg(feature = "sentinel")]
         if let Some(sentinel) = &parts.sentinel {
             order.push((sentinel.clone(), ctx));
         }
+        #[cfg(all(unix, feature = "files"))]
         for files in &parts.files {
             order.push((files.clone(), ctx));
         }
@@ -644,14 +661,16 @@ impl HaNode {
         let inner = &self.inner;
         let parts = &inner.parts;
         let running = |c: &dyn Component| !matches!(c.status(), Status::Unknown);
-        let replication: Vec<Status> = parts
-            .postgres
-            .iter()
-            .map(|c| c.status())
-            .chain(parts.pg_agent.iter().map(|c| c.status()))
-            .chain(parts.sentinel.iter().map(|c| c.status()))
-            .chain(parts.files.iter().map(|c| c.status()))
-            .collect();
+        #[allow(unused_mut)] // empty without the replication features
+        let mut replication: Vec<Status> = Vec::new();
+        #[cfg(feature = "postgres")]
+        replication.extend(parts.postgres.iter().map(|c| c.status()));
+        #[cfg(feature = "postgres")]
+        replication.extend(parts.pg_agent.iter().map(|c| c.status()));
+        #[cfg(feature = "sentinel")]
+        replication.extend(parts.sentinel.iter().map(|c| c.status()));
+        #[cfg(all(unix, feature = "files"))]
+        replication.extend(parts.files.iter().map(|c| c.status()));
         let live_members = if inner.election_configured {
             lock(&inner.members).as_ref().map(Vec::len)
         } else {

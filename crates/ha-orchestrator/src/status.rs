@@ -4,8 +4,14 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(any(
+    feature = "postgres",
+    feature = "sentinel",
+    all(unix, feature = "files")
+))]
+use ha_core::Component;
+use ha_core::HaLevel;
 use ha_core::sync::lock;
-use ha_core::{Component, HaLevel};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -220,7 +226,9 @@ impl HaNode {
                 "history": json(&history),
             })
         });
+        #[allow(unused_mut)] // empty without the replication features
         let mut replication = serde_json::Map::new();
+        #[cfg(feature = "postgres")]
         if let Some(pg) = &parts.postgres {
             let sample = pg.last_sample();
             if let Some(sample) = &sample {
@@ -250,6 +258,7 @@ impl HaNode {
                 }),
             );
         }
+        #[cfg(feature = "postgres")]
         if let Some(agent) = &parts.pg_agent {
             replication.insert(
                 "agent".into(),
@@ -260,6 +269,7 @@ impl HaNode {
                 }),
             );
         }
+        #[cfg(feature = "sentinel")]
         if let Some(sentinel) = &parts.sentinel {
             replication.insert(
                 "sentinel".into(),
@@ -269,6 +279,7 @@ impl HaNode {
                 }),
             );
         }
+        #[cfg(all(unix, feature = "files"))]
         if !parts.files.is_empty() {
             let files: Vec<Value> = parts
                 .files

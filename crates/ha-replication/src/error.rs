@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use ha_core::ConfigError;
 
+#[cfg(feature = "postgres")]
 use crate::pg::promote::Refusal;
 
 /// Everything that can go wrong in replication monitoring and promotion.
@@ -50,6 +51,7 @@ pub enum Error {
         after: Duration,
     },
     /// A promotion was refused; nothing was promoted.
+    #[cfg(feature = "postgres")]
     #[error("promotion refused: {0}")]
     Refused(Refusal),
     /// A Sentinel operation failed on every sentinel, the sentinels hold no quorum view, or
@@ -86,8 +88,9 @@ impl Error {
             Error::Connect { .. }
             | Error::Query { .. }
             | Error::Timeout { .. }
-            | Error::Sentinel { .. }
-            | Error::Refused(_) => true,
+            | Error::Sentinel { .. } => true,
+            #[cfg(feature = "postgres")]
+            Error::Refused(_) => true,
             Error::Config { .. } | Error::Unsupported(_) | Error::FailoverOutcomeUnknown { .. } => {
                 false
             }

@@ -79,19 +79,33 @@
 //!   component that runs a replicator every interval on a blocking thread.
 //! - [`Lsn`] — WAL positions; [`Error`] — the error type of the PostgreSQL and Sentinel parts
 //!   ([`FileSyncError`] for files).
+//!
+//! # Features
+//!
+//! Each part is behind a feature, all on by default, so a service compiles only the clients
+//! it uses:
+//! - `postgres`: [`pg`] — the monitor, the promoter and [`PgAgent`] (sqlx);
+//! - `sentinel`: [`sentinel`] — [`SentinelMonitor`] (fred);
+//! - `files`: [`files`] — file replication (ring, nix; Unix only).
+//!
+//! With `--no-default-features` the crate is [`Lsn`] and [`Error`] only.
 
 pub mod error;
-#[cfg(unix)]
+#[cfg(all(unix, feature = "files"))]
 pub mod files;
 pub mod lsn;
+#[cfg(feature = "postgres")]
 pub mod pg;
+#[cfg(feature = "sentinel")]
 pub mod sentinel;
 
 pub use error::Error;
-#[cfg(unix)]
+#[cfg(all(unix, feature = "files"))]
 pub use files::{
     FileReplicator, FileSync, FileSyncConfig, FileSyncError, LocalTarget, SyncReport, SyncTarget,
 };
 pub use lsn::Lsn;
+#[cfg(feature = "postgres")]
 pub use pg::{LagConfig, PgAgent, PgMember, PgReplicationMonitor, Promoter};
+#[cfg(feature = "sentinel")]
 pub use sentinel::SentinelMonitor;

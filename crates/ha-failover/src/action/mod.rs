@@ -11,7 +11,9 @@
 //! command action without a rollback command, or the rollback of a step-down); none reports
 //! success for work it did not do.
 
+#[cfg(feature = "command")]
 mod command;
+#[cfg(feature = "http")]
 mod http;
 mod router;
 mod step_down;
@@ -23,7 +25,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ha_core::{BoxError, FencingToken, Leadership, LeadershipGate, NodeId};
 
+#[cfg(feature = "command")]
 pub use self::command::CommandAction;
+#[cfg(feature = "http")]
 pub use self::http::{HttpAction, HttpMethod};
 pub use self::router::{Router, RouterSwitch, Target};
 pub use self::step_down::StepDownAction;

@@ -28,22 +28,32 @@
 
 mod closure;
 mod command;
+#[cfg(feature = "system")]
 mod cpu;
 mod disk;
+#[cfg(feature = "http")]
 mod http;
+#[cfg(feature = "system")]
 mod memory;
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
 mod redis;
 mod tcp;
 mod usage;
 
 pub use closure::FnCheck;
 pub use command::CommandCheck;
+#[cfg(feature = "system")]
 pub use cpu::CpuCheck;
 pub use disk::DiskCheck;
+#[cfg(feature = "http")]
 pub use http::HttpCheck;
+#[cfg(feature = "system")]
 pub use memory::MemoryCheck;
+#[cfg(feature = "postgres")]
 pub use postgres::PostgresCheck;
+#[cfg(feature = "redis")]
 pub use redis::{RedisCheck, RedisRole};
 pub use tcp::TcpCheck;
 pub use usage::UsageThresholds;
