@@ -172,8 +172,10 @@ async fn injected_latency_is_an_anomaly_then_phi_suspects_before_the_failure() {
         _ => None,
     })
     .await;
+    // Any of the latency rules may see it first (on a loaded machine the rising median of
+    // `trend` can beat the p95 and EWMA rules); a non-latency rule would be wrong.
     assert!(
-        ["latency_over_p95", "ewma_z_score"].contains(&rule.as_str()),
+        ["latency_over_p95", "ewma_z_score", "trend"].contains(&rule.as_str()),
         "{rule}"
     );
     assert_eq!(
