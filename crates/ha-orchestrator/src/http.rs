@@ -144,14 +144,34 @@ async fn leader(State(node): State<HaNode>) -> Response {
     }
 }
 
+/// A load-balancer check's answer (`/primary`, `/replica`): 200 when `reason` is `None`,
+/// else 503 saying why; `body` adds what the check knows.
+fn role_check(
+    node: &HaNode,
+    check: &str,
+    reason: Option<&str>,
+    mut body: serde_json::Value,
+) -> Response {
+    let code = if reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    body[check] = json!(reason.is_none());
+    body["reason"] = json!(reason);
+    reply(node, code, body)
+}
+
 /// `GET /primary`: Patroni's load-balancer check for the writable primary.
 #[cfg(feature = "postgres")]
 async fn primary(State(node): State<HaNode>) -> Response {
+    use ha_replication::pg::PgRole;
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
-        return reply(
+        return role_check(
             &node,
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "primary": false, "reason": "no postgres agent on this node" }),
+            "primary",
+            Some("no postgres agent on this node"),
+            json!({}),
         );
     };
     let report = agent.agent_status();
@@ -159,61 +179,45 @@ async fn primary(State(node): State<HaNode>) -> Response {
         Some("this node does not lead")
     } else if !agent.is_writable_primary() {
         Some(match report.role {
-            Some(ha_replication::pg::PgRole::Primary) if report.demoted => "primary demoted",
-            Some(ha_replication::pg::PgRole::Primary) => "primary is read-only or not led yet",
-            Some(ha_replication::pg::PgRole::Replica) => "database is a replica",
-            Some(ha_replication::pg::PgRole::Unreachable) => "database does not answer",
+            Some(PgRole::Primary) if report.demoted => "primary demoted",
+            Some(PgRole::Primary) => "primary is read-only or not led yet",
+            Some(PgRole::Replica) => "database is a replica",
+            Some(PgRole::Unreachable) => "database does not answer",
             None => "agent has not looked yet",
         })
     } else {
         None
     };
-    let code = if reason.is_none() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    reply(
-        &node,
-        code,
-        json!({ "primary": reason.is_none(), "reason": reason, "role": report.role, "member": report.member }),
-    )
+    let body = json!({ "role": report.role, "member": report.member });
+    role_check(&node, "primary", reason, body)
 }
 
 /// `GET /replica`: 200 on a replica that streams.
 #[cfg(feature = "postgres")]
 async fn replica(State(node): State<HaNode>) -> Response {
+    use ha_replication::pg::PgRole;
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
-        return reply(
+        return role_check(
             &node,
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "replica": false, "reason": "no postgres agent on this node" }),
+            "replica",
+            Some("no postgres agent on this node"),
+            json!({}),
         );
     };
     let report = agent.agent_status();
     let reason = match (report.role, &report.streaming_from) {
-        (Some(ha_replication::pg::PgRole::Replica), Some(_)) => None,
-        (Some(ha_replication::pg::PgRole::Replica), None) => Some("replica is not streaming"),
-        (Some(ha_replication::pg::PgRole::Primary), _) => Some("database is a primary"),
-        (Some(ha_replication::pg::PgRole::Unreachable), _) => Some("database does not answer"),
+        (Some(PgRole::Replica), Some(_)) => None,
+        (Some(PgRole::Replica), None) => Some("replica is not streaming"),
+        (Some(PgRole::Primary), _) => Some("database is a primary"),
+        (Some(PgRole::Unreachable), _) => Some("database does not answer"),
         (None, _) => Some("agent has not looked yet"),
     };
-    let code = if reason.is_none() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    reply(
-        &node,
-        code,
-        json!({
-            "replica": reason.is_none(),
-            "reason": reason,
-            "role": report.role,
-            "member": report.member,
-            "streaming_from": report.streaming_from.map(|u| u.to_string()),
-        }),
-    )
+    let body = json!({
+        "role": report.role,
+        "member": report.member,
+        "streaming_from": report.streaming_from.map(|u| u.to_string()),
+    });
+    role_check(&node, "replica", reason, body)
 }
 
 async fn status(State(node): State<HaNode>) -> Response {
@@ -360,19 +364,13 @@ async fn hold(
 /// `GET /primary` in a build without PostgreSQL: never a primary.
 #[cfg(not(feature = "postgres"))]
 async fn primary(State(node): State<HaNode>) -> Response {
-    reply(
-        &node,
-        StatusCode::SERVICE_UNAVAILABLE,
-        json!({ "primary": false, "reason": "built without the `postgres` feature" }),
-    )
+    let reason = Some("built without the `postgres` feature");
+    role_check(&node, "primary", reason, json!({}))
 }
 
 /// `GET /replica` in a build without PostgreSQL: never a replica.
 #[cfg(not(feature = "postgres"))]
 async fn replica(State(node): State<HaNode>) -> Response {
-    reply(
-        &node,
-        StatusCode::SERVICE_UNAVAILABLE,
-        json!({ "replica": false, "reason": "built without the `postgres` feature" }),
-    )
+    let reason = Some("built without the `postgres` feature");
+    role_check(&node, "replica", reason, json!({}))
 }

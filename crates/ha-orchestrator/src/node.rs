@@ -660,7 +660,6 @@ impl HaNode {
     pub(crate) fn level_facts(&self) -> LevelFacts {
         let inner = &self.inner;
         let parts = &inner.parts;
-        let running = |c: &dyn Component| !matches!(c.status(), Status::Unknown);
         #[allow(unused_mut)] // empty without the replication features
         let mut replication: Vec<Status> = Vec::new();
         #[cfg(feature = "postgres")]
@@ -686,14 +685,12 @@ impl HaNode {
         let started = matches!(self.phase(), Phase::Running);
         LevelFacts {
             health_configured: parts.health.is_some(),
-            health_running: started
-                && parts
-                    .health
-                    .as_ref()
-                    .is_some_and(|h| !h.report().node.is_empty()),
+            // Running means every component started (a failed start ends in Stopped), so a
+            // configured checker and manager run exactly while the node does: no report is
+            // built on this path, which every event takes.
+            health_running: started && parts.health.is_some(),
             failover_configured: parts.failover.is_some(),
-            failover_running: started
-                && parts.failover.as_ref().is_some_and(|f| running(f.as_ref())),
+            failover_running: started && parts.failover.is_some(),
             paused: self.is_paused(),
             replication_configured: !replication.is_empty(),
             replication_working: !replication.is_empty()
