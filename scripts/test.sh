@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs the servers the tests start
-# (redis-server, redis-sentinel, PostgreSQL) if they are missing, then runs every test.
+# (redis-server, redis-sentinel, PostgreSQL, libfaketime) if they are missing, then runs every test.
 # Idempotent: a machine that has everything installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,8 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     missing+=(postgresql)
 fi
 command -v pg_dump >/dev/null 2>&1 || missing+=(postgresql-client)
+# libfaketime steps a running PostgreSQL server's wall clock (ha-election's clock-step tests).
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(libfaketime)
 if ((${#missing[@]})); then
     echo "scripts/test.sh: installing ${missing[*]}"
     sudo=""

@@ -26,6 +26,39 @@ pub fn find(name: &str, extra_dirs: &[PathBuf], package: &str) -> Result<PathBuf
     })
 }
 
+/// Debian's `libfaketime` preload library, which [`PostgresServerBuilder::fake_clock`]
+/// loads into the postmaster so a test can step its wall clock while it runs.
+///
+/// `HA_LIBFAKETIME` wins when set.
+///
+/// [`PostgresServerBuilder::fake_clock`]: crate::PostgresServerBuilder::fake_clock
+pub fn libfaketime() -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = match std::env::var_os("HA_LIBFAKETIME") {
+        Some(path) => vec![PathBuf::from(path)],
+        None => [
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/faketime/libfaketime.so.1",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect(),
+    };
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .ok_or_else(|| TestkitError::MissingBinary {
+            binary: "libfaketime.so.1".to_owned(),
+            looked_in: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":"),
+            install_hint: "apt-get install -y libfaketime".to_owned(),
+        })
+}
+
 /// The directory holding PostgreSQL's server binaries (`initdb`, `postgres`, `pg_basebackup`).
 ///
 /// `HA_PG_BIN` wins when set; otherwise the newest `/usr/lib/postgresql/<major>/bin` (Debian's

@@ -159,6 +159,7 @@ impl RunAs {
 pub struct PostgresServerBuilder {
     settings: Vec<(String, String)>,
     startup_timeout: Duration,
+    fake_clock: bool,
 }
 
 impl Default for PostgresServerBuilder {
@@ -166,6 +167,7 @@ impl Default for PostgresServerBuilder {
         Self {
             settings: Vec::new(),
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            fake_clock: false,
         }
     }
 }
@@ -185,6 +187,16 @@ impl PostgresServerBuilder {
         self
     }
 
+    /// Runs the postmaster (and every backend it forks) under Debian's `libfaketime`, so that
+    /// [`PostgresServer::step_clock`] can move the server's wall clock (`now()`,
+    /// `clock_timestamp()`) while it runs — an NTP step on the database host. The monotonic
+    /// clock is left alone, as a real step leaves it. The offset starts at zero and survives
+    /// restarts. A missing `libfaketime` fails the start with the package to install.
+    pub fn fake_clock(mut self) -> Self {
+        self.fake_clock = true;
+        self
+    }
+
     /// Runs `initdb`, starts the postmaster on a free port and waits until it answers
     /// `SELECT 1` over TCP.
     pub async fn start(self) -> Result<PostgresServer> {
@@ -198,6 +210,16 @@ impl PostgresServerBuilder {
             run_as.chown_tree(dir.path())?;
         }
         let data_dir = dir.path().join("data");
+        let clock = if self.fake_clock {
+            let clock = FakeClock {
+                library: binaries::libfaketime()?,
+                file: dir.path().join("faketime"),
+            };
+            clock.set(0)?;
+            Some(clock)
+        } else {
+            None
+        };
 
         let mut initdb = pg_command(&bin_dir, "initdb", run_as, dir.path());
         initdb
@@ -241,6 +263,7 @@ impl PostgresServerBuilder {
             data_dir,
             startup_timeout: self.startup_timeout,
             replica_of: None,
+            clock,
         })
         .await
     }
@@ -262,6 +285,34 @@ struct Launch {
     data_dir: PathBuf,
     startup_timeout: Duration,
     replica_of: Option<ReplicaOf>,
+    clock: Option<FakeClock>,
+}
+
+/// The `libfaketime` preload and the file holding the server's clock offset.
+#[derive(Debug, Clone)]
+struct FakeClock {
+    library: PathBuf,
+    file: PathBuf,
+}
+
+impl FakeClock {
+    /// Writes the offset (whole seconds) through a temporary file and a rename: libfaketime
+    /// re-reads the file on every clock call (`FAKETIME_NO_CACHE`), so it must never see a
+    /// half-written one.
+    fn set(&self, offset_secs: i64) -> Result<()> {
+        let tmp = self.file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{offset_secs:+}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &self.file))
+            .map_err(|e| TestkitError::file(&self.file, e))
+    }
+
+    fn apply(&self, command: &mut Command) {
+        command
+            .env("LD_PRELOAD", &self.library)
+            .env("FAKETIME_TIMESTAMP_FILE", &self.file)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    }
 }
 
 /// A running PostgreSQL server (a primary, or a streaming replica of one) in its own temporary
@@ -284,6 +335,7 @@ pub struct PostgresServer {
     data_dir: PathBuf,
     startup_timeout: Duration,
     replica_of: Option<ReplicaOf>,
+    clock: Option<FakeClock>,
     // Declared last and removed only after `Drop::drop` has stopped the server.
     dir: TempDir,
 }
@@ -348,6 +400,7 @@ impl PostgresServer {
                 primary_port: self.port,
                 slot,
             }),
+            clock: None,
         })
         .await
     }
@@ -373,6 +426,7 @@ impl PostgresServer {
                 launch.dir.path(),
                 &launch.data_dir,
                 port,
+                launch.clock.as_ref(),
             )?;
             match wait_until_ready(&mut process, port, launch.startup_timeout, readiness).await {
                 Ok(()) => {
@@ -384,6 +438,7 @@ impl PostgresServer {
                         data_dir: launch.data_dir,
                         startup_timeout: launch.startup_timeout,
                         replica_of: launch.replica_of,
+                        clock: launch.clock,
                         dir: launch.dir,
                     });
                 }
@@ -572,6 +627,7 @@ impl PostgresServer {
             self.dir.path(),
             &self.data_dir,
             self.port,
+            self.clock.as_ref(),
         )?;
         wait_until_ready(
             &mut self.process,
@@ -580,6 +636,27 @@ impl PostgresServer {
             Readiness::Accepting,
         )
         .await
+    }
+
+    /// Steps the server's wall clock to `offset_secs` seconds from the real one (negative:
+    /// behind it), while it runs: every later `now()` and `clock_timestamp()` of every
+    /// session reads the stepped clock at once. The monotonic clock does not move. Only for a
+    /// server started with [`PostgresServerBuilder::fake_clock`]; an error otherwise.
+    pub fn step_clock(&self, offset_secs: i64) -> Result<()> {
+        match &self.clock {
+            Some(clock) => {
+                tracing::info!(
+                    port = self.port,
+                    offset_secs,
+                    "stepping the server's wall clock"
+                );
+                clock.set(offset_secs)
+            }
+            None => Err(TestkitError::io(
+                "step the clock of a PostgreSQL server",
+                std::io::Error::other("the server was not started with `fake_clock()`"),
+            )),
+        }
     }
 
     /// Whether the server is in recovery, i.e. a standby (`pg_is_in_recovery()`).
@@ -850,8 +927,12 @@ fn spawn_postmaster(
     dir: &Path,
     data_dir: &Path,
     port: u16,
+    clock: Option<&FakeClock>,
 ) -> Result<ServerProcess> {
     let mut command = pg_command(bin_dir, "postgres", run_as, dir);
+    if let Some(clock) = clock {
+        clock.apply(&mut command);
+    }
     command
         .arg("-D")
         .arg(data_dir)
