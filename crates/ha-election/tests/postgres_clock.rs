@@ -7,7 +7,7 @@
 //! only by compare-and-set on the record they watched: a step forward must not end the
 //! running term (never two valid leaders), and a step back must not delay the next failover
 //! by the hour the server now adds (a new term within ttl + 2 × retry of the leader's cut-off).
-//! A checker outside both electors samples `is_leader()` of each every couple of milliseconds.
+//! The last case loses the lease row instead. A checker outside both electors samples `is_leader()` of each every couple of milliseconds.
 
 mod common;
 
@@ -201,6 +201,43 @@ async fn a_clock_step_back_on_the_store_neither_ends_a_term_nor_delays_the_next_
     assert!(
         took <= TTL + RETRY * 2 + Duration::from_millis(500),
         "failover took {took:?}: the server's clock, an hour behind, delayed it"
+    );
+    cluster.shutdown().await;
+}
+
+/// Data loss instead of a clock step: the lease row vanishes while a term runs (a restore
+/// from a backup taken before the grant, a careless `DELETE`). The follower that saw the
+/// record waits a full ttl from when it vanished; the next token is still greater.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_row_lost_by_the_store_is_not_granted_while_its_term_runs() {
+    let server = PostgresServer::start().await.expect("start PostgreSQL");
+    let mut cluster = Cluster::start(&server).await;
+    let (_, first_token) = cluster
+        .wait_for(TTL * 5, "a first leader", |l| l.is_some())
+        .await
+        .expect("a leader");
+    cluster.watch_for(TTL / 2).await;
+
+    let deleted = server
+        .execute("DELETE FROM ha_leases")
+        .await
+        .expect("delete the lease row");
+    assert_eq!(deleted, 1, "the lease row was not there to lose");
+    let lost_at = Instant::now();
+    let (_, second_token) = cluster
+        .wait_for(TTL * 4, "a new term after the row was lost", |l| {
+            l.is_some_and(|(_, token)| token != first_token)
+        })
+        .await
+        .expect("a leader");
+    let took = lost_at.elapsed();
+    assert!(
+        second_token > first_token,
+        "{second_token} after {first_token}"
+    );
+    assert!(
+        took >= TTL,
+        "a new term {took:?} after the row vanished: sooner than a ttl"
     );
     cluster.shutdown().await;
 }
