@@ -945,6 +945,88 @@ async fn a_request_dropped_by_recovery_while_following_never_runs() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_parked_request_whose_component_reports_healthy_again_is_dropped_when_leading() {
+    let probe = Probe::default();
+    let gate = Arc::new(Gate::default());
+    let manager = FailoverManager::builder()
+        .component("db", Scripted::new(&probe), component())
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            EventBus::default(),
+            gate.clone(),
+        ))
+        .await
+        .unwrap();
+    fail(&manager, "db", 3);
+    sleep(5 * S).await;
+    // The leader of the time handled it: one success, below the recovery threshold of 2, so
+    // the outage is not over by the count — but the latest report is no failure.
+    succeed(&manager, "db", 1);
+    gate.lead(4);
+    sleep(10 * S).await;
+    assert!(probe.log().is_empty(), "acted on a state that had gone");
+    assert_eq!(
+        outcomes(&manager),
+        [
+            (
+                "db".to_owned(),
+                Outcome::Skipped {
+                    reason: SkipReason::NotLeader
+                }
+            ),
+            (
+                "db".to_owned(),
+                Outcome::Skipped {
+                    reason: SkipReason::Stale
+                }
+            )
+        ]
+    );
+    assert_eq!(manager.component_state("db").unwrap().phase, Phase::Idle);
+    // A new failure streak is a new outage, and this node now leads: it fails over.
+    fail(&manager, "db", 3);
+    eventually("the new outage's failover ran", 10 * S, || {
+        manager.history().len() == 3
+    })
+    .await;
+    assert_eq!(probe.log(), ["start db", "end db", "verify db"]);
+    assert_eq!(manager.history()[2].outcome, Outcome::Completed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parked_request_whose_component_still_fails_runs_when_leading() {
+    let probe = Probe::default();
+    let gate = Arc::new(Gate::default());
+    let manager = FailoverManager::builder()
+        .component("db", Scripted::new(&probe), component())
+        .build()
+        .unwrap();
+    manager
+        .start(ComponentContext::new(
+            NodeId::new("local"),
+            EventBus::default(),
+            gate.clone(),
+        ))
+        .await
+        .unwrap();
+    fail(&manager, "db", 3);
+    sleep(5 * S).await;
+    // A flap: one success, then failing again — the latest report is a failure.
+    succeed(&manager, "db", 1);
+    fail(&manager, "db", 1);
+    gate.lead(4);
+    eventually("the parked failover ran", 10 * S, || {
+        manager.history().len() == 2
+    })
+    .await;
+    assert_eq!(probe.log(), ["start db", "end db", "verify db"]);
+    assert_eq!(manager.history()[1].outcome, Outcome::Completed);
+}
+
+#[tokio::test(start_paused = true)]
 async fn leadership_lost_mid_action_starts_nothing_new_and_the_action_can_see_it() {
     let probe = Probe::default();
     let gate = Arc::new(Gate::default());

@@ -58,7 +58,7 @@ impl Entry {
 struct ComponentMetrics {
     triggers: metrics::Counter,
     /// By [`SkipReason`], in the order of [`skip_index`].
-    skipped: [metrics::Counter; 4],
+    skipped: [metrics::Counter; 5],
     /// `completed`, `failed`, `timed_out`, `verify_failed`, `stopped_leading`.
     runs: [metrics::Counter; 5],
     /// `rolled_back`, `failed`, `timed_out`, `unsupported`.
@@ -74,6 +74,7 @@ impl ComponentMetrics {
             SkipReason::Cooldown,
             SkipReason::QueueFull,
             SkipReason::Shutdown,
+            SkipReason::Stale,
         ]
         .map(|r| labelled(metric::FAILOVER_SKIPPED_TOTAL, "reason", r.as_str()));
         Self {
@@ -100,6 +101,7 @@ fn skip_index(reason: SkipReason) -> usize {
         SkipReason::Cooldown => 1,
         SkipReason::QueueFull => 2,
         SkipReason::Shutdown => 3,
+        SkipReason::Stale => 4,
     }
 }
 
@@ -495,6 +497,9 @@ impl Shared {
                 self.park_for_leadership(st, now);
                 break;
             };
+            if self.drop_if_stale(st, idx) {
+                continue;
+            }
             self.start(st, idx, leadership);
         }
     }
@@ -542,6 +547,35 @@ impl Shared {
             };
         }
         self.set_gauges(st);
+    }
+
+    /// A request that waited for leadership acts on the state it was asked in; by the time this
+    /// node leads, that state may be gone (the previous leader handled the outage, or it
+    /// ended below the recovery threshold). Such a request starts only while the
+    /// component's latest report is still a failure; otherwise it is dropped and recorded as
+    /// [`SkipReason::Stale`]. Returns whether it was dropped.
+    fn drop_if_stale(&self, st: &mut State, idx: usize) -> bool {
+        let stale = matches!(&st.phases[idx], Phase::Queued(request) if request.noted_not_leader)
+            && st.trackers[idx].failures() == 0;
+        if !stale {
+            return false;
+        }
+        let Phase::Queued(request) = std::mem::replace(&mut st.phases[idx], Phase::Idle) else {
+            return false;
+        };
+        st.queued -= 1;
+        st.trackers[idx].stand_down();
+        self.skip(
+            st,
+            idx,
+            &request,
+            SkipReason::Stale,
+            "waited for leadership, and the component's latest report is no longer a failure: \
+             the outage ended or was handled meanwhile; a new failure streak asks afresh"
+                .into(),
+        );
+        self.set_gauges(st);
+        true
     }
 
     fn start(self: &Arc<Self>, st: &mut State, idx: usize, leadership: Leadership) {

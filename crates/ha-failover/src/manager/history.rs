@@ -117,6 +117,11 @@ pub enum SkipReason {
     QueueFull,
     /// The manager shut down before the request's turn came.
     Shutdown,
+    /// The request waited for this node to lead, and when it did, the component's latest
+    /// report was no longer a failure: the outage it was asked for ended or was handled by
+    /// the leader of the time. It is dropped instead of acting on a state that has gone; a
+    /// new failure streak asks afresh.
+    Stale,
 }
 
 impl SkipReason {
@@ -127,6 +132,7 @@ impl SkipReason {
             SkipReason::Cooldown => "cooldown",
             SkipReason::QueueFull => "queue_full",
             SkipReason::Shutdown => "shutdown",
+            SkipReason::Stale => "stale",
         }
     }
 }

@@ -78,7 +78,11 @@
 //! (`ComponentContext::leadership`: the node's elector, or `AlwaysLeader` for a single node). If this node does
 //! not lead, nothing starts: the request is recorded as skipped (once), and waits, asking the
 //! gate again every `leadership_retry_interval` (default 1 s) while the component stays
-//! failed, so a node that becomes leader takes over what is still to do. The failover runs
+//! failed, so a node that becomes leader takes over what is still to do — but only what is
+//! still to do: a request that waited for leadership starts only while its component's
+//! latest report is still a failure. Otherwise (the leader of the time handled the outage,
+//! or it ended below the recovery threshold) it is dropped and recorded as
+//! [`SkipReason::Stale`], and the next failure streak asks afresh. The failover runs
 //! with the fencing token of the leadership that started it, in its
 //! [`ActionContext`](crate::ActionContext).
 //!

@@ -91,6 +91,14 @@ impl Tracker {
         }
     }
 
+    /// The request for this outage was dropped because the component's latest report is no
+    /// longer a failure: forget the outage, so that the next failure streak trips afresh.
+    pub(crate) fn stand_down(&mut self) {
+        self.tripped = false;
+        self.gave_up = false;
+        self.failures = 0;
+    }
+
     pub(crate) fn is_tripped(&self) -> bool {
         self.tripped
     }
