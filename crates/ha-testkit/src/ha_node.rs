@@ -340,6 +340,8 @@ pub fn http(
     };
     let code = text
         .strip_prefix("HTTP/1.1 ")
+        // Python's http.server (Patroni's REST API) answers in HTTP/1.0.
+        .or_else(|| text.strip_prefix("HTTP/1.0 "))
         .and_then(|rest| rest.get(..3))
         .and_then(|code| code.parse().ok())
         .ok_or_else(bad)?;

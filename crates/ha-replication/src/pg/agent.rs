@@ -1063,9 +1063,14 @@ impl Inner {
         };
         loop {
             let cut = cut.clone();
-            let left: i64 = self
+            let left: Result<i64, Error> = self
                 .member
                 .run("ending writable sessions", |pool| async move {
+                    // Both statements on one connection: "this session" must be the same in
+                    // both, or the count (on another pooled connection) would keep seeing
+                    // the agent's own older session, which the terminating one spares, and
+                    // the demotion could never be confirmed.
+                    let mut conn = pool.acquire().await?;
                     // No wait argument: pg_terminate_backend(pid, timeout) sleeps in steps of
                     // 100 ms per backend; the count below polls every 5 ms instead.
                     // Materialized first, so no plan can call pg_terminate_backend on a
@@ -1078,7 +1083,7 @@ impl Inner {
                          FROM victims",
                     )
                     .bind(&cut)
-                    .execute(&pool)
+                    .execute(&mut *conn)
                     .await?;
                     sqlx::query_scalar(
                         "SELECT count(*) FROM pg_stat_activity \
@@ -1086,12 +1091,16 @@ impl Inner {
                          AND backend_start <= $1::timestamptz",
                     )
                     .bind(&cut)
-                    .fetch_one(&pool)
+                    .fetch_one(&mut *conn)
                     .await
                 })
-                .await?;
-            if left == 0 {
-                return Ok(());
+                .await;
+            match left {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                // The pool may hand out one of the agent's own older connections that the
+                // previous round terminated: try again, within the caller's budget.
+                Err(e) => tracing::debug!(error = %e, "ending writable sessions: retrying"),
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
