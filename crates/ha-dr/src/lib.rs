@@ -164,6 +164,7 @@ pub mod key;
 pub mod manifest;
 pub mod pg;
 mod pipeline;
+pub mod pitr;
 pub mod progress;
 pub mod repo;
 pub mod retention;
@@ -177,6 +178,10 @@ pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
 pub use key::{KeyId, KeyRing, MasterKey};
 pub use manifest::{BackupKind, Compression, Details, Manifest, Skipped};
 pub use pg::PgTools;
+pub use pitr::{
+    ChainReport, Lsn, PitrRestore, RecoveryTarget, WalName, WalPushed, segment_name,
+    wal_fetch_command,
+};
 pub use progress::Progress;
 pub use repo::{
     Checked, DEFAULT_ZSTD_LEVEL, PruneGroup, PruneReport, Repository, RestoreTarget,

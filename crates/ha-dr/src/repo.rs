@@ -110,11 +110,11 @@ pub struct PruneGroup {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Repository {
-    store: Arc<dyn BackupStore>,
-    keys: KeyRing,
-    compress: Compress,
+    pub(crate) store: Arc<dyn BackupStore>,
+    pub(crate) keys: KeyRing,
+    pub(crate) compress: Compress,
     events: Option<(EventBus, NodeId)>,
-    progress: Option<Progress>,
+    pub(crate) progress: Option<Progress>,
     /// The newest backup of each source (kind, description) this repository has verified:
     /// prune never deletes it.
     verified: Arc<std::sync::Mutex<VerifiedBySource>>,
@@ -209,13 +209,13 @@ impl Repository {
         &self.keys
     }
 
-    fn publish(&self, event: impl FnOnce(SystemTime, NodeId) -> HaEvent) {
+    pub(crate) fn publish(&self, event: impl FnOnce(SystemTime, NodeId) -> HaEvent) {
         if let Some((bus, node)) = &self.events {
             bus.publish(event(SystemTime::now(), node.clone()));
         }
     }
 
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
         tokio::task::spawn_blocking(f)
@@ -471,7 +471,7 @@ impl Repository {
         })
     }
 
-    fn restored(&self, manifest: &Manifest, duration: Duration, publish: bool) {
+    pub(crate) fn restored(&self, manifest: &Manifest, duration: Duration, publish: bool) {
         metrics::histogram!(ha_core::metric::RESTORE_DURATION_SECONDS, "kind" => manifest.kind.as_str())
             .record(duration.as_secs_f64());
         tracing::info!(backup_id = %manifest.id, duration = ?duration, "restore completed");
@@ -713,7 +713,9 @@ impl Repository {
                 let (store, keys, id2) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
                 let progress = self.progress.clone();
                 let expected = match &manifest.details {
-                    Details::Dir { entries, .. } => Some(*entries),
+                    Details::Dir { entries, .. } | Details::PgBase { entries, .. } => {
+                        Some(*entries)
+                    }
                     _ => None,
                 };
                 Self::blocking(move || {
@@ -776,7 +778,9 @@ impl Repository {
         // Only authenticated manifests count: a forged one could otherwise pose as the
         // newest backup and have the real ones removed.
         let (mut manifests, unreadable) = self.list_authenticated().await?;
-        manifests.retain(|m| include(m));
+        // Archived WAL is not a backup of its own: calendar buckets would delete segments a
+        // kept base backup needs. It goes with the base backups (`prune_wal`).
+        manifests.retain(|m| m.kind != BackupKind::Wal && include(m));
         let mut groups: BTreeMap<(BackupKind, String), Vec<Manifest>> = BTreeMap::new();
         for m in manifests {
             groups
@@ -880,7 +884,7 @@ fn temp_database_name(target: &str, what: &str) -> Result<String> {
 fn check_structure(manifest: &Manifest, plain: &mut dyn Read) -> Result<String> {
     let id = manifest.id.as_str();
     match (&manifest.kind, &manifest.details) {
-        (BackupKind::Dir, details) => {
+        (BackupKind::Dir | BackupKind::PgBase, details) => {
             let got = source::check_tar(id, plain)?;
             check_entry_count(id, details, got)?;
             Ok(format!("{got} tar entries check out"))
@@ -914,7 +918,11 @@ fn check_entry_count(id: &str, details: &Details, got: u64) -> Result<()> {
             id,
             format!("the archive holds {got} entries, the manifest recorded {entries}"),
         )),
-        Details::Dir { .. } => Ok(()),
+        Details::PgBase { entries, .. } if *entries != got => Err(Error::corrupt(
+            id,
+            format!("the archive holds {got} entries, the manifest recorded {entries}"),
+        )),
+        Details::Dir { .. } | Details::PgBase { .. } => Ok(()),
         _ => Err(Error::corrupt(
             id,
             "a directory backup without its entry count",
@@ -971,7 +979,8 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
     let kind = reader.manifest().kind;
     let id = reader.manifest().id.to_string();
     let details = reader.manifest().details.clone();
-    check_target(target, kind == BackupKind::Dir, force)?;
+    let tree = matches!(kind, BackupKind::Dir | BackupKind::PgBase);
+    check_target(target, tree, force)?;
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -983,7 +992,7 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
         .unwrap_or_else(|| "target".into());
     let suffix: [u8; 6] = random_array()?;
     let temp = parent.join(format!(".ha-dr-restore-{name}-{}", hex::encode(suffix)));
-    let result = if kind == BackupKind::Dir {
+    let result = if tree {
         (|| {
             // Staged privately: the root gets its recorded mode once everything is in.
             fs::DirBuilder::new()
@@ -1048,7 +1057,7 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
 }
 
 /// Refuses a target that holds data, unless `force`.
-fn check_target(target: &Path, want_dir: bool, force: bool) -> Result<()> {
+pub(crate) fn check_target(target: &Path, want_dir: bool, force: bool) -> Result<()> {
     let refuse = |reason: &str| Error::TargetNotEmpty {
         target: target.display().to_string(),
         reason: reason.to_owned(),
@@ -1076,7 +1085,7 @@ fn check_target(target: &Path, want_dir: bool, force: bool) -> Result<()> {
 }
 
 /// Moves the verified `temp` to `target`, replacing what is there (already checked).
-fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
+pub(crate) fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
     match fs::symlink_metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("stat", target, e)),
@@ -1120,7 +1129,7 @@ fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
 }
 
 /// fsyncs every regular file and directory under `root`.
-fn sync_tree(root: &Path) -> Result<()> {
+pub(crate) fn sync_tree(root: &Path) -> Result<()> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {

@@ -510,7 +510,11 @@ fn tar_read_err(backup_id: &str, e: io::Error) -> Error {
 
 /// Refuses an entry that a restore would refuse: a path or hard link leaving the target,
 /// or a type other than file, directory, symlink or hard link.
-fn check_entry<R: Read>(backup_id: &str, entry: &tar::Entry<'_, R>, path: &Path) -> Result<()> {
+pub(crate) fn check_entry<R: Read>(
+    backup_id: &str,
+    entry: &tar::Entry<'_, R>,
+    path: &Path,
+) -> Result<()> {
     let shown = path.display().to_string();
     if !is_contained(path) {
         return Err(unsafe_entry(
@@ -548,7 +552,7 @@ fn check_entry<R: Read>(backup_id: &str, entry: &tar::Entry<'_, R>, path: &Path)
 
 /// What follows the end-of-archive marker must be zeros: anything else was not meant to be
 /// there.
-fn drain_zeros(backup_id: &str, input: &mut dyn Read) -> Result<()> {
+pub(crate) fn drain_zeros(backup_id: &str, input: &mut dyn Read) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match input.read(&mut buf) {
