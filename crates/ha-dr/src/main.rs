@@ -683,6 +683,15 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             // Prune acts on authenticated manifests only, so it needs the key.
             let repo = repo.open()?;
             let report = repo.prune(&policy, dry_run).await?;
+            if !as_json && !report.wal_removed.is_empty() {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                out(&format!(
+                    "archived WAL: {verb} {} files no kept base backup needs ({} .. {})",
+                    report.wal_removed.len(),
+                    report.wal_removed[0],
+                    report.wal_removed[report.wal_removed.len() - 1]
+                ))?;
+            }
             for u in &report.unreadable {
                 eprintln!(
                     "ha-dr: warning: left alone, manifest not accepted: {}: {}",

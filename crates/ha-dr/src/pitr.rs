@@ -99,6 +99,10 @@ pub enum WalName {
     BackupHistory {
         /// Timeline.
         timeline: u32,
+        /// High part of the segment number.
+        log: u32,
+        /// Low part.
+        seg: u32,
     },
 }
 
@@ -134,8 +138,8 @@ impl WalName {
         if let Some(stem) = name.strip_suffix(".backup") {
             let (segment, offset) = stem.split_once('.')?;
             hex8(offset)?;
-            let (timeline, _, _) = segment_parts(segment)?;
-            return Some(WalName::BackupHistory { timeline });
+            let (timeline, log, seg) = segment_parts(segment)?;
+            return Some(WalName::BackupHistory { timeline, log, seg });
         }
         None
     }
@@ -143,7 +147,9 @@ impl WalName {
     /// The segment number of a segment or partial segment, for segments of `segment_size`.
     fn segno(&self, segment_size: u64) -> Option<(u32, u64)> {
         match *self {
-            WalName::Segment { timeline, log, seg } | WalName::Partial { timeline, log, seg } => {
+            WalName::Segment { timeline, log, seg }
+            | WalName::Partial { timeline, log, seg }
+            | WalName::BackupHistory { timeline, log, seg } => {
                 let per_log = 0x1_0000_0000 / segment_size;
                 (u64::from(seg) < per_log)
                     .then(|| (timeline, u64::from(log) * per_log + u64::from(seg)))
@@ -898,6 +904,52 @@ fn check_chain(
     })
 }
 
+/// The archived WAL files no base backup in `kept` needs: segments, `.partial` segments
+/// and backup history files before the oldest start segment of `kept` (on any timeline).
+/// Timeline history files are always kept (they are tiny, and every later timeline switch
+/// reads them). Nothing when `kept` is empty: without a base backup nothing says which WAL
+/// will be needed. Only authenticated manifests are considered.
+pub(crate) fn wal_not_needed(
+    store: &dyn BackupStore,
+    keys: &KeyRing,
+    kept: &[Manifest],
+) -> Result<Vec<BackupId>> {
+    let index = WalIndex::load(store, keys)?;
+    let size = index.segment_size;
+    let oldest = kept
+        .iter()
+        .filter_map(|m| match &m.details {
+            Details::PgBase { start_lsn, .. } => start_lsn.parse::<Lsn>().ok(),
+            _ => None,
+        })
+        .map(|lsn| lsn.0 / size)
+        .min();
+    let Some(oldest) = oldest else {
+        return Ok(Vec::new());
+    };
+    let mut doomed = Vec::new();
+    for id in store.list()? {
+        let Some(parsed) = id
+            .as_str()
+            .strip_prefix(WAL_PREFIX)
+            .and_then(WalName::parse)
+        else {
+            continue;
+        };
+        let Some((_, segno)) = parsed.segno(size) else {
+            continue;
+        };
+        let authentic = store
+            .get_manifest(&id)
+            .and_then(|bytes| Manifest::open(&bytes, &id, keys))
+            .is_ok_and(|m| m.kind == BackupKind::Wal);
+        if segno < oldest && authentic {
+            doomed.push(id);
+        }
+    }
+    Ok(doomed)
+}
+
 /// Reads a whole object, so every segment and the SHA-256 are checked.
 fn verify_object(store: &dyn BackupStore, keys: &KeyRing, id: &BackupId) -> Result<()> {
     let mut reader = BackupReader::open(store, keys, id)?;
@@ -1244,7 +1296,11 @@ mod tests {
         );
         assert_eq!(
             WalName::parse("000000010000000000000002.00000028.backup"),
-            Some(WalName::BackupHistory { timeline: 1 })
+            Some(WalName::BackupHistory {
+                timeline: 1,
+                log: 0,
+                seg: 2
+            })
         );
         assert!(matches!(
             WalName::parse("000000020000000100000005.partial"),

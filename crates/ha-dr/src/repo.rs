@@ -76,6 +76,9 @@ pub struct PruneReport {
     /// Backups whose manifest did not authenticate with this key ring: neither counted nor
     /// removed.
     pub unreadable: Vec<Unreadable>,
+    /// Archived WAL files removed (or, on a dry run, that would be) because no kept base
+    /// backup needs them.
+    pub wal_removed: Vec<BackupId>,
     /// Whether this was a dry run.
     pub dry_run: bool,
 }
@@ -778,9 +781,15 @@ impl Repository {
         // Only authenticated manifests count: a forged one could otherwise pose as the
         // newest backup and have the real ones removed.
         let (mut manifests, unreadable) = self.list_authenticated().await?;
+        let bases: Vec<Manifest> = manifests
+            .iter()
+            .filter(|m| m.kind == BackupKind::PgBase)
+            .cloned()
+            .collect();
         // Archived WAL is not a backup of its own: calendar buckets would delete segments a
-        // kept base backup needs. It goes with the base backups (`prune_wal`).
+        // kept base backup needs. It goes when no kept base backup needs it (below).
         manifests.retain(|m| m.kind != BackupKind::Wal && include(m));
+        let prunes_bases = manifests.iter().any(|m| m.kind == BackupKind::PgBase);
         let mut groups: BTreeMap<(BackupKind, String), Vec<Manifest>> = BTreeMap::new();
         for m in manifests {
             groups
@@ -813,22 +822,41 @@ impl Repository {
             .iter()
             .flat_map(|g| g.decisions.iter().filter(|d| !d.keep).map(|d| d.id.clone()))
             .collect();
-        let removed = if dry_run {
+        let wal_doomed = if prunes_bases {
+            let kept: Vec<Manifest> = bases
+                .into_iter()
+                .filter(|m| !doomed.contains(&m.id))
+                .collect();
+            let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
+            Self::blocking(move || crate::pitr::wal_not_needed(&*store, &keys, &kept)).await?
+        } else {
             Vec::new()
+        };
+        let (removed, wal_removed) = if dry_run {
+            (Vec::new(), wal_doomed)
         } else {
             let store = Arc::clone(&self.store);
             Self::blocking(move || {
-                for id in &doomed {
+                // Base backups first: WAL goes only once nothing that needs it remains.
+                for id in doomed.iter().chain(&wal_doomed) {
                     store.delete(id)?;
                 }
                 store.cleanup(Duration::from_secs(24 * 3600))?;
-                Ok(doomed)
+                Ok((doomed, wal_doomed))
             })
             .await?
         };
+        if !wal_removed.is_empty() {
+            tracing::info!(
+                files = wal_removed.len(),
+                dry_run,
+                "archived WAL no kept base backup needs pruned"
+            );
+        }
         Ok(PruneReport {
             groups,
             removed,
+            wal_removed,
             unreadable,
             dry_run,
         })

@@ -110,6 +110,17 @@ impl Archive {
         id.trim().to_owned()
     }
 
+    /// The ids of the base backups in the store, oldest first (as `list` orders them).
+    fn base_backup_ids(&self) -> Vec<String> {
+        let listed = ok(&["list", "--store", s(&self.store)]);
+        listed
+            .lines()
+            .filter_map(|line| line.split('\t').next())
+            .filter(|id| id.starts_with("pg_base-"))
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn archived(&self, name: &str) -> bool {
         self.store.join(format!("wal-{name}.manifest")).exists()
     }
@@ -270,8 +281,13 @@ async fn latest_restores_every_archived_commit_after_the_primary_is_gone() {
         )
         .await
         .unwrap();
-    let base = archive.base_backup(&primary);
+    let first_base = archive.base_backup(&primary);
+    let mut segments = Vec::new();
+    let mut second_base = String::new();
     for batch in 0..3i64 {
+        if batch == 1 {
+            second_base = archive.base_backup(&primary);
+        }
         primary
             .execute(&format!(
                 "INSERT INTO t SELECT generate_series({}, {})",
@@ -280,18 +296,37 @@ async fn latest_restores_every_archived_commit_after_the_primary_is_gone() {
             ))
             .await
             .unwrap();
-        archive.switch_and_wait(&primary).await;
+        segments.push(archive.switch_and_wait(&primary).await);
     }
     primary
         .execute("INSERT INTO t VALUES (1000)")
         .await
         .unwrap();
     archive.switch_and_wait(&primary).await;
+    assert_eq!(
+        archive.base_backup_ids(),
+        vec![first_base, second_base.clone()]
+    );
+
+    // Retention: the older base backup goes, and with it the WAL only it needed; the WAL
+    // the kept one needs stays (its chain still verifies, and it restores below).
+    let pruned = archive.ok("prune", &["--keep-last", "1"]);
+    assert!(pruned.contains("archived WAL: removed"), "{pruned}");
+    assert_eq!(archive.base_backup_ids(), vec![second_base.clone()]);
+    assert!(
+        !archive.archived(&segments[0]),
+        "{} is needed by no kept base",
+        segments[0]
+    );
+    assert!(archive.archived(&segments[1]));
+    let chain = archive.ok("verify", &["--chain"]);
+    assert!(chain.contains(&format!("ok {second_base}")), "{chain}");
+
     // The primary is lost, data directory and all.
     primary.kill().unwrap();
     std::fs::remove_dir_all(primary.data_dir()).unwrap();
 
-    let dir = archive.restore(&base, "latest", &["--latest"]);
+    let dir = archive.restore(&second_base, "latest", &["--latest"]);
     let restored = start_restored(&dir).await;
     let mut want = range(1, 200);
     want.push(1000);
