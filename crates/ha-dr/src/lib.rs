@@ -172,6 +172,7 @@ pub mod schedule;
 pub mod source;
 pub mod store;
 pub mod testing;
+pub mod wal_rpo;
 
 pub use error::{Error, Result};
 pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
@@ -194,3 +195,4 @@ pub use schedule::{
 };
 pub use source::{ConfigSnapshot, Source};
 pub use store::{BackupStore, DataWriter, LocalStore};
+pub use wal_rpo::{WalRpoConfig, WalRpoMonitor, WalRpoStatus};

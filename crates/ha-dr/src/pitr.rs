@@ -18,7 +18,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use ha_core::HaEvent;
 use ring::digest;
 use serde::Serialize;
 
@@ -997,107 +996,56 @@ impl Repository {
     /// stdout, no WAL: the WAL comes from the archive, which must be set up with
     /// [`wal_push`](Self::wal_push)). `pg_basebackup` waits until the WAL the backup needs is
     /// archived. The manifest records the backup label, the start and stop WAL positions,
-    /// the timeline and the system identifier.
+    /// the timeline and the system identifier. The same as [`backup`](Self::backup) of
+    /// [`Source::pg_base`](crate::Source::pg_base) (events, metrics), which is how the
+    /// scheduler takes them.
     pub async fn backup_pg_base(
         &self,
         url: &str,
         tools: &PgTools,
         tags: &[String],
     ) -> Result<Manifest> {
-        let id = BackupId::generate(BackupKind::PgBase.as_str(), SystemTime::now())?;
-        let (store, key) = (Arc::clone(&self.store), self.keys.writer().clone());
-        let (compress, progress) = (self.compress, self.progress.clone());
-        let (tools, url, tags) = (tools.clone(), url.to_owned(), tags.to_vec());
-        let result = Self::blocking(move || {
-            let mut command = tools.connecting("pg_basebackup", &url);
-            command
-                .args(["-D", "-", "-F", "t", "-X", "none", "-c", "fast", "-l"])
-                .arg(format!("ha-dr {id}"))
-                .stdout(Stdio::piped())
-                .stdin(Stdio::null());
-            if std::env::var_os("PGCONNECT_TIMEOUT").is_none() {
-                command.env("PGCONNECT_TIMEOUT", "10");
+        self.backup(&crate::Source::pg_base(url, tools.clone()), tags)
+            .await
+    }
+
+    /// The newest archived WAL segment (or `.partial`) and when it was archived: of the
+    /// highest segment of each timeline, the one archived last (so an abandoned timeline
+    /// does not hide a primary that stopped archiving, nor the reverse). Manifests
+    /// authenticated; `None` when nothing is archived.
+    pub async fn newest_wal(&self) -> Result<Option<(String, SystemTime)>> {
+        let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
+        Self::blocking(move || {
+            let mut top: BTreeMap<u32, ((u32, u32), BackupId)> = BTreeMap::new();
+            for id in store.list()? {
+                let parsed = id
+                    .as_str()
+                    .strip_prefix(WAL_PREFIX)
+                    .and_then(WalName::parse);
+                let (WalName::Segment { timeline, log, seg }
+                | WalName::Partial { timeline, log, seg }) = (match parsed {
+                    Some(p) => p,
+                    None => continue,
+                })
+                else {
+                    continue;
+                };
+                let entry = top.entry(timeline).or_insert(((log, seg), id.clone()));
+                if (log, seg) > entry.0 {
+                    *entry = ((log, seg), id);
+                }
             }
-            let described = crate::pg::redact(&url);
-            write_object(
-                &*store,
-                &key,
-                compress,
-                progress,
-                &id,
-                BackupKind::PgBase,
-                described,
-                tags,
-                |writer| {
-                    let mut child = ChildGuard::spawn(command, "pg_basebackup")?;
-                    let stdout = child.child_mut().and_then(|c| c.stdout.take());
-                    let Some(stdout) = stdout else {
-                        return Err(Error::Task("pg_basebackup has no stdout".into()));
-                    };
-                    let scanned = scan_base_tar(
-                        id.as_str(),
-                        &mut Tee {
-                            inner: stdout,
-                            out: writer,
-                        },
-                    );
-                    // The child's own failure explains a broken stream best.
-                    child.wait()?;
-                    let facts = scanned?;
-                    let missing = |what: &str| Error::Command {
-                        program: "pg_basebackup".into(),
-                        detail: format!("its tar stream holds no {what}"),
-                    };
-                    let label = facts.label.ok_or_else(|| missing("backup_label"))?;
-                    let (start, timeline) =
-                        parse_label(&label).ok_or_else(|| missing("readable backup_label"))?;
-                    let stop = facts
-                        .manifest
-                        .as_deref()
-                        .and_then(parse_stop)
-                        .ok_or_else(|| missing("backup_manifest with WAL-Ranges"))?;
-                    let system_identifier = facts
-                        .system_identifier
-                        .ok_or_else(|| missing("global/pg_control"))?;
-                    Ok(Details::PgBase {
-                        entries: facts.entries,
-                        start_lsn: start.to_string(),
-                        stop_lsn: stop.to_string(),
-                        timeline,
-                        system_identifier,
-                        label,
-                    })
-                },
-            )
+            let mut newest: Option<(String, SystemTime)> = None;
+            for (_, id) in top.into_values() {
+                let manifest = Manifest::open(&store.get_manifest(&id)?, &id, &keys)?;
+                let name = id.as_str().trim_start_matches(WAL_PREFIX).to_owned();
+                if newest.as_ref().is_none_or(|(_, at)| manifest.created > *at) {
+                    newest = Some((name, manifest.created));
+                }
+            }
+            Ok(newest)
         })
-        .await;
-        match &result {
-            Ok(m) => {
-                metrics::counter!(ha_core::metric::BACKUPS_TOTAL, "kind" => "pg_base", "outcome" => "success").increment(1);
-                metrics::histogram!(ha_core::metric::BACKUP_DURATION_SECONDS, "kind" => "pg_base")
-                    .record(m.duration.as_secs_f64());
-                tracing::info!(backup_id = %m.id, bytes = m.stored_bytes, "base backup completed");
-                self.publish(|at, node| HaEvent::BackupCompleted {
-                    at,
-                    node,
-                    backup_id: m.id.to_string(),
-                    kind: "pg_base".into(),
-                    bytes: m.stored_bytes,
-                    duration: m.duration,
-                });
-            }
-            Err(e) => {
-                metrics::counter!(ha_core::metric::BACKUPS_TOTAL, "kind" => "pg_base", "outcome" => "failure").increment(1);
-                tracing::warn!(error = %e, "base backup failed");
-                self.publish(|at, node| HaEvent::BackupFailed {
-                    at,
-                    node,
-                    kind: "pg_base".into(),
-                    reason: e.to_string(),
-                });
-            }
-        }
-        result
+        .await
     }
 
     /// Proves, for every base backup in the store, that the archived WAL from its start to
@@ -1214,6 +1162,82 @@ impl Repository {
             ),
         })
     }
+}
+
+/// `pg_basebackup` into the store (events and metrics are the caller's).
+pub(crate) async fn base_backup(
+    repo: &Repository,
+    url: &str,
+    tools: &PgTools,
+    tags: &[String],
+) -> Result<Manifest> {
+    let id = BackupId::generate(BackupKind::PgBase.as_str(), SystemTime::now())?;
+    let (store, key) = (Arc::clone(&repo.store), repo.keys.writer().clone());
+    let (compress, progress) = (repo.compress, repo.progress.clone());
+    let (tools, url, tags) = (tools.clone(), url.to_owned(), tags.to_vec());
+    Repository::blocking(move || {
+        let mut command = tools.connecting("pg_basebackup", &url);
+        command
+            .args(["-D", "-", "-F", "t", "-X", "none", "-c", "fast", "-l"])
+            .arg(format!("ha-dr {id}"))
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        if std::env::var_os("PGCONNECT_TIMEOUT").is_none() {
+            command.env("PGCONNECT_TIMEOUT", "10");
+        }
+        let described = crate::pg::redact(&url);
+        write_object(
+            &*store,
+            &key,
+            compress,
+            progress,
+            &id,
+            BackupKind::PgBase,
+            described,
+            tags,
+            |writer| {
+                let mut child = ChildGuard::spawn(command, "pg_basebackup")?;
+                let stdout = child.child_mut().and_then(|c| c.stdout.take());
+                let Some(stdout) = stdout else {
+                    return Err(Error::Task("pg_basebackup has no stdout".into()));
+                };
+                let scanned = scan_base_tar(
+                    id.as_str(),
+                    &mut Tee {
+                        inner: stdout,
+                        out: writer,
+                    },
+                );
+                // The child's own failure explains a broken stream best.
+                child.wait()?;
+                let facts = scanned?;
+                let missing = |what: &str| Error::Command {
+                    program: "pg_basebackup".into(),
+                    detail: format!("its tar stream holds no {what}"),
+                };
+                let label = facts.label.ok_or_else(|| missing("backup_label"))?;
+                let (start, timeline) =
+                    parse_label(&label).ok_or_else(|| missing("readable backup_label"))?;
+                let stop = facts
+                    .manifest
+                    .as_deref()
+                    .and_then(parse_stop)
+                    .ok_or_else(|| missing("backup_manifest with WAL-Ranges"))?;
+                let system_identifier = facts
+                    .system_identifier
+                    .ok_or_else(|| missing("global/pg_control"))?;
+                Ok(Details::PgBase {
+                    entries: facts.entries,
+                    start_lsn: start.to_string(),
+                    stop_lsn: stop.to_string(),
+                    timeline,
+                    system_identifier,
+                    label,
+                })
+            },
+        )
+    })
+    .await
 }
 
 /// Extracts base backup `id` beside `target`, adds the recovery settings, fsyncs and renames

@@ -278,6 +278,9 @@ impl Repository {
     }
 
     async fn backup_inner(&self, source: &Source, tags: &[String]) -> Result<Manifest> {
+        if let Source::PgBase { url, tools } = source {
+            return crate::pitr::base_backup(self, url, tools, tags).await;
+        }
         let created = SystemTime::now();
         let clock = Instant::now();
         let kind = source.kind();
@@ -312,6 +315,9 @@ impl Repository {
                     }
                     child.wait()?;
                     Details::Postgres { table_rows }
+                }
+                Source::PgBase { .. } => {
+                    return Err(Error::Task("base backups are taken by pitr".into()));
                 }
             };
             Ok((writer.finish()?, details))

@@ -477,3 +477,71 @@ fn wal_push_and_fetch_speak_postgres_protocol() {
     let out = ha_dr(&["wal-fetch", "--no-such-flag", name, s(&tampered)]);
     assert_eq!(out.status.code(), Some(255));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_rpo_breaches_when_archiving_stops_and_recovers_with_a_new_segment() {
+    use ha_core::{Component, ComponentContext, HaEvent};
+    use ha_dr::{KeyRing, LocalStore, MasterKey, Repository, WalRpoConfig, WalRpoMonitor};
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::new(
+        LocalStore::open(dir.path().join("store")).unwrap(),
+        KeyRing::new(MasterKey::generate().unwrap()),
+    );
+    let rpo = Duration::from_millis(1500);
+    let monitor = WalRpoMonitor::new(
+        repo.clone(),
+        WalRpoConfig {
+            rpo,
+            check_interval: Duration::from_millis(50),
+        },
+    )
+    .unwrap();
+    let push = |segno: u64| {
+        let path = dir.path().join(format!("00000001000000000000000{segno}"));
+        std::fs::write(&path, segment(segno, 0)).unwrap();
+        path
+    };
+    repo.wal_push(&push(3)).await.unwrap();
+    let ctx = ComponentContext::standalone("n1");
+    let mut events = ctx.bus.subscribe();
+    monitor.start(ctx).await.unwrap();
+
+    let started = Instant::now();
+    let breach = loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("an RpoBreached within 10 s")
+            .unwrap();
+        if let HaEvent::RpoBreached {
+            kind,
+            since_last_backup,
+            ..
+        } = event
+        {
+            break (kind, since_last_backup);
+        }
+    };
+    assert_eq!(breach.0, "wal");
+    assert!(breach.1.is_some_and(|age| age > rpo), "{breach:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let status = monitor.status();
+    assert!(status.breached);
+    assert_eq!(status.newest.as_deref(), Some("000000010000000000000003"));
+
+    // Archiving resumes: the next check sees the new segment and the breach ends.
+    repo.wal_push(&push(4)).await.unwrap();
+    let resumed = Instant::now();
+    while monitor.status().breached {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(10),
+            "breach never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        monitor.status().newest.as_deref(),
+        Some("000000010000000000000004")
+    );
+    monitor.stop().await.unwrap();
+}
