@@ -11,7 +11,9 @@ command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     missing+=(postgresql)
 fi
+# pg_dump/pg_restore for ha-dr's database backups, pg_basebackup for its PITR base backups.
 command -v pg_dump >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v pg_basebackup >/dev/null 2>&1 || missing+=(postgresql-client)
 if ((${#missing[@]})); then
     echo "scripts/test.sh: installing ${missing[*]}"
     sudo=""
