@@ -341,6 +341,15 @@ fn main() -> ExitCode {
 
 /// Runs `wal-fetch` with PostgreSQL's exit statuses.
 fn wal_fetch(repo: &RepoArgs, name: &str, path: &std::path::Path) -> ExitCode {
+    // A store path that is not there is a mistake in the restore_command, not an archive
+    // without this file: answering "not archived" would end recovery at the base backup.
+    if !repo.store.is_dir() {
+        fail(&format!(
+            "refusing to hand over {name}: the store {} is not a directory",
+            repo.store.display()
+        ));
+        return ExitCode::from(ABORT_RECOVERY);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -473,9 +473,22 @@ fn wal_push_and_fetch_speak_postgres_protocol() {
         2,
         "no temporary file left"
     );
-    // A broken command line must not read as "not archived" either.
+    // A broken command line or a store that is not there must not read as "not archived"
+    // either: PostgreSQL would end recovery early and promote.
     let out = ha_dr(&["wal-fetch", "--no-such-flag", name, s(&tampered)]);
     assert_eq!(out.status.code(), Some(255));
+    let nowhere = archive.dir.path().join("no-such-store");
+    let out = ha_dr(&[
+        "wal-fetch",
+        "--store",
+        s(&nowhere),
+        "--key-file",
+        s(&archive.key),
+        name,
+        s(&tampered),
+    ]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(!nowhere.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
