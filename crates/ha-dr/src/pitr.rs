@@ -1302,7 +1302,110 @@ fn restore_tree(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    const MIB16: u64 = 16 << 20;
+
+    /// An index of timeline-1 segments `present` (16 MiB) with no history files.
+    fn index_of(present: &BTreeSet<u64>) -> WalIndex {
+        let key = MasterKey::from_bytes([9; 32]);
+        let mut segments = BTreeMap::new();
+        for &n in present {
+            let name = segment_name(1, n, MIB16);
+            let mut m = crate::manifest::tests::sample(&format!("wal-{name}"), &key);
+            m.kind = BackupKind::Wal;
+            m.plaintext_bytes = MIB16;
+            m.details = Details::Wal {
+                name,
+                system_identifier: Some(42),
+            };
+            segments.insert((1, n), m);
+        }
+        WalIndex {
+            segment_size: MIB16,
+            segments,
+            histories: BTreeMap::new(),
+        }
+    }
+
+    fn base(start_seg: u64, stop_seg: u64) -> Manifest {
+        let key = MasterKey::from_bytes([9; 32]);
+        let mut m = crate::manifest::tests::sample("pg_base-x", &key);
+        m.kind = BackupKind::PgBase;
+        m.details = Details::PgBase {
+            entries: 1,
+            start_lsn: Lsn(start_seg * MIB16 + 0x28).to_string(),
+            stop_lsn: Lsn(stop_seg * MIB16 + 0x100).to_string(),
+            timeline: 1,
+            system_identifier: 42,
+            label: String::new(),
+        };
+        m
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever segments are present, the chain from a base backup is complete exactly
+        /// when no segment from its start to the newest is missing, and a broken chain names
+        /// the first missing segment.
+        #[test]
+        fn the_chain_names_the_first_missing_segment(
+            start in 0u64..40,
+            stop_after in 0u64..3,
+            present in proptest::collection::btree_set(0u64..60, 0..60),
+        ) {
+            let stop = start + stop_after;
+            let index = index_of(&present);
+            // One timeline: the store is never read (only history files are).
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::LocalStore::open(dir.path().join("store")).unwrap();
+            let keys = KeyRing::new(MasterKey::from_bytes([9; 32]));
+            let result = check_chain(&store, &keys, &index, &base(start, stop), Need::Newest, &mut |_| Ok(()));
+            let newest = present.iter().copied().max().unwrap_or(start).max(stop);
+            let first_missing = (start..=newest).find(|n| !present.contains(n));
+            match (result, first_missing) {
+                (Ok(report), None) => {
+                    prop_assert_eq!(report.segments, newest - start + 1);
+                    prop_assert_eq!(report.first, segment_name(1, start, MIB16));
+                    prop_assert_eq!(report.last, segment_name(1, newest, MIB16));
+                }
+                (Err(Error::WalChain { missing, .. }), Some(n)) => {
+                    prop_assert_eq!(missing, Some(segment_name(1, n, MIB16)));
+                }
+                (other, want) => prop_assert!(false, "{:?} but first missing {:?}", other.map(|r| r.last), want),
+            }
+        }
+
+        #[test]
+        fn lsns_round_trip(value in any::<u64>()) {
+            prop_assert_eq!(Lsn(value).to_string().parse::<Lsn>().unwrap(), Lsn(value));
+        }
+
+        #[test]
+        fn segment_names_round_trip(
+            timeline in 1u32..,
+            shift in 20u32..=30,
+            segno in any::<u64>(),
+        ) {
+            let size = 1u64 << shift;
+            // Segment numbers are bounded by the 64-bit WAL address space.
+            let segno = segno % (u64::MAX / size);
+            let name = segment_name(timeline, segno, size);
+            let parsed = WalName::parse(&name).unwrap();
+            prop_assert_eq!(parsed.segno(size), Some((timeline, segno)));
+        }
+
+        /// The parser never panics, and what it accepts is named exactly one way.
+        #[test]
+        fn wal_names_parse_totally(name in "[0-9A-Fa-f.a-z]{0,40}") {
+            if let Some(WalName::Segment { timeline, log, seg }) = WalName::parse(&name) {
+                prop_assert_eq!(format!("{timeline:08X}{log:08X}{seg:08X}"), name);
+            }
+        }
+    }
 
     #[test]
     fn wal_names_parse() {
