@@ -850,14 +850,37 @@ fn check_chain(
     let end = match need {
         Need::Newest => newest_seg,
         Need::Lsn(lsn) => lsn.0 / size,
-        Need::Time(t) => (stop_seg..=newest_seg)
-            .find(|n| {
+        Need::Time(t) => {
+            let reaching = (stop_seg..=newest_seg).find(|n| {
                 index
                     .segments
                     .get(&(timeline_of(*n), *n))
                     .is_some_and(|m| m.created >= t)
-            })
-            .unwrap_or(newest_seg),
+            });
+            match (
+                reaching,
+                index.segments.get(&(timeline_of(newest_seg), newest_seg)),
+            ) {
+                (Some(n), _) => n,
+                // Every archived record is older than T: recovery could never find the
+                // first commit after it and would fail once the WAL ran out.
+                (None, Some(newest)) => {
+                    return Err(broken(
+                        None,
+                        format!(
+                            "no archived WAL reaches the target time {}: the newest segment, \
+                             {}, was archived at {}; switch WAL on the server \
+                             (SELECT pg_switch_wal()) and let it be archived, or restore \
+                             --latest",
+                            humantime::format_rfc3339_micros(t),
+                            segment_name(timeline_of(newest_seg), newest_seg, size),
+                            humantime::format_rfc3339_micros(newest.created)
+                        ),
+                    ));
+                }
+                (None, None) => newest_seg,
+            }
+        }
     }
     .max(stop_seg);
     let mut timelines = Vec::new();
@@ -1343,6 +1366,35 @@ mod tests {
             label: String::new(),
         };
         m
+    }
+
+    #[test]
+    fn a_target_time_past_every_archived_segment_is_refused() {
+        let present: BTreeSet<u64> = (3..=6).collect();
+        let index = index_of(&present);
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::LocalStore::open(dir.path().join("store")).unwrap();
+        let keys = KeyRing::new(MasterKey::from_bytes([9; 32]));
+        // The sample manifests were all archived at the same instant.
+        let archived = index.segments[&(1, 6)].created;
+        let check = |t| {
+            check_chain(
+                &store,
+                &keys,
+                &index,
+                &base(3, 3),
+                Need::Time(t),
+                &mut |_| Ok(()),
+            )
+        };
+        let report = check(archived).unwrap();
+        assert_eq!(
+            report.last,
+            segment_name(1, 3, MIB16),
+            "the first archived at or after T"
+        );
+        let err = check(archived + std::time::Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("no archived WAL reaches"), "{err}");
     }
 
     proptest! {

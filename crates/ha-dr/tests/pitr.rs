@@ -284,6 +284,7 @@ async fn latest_restores_every_archived_commit_after_the_primary_is_gone() {
     let first_base = archive.base_backup(&primary);
     let mut segments = Vec::new();
     let mut second_base = String::new();
+    let mut lsn = String::new();
     for batch in 0..3i64 {
         if batch == 1 {
             second_base = archive.base_backup(&primary);
@@ -296,6 +297,13 @@ async fn latest_restores_every_archived_commit_after_the_primary_is_gone() {
             ))
             .await
             .unwrap();
+        if batch == 1 {
+            // Just past the commit of 101..150.
+            lsn = primary
+                .query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+                .await
+                .unwrap();
+        }
         segments.push(archive.switch_and_wait(&primary).await);
     }
     primary
@@ -331,6 +339,13 @@ async fn latest_restores_every_archived_commit_after_the_primary_is_gone() {
     let mut want = range(1, 200);
     want.push(1000);
     assert_eq!(rows(&restored, "t").await, want, "every archived commit");
+    drop(restored);
+
+    // To a WAL position: the commits before it, on timeline 1 (before the point where the
+    // restore above branched off timeline 2).
+    let dir = archive.restore(&second_base, "at-lsn", &["--target-lsn", &lsn]);
+    let at_lsn = start_restored(&dir).await;
+    assert_eq!(rows(&at_lsn, "t").await, range(1, 150));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
