@@ -526,6 +526,9 @@ fn push_blocking(
         .to_owned();
     let parsed = WalName::parse(&name).ok_or_else(|| bad_name(&name))?;
     let id = wal_id(&name)?;
+    // Two writers of one name (say two clusters set up with one store) must not both find
+    // it absent and both write: on a local store, check and write run under a lock.
+    let _lock = store.local_dir().map(lock_pushes).transpose()?;
     match store.get_manifest(&id) {
         Ok(bytes) => {
             // Archived before (PostgreSQL retries a push whose exit it did not see): the same
@@ -587,6 +590,20 @@ fn push_blocking(
         },
     )?;
     Ok(WalPushed::Stored(manifest))
+}
+
+/// An exclusive lock on `<store>/.wal-push.lock`, released on drop (or process death).
+fn lock_pushes(root: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    let path = root.join(".wal-push.lock");
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| Error::io("lock", &path, io::Error::from(errno)))
 }
 
 /// Fetches archived file `name` to `dest` (blocking): verified completely into a temporary

@@ -573,3 +573,37 @@ async fn wal_rpo_breaches_when_archiving_stops_and_recovers_with_a_new_segment()
     );
     monitor.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_of_one_name_with_different_bytes_store_exactly_one() {
+    use ha_dr::{KeyRing, LocalStore, MasterKey, Repository};
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::new(
+        LocalStore::open(dir.path().join("store")).unwrap(),
+        KeyRing::new(MasterKey::generate().unwrap()),
+    );
+    let name = "000000010000000000000005";
+    let mut pushes = Vec::new();
+    for writer in 0..4u8 {
+        let own = dir.path().join(format!("writer-{writer}"));
+        std::fs::create_dir(&own).unwrap();
+        let path = own.join(name);
+        std::fs::write(&path, segment(5, writer + 1)).unwrap();
+        let repo = repo.clone();
+        pushes.push(tokio::spawn(async move { repo.wal_push(&path).await }));
+    }
+    let mut stored = 0;
+    for push in pushes {
+        match push.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(e) => assert!(e.to_string().contains("never overwritten"), "{e}"),
+        }
+    }
+    assert_eq!(stored, 1, "one writer wins, the others are refused");
+    // What is archived is whole: one writer's bytes, authenticated end to end.
+    let back = dir.path().join("back");
+    repo.wal_fetch(name, &back).await.unwrap();
+    let bytes = std::fs::read(&back).unwrap();
+    assert!((1..=4).any(|fill| bytes == segment(5, fill)));
+}
