@@ -400,6 +400,20 @@ async fn a_gap_in_the_archive_is_named_and_refused() {
         })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A segment that is there but does not authenticate breaks the chain too.
+    let data = archive.store.join(format!("wal-{}.data", segments[0]));
+    let mut bytes = std::fs::read(&data).unwrap();
+    let at = bytes.len() - 20;
+    bytes[at] ^= 0x40;
+    std::fs::write(&data, &bytes).unwrap();
+    let out = archive.run("verify", &["--chain"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("wal-{}", segments[0])) && stdout.contains("tampered"),
+        "{stdout}"
+    );
 }
 
 /// A synthetic 16 MiB segment whose first page header matches `segno`.
