@@ -853,14 +853,18 @@ fn check_chain(
             .find(|s| s.begin <= n)
             .map_or(1, |s| s.timeline)
     };
+    // The newest segment PostgreSQL would read on this path: a segment of an older timeline
+    // past the point where a newer one branched off (the old primary kept writing, or a
+    // restore branched off a branch) is not on the path.
     let newest_seg = path
         .iter()
         .filter_map(|s| {
             index
                 .segments
                 .range((s.timeline, s.begin)..=(s.timeline, s.end.unwrap_or(u64::MAX)))
-                .next_back()
+                .rev()
                 .map(|((_, n), _)| *n)
+                .find(|n| timeline_of(*n) == s.timeline)
         })
         .max()
         .unwrap_or(start_seg);
@@ -1383,6 +1387,75 @@ mod tests {
             label: String::new(),
         };
         m
+    }
+
+    /// Timeline 2 branched off 1 in segment 9; timeline 3 branched off the 1-then-2 path at
+    /// an earlier point, in segment 6 (a restore to a time before the first branch): the
+    /// path to 3 reads 1 up to segment 5 and 3 from 6 on, and neither 1's segments past 5
+    /// nor 2's are on it.
+    #[test]
+    fn the_chain_follows_a_branch_of_a_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::LocalStore::open(dir.path().join("store")).unwrap();
+        let key = MasterKey::from_bytes([9; 32]);
+        let keys = KeyRing::new(key.clone());
+        let history = write_object(
+            &store,
+            &key,
+            Compress {
+                level: 0,
+                workers: 0,
+            },
+            None,
+            &wal_id("00000003.history").unwrap(),
+            BackupKind::Wal,
+            WAL_SOURCE.into(),
+            Vec::new(),
+            |w| {
+                let text = format!(
+                    "1\t{}\tone\n2\t{}\ttwo\n",
+                    Lsn(9 * MIB16 + 0x80),
+                    Lsn(6 * MIB16 + 0x80)
+                );
+                w.write_all(text.as_bytes()).unwrap();
+                Ok(Details::Wal {
+                    name: "00000003.history".into(),
+                    system_identifier: None,
+                })
+            },
+        )
+        .unwrap();
+        let mut index = index_of(&(0..=9).collect());
+        let on = |timeline: u32, n: u64| {
+            let name = segment_name(timeline, n, MIB16);
+            let mut m = crate::manifest::tests::sample(&format!("wal-{name}"), &key);
+            m.kind = BackupKind::Wal;
+            m.details = Details::Wal {
+                name,
+                system_identifier: Some(42),
+            };
+            ((timeline, n), m)
+        };
+        index
+            .segments
+            .extend([on(2, 9), on(2, 10), on(3, 6), on(3, 7)]);
+        index.histories.insert(3, history);
+        let check = |index: &WalIndex| {
+            check_chain(&store, &keys, index, &base(1, 1), Need::Newest, &mut |_| {
+                Ok(())
+            })
+        };
+        let report = check(&index).unwrap();
+        assert_eq!(report.timelines, vec![1, 3]);
+        assert_eq!(report.last, "000000030000000000000007");
+        assert_eq!(report.segments, 7);
+        index.segments.remove(&(3, 6));
+        match check(&index) {
+            Err(Error::WalChain { missing, .. }) => {
+                assert_eq!(missing.as_deref(), Some("000000030000000000000006"));
+            }
+            other => panic!("{:?}", other.map(|r| r.last)),
+        }
     }
 
     #[test]

@@ -346,6 +346,32 @@ async fn latest_restores_every_archived_commit_after_the_primary_is_gone() {
     let dir = archive.restore(&second_base, "at-lsn", &["--target-lsn", &lsn]);
     let at_lsn = start_restored(&dir).await;
     assert_eq!(rows(&at_lsn, "t").await, range(1, 150));
+
+    // A base backup that does not authenticate leaves nothing behind: no data directory
+    // that could be started by mistake, no staging directory.
+    let data = archive.store.join(format!("{second_base}.data"));
+    let mut bytes = std::fs::read(&data).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x08;
+    std::fs::write(&data, &bytes).unwrap();
+    let target = archive.dir.path().join("from-tampered");
+    let out = archive.run(
+        "restore",
+        &["--pg-base", &second_base, "--to", s(&target), "--latest"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tampered"), "{stderr}");
+    assert!(!target.exists());
+    let staged = std::fs::read_dir(archive.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".ha-dr-restore")
+        });
+    assert!(!staged, "a staging directory was left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
