@@ -11,7 +11,9 @@ command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     missing+=(postgresql)
 fi
+# pg_dump/pg_restore for ha-dr's database backups, pg_basebackup for its PITR base backups.
 command -v pg_dump >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v pg_basebackup >/dev/null 2>&1 || missing+=(postgresql-client)
 # libfaketime steps a running PostgreSQL server's wall clock (ha-election's clock-step tests).
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(libfaketime)
 if ((${#missing[@]})); then

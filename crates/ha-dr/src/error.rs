@@ -128,6 +128,17 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// The archived WAL a point-in-time restore needs is incomplete: a segment is missing,
+    /// or the timelines do not lead from the base backup to the newest WAL.
+    #[error("WAL chain of base backup {backup_id} is broken: {detail}")]
+    WalChain {
+        /// The base backup.
+        backup_id: String,
+        /// The first missing segment's name, when one is missing.
+        missing: Option<String>,
+        /// What is wrong, naming the segment or timeline.
+        detail: String,
+    },
     /// A config or argument broke a rule.
     #[error(transparent)]
     Config(#[from] ha_core::ConfigError),
@@ -171,6 +182,7 @@ impl Error {
             | Error::TargetNotEmpty { .. }
             | Error::UnsafeEntry { .. }
             | Error::Manifest { .. }
+            | Error::WalChain { .. }
             | Error::Config(_) => false,
         }
     }

@@ -128,6 +128,29 @@
 //!   [`ha_core::ComponentContext`] (node, bus, leadership gate, shutdown); an admin can run
 //!   one backup of a source at once with [`BackupScheduler::backup_now`].
 //!
+//! - **Point-in-time recovery** ([`pitr`]): `ha-dr wal-push %p` as PostgreSQL's
+//!   `archive_command` stores every WAL segment, `.partial`, timeline history and backup
+//!   history file as an object `wal-<name>` in the same format and store (durable before
+//!   exit 0; the same file again succeeds, other content under its name is refused, never
+//!   overwritten; a segment whose page header disagrees with its name is refused). `ha-dr
+//!   wal-fetch %f %p` as `restore_command` hands a file over only after all of it
+//!   authenticated (temp file, fsync, rename), exits 1 when the file is not archived and 255
+//!   for anything else, so that PostgreSQL aborts recovery instead of taking a corrupt file
+//!   for the end of the WAL. `backup --pg-base URL` ([`Source::pg_base`]) streams
+//!   `pg_basebackup -D - -Ft -X none` into a backup of kind `pg_base` whose manifest holds the
+//!   backup label, the start and stop LSNs, the timeline and the system identifier.
+//!   `restore --pg-base ID --to DIR` with `--target-time`, `--target-lsn`, `--target-xid` or
+//!   `--latest` first proves the archive holds every segment the target needs (naming the
+//!   first missing one), then writes the data directory (`0700`) beside the target with
+//!   `recovery.signal`, `restore_command` (this binary's `wal-fetch`, same store and key
+//!   file), `recovery_target_timeline = 'latest'` and `recovery_target_action = 'promote'`,
+//!   and renames it into place. `verify --chain` proves, for each base backup, that the WAL
+//!   from its start to the newest segment of the newest timeline is complete (timeline path
+//!   from the history files; each segment read through and of the same cluster). Prune
+//!   removes the WAL that no kept base backup needs (never history files). A
+//!   [`WalRpoMonitor`] publishes `RpoBreached` (kind `wal`) when the newest archived segment
+//!   is older than the RPO (default 5 min).
+//!
 //! Events: [`ha_core::HaEvent::BackupCompleted`], `BackupFailed` and `RestoreCompleted` when
 //! [`Repository::events`] is set; scheduled runs publish their own (one per run, after
 //! retries) and `RpoBreached` on the bus of the scheduler's context. Metrics: `ha_dr_backups_total`,
@@ -138,8 +161,8 @@
 //! # Status
 //!
 //! Built: everything above, the [`LocalStore`] and its conformance suite ([`testing`]), and
-//! the `ha-dr` binary (`keygen`, `backup`, `list [--json]`, `verify [--restore-test]`,
-//! `restore`, `prune [--dry-run]`), which draws a progress bar (bytes, rate, ETA when the size
+//! the `ha-dr` binary (`keygen`, `backup`, `list [--json]`, `verify [--restore-test |
+//! --chain]`, `restore`, `prune [--dry-run]`, `wal-push`, `wal-fetch`), which draws a progress bar (bytes, rate, ETA when the size
 //! is known) on stderr when stderr is a terminal, fed by a [`Progress`] counter.
 //!
 //! The reader is fuzzed by a property test instead of a cargo-fuzz target (cargo-fuzz needs
@@ -154,7 +177,9 @@
 //! finding 6); staging on the target's filesystem when it is a mount point (finding 11);
 //! of finding 12: leftover staging dirs and temp databases cleaned, key zeroization, the
 //! segment writer after a failed write;
-//! a scheduler daemon in the CLI; a 5-minute database RPO through WAL archiving; seeding a
+//! a scheduler daemon in the CLI; for PITR: tablespaces other than the default ones (the
+//! base backup is one tar stream to stdout), pushing WAL in parallel or asynchronously, a
+//! `ha-node` config section for `pg_base` sources and the WAL RPO monitor; seeding a
 //! new leader's RPO from backups already in the store (its clock starts when it begins to
 //! lead).
 
@@ -164,6 +189,7 @@ pub mod key;
 pub mod manifest;
 pub mod pg;
 mod pipeline;
+pub mod pitr;
 pub mod progress;
 pub mod repo;
 pub mod retention;
@@ -171,12 +197,17 @@ pub mod schedule;
 pub mod source;
 pub mod store;
 pub mod testing;
+pub mod wal_rpo;
 
 pub use error::{Error, Result};
 pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
 pub use key::{KeyId, KeyRing, MasterKey};
 pub use manifest::{BackupKind, Compression, Details, Manifest, Skipped};
 pub use pg::PgTools;
+pub use pitr::{
+    ChainReport, Lsn, PitrRestore, RecoveryTarget, WalName, WalPushed, segment_name,
+    wal_fetch_command,
+};
 pub use progress::Progress;
 pub use repo::{
     Checked, DEFAULT_ZSTD_LEVEL, PruneGroup, PruneReport, Repository, RestoreTarget,
@@ -189,3 +220,4 @@ pub use schedule::{
 };
 pub use source::{ConfigSnapshot, Source};
 pub use store::{BackupStore, DataWriter, LocalStore};
+pub use wal_rpo::{WalRpoConfig, WalRpoMonitor, WalRpoStatus};

@@ -1,6 +1,11 @@
 //! `ha-dr`: encrypted, verified backups from the command line.
 //!
-//! Every error ends the process with status 1 and one line on stderr saying why.
+//! Every error ends the process with status 1 and one line on stderr saying why, except
+//! `wal-fetch`, which speaks PostgreSQL's `restore_command` protocol: 0 fetched, 1 not in
+//! the archive (recovery goes on: the WAL ends here), 255 anything else (a file that does
+//! not authenticate, an unreadable store, a wrong key, a bad command line): PostgreSQL aborts
+//! recovery on a status above 125, where treating the error as the end of the WAL would
+//! promote a server that silently lacks the rest.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -8,8 +13,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use ha_dr::{
-    BackupId, KeyRing, LocalStore, MasterKey, PgTools, Progress, Repository, RestoreTarget,
-    RetentionPolicy, ScratchPostgres, Source,
+    BackupId, KeyRing, LocalStore, MasterKey, PgTools, PitrRestore, Progress, RecoveryTarget,
+    Repository, RestoreTarget, RetentionPolicy, ScratchPostgres, Source,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -45,6 +50,10 @@ enum Command {
         /// A file (or `/dev/stdin`).
         #[arg(long = "file", value_name = "PATH")]
         files: Vec<PathBuf>,
+        /// A whole PostgreSQL cluster through `pg_basebackup` (a URL of a user with the
+        /// REPLICATION attribute), for point-in-time recovery with archived WAL.
+        #[arg(long = "pg-base", value_name = "URL")]
+        pg_bases: Vec<String>,
         /// Tags for the manifests.
         #[arg(long = "tag", value_name = "T")]
         tags: Vec<String>,
@@ -74,14 +83,39 @@ enum Command {
         /// For restore tests of PostgreSQL backups: a server to create a scratch database on.
         #[arg(long, value_name = "URL")]
         scratch_pg: Option<String>,
+        /// Instead: prove that the archived WAL from each base backup to the newest segment
+        /// is complete (every segment present and verified, timelines consistent).
+        #[arg(long, conflicts_with_all = ["id", "restore_test"])]
+        chain: bool,
     },
     /// Restores a backup to a path or a new database.
     Restore {
         #[command(flatten)]
         repo: RepoArgs,
         /// The backup.
-        #[arg(long)]
-        id: String,
+        #[arg(long, required_unless_present = "pg_base", conflicts_with = "pg_base")]
+        id: Option<String>,
+        /// A base backup (`backup --pg-base`) to restore as a PostgreSQL data directory at
+        /// `--to`, recovering with the archived WAL to the target given.
+        #[arg(
+            long,
+            value_name = "ID",
+            conflicts_with = "pg",
+            requires = "recovery_target"
+        )]
+        pg_base: Option<String>,
+        /// Recover to this time (RFC 3339, or `2026-01-02 03:04:05.123+00`).
+        #[arg(long, group = "recovery_target", value_name = "TIME")]
+        target_time: Option<String>,
+        /// Recover to this WAL position (`X/Y`).
+        #[arg(long, group = "recovery_target", value_name = "LSN")]
+        target_lsn: Option<String>,
+        /// Recover up to and including this transaction id.
+        #[arg(long, group = "recovery_target", value_name = "XID")]
+        target_xid: Option<u64>,
+        /// Recover every archived commit (the newest timeline to its end).
+        #[arg(long, group = "recovery_target")]
+        latest: bool,
         /// The target path (a directory for dir backups, a file otherwise).
         #[arg(
             long,
@@ -96,6 +130,27 @@ enum Command {
         /// Replace existing data (a database is backed up first).
         #[arg(long)]
         force: bool,
+    },
+    /// PostgreSQL's `archive_command`: archives the WAL file at PATH (`%p`); exits 0 only
+    /// once it is durable. The same file again succeeds; other content under its name fails.
+    WalPush {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// zstd level (0: no compression).
+        #[arg(long, default_value_t = ha_dr::DEFAULT_ZSTD_LEVEL)]
+        zstd_level: i32,
+        /// The file (`%p`).
+        path: PathBuf,
+    },
+    /// PostgreSQL's `restore_command`: writes archived WAL file NAME (`%f`) to PATH (`%p`)
+    /// once it verified. Exit 1: not archived; 255: any other error (aborts recovery).
+    WalFetch {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The file's name (`%f`).
+        name: String,
+        /// Where to write it (`%p`).
+        path: PathBuf,
     },
     /// Deletes backups that no keep rule keeps (per source).
     Prune {
@@ -152,6 +207,38 @@ struct PolicyArgs {
 }
 
 impl RepoArgs {
+    /// A `restore_command` running this binary's `wal-fetch` on the same store and keys.
+    fn restore_command(&self) -> ha_dr::Result<String> {
+        let absolute = |path: &std::path::Path| {
+            std::path::absolute(path).map_err(|e| ha_dr::Error::Io {
+                action: "resolve",
+                path: path.to_path_buf(),
+                source: e,
+            })
+        };
+        let exe = std::env::current_exe().map_err(|e| ha_dr::Error::Io {
+            action: "find this program",
+            path: PathBuf::from("ha-dr"),
+            source: e,
+        })?;
+        let store = absolute(&self.store)?;
+        let mut keys = Vec::new();
+        if let Some(key) = &self.key_file {
+            keys.push(("key-file", absolute(key)?));
+        } else {
+            eprintln!(
+                "ha-dr: warning: the restore_command reads the key from HA_DR_KEY, which must \
+                 then be in the environment of the restored PostgreSQL"
+            );
+        }
+        for key in &self.read_key_files {
+            keys.push(("read-key-file", absolute(key)?));
+        }
+        let keys: Vec<(&str, &std::path::Path)> =
+            keys.iter().map(|(f, p)| (*f, p.as_path())).collect();
+        Ok(ha_dr::wal_fetch_command(&exe, &store, &keys))
+    }
+
     fn tools(&self) -> PgTools {
         PgTools {
             bin_dir: self.pg_bin.clone(),
@@ -223,8 +310,22 @@ async fn with_bar<T>(
     result
 }
 
+/// `wal-fetch`'s status for anything but "not archived": PostgreSQL aborts recovery on a
+/// status above 125 instead of taking it for the end of the WAL.
+const ABORT_RECOVERY: u8 = 255;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if std::env::args().nth(1).as_deref() == Some("wal-fetch") => {
+            let _ = e.print();
+            return ExitCode::from(ABORT_RECOVERY);
+        }
+        Err(e) => e.exit(),
+    };
+    if let Command::WalFetch { repo, name, path } = cli.command {
+        return wal_fetch(&repo, &name, &path);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -235,6 +336,43 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Runs `wal-fetch` with PostgreSQL's exit statuses.
+fn wal_fetch(repo: &RepoArgs, name: &str, path: &std::path::Path) -> ExitCode {
+    // A store path that is not there is a mistake in the restore_command, not an archive
+    // without this file: answering "not archived" would end recovery at the base backup.
+    if !repo.store.is_dir() {
+        fail(&format!(
+            "refusing to hand over {name}: the store {} is not a directory",
+            repo.store.display()
+        ));
+        return ExitCode::from(ABORT_RECOVERY);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            fail(&format!("cannot start the runtime: {e}"));
+            return ExitCode::from(ABORT_RECOVERY);
+        }
+    };
+    let result = runtime.block_on(async { repo.open()?.wal_fetch(name, path).await });
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(ha_dr::Error::NotFound { .. }) => {
+            // PostgreSQL asks for files that do not exist as a matter of course (the next
+            // timeline's history, the segment after the last): one quiet line.
+            let _ = writeln!(std::io::stderr(), "ha-dr: {name} is not archived");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            fail(&format!("refusing to hand over {name}: {e}"));
+            ExitCode::from(ABORT_RECOVERY)
+        }
     }
 }
 
@@ -251,6 +389,42 @@ fn out(text: &str) -> ha_dr::Result<()> {
         context: "write to stdout".into(),
         source,
     })
+}
+
+/// `verify --chain`: one line per base backup; fails if any chain is broken or there is no
+/// base backup.
+async fn verify_chain(repo: &Repository) -> ha_dr::Result<ExitCode> {
+    let results = repo.verify_chain().await?;
+    if results.is_empty() {
+        return Ok(fail("no base backups in the store: no WAL chain verified"));
+    }
+    let mut failed = 0;
+    for (id, result) in &results {
+        match result {
+            Ok(r) => out(&format!(
+                "ok {id}: WAL {} to {} complete ({} segments, timelines {})",
+                r.first,
+                r.last,
+                r.segments,
+                r.timelines
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            ))?,
+            Err(e) => {
+                failed += 1;
+                out(&format!("FAILED {id}: {e}"))?;
+            }
+        }
+    }
+    if failed > 0 {
+        return Ok(fail(&format!(
+            "{failed} of {} base backups have a broken WAL chain",
+            results.len()
+        )));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn json<T: serde::Serialize>(value: &T) -> ha_dr::Result<String> {
@@ -272,6 +446,7 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             dirs,
             pgs,
             files,
+            pg_bases,
             tags,
             zstd_level,
         } => {
@@ -285,14 +460,24 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
                 )
                 .chain(files.into_iter().map(Source::file))
                 .collect();
-            if sources.is_empty() {
+            if sources.is_empty() && pg_bases.is_empty() {
                 return Err(ha_core::ConfigError::new(
                     "sources",
-                    "give at least one --dir, --pg or --file",
+                    "give at least one --dir, --pg, --pg-base or --file",
                 )
                 .into());
             }
             let repo = repo.open()?.zstd_level(zstd_level);
+            for url in &pg_bases {
+                let manifest = with_bar(
+                    &repo,
+                    "base backup".to_owned(),
+                    None,
+                    repo.backup_pg_base(url, &tools, &tags),
+                )
+                .await?;
+                out(manifest.id.as_str())?;
+            }
             for source in &sources {
                 let manifest = with_bar(
                     &repo,
@@ -333,7 +518,11 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             id,
             restore_test,
             scratch_pg,
+            chain,
         } => {
+            if chain {
+                return verify_chain(&repo.open()?).await;
+            }
             let scratch = scratch_pg.map(|url| ScratchPostgres {
                 url,
                 tools: repo.tools(),
@@ -394,10 +583,61 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
         Command::Restore {
             repo,
             id,
+            pg_base,
+            target_time,
+            target_lsn,
+            target_xid,
+            latest,
             to,
             pg,
             force,
         } => {
+            if let Some(base) = pg_base {
+                let target = match (target_time, target_lsn, target_xid, latest) {
+                    (Some(t), None, None, false) => RecoveryTarget::parse_time(&t)?,
+                    (None, Some(l), None, false) => RecoveryTarget::Lsn(l.parse()?),
+                    (None, None, Some(x), false) => RecoveryTarget::Xid(x),
+                    (None, None, None, true) => RecoveryTarget::Latest,
+                    _ => {
+                        return Err(ha_core::ConfigError::new(
+                            "recovery target",
+                            "give one of --target-time, --target-lsn, --target-xid, --latest",
+                        )
+                        .into());
+                    }
+                };
+                let to = to.ok_or_else(|| {
+                    ha_core::ConfigError::new("to", "give the new data directory with --to")
+                })?;
+                if force {
+                    return Err(ha_dr::Error::Unsupported(
+                        "--force with --pg-base: a data directory is only restored into an \
+                         absent or empty directory"
+                            .into(),
+                    ));
+                }
+                let recovery = PitrRestore {
+                    target,
+                    restore_command: repo.restore_command()?,
+                };
+                let repo = repo.open()?;
+                let base = BackupId::parse(&base)?;
+                let checked = with_bar(
+                    &repo,
+                    format!("restoring {base}"),
+                    Some(&base),
+                    repo.restore_pg_base(&base, &to, &recovery),
+                )
+                .await?;
+                out(&format!(
+                    "restored {base} to {} in {:.3}s: {}; start PostgreSQL on it to recover",
+                    to.display(),
+                    checked.duration.as_secs_f64(),
+                    checked.detail
+                ))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let id = id.ok_or_else(|| ha_core::ConfigError::new("id", "give --id"))?;
             let target = match (to, pg) {
                 (Some(path), None) => RestoreTarget::Path(path),
                 (None, Some(url)) => RestoreTarget::Postgres {
@@ -422,6 +662,18 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
                 checked.duration.as_secs_f64()
             ))?;
         }
+        Command::WalPush {
+            repo,
+            zstd_level,
+            path,
+        } => {
+            // One segment at a time on a busy server: compress on this thread only.
+            let repo = repo.open()?.zstd_level(zstd_level).zstd_workers(0);
+            repo.wal_push(&path).await?;
+        }
+        Command::WalFetch { .. } => {
+            return Err(ha_dr::Error::Task("wal-fetch runs outside run()".into()));
+        }
         Command::Prune {
             repo,
             policy,
@@ -440,6 +692,15 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             // Prune acts on authenticated manifests only, so it needs the key.
             let repo = repo.open()?;
             let report = repo.prune(&policy, dry_run).await?;
+            if !as_json && !report.wal_removed.is_empty() {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                out(&format!(
+                    "archived WAL: {verb} {} files no kept base backup needs ({} .. {})",
+                    report.wal_removed.len(),
+                    report.wal_removed[0],
+                    report.wal_removed[report.wal_removed.len() - 1]
+                ))?;
+            }
             for u in &report.unreadable {
                 eprintln!(
                     "ha-dr: warning: left alone, manifest not accepted: {}: {}",

@@ -34,6 +34,12 @@ pub enum BackupKind {
     File,
     /// A serialisable config value (and an allow-listed environment snapshot), as JSON.
     Config,
+    /// A base backup of a whole PostgreSQL cluster: `pg_basebackup`'s tar stream, restored
+    /// with the archived WAL after it to a point in time.
+    PgBase,
+    /// One file PostgreSQL archived (`archive_command`): a WAL segment, a timeline history
+    /// file, a backup history file or a `.partial` segment, stored under id `wal-<name>`.
+    Wal,
 }
 
 impl BackupKind {
@@ -44,6 +50,8 @@ impl BackupKind {
             BackupKind::Dir => "dir",
             BackupKind::File => "file",
             BackupKind::Config => "config",
+            BackupKind::PgBase => "pg_base",
+            BackupKind::Wal => "wal",
         }
     }
 }
@@ -103,6 +111,31 @@ pub enum Details {
     Config {
         /// Captured variable names.
         env: Vec<String>,
+    },
+    /// A cluster base backup: where its WAL starts and stops, and what identifies the
+    /// cluster. A restore needs every WAL segment from `start_lsn` on (to `stop_lsn` at
+    /// least, to reach a consistent state).
+    PgBase {
+        /// Tar entries, checked like a directory backup's.
+        entries: u64,
+        /// `START WAL LOCATION` of the backup label, `X/Y`.
+        start_lsn: String,
+        /// The end of the WAL the backup needs (`End-LSN` of the backup manifest), `X/Y`.
+        stop_lsn: String,
+        /// `START TIMELINE` of the backup label.
+        timeline: u32,
+        /// The cluster's system identifier (from `global/pg_control`).
+        system_identifier: u64,
+        /// The backup label as PostgreSQL wrote it.
+        label: String,
+    },
+    /// An archived WAL file.
+    Wal {
+        /// Its name in `pg_wal` (`000000010000000000000003`, `00000002.history`, ...).
+        name: String,
+        /// For a segment: the system identifier in its first page header.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        system_identifier: Option<u64>,
     },
 }
 

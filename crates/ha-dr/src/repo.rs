@@ -76,6 +76,9 @@ pub struct PruneReport {
     /// Backups whose manifest did not authenticate with this key ring: neither counted nor
     /// removed.
     pub unreadable: Vec<Unreadable>,
+    /// Archived WAL files removed (or, on a dry run, that would be) because no kept base
+    /// backup needs them.
+    pub wal_removed: Vec<BackupId>,
     /// Whether this was a dry run.
     pub dry_run: bool,
 }
@@ -110,11 +113,11 @@ pub struct PruneGroup {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Repository {
-    store: Arc<dyn BackupStore>,
-    keys: KeyRing,
-    compress: Compress,
+    pub(crate) store: Arc<dyn BackupStore>,
+    pub(crate) keys: KeyRing,
+    pub(crate) compress: Compress,
     events: Option<(EventBus, NodeId)>,
-    progress: Option<Progress>,
+    pub(crate) progress: Option<Progress>,
     /// The newest backup of each source (kind, description) this repository has verified:
     /// prune never deletes it.
     verified: Arc<std::sync::Mutex<VerifiedBySource>>,
@@ -209,13 +212,13 @@ impl Repository {
         &self.keys
     }
 
-    fn publish(&self, event: impl FnOnce(SystemTime, NodeId) -> HaEvent) {
+    pub(crate) fn publish(&self, event: impl FnOnce(SystemTime, NodeId) -> HaEvent) {
         if let Some((bus, node)) = &self.events {
             bus.publish(event(SystemTime::now(), node.clone()));
         }
     }
 
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
         tokio::task::spawn_blocking(f)
@@ -275,6 +278,9 @@ impl Repository {
     }
 
     async fn backup_inner(&self, source: &Source, tags: &[String]) -> Result<Manifest> {
+        if let Source::PgBase { url, tools } = source {
+            return crate::pitr::base_backup(self, url, tools, tags).await;
+        }
         let created = SystemTime::now();
         let clock = Instant::now();
         let kind = source.kind();
@@ -309,6 +315,9 @@ impl Repository {
                     }
                     child.wait()?;
                     Details::Postgres { table_rows }
+                }
+                Source::PgBase { .. } => {
+                    return Err(Error::Task("base backups are taken by pitr".into()));
                 }
             };
             Ok((writer.finish()?, details))
@@ -471,7 +480,7 @@ impl Repository {
         })
     }
 
-    fn restored(&self, manifest: &Manifest, duration: Duration, publish: bool) {
+    pub(crate) fn restored(&self, manifest: &Manifest, duration: Duration, publish: bool) {
         metrics::histogram!(ha_core::metric::RESTORE_DURATION_SECONDS, "kind" => manifest.kind.as_str())
             .record(duration.as_secs_f64());
         tracing::info!(backup_id = %manifest.id, duration = ?duration, "restore completed");
@@ -713,7 +722,9 @@ impl Repository {
                 let (store, keys, id2) = (Arc::clone(&self.store), self.keys.clone(), id.clone());
                 let progress = self.progress.clone();
                 let expected = match &manifest.details {
-                    Details::Dir { entries, .. } => Some(*entries),
+                    Details::Dir { entries, .. } | Details::PgBase { entries, .. } => {
+                        Some(*entries)
+                    }
                     _ => None,
                 };
                 Self::blocking(move || {
@@ -776,7 +787,15 @@ impl Repository {
         // Only authenticated manifests count: a forged one could otherwise pose as the
         // newest backup and have the real ones removed.
         let (mut manifests, unreadable) = self.list_authenticated().await?;
-        manifests.retain(|m| include(m));
+        let bases: Vec<Manifest> = manifests
+            .iter()
+            .filter(|m| m.kind == BackupKind::PgBase)
+            .cloned()
+            .collect();
+        // Archived WAL is not a backup of its own: calendar buckets would delete segments a
+        // kept base backup needs. It goes when no kept base backup needs it (below).
+        manifests.retain(|m| m.kind != BackupKind::Wal && include(m));
+        let prunes_bases = manifests.iter().any(|m| m.kind == BackupKind::PgBase);
         let mut groups: BTreeMap<(BackupKind, String), Vec<Manifest>> = BTreeMap::new();
         for m in manifests {
             groups
@@ -809,22 +828,41 @@ impl Repository {
             .iter()
             .flat_map(|g| g.decisions.iter().filter(|d| !d.keep).map(|d| d.id.clone()))
             .collect();
-        let removed = if dry_run {
+        let wal_doomed = if prunes_bases {
+            let kept: Vec<Manifest> = bases
+                .into_iter()
+                .filter(|m| !doomed.contains(&m.id))
+                .collect();
+            let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
+            Self::blocking(move || crate::pitr::wal_not_needed(&*store, &keys, &kept)).await?
+        } else {
             Vec::new()
+        };
+        let (removed, wal_removed) = if dry_run {
+            (Vec::new(), wal_doomed)
         } else {
             let store = Arc::clone(&self.store);
             Self::blocking(move || {
-                for id in &doomed {
+                // Base backups first: WAL goes only once nothing that needs it remains.
+                for id in doomed.iter().chain(&wal_doomed) {
                     store.delete(id)?;
                 }
                 store.cleanup(Duration::from_secs(24 * 3600))?;
-                Ok(doomed)
+                Ok((doomed, wal_doomed))
             })
             .await?
         };
+        if !wal_removed.is_empty() {
+            tracing::info!(
+                files = wal_removed.len(),
+                dry_run,
+                "archived WAL no kept base backup needs pruned"
+            );
+        }
         Ok(PruneReport {
             groups,
             removed,
+            wal_removed,
             unreadable,
             dry_run,
         })
@@ -880,7 +918,7 @@ fn temp_database_name(target: &str, what: &str) -> Result<String> {
 fn check_structure(manifest: &Manifest, plain: &mut dyn Read) -> Result<String> {
     let id = manifest.id.as_str();
     match (&manifest.kind, &manifest.details) {
-        (BackupKind::Dir, details) => {
+        (BackupKind::Dir | BackupKind::PgBase, details) => {
             let got = source::check_tar(id, plain)?;
             check_entry_count(id, details, got)?;
             Ok(format!("{got} tar entries check out"))
@@ -914,7 +952,11 @@ fn check_entry_count(id: &str, details: &Details, got: u64) -> Result<()> {
             id,
             format!("the archive holds {got} entries, the manifest recorded {entries}"),
         )),
-        Details::Dir { .. } => Ok(()),
+        Details::PgBase { entries, .. } if *entries != got => Err(Error::corrupt(
+            id,
+            format!("the archive holds {got} entries, the manifest recorded {entries}"),
+        )),
+        Details::Dir { .. } | Details::PgBase { .. } => Ok(()),
         _ => Err(Error::corrupt(
             id,
             "a directory backup without its entry count",
@@ -971,7 +1013,8 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
     let kind = reader.manifest().kind;
     let id = reader.manifest().id.to_string();
     let details = reader.manifest().details.clone();
-    check_target(target, kind == BackupKind::Dir, force)?;
+    let tree = matches!(kind, BackupKind::Dir | BackupKind::PgBase);
+    check_target(target, tree, force)?;
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -983,7 +1026,7 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
         .unwrap_or_else(|| "target".into());
     let suffix: [u8; 6] = random_array()?;
     let temp = parent.join(format!(".ha-dr-restore-{name}-{}", hex::encode(suffix)));
-    let result = if kind == BackupKind::Dir {
+    let result = if tree {
         (|| {
             // Staged privately: the root gets its recorded mode once everything is in.
             fs::DirBuilder::new()
@@ -1048,7 +1091,7 @@ fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Res
 }
 
 /// Refuses a target that holds data, unless `force`.
-fn check_target(target: &Path, want_dir: bool, force: bool) -> Result<()> {
+pub(crate) fn check_target(target: &Path, want_dir: bool, force: bool) -> Result<()> {
     let refuse = |reason: &str| Error::TargetNotEmpty {
         target: target.display().to_string(),
         reason: reason.to_owned(),
@@ -1076,7 +1119,7 @@ fn check_target(target: &Path, want_dir: bool, force: bool) -> Result<()> {
 }
 
 /// Moves the verified `temp` to `target`, replacing what is there (already checked).
-fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
+pub(crate) fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
     match fs::symlink_metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("stat", target, e)),
@@ -1120,7 +1163,7 @@ fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
 }
 
 /// fsyncs every regular file and directory under `root`.
-fn sync_tree(root: &Path) -> Result<()> {
+pub(crate) fn sync_tree(root: &Path) -> Result<()> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {

@@ -365,9 +365,9 @@ impl std::fmt::Display for Trigger {
 /// The default interval of a source kind.
 pub fn default_interval(kind: BackupKind) -> Duration {
     match kind {
-        BackupKind::Postgres => DEFAULT_DATABASE_INTERVAL,
+        BackupKind::Postgres | BackupKind::PgBase => DEFAULT_DATABASE_INTERVAL,
         BackupKind::Dir | BackupKind::File => DEFAULT_FILES_INTERVAL,
-        BackupKind::Config => DEFAULT_CONFIG_INTERVAL,
+        BackupKind::Config | BackupKind::Wal => DEFAULT_CONFIG_INTERVAL,
     }
 }
 

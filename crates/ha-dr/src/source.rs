@@ -31,6 +31,14 @@ pub enum Source {
         /// Where `pg_dump` is.
         tools: PgTools,
     },
+    /// A whole PostgreSQL cluster, by `pg_basebackup` (tar to stdout, no WAL): a base backup
+    /// for point-in-time recovery with the WAL archived by `ha-dr wal-push`.
+    PgBase {
+        /// A URL of a role with the `REPLICATION` attribute.
+        url: String,
+        /// Where `pg_basebackup` is.
+        tools: PgTools,
+    },
 }
 
 impl Source {
@@ -52,6 +60,14 @@ impl Source {
         }
     }
 
+    /// A whole PostgreSQL cluster, with `pg_basebackup` found on `PATH` or in `tools`.
+    pub fn pg_base(url: impl Into<String>, tools: PgTools) -> Self {
+        Source::PgBase {
+            url: url.into(),
+            tools,
+        }
+    }
+
     /// A config value named `name`, and the current values of the environment variables in
     /// `env_allow` (unset ones are left out).
     pub fn config<T: Serialize>(name: &str, value: &T, env_allow: &[&str]) -> Result<Self> {
@@ -67,6 +83,7 @@ impl Source {
             Source::File(_) => BackupKind::File,
             Source::Config(_) => BackupKind::Config,
             Source::Postgres { .. } => BackupKind::Postgres,
+            Source::PgBase { .. } => BackupKind::PgBase,
         }
     }
 
@@ -75,7 +92,7 @@ impl Source {
         match self {
             Source::Dir(p) | Source::File(p) => p.display().to_string(),
             Source::Config(c) => format!("config:{}", c.name),
-            Source::Postgres { url, .. } => crate::pg::redact(url),
+            Source::Postgres { url, .. } | Source::PgBase { url, .. } => crate::pg::redact(url),
         }
     }
 }
@@ -510,7 +527,11 @@ fn tar_read_err(backup_id: &str, e: io::Error) -> Error {
 
 /// Refuses an entry that a restore would refuse: a path or hard link leaving the target,
 /// or a type other than file, directory, symlink or hard link.
-fn check_entry<R: Read>(backup_id: &str, entry: &tar::Entry<'_, R>, path: &Path) -> Result<()> {
+pub(crate) fn check_entry<R: Read>(
+    backup_id: &str,
+    entry: &tar::Entry<'_, R>,
+    path: &Path,
+) -> Result<()> {
     let shown = path.display().to_string();
     if !is_contained(path) {
         return Err(unsafe_entry(
@@ -548,7 +569,7 @@ fn check_entry<R: Read>(backup_id: &str, entry: &tar::Entry<'_, R>, path: &Path)
 
 /// What follows the end-of-archive marker must be zeros: anything else was not meant to be
 /// there.
-fn drain_zeros(backup_id: &str, input: &mut dyn Read) -> Result<()> {
+pub(crate) fn drain_zeros(backup_id: &str, input: &mut dyn Read) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match input.read(&mut buf) {

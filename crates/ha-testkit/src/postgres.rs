@@ -160,6 +160,7 @@ pub struct PostgresServerBuilder {
     settings: Vec<(String, String)>,
     startup_timeout: Duration,
     fake_clock: bool,
+    replication_users: Vec<String>,
 }
 
 impl Default for PostgresServerBuilder {
@@ -168,6 +169,7 @@ impl Default for PostgresServerBuilder {
             settings: Vec::new(),
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             fake_clock: false,
+            replication_users: Vec::new(),
         }
     }
 }
@@ -197,6 +199,29 @@ impl PostgresServerBuilder {
         self
     }
 
+    /// Archives WAL: `archive_mode = on` and `archive_command = command` (PostgreSQL
+    /// substitutes `%p` and `%f`; the command runs as the server's OS user, in the data
+    /// directory). `wal_level = replica` is the testkit's default already.
+    pub fn archive_command(self, command: impl Into<String>) -> Self {
+        self.setting("archive_mode", "on")
+            .setting("archive_command", command)
+    }
+
+    /// `archive_timeout`: a segment with any WAL in it is switched (and so archived) at
+    /// least this often. Whole seconds, at least 1.
+    pub fn archive_timeout(self, timeout: Duration) -> Self {
+        let secs = timeout.as_secs().max(1);
+        self.setting("archive_timeout", format!("{secs}s"))
+    }
+
+    /// Creates a login role `name` with the `REPLICATION` attribute (not a superuser) once
+    /// the server runs: what `pg_basebackup` and streaming need, nothing more. Trust
+    /// authentication on loopback, like the `postgres` role.
+    pub fn replication_user(mut self, name: impl Into<String>) -> Self {
+        self.replication_users.push(name.into());
+        self
+    }
+
     /// Runs `initdb`, starts the postmaster on a free port and waits until it answers
     /// `SELECT 1` over TCP.
     pub async fn start(self) -> Result<PostgresServer> {
@@ -210,16 +235,7 @@ impl PostgresServerBuilder {
             run_as.chown_tree(dir.path())?;
         }
         let data_dir = dir.path().join("data");
-        let clock = if self.fake_clock {
-            let clock = FakeClock {
-                library: binaries::libfaketime()?,
-                file: dir.path().join("faketime"),
-            };
-            clock.set(0)?;
-            Some(clock)
-        } else {
-            None
-        };
+        let clock = self.clock_in(dir.path())?;
 
         let mut initdb = pg_command(&bin_dir, "initdb", run_as, dir.path());
         initdb
@@ -255,7 +271,7 @@ impl PostgresServerBuilder {
              host replication all 127.0.0.1/32 trust\n",
         )?;
 
-        PostgresServer::launch(Launch {
+        let server = PostgresServer::launch(Launch {
             name: "postgres",
             bin_dir,
             run_as,
@@ -265,8 +281,90 @@ impl PostgresServerBuilder {
             replica_of: None,
             clock,
         })
+        .await?;
+        for user in &self.replication_users {
+            server
+                .execute(&format!(
+                    "CREATE ROLE \"{}\" WITH LOGIN REPLICATION",
+                    user.replace('"', "\"\"")
+                ))
+                .await?;
+        }
+        Ok(server)
+    }
+
+    /// Starts a postmaster on an existing data directory, e.g. one a restore wrote: the
+    /// directory is moved into the server's own temporary directory (so it must be on the
+    /// same file system as the system temp dir), handed to the server's OS user, and
+    /// removed with the server. Ready once it answers `SELECT 1`; a server that is still
+    /// recovering answers once it is consistent (`hot_standby = on`), and one whose
+    /// recovery fails exits, which is an error here carrying its log.
+    pub async fn start_on(self, data_dir: &Path) -> Result<PostgresServer> {
+        let bin_dir = binaries::postgres_bin_dir()?;
+        let run_as = RunAs::detect()?;
+        let dir = tempfile::Builder::new()
+            .prefix("ha-testkit-pg-restored-")
+            .tempdir()
+            .map_err(|e| TestkitError::io("create a temporary directory for PostgreSQL", e))?;
+        let target = dir.path().join("data");
+        std::fs::rename(data_dir, &target).map_err(|e| {
+            TestkitError::io(
+                "move the data directory into the server's temporary directory (both must be \
+                 on one file system)",
+                e,
+            )
+        })?;
+        if let Some(run_as) = run_as {
+            run_as.chown_tree(dir.path())?;
+        }
+        let clock = self.clock_in(dir.path())?;
+        PostgresServer::launch(Launch {
+            name: "postgres-restored",
+            bin_dir,
+            run_as,
+            dir,
+            data_dir: target,
+            startup_timeout: self.startup_timeout,
+            replica_of: None,
+            clock,
+        })
         .await
     }
+
+    /// The fake clock's offset file in `dir` (at zero), when [`fake_clock`](Self::fake_clock)
+    /// asked for one.
+    fn clock_in(&self, dir: &Path) -> Result<Option<FakeClock>> {
+        if !self.fake_clock {
+            return Ok(None);
+        }
+        let clock = FakeClock {
+            library: binaries::libfaketime()?,
+            file: dir.join("faketime"),
+        };
+        clock.set(0)?;
+        Ok(Some(clock))
+    }
+}
+
+/// Makes `path` (and everything under it) belong to the OS user the testkit's PostgreSQL
+/// runs as, when that is not the test process's own user (the tests run as root): a
+/// directory an `archive_command` or `restore_command` writes or reads must be theirs.
+/// A no-op when the tests do not run as root.
+pub fn hand_to_server_user(path: &Path) -> Result<()> {
+    match RunAs::detect()? {
+        Some(run_as) => run_as.chown_tree(path),
+        None => Ok(()),
+    }
+}
+
+/// Makes `command` run as the OS user the testkit's PostgreSQL runs as (when the tests run
+/// as root), so that the files it writes are the server's, as if the server had run it.
+pub fn run_as_server_user(command: &mut Command) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    if let Some(run_as) = RunAs::detect()? {
+        command.uid(run_as.uid).gid(run_as.gid);
+    }
+    Ok(())
 }
 
 /// What a replica needs to know about its primary.
