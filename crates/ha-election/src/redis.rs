@@ -11,10 +11,9 @@ use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::{
     Client, ClientLike, Config, ConnectionConfig, EventInterface, LuaInterface, PerformanceConfig,
-    PubsubInterface, ReconnectPolicy, ServerConfig, TcpConfig,
+    PubsubInterface, ReconnectPolicy, ServerConfig,
 };
 use fred::types::config::Options;
-use fred::types::config::UnresponsiveConfig;
 use fred::types::{ConnectHandle, Value};
 use ha_core::{FencingToken, NodeId};
 use tokio::sync::{OnceCell, broadcast};
@@ -243,28 +242,12 @@ impl Settings {
             fail_fast: true,
             ..Config::default()
         };
-        let connection = ConnectionConfig {
-            connection_timeout: CONNECT_TIMEOUT,
-            internal_command_timeout: CONNECT_TIMEOUT,
-            // Never write a lease operation twice on the caller's behalf.
-            max_command_attempts: 1,
-            unresponsive: UnresponsiveConfig {
-                max_timeout: Some(UNRESPONSIVE_AFTER),
-                interval: Duration::from_secs(1),
-            },
-            tcp: TcpConfig {
-                nodelay: Some(true),
-                ..TcpConfig::default()
-            },
-            ..ConnectionConfig::default()
-        };
-        let mut reconnect = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);
-        reconnect.set_jitter(50);
+        // Never writes a lease operation twice on the caller's behalf (the shared settings).
         Self {
             config,
             performance: PerformanceConfig::default(),
-            connection,
-            reconnect,
+            connection: ha_clients::redis::connection(CONNECT_TIMEOUT, Some(UNRESPONSIVE_AFTER)),
+            reconnect: ha_clients::redis::reconnect(),
         }
     }
 

@@ -36,8 +36,7 @@ use std::time::{Duration, SystemTime};
 use fred::clients::SubscriberClient;
 use fred::error::ErrorKind;
 use fred::prelude::{
-    Client, ClientLike, Config, ConnectionConfig, EventInterface, PubsubInterface, ReconnectPolicy,
-    ServerConfig, TcpConfig,
+    Client, ClientLike, Config, ConnectionConfig, EventInterface, PubsubInterface, ServerConfig,
 };
 use fred::types::{ClusterHash, CustomCommand, Value};
 use ha_core::{Component, ComponentContext, ComponentTasks, EventBus, HaEvent, NodeId, Status};
@@ -165,17 +164,10 @@ impl fmt::Debug for SentinelMonitor {
     }
 }
 
+/// The shared settings; no unresponsive timer: the watcher's own keepalive `PING`s judge a
+/// silent subscription, and every command carries its own timeout.
 fn connection_config(timeout: Duration) -> ConnectionConfig {
-    ConnectionConfig {
-        connection_timeout: timeout,
-        internal_command_timeout: timeout,
-        max_command_attempts: 1,
-        tcp: TcpConfig {
-            nodelay: Some(true),
-            ..TcpConfig::default()
-        },
-        ..ConnectionConfig::default()
-    }
+    ha_clients::redis::connection(timeout, None)
 }
 
 fn centralized(host: &str, port: u16) -> Config {
@@ -228,7 +220,7 @@ impl SentinelMonitor {
                     centralized(&host, port),
                     None,
                     Some(connection_config(timeout)),
-                    Some(ReconnectPolicy::new_exponential(0, 100, 2_000, 2)),
+                    Some(ha_clients::redis::reconnect()),
                 );
                 drop(client.connect());
                 Ok(SentinelNode { addr, client })

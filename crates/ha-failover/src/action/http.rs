@@ -101,8 +101,7 @@ impl HttpAction {
     /// Sends `method` to `url` for the failover. Fails with [`Error::Config`] on field `url`
     /// if it does not parse or is not `http`.
     pub fn new(method: HttpMethod, url: &str) -> Result<Self, Error> {
-        let client = Client::builder()
-            .no_proxy()
+        let client = ha_clients::http::builder()
             .build()
             .map_err(|e| config_error("url", format!("cannot build an HTTP client: {e}")))?;
         Ok(Self {

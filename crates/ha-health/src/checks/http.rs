@@ -57,7 +57,7 @@ impl HttpCheck {
             let rule = format!("must be an http:// URL (no TLS support), got {url}");
             return Err(config_error("url", rule));
         }
-        let client = Client::builder().no_proxy().build().map_err(|e| {
+        let client = ha_clients::http::builder().build().map_err(|e| {
             config_error("url", format!("cannot build an HTTP client: {}", chain(&e)))
         })?;
         Ok(Self {

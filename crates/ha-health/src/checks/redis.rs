@@ -4,8 +4,8 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use fred::prelude::{Client, ClientLike, Config, ConnectionConfig, ReconnectPolicy, TcpConfig};
-use fred::types::config::{Options, UnresponsiveConfig};
+use fred::prelude::{Client, ClientLike, Config};
+use fred::types::config::Options;
 use fred::types::{ClusterHash, ConnectHandle, CustomCommand, Value};
 use ha_core::ConfigError;
 
@@ -151,22 +151,9 @@ impl RedisCheck {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let connection = ConnectionConfig {
-            connection_timeout: CONNECT_TIMEOUT,
-            internal_command_timeout: CONNECT_TIMEOUT,
-            max_command_attempts: 1,
-            unresponsive: UnresponsiveConfig {
-                max_timeout: Some(Duration::from_secs(5)),
-                interval: Duration::from_secs(1),
-            },
-            tcp: TcpConfig {
-                nodelay: Some(true),
-                ..TcpConfig::default()
-            },
-            ..ConnectionConfig::default()
-        };
-        let mut reconnect = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);
-        reconnect.set_jitter(50);
+        let connection =
+            ha_clients::redis::connection(CONNECT_TIMEOUT, Some(Duration::from_secs(5)));
+        let reconnect = ha_clients::redis::reconnect();
         let config = Config {
             // Report a first connection that fails instead of retrying it silently.
             fail_fast: true,
