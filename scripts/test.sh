@@ -28,8 +28,8 @@ fi
 # build another package's binaries, and a stale one is refused). They are built with the same
 # features as the tests, so the tests never see a binary of another feature set.
 # `etcd` is not a default feature of ha-election/ha-orchestrator (it needs protoc): name it.
-features=(--features ha-election/etcd,ha-orchestrator/etcd)
-cargo build -p ha-orchestrator --bins "${features[@]}"
+features=(--features ha-election/etcd,ha-orchestrator/etcd,ha-examples/etcd)
+cargo build -p ha-orchestrator --bins --features ha-election/etcd,ha-orchestrator/etcd
 if command -v cargo-nextest >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast "${features[@]}"
 else
