@@ -728,48 +728,43 @@ async fn watch_loop(
                 continue;
             }
         };
-        loop {
-            match stream.message().await {
-                Ok(Some(response)) => {
-                    backoff = WATCH_RETRY.0;
-                    if response.compact_revision() > 0 {
-                        // History from `start` is gone: re-check everything, watch from now.
-                        start = response.compact_revision();
-                        notify(&senders, None);
-                        break;
-                    }
-                    if response.canceled() {
-                        tracing::debug!(
-                            store = KIND,
-                            reason = response.cancel_reason(),
-                            "lease watch cancelled"
-                        );
-                        break;
-                    }
-                    if let Some(header) = response.header() {
-                        start = start.max(header.revision() + 1);
-                    }
-                    for event in response.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        start = start.max(kv.mod_revision() + 1);
-                        let Some(key) = kv
-                            .key_str()
-                            .ok()
-                            .and_then(|k| k.strip_prefix(prefix.as_str()))
-                        else {
-                            continue;
-                        };
-                        let pushed = match event.event_type() {
-                            EventType::Delete => true,
-                            EventType::Put => Value::decode(key, kv.value())
-                                .map_or(true, |v| v.token.is_none() || v.released),
-                        };
-                        if pushed {
-                            notify(&senders, Some(key));
-                        }
-                    }
+        // Until the stream ends or fails (a member down, a partition, no leader).
+        while let Ok(Some(response)) = stream.message().await {
+            backoff = WATCH_RETRY.0;
+            if response.compact_revision() > 0 {
+                // History from `start` is gone: re-check everything, watch from now.
+                start = response.compact_revision();
+                notify(&senders, None);
+                break;
+            }
+            if response.canceled() {
+                tracing::debug!(
+                    store = KIND,
+                    reason = response.cancel_reason(),
+                    "lease watch cancelled"
+                );
+                break;
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                // Resume after the last event delivered (a header's revision may run ahead of
+                // the events a catching-up watcher has been sent).
+                start = start.max(kv.mod_revision() + 1);
+                let Some(key) = kv
+                    .key_str()
+                    .ok()
+                    .and_then(|k| k.strip_prefix(prefix.as_str()))
+                else {
+                    continue;
+                };
+                let pushed = match event.event_type() {
+                    EventType::Delete => true,
+                    EventType::Put => Value::decode(key, kv.value())
+                        .map_or(true, |v| v.token.is_none() || v.released),
+                };
+                if pushed {
+                    notify(&senders, Some(key));
                 }
-                Ok(None) | Err(_) => break,
             }
         }
         // Changes may have been missed while the watch was down (they are replayed from
@@ -808,74 +803,79 @@ impl LeaseStore for EtcdLeaseStore {
         expected: Option<&LeaseRecord>,
         timeout: Duration,
     ) -> Result<Acquire> {
-        self.run("acquire", key, timeout, async {
-            let record_key = self.record_key(key);
-            let lease = self.grant("acquire", key, lease_ttl(ttl)).await?;
-            let compares = match expected {
-                None => vec![Compare::version(record_key.clone(), CompareOp::Equal, 0)],
-                Some(record) => {
-                    let value = Value::of(record);
-                    let mut compares = vec![Compare::value(
-                        record_key.clone(),
-                        CompareOp::Equal,
-                        value.encode(),
-                    )];
-                    if value.token.is_none() {
-                        let revision = i64::try_from(record.token.get()).unwrap_or(i64::MAX);
-                        compares.push(Compare::mod_revision(
+        self.run(
+            "acquire",
+            key,
+            timeout,
+            Box::pin(async {
+                let record_key = self.record_key(key);
+                let lease = self.grant("acquire", key, lease_ttl(ttl)).await?;
+                let compares = match expected {
+                    None => vec![Compare::version(record_key.clone(), CompareOp::Equal, 0)],
+                    Some(record) => {
+                        let value = Value::of(record);
+                        let mut compares = vec![Compare::value(
                             record_key.clone(),
                             CompareOp::Equal,
-                            revision,
-                        ));
+                            value.encode(),
+                        )];
+                        if value.token.is_none() {
+                            let revision = i64::try_from(record.token.get()).unwrap_or(i64::MAX);
+                            compares.push(Compare::mod_revision(
+                                record_key.clone(),
+                                CompareOp::Equal,
+                                revision,
+                            ));
+                        }
+                        compares
                     }
-                    compares
-                }
-            };
-            let fresh = Value {
-                token: None,
-                renewals: 0,
-                released: false,
-                holder: holder.as_str().to_owned(),
-            };
-            let txn = Txn::new()
-                .when(compares)
-                .and_then([TxnOp::put(
-                    record_key.clone(),
-                    fresh.encode(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )])
-                .or_else([TxnOp::get(record_key, None)]);
-            let response = match self.client().txn(txn).await {
-                Ok(response) => response,
-                Err(e) => {
+                };
+                let fresh = Value {
+                    token: None,
+                    renewals: 0,
+                    released: false,
+                    holder: holder.as_str().to_owned(),
+                };
+                let txn = Txn::new()
+                    .when(compares)
+                    .and_then([TxnOp::put(
+                        record_key.clone(),
+                        fresh.encode(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )])
+                    .or_else([TxnOp::get(record_key, None)]);
+                let response = match self.client().txn(txn).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        self.revoke_later(lease);
+                        return Err(store_error("acquire", key, e));
+                    }
+                };
+                let outcome = if response.succeeded() {
+                    let revision = header_revision(&response);
+                    let token = FencingToken(u64::try_from(revision).unwrap_or(0));
+                    self.terms().insert(
+                        key.to_owned(),
+                        Term {
+                            holder: holder.clone(),
+                            token,
+                            renewals: 0,
+                            lease,
+                            mod_revision: revision,
+                        },
+                    );
+                    Acquire::Acquired(token)
+                } else {
                     self.revoke_later(lease);
-                    return Err(store_error("acquire", key, e));
-                }
-            };
-            let outcome = if response.succeeded() {
-                let revision = header_revision(&response);
-                let token = FencingToken(u64::try_from(revision).unwrap_or(0));
-                self.terms().insert(
-                    key.to_owned(),
-                    Term {
-                        holder: holder.clone(),
-                        token,
-                        renewals: 0,
-                        lease,
-                        mod_revision: revision,
-                    },
-                );
-                Acquire::Acquired(token)
-            } else {
-                self.revoke_later(lease);
-                match got(&response) {
-                    Some(kv) => Acquire::Held(self.info("acquire", key, &kv).await?),
-                    None => Acquire::Vacant,
-                }
-            };
-            tracing::debug!(store = KIND, key, %holder, ?outcome, "acquire");
-            Ok(outcome)
-        })
+                    match got(&response) {
+                        Some(kv) => Acquire::Held(self.info("acquire", key, &kv).await?),
+                        None => Acquire::Vacant,
+                    }
+                };
+                tracing::debug!(store = KIND, key, %holder, ?outcome, "acquire");
+                Ok(outcome)
+            }),
+        )
         .await
     }
 
@@ -888,58 +888,63 @@ impl LeaseStore for EtcdLeaseStore {
         timeout: Duration,
     ) -> Result<bool> {
         let _ = ttl; // the term's etcd lease keeps the TTL it was granted with
-        self.run("renew", key, timeout, async {
-            let mut fresh = false;
-            // At most twice: once from memory, once from a fresh read if memory was stale.
-            for _ in 0..2 {
-                let Some(term) = self
-                    .current_term("renew", key, holder, token, fresh)
-                    .await?
-                else {
-                    self.terms().remove(key);
-                    return Ok(false);
-                };
-                let next = Value {
-                    token: Some(token.get()),
-                    renewals: term.renewals + 1,
-                    released: false,
-                    holder: holder.as_str().to_owned(),
-                };
-                // The keep-alive and the rewrite travel together: one round trip.
-                let mut lease_client = self.client();
-                let keep_alive = async { lease_client.lease_keep_alive(term.lease).await };
-                let (kept, rewritten) =
-                    tokio::join!(keep_alive, self.rewrite("renew", key, &term, &next));
-                match rewritten? {
-                    Ok(revision) => {
-                        match kept {
-                            Ok(_) => {}
-                            Err(e) if lease_gone(&e) => {
-                                // Answered with TTL <= 0: the lease, and the record, are gone.
-                                self.terms().remove(key);
-                                return Ok(false);
+        self.run(
+            "renew",
+            key,
+            timeout,
+            Box::pin(async {
+                let mut fresh = false;
+                // At most twice: once from memory, once from a fresh read if memory was stale.
+                for _ in 0..2 {
+                    let Some(term) = self
+                        .current_term("renew", key, holder, token, fresh)
+                        .await?
+                    else {
+                        self.terms().remove(key);
+                        return Ok(false);
+                    };
+                    let next = Value {
+                        token: Some(token.get()),
+                        renewals: term.renewals + 1,
+                        released: false,
+                        holder: holder.as_str().to_owned(),
+                    };
+                    // The keep-alive and the rewrite travel together: one round trip.
+                    let mut lease_client = self.client();
+                    let keep_alive = async { lease_client.lease_keep_alive(term.lease).await };
+                    let (kept, rewritten) =
+                        tokio::join!(keep_alive, self.rewrite("renew", key, &term, &next));
+                    match rewritten? {
+                        Ok(revision) => {
+                            match kept {
+                                Ok(_) => {}
+                                Err(e) if lease_gone(&e) => {
+                                    // Answered with TTL <= 0: the lease, and the record, are gone.
+                                    self.terms().remove(key);
+                                    return Ok(false);
+                                }
+                                Err(e) => return Err(store_error("renew", key, e)),
                             }
-                            Err(e) => return Err(store_error("renew", key, e)),
+                            self.terms().insert(
+                                key.to_owned(),
+                                Term {
+                                    renewals: next.renewals,
+                                    mod_revision: revision,
+                                    ..term
+                                },
+                            );
+                            tracing::debug!(store = KIND, key, %holder, %token, "renewed");
+                            return Ok(true);
                         }
-                        self.terms().insert(
-                            key.to_owned(),
-                            Term {
-                                renewals: next.renewals,
-                                mod_revision: revision,
-                                ..term
-                            },
-                        );
-                        tracing::debug!(store = KIND, key, %holder, %token, "renewed");
-                        return Ok(true);
+                        Err(_) if !fresh => fresh = true,
+                        Err(_) => break,
                     }
-                    Err(_) if !fresh => fresh = true,
-                    Err(_) => break,
                 }
-            }
-            self.terms().remove(key);
-            tracing::debug!(store = KIND, key, %holder, %token, "not renewed: not that term");
-            Ok(false)
-        })
+                self.terms().remove(key);
+                tracing::debug!(store = KIND, key, %holder, %token, "not renewed: not that term");
+                Ok(false)
+            }),
+        )
         .await
     }
 
@@ -950,51 +955,61 @@ impl LeaseStore for EtcdLeaseStore {
         token: FencingToken,
         timeout: Duration,
     ) -> Result<bool> {
-        self.run("release", key, timeout, async {
-            let mut fresh = false;
-            for _ in 0..2 {
-                let Some(term) = self
-                    .current_term("release", key, holder, token, fresh)
-                    .await?
-                else {
-                    break;
-                };
-                let tombstone = Value {
-                    token: Some(token.get()),
-                    renewals: term.renewals,
-                    released: true,
-                    holder: holder.as_str().to_owned(),
-                };
-                match self.rewrite("release", key, &term, &tombstone).await? {
-                    Ok(_) => {
-                        self.terms().remove(key);
-                        tracing::debug!(store = KIND, key, %holder, %token, "released");
-                        return Ok(true);
+        self.run(
+            "release",
+            key,
+            timeout,
+            Box::pin(async {
+                let mut fresh = false;
+                for _ in 0..2 {
+                    let Some(term) = self
+                        .current_term("release", key, holder, token, fresh)
+                        .await?
+                    else {
+                        break;
+                    };
+                    let tombstone = Value {
+                        token: Some(token.get()),
+                        renewals: term.renewals,
+                        released: true,
+                        holder: holder.as_str().to_owned(),
+                    };
+                    match self.rewrite("release", key, &term, &tombstone).await? {
+                        Ok(_) => {
+                            self.terms().remove(key);
+                            tracing::debug!(store = KIND, key, %holder, %token, "released");
+                            return Ok(true);
+                        }
+                        Err(_) if !fresh => fresh = true,
+                        Err(_) => break,
                     }
-                    Err(_) if !fresh => fresh = true,
-                    Err(_) => break,
                 }
-            }
-            self.terms().remove(key);
-            Ok(false)
-        })
+                self.terms().remove(key);
+                Ok(false)
+            }),
+        )
         .await
     }
 
     async fn read(&self, key: &str, timeout: Duration) -> Result<Option<LeaseInfo>> {
-        self.run("read", key, timeout, async {
-            let response = self
-                .client()
-                .get(self.record_key(key), None)
-                .await
-                .map_err(|e| store_error("read", key, e))?;
-            let info = match response.kvs().first() {
-                Some(kv) => Some(self.info("read", key, kv).await?),
-                None => None,
-            };
-            tracing::debug!(store = KIND, key, ?info, "read");
-            Ok(info)
-        })
+        self.run(
+            "read",
+            key,
+            timeout,
+            Box::pin(async {
+                let response = self
+                    .client()
+                    .get(self.record_key(key), None)
+                    .await
+                    .map_err(|e| store_error("read", key, e))?;
+                let info = match response.kvs().first() {
+                    Some(kv) => Some(self.info("read", key, kv).await?),
+                    None => None,
+                };
+                tracing::debug!(store = KIND, key, ?info, "read");
+                Ok(info)
+            }),
+        )
         .await
     }
 
@@ -1020,99 +1035,109 @@ impl LeaseStore for EtcdLeaseStore {
         ttl: Duration,
         timeout: Duration,
     ) -> Result<()> {
-        self.run("heartbeat", group, timeout, async {
-            let meta =
-                serde_json::to_string(meta).map_err(|e| corrupt(group, format!("meta: {e}")))?;
-            let member_key = format!("{}{}", self.member_prefix(group), node.as_str());
-            let slot = (group.to_owned(), node.as_str().to_owned());
-            let seconds = member_ttl(ttl);
-            let cached = self
-                .inner
-                .members
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(&slot)
-                .copied();
-            if let Some(lease) = cached {
-                let mut lease_client = self.client();
-                let mut kv_client = self.client();
-                let (kept, put) = tokio::join!(
-                    lease_client.lease_keep_alive(lease),
-                    kv_client.put(
-                        member_key.clone(),
-                        meta.clone(),
-                        Some(PutOptions::new().with_lease(lease))
-                    )
-                );
-                match (kept, put) {
-                    (Ok(_), Ok(_)) => return Ok(()),
-                    (Err(e), _) | (_, Err(e)) if !lease_gone(&e) => {
-                        return Err(store_error("heartbeat", group, e));
+        self.run(
+            "heartbeat",
+            group,
+            timeout,
+            Box::pin(async {
+                let meta = serde_json::to_string(meta)
+                    .map_err(|e| corrupt(group, format!("meta: {e}")))?;
+                let member_key = format!("{}{}", self.member_prefix(group), node.as_str());
+                let slot = (group.to_owned(), node.as_str().to_owned());
+                let seconds = member_ttl(ttl);
+                let cached = self
+                    .inner
+                    .members
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&slot)
+                    .copied();
+                if let Some(lease) = cached {
+                    let mut lease_client = self.client();
+                    let mut kv_client = self.client();
+                    let (kept, put) = tokio::join!(
+                        lease_client.lease_keep_alive(lease),
+                        kv_client.put(
+                            member_key.clone(),
+                            meta.clone(),
+                            Some(PutOptions::new().with_lease(lease))
+                        )
+                    );
+                    match (kept, put) {
+                        (Ok(_), Ok(_)) => return Ok(()),
+                        (Err(e), _) | (_, Err(e)) if !lease_gone(&e) => {
+                            return Err(store_error("heartbeat", group, e));
+                        }
+                        // The lease is gone: grant a new one below.
+                        _ => {}
                     }
-                    // The lease is gone: grant a new one below.
-                    _ => {}
                 }
-            }
-            let lease = self.grant("heartbeat", group, seconds).await?;
-            self.client()
-                .put(member_key, meta, Some(PutOptions::new().with_lease(lease)))
-                .await
-                .map_err(|e| store_error("heartbeat", group, e))?;
-            let previous = self
-                .inner
-                .members
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(slot, lease);
-            if let Some(previous) = previous {
-                self.revoke_later(previous);
-            }
-            tracing::debug!(store = KIND, group, %node, "member heartbeat");
-            Ok(())
-        })
+                let lease = self.grant("heartbeat", group, seconds).await?;
+                self.client()
+                    .put(member_key, meta, Some(PutOptions::new().with_lease(lease)))
+                    .await
+                    .map_err(|e| store_error("heartbeat", group, e))?;
+                let previous = self
+                    .inner
+                    .members
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(slot, lease);
+                if let Some(previous) = previous {
+                    self.revoke_later(previous);
+                }
+                tracing::debug!(store = KIND, group, %node, "member heartbeat");
+                Ok(())
+            }),
+        )
         .await
     }
 
     async fn members(&self, group: &str, timeout: Duration) -> Result<Vec<Member>> {
-        self.run("members", group, timeout, async {
-            let prefix = self.member_prefix(group);
-            let response = self
-                .client()
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-                .await
-                .map_err(|e| store_error("members", group, e))?;
-            let mut members = Vec::new();
-            for kv in response.kvs() {
-                let Some(node) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
-                    continue;
-                };
-                if node.contains('/') {
-                    continue; // a deeper group's member
-                }
-                let meta: BTreeMap<String, String> = serde_json::from_slice(kv.value())
-                    .map_err(|e| corrupt(group, format!("member {node} meta: {e}")))?;
-                let remaining = if kv.lease() == 0 {
-                    Duration::ZERO
-                } else {
-                    let ttl = self
-                        .client()
-                        .lease_time_to_live(kv.lease(), None)
-                        .await
-                        .map_err(|e| store_error("members", group, e))?;
-                    if ttl.ttl() <= 0 {
-                        continue; // expired just now
+        self.run(
+            "members",
+            group,
+            timeout,
+            Box::pin(async {
+                let prefix = self.member_prefix(group);
+                let response = self
+                    .client()
+                    .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                    .await
+                    .map_err(|e| store_error("members", group, e))?;
+                let mut members = Vec::new();
+                for kv in response.kvs() {
+                    let Some(node) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+                        continue;
+                    };
+                    if node.contains('/') {
+                        continue; // a deeper group's member
                     }
-                    Duration::from_secs(u64::try_from(ttl.ttl()).unwrap_or(0))
-                };
-                members.push(Member {
-                    node: NodeId::new(node),
-                    meta,
-                    remaining,
-                });
-            }
-            members.sort_by(|a, b| a.node.as_str().cmp(b.node.as_str()));
-            Ok(members)
-        })
+                    let meta: BTreeMap<String, String> = serde_json::from_slice(kv.value())
+                        .map_err(|e| corrupt(group, format!("member {node} meta: {e}")))?;
+                    let remaining = if kv.lease() == 0 {
+                        Duration::ZERO
+                    } else {
+                        let ttl = self
+                            .client()
+                            .lease_time_to_live(kv.lease(), None)
+                            .await
+                            .map_err(|e| store_error("members", group, e))?;
+                        if ttl.ttl() <= 0 {
+                            continue; // expired just now
+                        }
+                        Duration::from_secs(u64::try_from(ttl.ttl()).unwrap_or(0))
+                    };
+                    members.push(Member {
+                        node: NodeId::new(node),
+                        meta,
+                        remaining,
+                    });
+                }
+                members.sort_by(|a, b| a.node.as_str().cmp(b.node.as_str()));
+                Ok(members)
+            }),
+        )
         .await
     }
 }

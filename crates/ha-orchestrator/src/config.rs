@@ -1094,7 +1094,8 @@ async fn connect_store(url: &str) -> Result<Arc<dyn LeaseStore>, ha_core::BoxErr
             )));
         }
         #[cfg(feature = "etcd")]
-        "etcd" => Arc::new(ha_election::EtcdLeaseStore::connect_url(url).await?),
+        // Boxed: the gRPC client's connect future is large, and every caller would carry it.
+        "etcd" => Arc::new(Box::pin(ha_election::EtcdLeaseStore::connect_url(url)).await?),
         #[cfg(not(feature = "etcd"))]
         "etcd" => return Err(Box::new(without_feature("an etcd lease store", "etcd"))),
         other => return Err(format!("unsupported store {other}").into()),
