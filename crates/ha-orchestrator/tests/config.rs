@@ -648,3 +648,33 @@ fn the_sentinel_keepalive_and_reconcile_intervals_parse() {
     );
     assert_eq!(sentinel.reconcile, Some(std::time::Duration::from_secs(5)));
 }
+
+/// A node whose config names `etcd://` (every member of a real 3-member cluster) elects itself
+/// on etcd.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_store_url_elects_on_a_real_cluster() {
+    let cluster = ha_testkit::EtcdCluster::start()
+        .await
+        .expect("start an etcd cluster");
+    let text = BASE.replace(
+        "single_node = true",
+        &format!(
+            "store = \"{}\"\nttl = \"1s\"\nretry = \"100ms\"",
+            cluster.url()
+        ),
+    );
+    let config = HaConfig::from_toml_str(&text, "etcd.toml").expect("valid");
+    let node = Box::pin(config.into_builder())
+        .await
+        .expect("connects to etcd")
+        .build()
+        .expect("builds");
+    node.start().await.expect("starts");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.is_leader().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never led on etcd");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    node.shutdown().await;
+}
