@@ -123,7 +123,10 @@ impl EtcdLeaseStoreOptions {
 ///   rewrites the record with one more renewal by a transaction conditional on the record's
 ///   `mod_revision`. The record therefore outlives the term's last renewal by at least two
 ///   TTLs, as the trait requires, and then vanishes with its lease. release replaces the record
-///   by a tombstone (same lease) if it is still the caller's term.
+///   by a tombstone (same lease, kept alive once more) if it is still the caller's term. The
+///   keep-alive is one request and one answer under the operation's `timeout`, never a
+///   background stream: a keep-alive that stalls fails the renewal, and the elector's
+///   deadline (counted from when the renewal was sent) ends leadership on time.
 /// - **The store's clock decides nothing.** Followers judge expiry on their own clocks (see
 ///   [`Elector`](crate::Elector)); etcd's lease clock only bounds how long an abandoned record
 ///   lingers. An etcd leader change resets every lease to its full TTL (etcd 3.4 does not
@@ -974,7 +977,14 @@ impl LeaseStore for EtcdLeaseStore {
                         released: true,
                         holder: holder.as_str().to_owned(),
                     };
-                    match self.rewrite("release", key, &term, &tombstone).await? {
+                    // The lease is kept alive too, so the tombstone stays for the full retention
+                    // even if the term had lapsed by etcd's clock (a failed keep-alive changes
+                    // nothing: the rewrite decides).
+                    let mut lease_client = self.client();
+                    let keep_alive = async { lease_client.lease_keep_alive(term.lease).await };
+                    let (_, rewritten) =
+                        tokio::join!(keep_alive, self.rewrite("release", key, &term, &tombstone));
+                    match rewritten? {
                         Ok(_) => {
                             self.terms().remove(key);
                             tracing::debug!(store = KIND, key, %holder, %token, "released");
