@@ -149,10 +149,16 @@ impl EtcdLeaseStoreOptions {
 ///   the cluster is restored with `etcdctl snapshot restore`, which keeps revisions). A
 ///   cluster rebuilt *empty* restarts revisions at 1: then fences must be reset too.
 /// - **Timeouts.** Every operation is bounded by its `timeout` ([`Error::Timeout`]) and every
-///   gRPC request by the client's own timeout ([`EtcdLeaseStoreOptions::request_timeout`]). A
-///   request dropped before it was sent is never sent; one already sent may still apply, which
-///   the compare-and-set confines to the exact record it compared (and the elector adopts its
-///   own record).
+///   gRPC request by the client's own timeout ([`EtcdLeaseStoreOptions::request_timeout`]).
+///   An operation that times out is dropped with its requests (their HTTP/2 streams are
+///   reset), so nothing is sent for it afterwards; a request that had already reached etcd
+///   may still apply, which the compare-and-set confines to the exact record it compared (and
+///   the elector adopts its own record).
+/// - **One member at a time.** The store keeps one gRPC client per endpoint and sends every
+///   operation to one member; after an operation fails or times out it moves to the next
+///   member (in the order given). Every request asks for `require_leader`, so a member cut off
+///   from its peers fails at once instead of answering from a stale raft state; reads are
+///   linearizable.
 /// - **Membership.** `heartbeat` puts `<prefix>members/<group>/<node>` (the meta as JSON)
 ///   on an etcd lease of the member's `ttl` (whole seconds, rounded up), kept alive by the next
 ///   heartbeat; a member that stops beating vanishes with its lease.
