@@ -6,8 +6,8 @@
 //! ```
 //!
 //! `--store` is `memory` (a store private to this process, for trying it out), a `redis://`
-//! URL or a `postgres://` URL; three nodes on one Redis or PostgreSQL elect one leader. Each
-//! line is
+//! URL, a `postgres://` URL or (built with `--features etcd`) `etcd://host:port[,host:port…]`;
+//! three nodes on one Redis, PostgreSQL or etcd cluster elect one leader. Each line is
 //! `{"event":"acquired"|"renewed"|"lost"|"released","node":ID,"token":N,"mono_ns":T,
 //! "valid_until_mono_ns":D,"reason":R}` where the `*_mono_ns` fields are CLOCK_MONOTONIC
 //! nanoseconds (comparable across processes on one machine) and `valid_until_mono_ns` is this
@@ -71,8 +71,20 @@ async fn connect(url: &str) -> Result<Arc<dyn LeaseStore>, String> {
         "postgres" | "postgresql" => Ok(Arc::new(
             PostgresLeaseStore::connect(url).await.map_err(failed)?,
         )),
+        #[cfg(feature = "etcd")]
+        "etcd" => Ok(Arc::new(
+            ha_election::EtcdLeaseStore::connect_url(url)
+                .await
+                .map_err(failed)?,
+        )),
+        #[cfg(not(feature = "etcd"))]
+        "etcd" => Err(
+            "--store: this build lacks the examples' `etcd` feature (it needs protoc): \
+             cargo run --features etcd --example election-node -- …"
+                .to_owned(),
+        ),
         scheme => Err(format!(
-            "--store: unsupported store `{scheme}` (use memory, redis://… or postgres://…)"
+            "--store: unsupported store `{scheme}` (use memory, redis://…, postgres://… or etcd://host:port[,host:port…])"
         )),
     }
 }

@@ -1,10 +1,12 @@
-//! Failover benchmark: three electors on a real server (redis-server, then PostgreSQL), each
-//! through its own fault proxy, ttl 2 s, retry 200 ms. Prints `name value unit` lines:
+//! Failover benchmark: three electors on a real server (redis-server, then PostgreSQL, then —
+//! with the `etcd` feature — a 3-member etcd cluster), each through fault proxies of its own
+//! (one per server or member), ttl 2 s, retry 200 ms. Prints `name value unit` lines:
 //! crash failover and graceful handover times over many trials, split-brain violations seen by
 //! a 1 ms invariant checker across all trials, and store round trips per renewal.
 //!
 //! `cargo bench -p ha-election --bench failover` (set `HA_BENCH_TRIALS` to change the trial
-//! count, default 20; `HA_BENCH_STORES=redis` or `=pg` to run one store).
+//! count, default 20; `HA_BENCH_STORES=redis`, `=pg` or `=etcd` to run one store; the etcd
+//! part needs `--features etcd`).
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark prints; setup failures panic
 
 use std::future::Future;
@@ -21,17 +23,20 @@ use tokio::time::Instant;
 const TTL: Duration = Duration::from_secs(2);
 const RETRY: Duration = Duration::from_millis(200);
 
+/// Connects a store to the given addresses (a node's proxies, one per upstream).
 type Connect = Arc<
-    dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = Arc<dyn LeaseStore>> + Send>> + Send + Sync,
+    dyn Fn(Vec<SocketAddr>) -> Pin<Box<dyn Future<Output = Arc<dyn LeaseStore>> + Send>>
+        + Send
+        + Sync,
 >;
 
 struct Node {
-    proxy: FaultProxy,
+    proxies: Vec<FaultProxy>,
     elector: Elector,
 }
 
 struct Bench {
-    upstream: SocketAddr,
+    upstreams: Vec<SocketAddr>,
     connect: Connect,
     key: String,
     nodes: Vec<Node>,
@@ -41,8 +46,12 @@ struct Bench {
 
 impl Bench {
     async fn add(&mut self) {
-        let proxy = FaultProxy::start(self.upstream).unwrap();
-        let store = (self.connect)(proxy.addr()).await;
+        let proxies: Vec<FaultProxy> = self
+            .upstreams
+            .iter()
+            .map(|upstream| FaultProxy::start(*upstream).unwrap())
+            .collect();
+        let store = (self.connect)(proxies.iter().map(FaultProxy::addr).collect()).await;
         let elector = Elector::builder(store)
             .config(ElectorConfig::with_ttl(self.key.clone(), TTL, RETRY))
             .build()
@@ -52,7 +61,7 @@ impl Bench {
             .await
             .unwrap();
         self.next_id += 1;
-        self.nodes.push(Node { proxy, elector });
+        self.nodes.push(Node { proxies, elector });
     }
 
     /// One invariant check; returns the leader's index.
@@ -87,12 +96,14 @@ impl Bench {
         let (leader, _) = self.wait_leader(None).await;
         let node = self.nodes.remove(leader);
         let id = node.elector.node().cloned().unwrap();
-        node.proxy.set_mode(ProxyMode::Blackhole);
+        for proxy in &node.proxies {
+            proxy.set_mode(ProxyMode::Blackhole);
+        }
         let crashed_at = Instant::now();
         // Drop without a reachable store: its release is lost, like a killed process.
         let shutdown = tokio::spawn(async move {
             node.elector.shutdown().await;
-            drop(node.proxy);
+            drop(node.proxies);
         });
         let (_, _) = self.wait_leader(Some(&id)).await;
         let took = crashed_at.elapsed();
@@ -109,7 +120,7 @@ impl Bench {
         node.elector.shutdown().await;
         let (_, _) = self.wait_leader(Some(&id)).await;
         let took = started.elapsed();
-        drop(node.proxy);
+        drop(node.proxies);
         self.add().await;
         took
     }
@@ -117,10 +128,14 @@ impl Bench {
 
 /// Round trips per renewal: N direct renewals through a fresh proxy, counting the requests it
 /// forwards to the server.
-async fn roundtrips_per_renewal(upstream: SocketAddr, connect: &Connect) -> f64 {
+async fn roundtrips_per_renewal(upstreams: &[SocketAddr], connect: &Connect) -> f64 {
     const N: u64 = 50;
-    let proxy = FaultProxy::start(upstream).unwrap();
-    let store = connect(proxy.addr()).await;
+    let proxies: Vec<FaultProxy> = upstreams
+        .iter()
+        .map(|upstream| FaultProxy::start(*upstream).unwrap())
+        .collect();
+    let forwarded = || -> u64 { proxies.iter().map(FaultProxy::requests_forwarded).sum() };
+    let store = connect(proxies.iter().map(FaultProxy::addr).collect()).await;
     let node = NodeId::new("rt");
     let key = "bench/roundtrips";
     let timeout = Duration::from_secs(2);
@@ -132,11 +147,11 @@ async fn roundtrips_per_renewal(upstream: SocketAddr, connect: &Connect) -> f64 
     else {
         panic!("the key's current record must be taken over");
     };
-    let before = proxy.requests_forwarded();
+    let before = forwarded();
     for _ in 0..N {
         assert!(store.renew(key, &node, token, TTL, timeout).await.unwrap());
     }
-    let used = proxy.requests_forwarded() - before;
+    let used = forwarded() - before;
     store.release(key, &node, token, timeout).await.unwrap();
     used as f64 / N as f64
 }
@@ -150,10 +165,16 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-async fn run(prefix: &str, store: &str, upstream: SocketAddr, connect: Connect, trials: usize) {
-    let roundtrips = roundtrips_per_renewal(upstream, &connect).await;
+async fn run(
+    prefix: &str,
+    store: &str,
+    upstreams: Vec<SocketAddr>,
+    connect: Connect,
+    trials: usize,
+) {
+    let roundtrips = roundtrips_per_renewal(&upstreams, &connect).await;
     let mut bench = Bench {
-        upstream,
+        upstreams,
         connect,
         key: format!("bench/{prefix}"),
         nodes: Vec::new(),
@@ -199,39 +220,64 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
 
-    let stores = std::env::var("HA_BENCH_STORES").unwrap_or_else(|_| "redis,pg".into());
+    let stores = std::env::var("HA_BENCH_STORES").unwrap_or_else(|_| "redis,pg,etcd".into());
     if stores.split(',').any(|s| s == "redis") {
         bench_redis(trials).await;
     }
     if stores.split(',').any(|s| s == "pg") {
         bench_pg(trials).await;
     }
+    #[cfg(feature = "etcd")]
+    if stores.split(',').any(|s| s == "etcd") {
+        bench_etcd(trials).await;
+    }
+}
+
+/// A 3-member etcd cluster; each elector reaches every member through its own proxy, and its
+/// store uses one member at a time (moving on after a failure).
+#[cfg(feature = "etcd")]
+async fn bench_etcd(trials: usize) {
+    let etcd = ha_testkit::EtcdCluster::start().await.unwrap();
+    let upstreams: Vec<SocketAddr> = (0..etcd.members().len())
+        .map(|m| etcd.member(m).client_addr())
+        .collect();
+    let connect: Connect = Arc::new(|addrs| {
+        Box::pin(async move {
+            let endpoints: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+            Arc::new(
+                ha_election::EtcdLeaseStore::connect(&endpoints)
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn LeaseStore>
+        })
+    });
+    run("etcd_", "etcd", upstreams, connect, trials).await;
 }
 
 async fn bench_redis(trials: usize) {
     let redis = RedisServer::start().await.unwrap();
-    let connect: Connect = Arc::new(|addr| {
+    let connect: Connect = Arc::new(|addrs| {
         Box::pin(async move {
             Arc::new(
-                RedisLeaseStore::connect(&format!("redis://{addr}"))
+                RedisLeaseStore::connect(&format!("redis://{}", addrs[0]))
                     .await
                     .unwrap(),
             ) as Arc<dyn LeaseStore>
         })
     });
-    run("", "redis", redis.addr(), connect, trials).await;
+    run("", "redis", vec![redis.addr()], connect, trials).await;
 }
 
 async fn bench_pg(trials: usize) {
     let pg = PostgresServer::start().await.unwrap();
-    let connect: Connect = Arc::new(|addr| {
+    let connect: Connect = Arc::new(|addrs| {
         Box::pin(async move {
             Arc::new(
-                PostgresLeaseStore::connect(&format!("postgres://postgres@{addr}/postgres"))
+                PostgresLeaseStore::connect(&format!("postgres://postgres@{}/postgres", addrs[0]))
                     .await
                     .unwrap(),
             ) as Arc<dyn LeaseStore>
         })
     });
-    run("pg_", "pg", pg.addr(), connect, trials).await;
+    run("pg_", "pg", vec![pg.addr()], connect, trials).await;
 }

@@ -12,7 +12,7 @@ pub enum Error {
     /// have taken effect: a leader must treat a timed-out renewal as "not renewed".
     #[error("{store} lease store: {op} of `{key}` timed out after {after:?}")]
     Timeout {
-        /// `redis`, `postgres` or `memory`.
+        /// `redis`, `postgres`, `etcd` or `memory`.
         store: &'static str,
         /// `acquire`, `renew`, `release` or `read`.
         op: &'static str,

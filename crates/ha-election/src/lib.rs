@@ -8,7 +8,9 @@
 //! - [`RedisLeaseStore`]: Redis standalone or behind Sentinel (fred), one Lua script round trip
 //!   per operation;
 //! - [`PostgresLeaseStore`]: a table, a token sequence and `LISTEN`/`NOTIFY` in PostgreSQL
-//!   (sqlx).
+//!   (sqlx);
+//! - `EtcdLeaseStore` (feature `etcd`): a transaction per operation on an etcd v3 cluster,
+//!   terms on etcd leases, tokens from etcd revisions, changes pushed by an etcd watch.
 //!
 //! Every store passes the same conformance suite ([`testing`]).
 //!
@@ -16,7 +18,9 @@
 //!
 //! Each server-backed store is behind a feature, so a service compiles only the client it uses:
 //! - `redis` (default): [`RedisLeaseStore`], with fred;
-//! - `postgres` (default): [`PostgresLeaseStore`] and [`PgFence`], with sqlx.
+//! - `postgres` (default): [`PostgresLeaseStore`] and [`PgFence`], with sqlx;
+//! - `etcd` (not a default): `EtcdLeaseStore`, with etcd-client. Building it runs `protoc`
+//!   (Debian: `protobuf-compiler`), which is why it is not on by default.
 //!
 //! With `--no-default-features` the crate is [`MemoryLeaseStore`], [`MemoryFence`], the
 //! [`Elector`] and the conformance suite, and compiles no client.
@@ -46,6 +50,8 @@
 pub mod config;
 pub mod elector;
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod fence;
 pub mod memory;
 #[cfg(feature = "postgres")]
@@ -60,6 +66,8 @@ pub mod testing;
 pub use config::ElectorConfig;
 pub use elector::{Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo, Role};
 pub use error::{Error, Result};
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdLeaseStore, EtcdLeaseStoreOptions};
 pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
 #[cfg(feature = "postgres")]

@@ -122,7 +122,7 @@ pub type LeaseWatch = broadcast::Receiver<LeaseChange>;
 ///   `timeout` with [`Error::Timeout`].
 #[async_trait]
 pub trait LeaseStore: Send + Sync + Debug {
-    /// A short name for logs, metrics and errors: `memory`, `redis`, `postgres`.
+    /// A short name for logs, metrics and errors: `memory`, `redis`, `postgres`, `etcd`.
     fn kind(&self) -> &'static str;
 
     /// Takes `key` for `holder` for `ttl` if its record is exactly `expected` (`None`: if it

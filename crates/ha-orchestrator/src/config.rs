@@ -163,7 +163,8 @@ pub struct RedundancyConfig {
     /// `single_node = true`: this node always leads, no election.
     pub single_node: bool,
     /// The lease store (`HA_STORE_URL`): `memory` (one process only), `redis://…`,
-    /// `redis+sentinel://host:port[,host:port…]/MASTER`, `postgres://…`.
+    /// `redis+sentinel://host:port[,host:port…]/MASTER`, `postgres://…`,
+    /// `etcd://host:port[,host:port…]` (feature `etcd`).
     pub store: Option<String>,
     /// Lease time to live (default 15 s).
     #[serde(with = "duration")]
@@ -1041,13 +1042,21 @@ fn store_scheme(url: &str) -> Result<&'static str, String> {
         Ok("redis")
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok("postgres")
-    } else if url.starts_with("etcd://") {
-        Err(
-            "etcd is not supported yet (issue 16): use redis://, redis+sentinel:// or postgres://"
-                .into(),
-        )
+    } else if let Some(rest) = url.strip_prefix("etcd://") {
+        // Checked here whatever the build's features, so a typo is a config error everywhere.
+        let endpoints: Vec<&str> = rest.trim_end_matches('/').split(',').collect();
+        let valid = endpoints.iter().all(|endpoint| {
+            endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok()
+            })
+        });
+        if valid {
+            Ok("etcd")
+        } else {
+            Err("etcd:// needs host:port[,host:port…] (every member's client address)".into())
+        }
     } else {
-        Err("must be `memory`, redis://…, redis+sentinel://host:port[,host:port…]/MASTER or postgres://…".into())
+        Err("must be `memory`, redis://…, redis+sentinel://host:port[,host:port…]/MASTER, postgres://… or etcd://host:port[,host:port…]".into())
     }
 }
 
@@ -1084,6 +1093,11 @@ async fn connect_store(url: &str) -> Result<Arc<dyn LeaseStore>, ha_core::BoxErr
                 "postgres",
             )));
         }
+        #[cfg(feature = "etcd")]
+        // Boxed: the gRPC client's connect future is large, and every caller would carry it.
+        "etcd" => Arc::new(Box::pin(ha_election::EtcdLeaseStore::connect_url(url)).await?),
+        #[cfg(not(feature = "etcd"))]
+        "etcd" => return Err(Box::new(without_feature("an etcd lease store", "etcd"))),
         other => return Err(format!("unsupported store {other}").into()),
     })
 }

@@ -29,7 +29,9 @@
 //! - `command`: the `command` failover action;
 //! - `sentinel`: Redis Sentinel monitoring (`[replication.sentinel]`,
 //!   `HaNodeBuilder::follow_redis_master`);
-//! - `files`: directory replication (`[[replication.files]]`).
+//! - `files`: directory replication (`[[replication.files]]`);
+//! - `etcd` (**not** a default): the etcd lease store (`etcd://host:port[,host:port…]`).
+//!   Building it runs `protoc` (Debian: `protobuf-compiler`), so it is opt-in.
 //!
 //! With `--no-default-features` the node keeps the in-memory lease store, the checker with
 //! its TCP, command, disk and closure checks, the failover manager with its step-down and

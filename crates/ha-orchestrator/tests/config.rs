@@ -237,16 +237,27 @@ fn the_store_scheme_is_checked() {
         "redundancy.store",
         "must be `memory`",
     );
-    assert_refused(
-        &with_store("etcd://10.0.0.1:2379"),
-        "redundancy.store",
-        "etcd is not supported",
-    );
+    for bad in [
+        "etcd://",
+        "etcd://h",
+        "etcd://h:2379,h2",
+        "etcd://h:notaport",
+    ] {
+        assert_refused(
+            &with_store(bad),
+            "redundancy.store",
+            "etcd:// needs host:port",
+        );
+    }
+    // Accepted whatever the features: a build without `etcd` refuses it when it connects
+    // (`Unsupported`, see tests/features.rs).
     for ok in [
         "memory",
         "redis://h:6379",
         "redis+sentinel://h:26379/m",
         "postgres://h/db",
+        "etcd://10.0.0.1:2379",
+        "etcd://a:2379,b:2379,c:2379",
     ] {
         HaConfig::from_toml_str(&with_store(ok), "ok").unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
@@ -504,6 +515,8 @@ action = {{ kind = \"command\", command = [\"true\"] }}
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
     let out = ha_node_check(&file, &[("HA_STORE_URL", "etcd://10.0.0.1:2379")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = ha_node_check(&file, &[("HA_STORE_URL", "etcd://10.0.0.1")]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("redundancy.store"),
@@ -511,7 +524,7 @@ action = {{ kind = \"command\", command = [\"true\"] }}
         stderr(&out)
     );
     assert!(
-        stderr(&out).contains("etcd is not supported"),
+        stderr(&out).contains("etcd:// needs host:port"),
         "{}",
         stderr(&out)
     );
@@ -634,4 +647,34 @@ fn the_sentinel_keepalive_and_reconcile_intervals_parse() {
         Some(std::time::Duration::from_millis(300))
     );
     assert_eq!(sentinel.reconcile, Some(std::time::Duration::from_secs(5)));
+}
+
+/// A node whose config names `etcd://` (every member of a real 3-member cluster) elects itself
+/// on etcd.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_store_url_elects_on_a_real_cluster() {
+    let cluster = ha_testkit::EtcdCluster::start()
+        .await
+        .expect("start an etcd cluster");
+    let text = BASE.replace(
+        "single_node = true",
+        &format!(
+            "store = \"{}\"\nttl = \"1s\"\nretry = \"100ms\"",
+            cluster.url()
+        ),
+    );
+    let config = HaConfig::from_toml_str(&text, "etcd.toml").expect("valid");
+    let node = Box::pin(config.into_builder())
+        .await
+        .expect("connects to etcd")
+        .build()
+        .expect("builds");
+    node.start().await.expect("starts");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.is_leader().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never led on etcd");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    node.shutdown().await;
 }

@@ -25,6 +25,15 @@ async fn a_redis_store_needs_the_redis_feature() {
     assert!(why.contains("`redis`"), "{why}");
 }
 
+#[cfg(not(feature = "etcd"))]
+#[tokio::test]
+async fn an_etcd_store_needs_the_etcd_feature() {
+    let (what, why) =
+        unsupported("node_id = \"a\"\n[redundancy]\nstore = \"etcd://127.0.0.1:1\"\n").await;
+    assert!(what.contains("redundancy.store"), "{what}");
+    assert!(why.contains("`etcd`"), "{why}");
+}
+
 #[cfg(not(feature = "system"))]
 #[tokio::test]
 async fn a_memory_check_needs_the_system_feature() {

@@ -1,7 +1,7 @@
 //! Real servers and real faults for tests.
 //!
-//! `ha-testkit` starts real `redis-server`, `redis-sentinel` and PostgreSQL (primary and
-//! streaming replica) processes from the machine's packages, each on a free loopback port in
+//! `ha-testkit` starts real `redis-server`, `redis-sentinel`, PostgreSQL (primary and
+//! streaming replica) and etcd (a 3-member cluster) processes from the machine's packages, each on a free loopback port in
 //! its own temporary directory, and stops and removes them on drop — also when a test panics.
 //! Faults are real: SIGKILL, SIGSTOP/SIGCONT, restarts, and a fault proxy that drops,
 //! blackholes, delays or cuts TCP traffic in front of any server. [`HaNodeCluster`] runs
@@ -19,6 +19,7 @@ pub mod binaries;
 #[cfg(feature = "containers")]
 pub mod containers;
 pub mod error;
+pub mod etcd;
 pub mod ha_node;
 pub mod postgres;
 pub mod process;
@@ -27,6 +28,7 @@ pub mod redis;
 pub mod sentinel;
 
 pub use error::{Result, TestkitError};
+pub use etcd::{EtcdCluster, EtcdMember};
 pub use ha_node::{HaNodeCluster, HaNodeOptions, HaNodeProcess};
 pub use postgres::{Lsn, ParseLsnError, PostgresServer, PostgresServerBuilder};
 pub use process::{ServerProcess, free_port};
