@@ -58,7 +58,9 @@ pub mod store;
 pub mod testing;
 
 pub use config::ElectorConfig;
-pub use elector::{Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo, Role};
+pub use elector::{
+    Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo, MetaSource, Role,
+};
 pub use error::{Error, Result};
 pub use fence::MemoryFence;
 pub use memory::MemoryLeaseStore;
