@@ -81,12 +81,20 @@ async fn lease_watch(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_node_leaves_no_writable_primary_past_its_lease() {
+/// A Redis server, a primary with table `w`, and one `ha-node` "a" running the agent with
+/// its watchdog over that primary, leading with the watchdog armed.
+struct Setup {
+    node: HaNodeProcess,
+    primary: PostgresServer,
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
     let redis = RedisServer::start()
         .await
         .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
-    let mut primary = PostgresServer::start()
+    let primary = PostgresServer::start()
         .await
         .unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
     primary
@@ -111,7 +119,7 @@ async fn a_killed_node_leaves_no_writable_primary_past_its_lease() {
     // The watchdog binary is found beside ha-node (both are this package's binaries).
     let binary = Path::new(env!("CARGO_BIN_EXE_ha-node"));
     assert!(Path::new(env!("CARGO_BIN_EXE_ha-pg-watchdog")).is_file());
-    let mut node = HaNodeProcess::start(binary, dir.path(), "a", &redis.url(), &options)
+    let node = HaNodeProcess::start(binary, dir.path(), "a", &redis.url(), &options)
         .unwrap_or_else(|e| panic!("cannot start ha-node: {e}"));
     until("the node to serve /primary with its watchdog armed", || {
         let armed = node
@@ -119,81 +127,151 @@ async fn a_killed_node_leaves_no_writable_primary_past_its_lease() {
             .is_ok_and(|(_, body)| body.contains("\"watchdog\":\"armed\""));
         armed && node.get("/primary").is_ok_and(|(code, _)| code == 200)
     });
+    Setup {
+        node,
+        primary,
+        redis,
+        dir,
+    }
+}
 
-    let stop = tokio_util::sync::CancellationToken::new();
-    let acks = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let writer = tokio::spawn(checker(primary.url(), acks.clone(), stop.clone()));
-    let watcher = tokio::spawn(lease_watch(
-        redis.addr(),
-        "ha:lease:{wd/leader}".into(),
-        seen.clone(),
-        stop.clone(),
-    ));
-    // Commits flow and the lease is renewed before the fault.
-    let warm = Instant::now() + WAIT;
-    while acks.lock().unwrap().len() < 20 || seen.lock().unwrap().len() < 3 {
-        assert!(
-            Instant::now() < warm,
-            "no commits ({}) or no renewals ({:?}) seen",
-            acks.lock().unwrap().len(),
-            seen.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+impl Setup {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("a.log")).unwrap()
     }
 
-    let node_pid = node.pid().unwrap();
-    node.kill().unwrap();
-    let killed = Instant::now();
-    // Keep writing until well past the latest deadline the lease record allows.
-    let observe_until = killed + TTL + Duration::from_secs(2);
-    tokio::time::sleep_until(observe_until).await;
-    stop.cancel();
-    writer.await.unwrap();
-    watcher.await.unwrap();
+    /// Runs the checker and the lease watcher, applies `fault` once commits flow and the
+    /// lease is being renewed, observes until well past any deadline, and asserts that no
+    /// commit was acknowledged at or after the lease deadline and that the postmaster is
+    /// gone. Returns (fault → last commit, last commit → deadline).
+    async fn no_commit_past_the_lease(
+        &mut self,
+        fault: impl FnOnce(&mut Self),
+    ) -> (Duration, Duration) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let writer = tokio::spawn(checker(self.primary.url(), acks.clone(), stop.clone()));
+        let watcher = tokio::spawn(lease_watch(
+            self.redis.addr(),
+            "ha:lease:{wd/leader}".into(),
+            seen.clone(),
+            stop.clone(),
+        ));
+        // Commits flow and the lease is renewed before the fault.
+        let warm = Instant::now() + WAIT;
+        while acks.lock().unwrap().len() < 20 || seen.lock().unwrap().len() < 3 {
+            assert!(
+                Instant::now() < warm,
+                "no commits ({}) or no renewals ({:?}) seen",
+                acks.lock().unwrap().len(),
+                seen.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        fault(self);
+        let faulted = Instant::now();
+        // Keep writing until well past the latest deadline the lease record allows.
+        tokio::time::sleep_until(faulted + TTL + Duration::from_secs(2)).await;
+        stop.cancel();
+        writer.await.unwrap();
+        watcher.await.unwrap();
 
-    let seen = seen.lock().unwrap().clone();
-    // The last renewal's record (the key expires later, at 2 × ttl, and reads empty).
-    let (last_change, record) = seen
-        .iter()
-        .rev()
-        .find(|(_, v)| !v.is_empty())
-        .cloned()
-        .unwrap();
+        let seen = seen.lock().unwrap().clone();
+        // The last renewal's record (the key expires later, at 2 × ttl, and reads empty).
+        let (last_change, record) = seen
+            .iter()
+            .rev()
+            .find(|(_, v)| !v.is_empty())
+            .cloned()
+            .unwrap();
+        assert!(
+            record.ends_with("\na"),
+            "the record names the faulted node: {record:?}"
+        );
+        let deadline = last_change + TTL;
+        let acks = acks.lock().unwrap().clone();
+        assert!(
+            acks.iter()
+                .any(|&a| a + Duration::from_millis(500) > faulted && a < faulted),
+            "no commit acknowledged in the 500 ms before the fault: the checker saw nothing"
+        );
+        let last_ack = *acks.last().unwrap();
+        let late = acks.iter().filter(|&&a| a >= deadline).count();
+        assert_eq!(
+            late,
+            0,
+            "commits acknowledged after the lease deadline (the last {:?} after it)",
+            last_ack - deadline
+        );
+        assert!(
+            !self.primary.is_running(),
+            "the watchdog did not stop the postmaster; log:\n{}",
+            self.log()
+        );
+        (
+            last_ack.saturating_duration_since(faulted),
+            deadline - last_ack,
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_no_writable_primary_past_its_lease() {
+    let mut s = setup().await;
+    let (after, margin) = s.no_commit_past_the_lease(|s| s.node.kill().unwrap()).await;
     assert!(
-        record.ends_with("\na"),
-        "the record names the killed node: {record:?}"
-    );
-    let deadline = last_change + TTL;
-    let acks = acks.lock().unwrap().clone();
-    assert!(
-        acks.iter()
-            .any(|&a| a + Duration::from_millis(500) > killed && a < killed),
-        "no commit acknowledged in the 500 ms before the kill: the checker saw nothing"
-    );
-    let last_ack = *acks.last().unwrap();
-    let late: Vec<_> = acks.iter().filter(|&&a| a >= deadline).collect();
-    assert!(
-        late.is_empty(),
-        "{} commits acknowledged after the lease deadline (last {:?} after it)",
-        late.len(),
-        last_ack - deadline
-    );
-    assert!(
-        !primary.is_running(),
-        "the watchdog did not stop the postmaster; node {node_pid} log:\n{}",
-        node.log_tail(30)
-    );
-    let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
-    assert!(
-        log.contains("fencing PostgreSQL: the agent is gone while armed"),
-        "{log}"
+        s.log()
+            .contains("fencing PostgreSQL: the agent is gone while armed"),
+        "{}",
+        s.log()
     );
     eprintln!(
-        "watchdog: last commit {:?} after the kill, {:?} before the lease deadline \
-         (deadline {:?} after the kill)",
-        last_ack.saturating_duration_since(killed),
-        deadline - last_ack,
-        deadline - killed
+        "watchdog (SIGKILL): last commit {after:?} after the kill, {margin:?} before the lease deadline"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_leaves_no_writable_primary_past_its_lease() {
+    let mut s = setup().await;
+    let (after, margin) = s
+        .no_commit_past_the_lease(|s| s.node.pause().unwrap())
+        .await;
+    s.node.resume().unwrap();
+    assert!(
+        s.log()
+            .contains("fencing PostgreSQL: the agent's deadline passed"),
+        "{}",
+        s.log()
+    );
+    eprintln!(
+        "watchdog (SIGSTOP): last commit {after:?} after the stop, {margin:?} before the lease deadline"
+    );
+}
+
+/// A node stopped cleanly releases its lease and demotes its primary first: the watchdog,
+/// disarmed, exits without stopping PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_node_demotes_and_its_watchdog_exits_without_fencing() {
+    let mut s = setup().await;
+    s.node.stop();
+    assert!(s.primary.is_running(), "the database was stopped");
+    assert!(
+        s.primary
+            .execute("INSERT INTO w (note) VALUES ('after the stop')")
+            .await
+            .is_err(),
+        "the released primary still takes writes"
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while !s.log().contains("the agent is gone; disarmed: exiting") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watchdog did not exit: {}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!s.log().contains("fencing PostgreSQL"), "{}", s.log());
+    assert!(s.primary.is_running(), "the database was stopped");
 }
