@@ -191,6 +191,9 @@ async fn only_an_eligible_member_leads_and_the_load_balancer_checks_follow_the_a
     let (code, body) = get(&b, "/primary").await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["reason"], "this node does not lead");
+    // Reads: the led primary and the streaming replica both serve them.
+    assert_eq!(get(&a, "/read-only").await.0, StatusCode::OK);
+    assert_eq!(get(&b, "/read-only").await.0, StatusCode::OK);
     // a publishes where its database is.
     let members = a.elector().unwrap().members().await.unwrap();
     let meta = &members
@@ -223,6 +226,8 @@ async fn only_an_eligible_member_leads_and_the_load_balancer_checks_follow_the_a
         .unwrap();
     let (code, _) = get(&a, "/primary").await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    let (code, body) = get(&a, "/read-only").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     a.shutdown().await;
     b.shutdown().await;
 }
