@@ -140,6 +140,16 @@ impl Setup {
         std::fs::read_to_string(self.dir.path().join("a.log")).unwrap()
     }
 
+    /// The watchdog's own report of its fence (what it did and how long it took).
+    fn fence_line(&self) -> String {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("fenced ("))
+            .map(str::to_owned);
+        line.unwrap_or_else(|| panic!("the watchdog reported no fence:\n{log}"))
+    }
+
     /// Runs the checker and the lease watcher, applies `fault` once commits flow and the
     /// lease is being renewed, observes until well past any deadline, and asserts that no
     /// commit was acknowledged at or after the lease deadline and that the postmaster is
@@ -226,6 +236,7 @@ async fn a_killed_node_leaves_no_writable_primary_past_its_lease() {
         "{}",
         s.log()
     );
+    eprintln!("{}", s.fence_line());
     eprintln!(
         "watchdog (SIGKILL): last commit {after:?} after the kill, {margin:?} before the lease deadline"
     );
@@ -244,6 +255,7 @@ async fn a_hung_node_leaves_no_writable_primary_past_its_lease() {
         "{}",
         s.log()
     );
+    eprintln!("{}", s.fence_line());
     eprintln!(
         "watchdog (SIGSTOP): last commit {after:?} after the stop, {margin:?} before the lease deadline"
     );
