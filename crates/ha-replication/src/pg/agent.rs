@@ -997,6 +997,11 @@ impl Inner {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
+    fn watchdog_gauge(&self, value: f64) {
+        metrics::gauge!(metric::PG_AGENT_WATCHDOG, "member" => self.member.name().to_owned())
+            .set(value);
+    }
+
     /// Starts the watchdog if it does not run (or has exited).
     async fn ensure_watchdog(&self) {
         let mut slot = self.watchdog.lock().await;
@@ -1023,10 +1028,12 @@ impl Inner {
                 self.watchdog_up
                     .store(true, std::sync::atomic::Ordering::SeqCst);
                 self.lock().status.watchdog = Some("disarmed".into());
+                self.watchdog_gauge(0.0);
             }
             Err(e) => {
                 tracing::error!(member = self.member.name(), error = %e, "cannot start the watchdog");
                 self.lock().status.watchdog = Some(format!("not running: {e}"));
+                self.watchdog_gauge(-1.0);
             }
         }
     }
@@ -1127,6 +1134,7 @@ impl Inner {
                 tracing::info!(member = self.member.name(), armed, "watchdog");
                 self.lock().status.watchdog =
                     Some(if armed { "armed" } else { "disarmed" }.to_owned());
+                self.watchdog_gauge(if armed { 1.0 } else { 0.0 });
             }
             process.armed = armed;
             return true;
@@ -1140,6 +1148,7 @@ impl Inner {
         self.watchdog_up
             .store(false, std::sync::atomic::Ordering::SeqCst);
         self.lock().status.watchdog = Some("not running: it did not take a message".into());
+        self.watchdog_gauge(-1.0);
         false
     }
 
