@@ -75,7 +75,7 @@
 //!
 //! [`PgAgent::eligible`] answers from the last loop: a primary with no pending rejoin, or a
 //! replica that may be promoted (replay not paused, within `max_lag_on_failover`) and that
-//! no more advanced eligible member outranks (the candidate rule, [`candidate`](super::candidate):
+//! no more advanced eligible member outranks (the candidate rule, [`candidate`]:
 //! members publish role, state, timeline and received/replayed/current WAL positions in their
 //! member metadata, [`PgAgent::member_report`], and read each other's, [`PgAgent::peers`]).
 //! A member tagged `nofailover` is never eligible. `ha-orchestrator` makes it part of the
@@ -102,7 +102,7 @@
 //! postmaster, or `fence_command`) the moment the agent's pipe closes while armed, or
 //! `fence_margin` before the deadline it was last told. The agent arms it before it promotes
 //! or makes a primary writable, and refuses both while no watchdog runs (the member is then
-//! not eligible). See [`watchdog`](super::watchdog) for the protocol and why it is safe.
+//! not eligible). See [`watchdog`] for the protocol and why it is safe.
 //!
 //! # Not done yet
 //!
@@ -178,12 +178,12 @@ pub struct PgAgentConfig {
     /// if missing; never dropped by the agent.
     pub replica_slots: Vec<String>,
     /// The watchdog process that fences the database if the agent dies or hangs while it
-    /// may be a writable primary (off by default; see [`watchdog`](super::watchdog)).
+    /// may be a writable primary (off by default; see [`watchdog`]).
     pub watchdog: WatchdogConfig,
     /// Tag: this member is never promoted and never campaigns (default false).
     pub nofailover: bool,
     /// Another member's report older than this is ignored by the candidate rule
-    /// (default 5 s; see [`candidate`](super::candidate)).
+    /// (default 5 s; see [`candidate`]).
     #[serde(with = "config::duration")]
     pub report_stale_after: Duration,
 }
@@ -592,7 +592,7 @@ impl PgAgent {
     /// Gives the agent the other members' reports (`ha-orchestrator` reads them from the
     /// election's member metadata, [`MemberReport::from_meta`]): a replica then defers while
     /// a more advanced eligible member exists, and judges its lag against the freshest
-    /// primary position any of them proves (see [`candidate`](super::candidate)).
+    /// primary position any of them proves (see [`candidate`]).
     #[must_use]
     pub fn peers<F>(mut self, peers: impl Fn() -> F + Send + Sync + 'static) -> Self
     where
