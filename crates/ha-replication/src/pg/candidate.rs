@@ -15,9 +15,9 @@
 //! A replica campaigns only if no *live, fresh, eligible* member outranks it:
 //!
 //! - an eligible primary outranks every replica (a healthy primary is kept, not replaced);
-//! - among replicas, the higher **replayed** position wins — replay backlog counts, because
-//!   a replica promoted before it replayed what it received would serve reads and take writes
-//!   on older data; ties go to the smaller member name.
+//! - among replicas, the later timeline, then the higher **replayed** position wins (replay
+//!   backlog counts, because a replica promoted before it replayed what it received would
+//!   serve reads and take writes on older data); ties go to the smaller member name.
 //!
 //! Members that are not eligible, tagged `nofailover`, without a position, or whose report is
 //! older than `stale_after` are ignored (a member whose heartbeats stopped is not listed at
@@ -158,7 +158,9 @@ impl MemberReport {
             (PgRole::Primary, PgRole::Replica) => true,
             (PgRole::Replica, PgRole::Primary) => false,
             _ => {
-                let (a, b) = (self.replayed.or(self.wal), other.replayed.or(other.wal));
+                // A later timeline first: positions on an abandoned history do not compare.
+                let a = (self.timeline, self.replayed.or(self.wal));
+                let b = (other.timeline, other.replayed.or(other.wal));
                 a > b || (a == b && self.member < other.member)
             }
         }
@@ -265,6 +267,10 @@ mod tests {
         assert!(defer_to(&me, &[primary.clone()], STALE).is_some());
         primary.eligible = false;
         assert_eq!(defer_to(&me, &[primary], STALE), None);
+        // A replica already on the new timeline outranks one further along the old one.
+        let mut followed = replica("d", 50);
+        followed.timeline = Some(2);
+        assert!(defer_to(&me, &[followed], STALE).is_some());
         // Stale, nofailover or ineligible peers are ignored.
         let mut stale = replica("b", 900);
         stale.age = Duration::from_secs(6);
