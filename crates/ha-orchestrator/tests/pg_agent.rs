@@ -1,7 +1,9 @@
 //! The PostgreSQL agent inside a node: it follows the node's elector (never the paused gate),
 //! `pause` suspends it (no demotion during maintenance), `resume` lets it demote again; a
-//! member whose replica may not be promoted does not campaign, and `GET /primary` and
-//! `GET /replica` answer from the agents (load-balancer checks).
+//! member whose replica may not be promoted does not campaign, and `GET /primary`,
+//! `GET /replica` and `GET /read-only` answer from the agents (load-balancer checks); members
+//! publish their WAL positions and only the most advanced eligible replica campaigns; a
+//! `nofailover` member never does.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -329,4 +331,69 @@ async fn only_the_most_advanced_replica_campaigns_and_is_promoted() {
     a.shutdown().await;
     b.shutdown().await;
     c.shutdown().await;
+}
+
+/// A replica tagged `nofailover` publishes the tag, never campaigns and is never promoted,
+/// even when it is the only member left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nofailover_replica_never_leads() {
+    let mut primary = PostgresServer::start().await.unwrap();
+    let replica = primary.start_replica().await.unwrap();
+    let store = Arc::new(MemoryLeaseStore::new());
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    let node = |id: &str, agent: PgAgent| {
+        HaNode::builder()
+            .node_id(id)
+            .election_with(store.clone(), timing.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .pg_agent(agent)
+            .build()
+            .unwrap()
+    };
+    let a = node("a", agent_for("db-a", &primary));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    let member = PgMember::new("db-b", &replica.url())
+        .unwrap()
+        .query_timeout(Duration::from_secs(1));
+    let config = PgAgentConfig {
+        loop_interval: Duration::from_millis(200),
+        demote_margin: Duration::from_millis(600),
+        demote_timeout: Duration::from_millis(500),
+        nofailover: true,
+        ..PgAgentConfig::default()
+    };
+    let b = node("b", PgAgent::new(member, config).unwrap());
+    b.start().await.unwrap();
+    until("b to publish its tag", async || {
+        let members = a.elector().unwrap().members().await.unwrap();
+        members.iter().any(|m| {
+            m.node.as_str() == "b"
+                && m.meta.get("pg_nofailover").map(String::as_str) == Some("true")
+        })
+    })
+    .await;
+
+    primary.kill().unwrap();
+    until("a to give the lease up", async || a.is_leader().is_none()).await;
+    // Two lease lifetimes: an eligible member would have taken over within one.
+    let window = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < window {
+        assert!(
+            b.is_leader().is_none(),
+            "a nofailover member took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replica.is_in_recovery().await.unwrap());
+    let (_, body) = get(&b, "/status").await;
+    assert_eq!(
+        body["replication"]["agent"]["report"]["ineligible"],
+        "tagged nofailover"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }
