@@ -19,8 +19,9 @@
 //! # Protocol (one line per message on the watchdog's stdin)
 //!
 //! - `arm <ns>` — the database may be a writable primary; the agent's leadership deadline is
-//!   `<ns>` nanoseconds of `CLOCK_BOOTTIME`. Sent before every promotion or "make writable"
-//!   step and every `heartbeat` while the agent leads.
+//!   `<ns>` nanoseconds of `CLOCK_BOOTTIME`. Sent by the agent's loop before every promotion
+//!   or "make writable" step, and by its heartbeat task every `heartbeat` while armed and
+//!   leading (the heartbeat only refreshes; it never arms a disarmed watchdog).
 //! - `disarm` — the agent saw its database as a replica or demoted it (or the agent is
 //!   paused: an operator who pauses owns safety, as in Patroni).
 //!
