@@ -12,6 +12,12 @@
 //! Ctrl-C) does not reach it, and it holds the read end of a pipe whose write end only the
 //! agent has.
 //!
+//! A process group is not a cgroup: a service manager that kills the whole unit (systemd's
+//! default `KillMode=control-group` on a SIGKILL of the unit) kills the watchdog with the
+//! node. Run `ha-node` with `KillMode=process` (or `mixed`, whose final SIGKILL comes only
+//! after the node's clean stop disarmed and closed the watchdog) so the watchdog outlives a
+//! killed node.
+//!
 //! PostgreSQL as the agent's child with a parent-death signal was not chosen: the agent does
 //! not start PostgreSQL (the operator's service manager does), and `PR_SET_PDEATHSIG` needs
 //! `unsafe` code between fork and exec, which this workspace forbids.
