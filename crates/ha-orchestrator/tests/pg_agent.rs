@@ -19,7 +19,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::time::Instant;
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 
 async fn until(what: &str, mut ok: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + WAIT;

@@ -15,7 +15,7 @@ use sqlx::Connection;
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(2);
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 
 /// Blocking poll (the node's helpers are blocking) with a deadline.
 fn until(what: &str, mut ok: impl FnMut() -> bool) {
