@@ -64,6 +64,9 @@ pub const PROMOTIONS_TOTAL: &str = "ha_promotions_total";
 /// Counter, label `outcome` (`read_only`, `stopped`, `failed`): self-demotions of a primary by
 /// its PostgreSQL agent.
 pub const PG_AGENT_DEMOTIONS_TOTAL: &str = "ha_pg_agent_demotions_total";
+/// Gauge, label `member`: the PostgreSQL agent's watchdog — 1 armed (it fences the database
+/// if the agent dies or passes its deadline), 0 disarmed, -1 not running.
+pub const PG_AGENT_WATCHDOG: &str = "ha_pg_agent_watchdog";
 /// Counter, labels `sync`, `outcome` (`complete`, `incomplete` — some entries failed —,
 /// `failed`): file sync runs.
 pub const REPLICATION_FILE_SYNCS_TOTAL: &str = "ha_replication_file_syncs_total";
@@ -142,6 +145,7 @@ pub const ALL: &[&str] = &[
     REPLICATION_LAG_SECONDS,
     PROMOTIONS_TOTAL,
     PG_AGENT_DEMOTIONS_TOTAL,
+    PG_AGENT_WATCHDOG,
     REPLICATION_FILE_SYNCS_TOTAL,
     REPLICATION_FILE_SYNC_DURATION_SECONDS,
     REPLICATION_FILE_COPIED_TOTAL,

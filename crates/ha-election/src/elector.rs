@@ -144,8 +144,13 @@ pub struct ElectorBuilder {
     config: ElectorConfig,
     eligibility: Option<Eligibility>,
     meta: BTreeMap<String, String>,
+    meta_source: Option<MetaSource>,
     suspend_clock: SuspendClock,
 }
+
+/// Metadata read again at every membership heartbeat (see
+/// [`ElectorBuilder::member_meta_source`]).
+pub type MetaSource = Arc<dyn Fn() -> BTreeMap<String, String> + Send + Sync>;
 
 impl std::fmt::Debug for ElectorBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,6 +177,17 @@ impl ElectorBuilder {
     /// What this node says about itself in its membership heartbeats (address, version, …).
     pub fn member_meta(mut self, meta: BTreeMap<String, String>) -> Self {
         self.meta = meta;
+        self
+    }
+
+    /// Metadata that changes (a database's WAL position, its role): `source()` is called
+    /// at every membership heartbeat (every `ttl / 3`) and its entries are published over
+    /// those of [`member_meta`](Self::member_meta). It must be cheap and must not block.
+    pub fn member_meta_source(
+        mut self,
+        source: impl Fn() -> BTreeMap<String, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.meta_source = Some(Arc::new(source));
         self
     }
 
@@ -209,6 +225,7 @@ impl ElectorBuilder {
                 commands: receiver,
                 eligibility: self.eligibility,
                 meta: self.meta,
+                meta_source: self.meta_source,
             })),
             shared: OnceLock::new(),
             tasks: ComponentTasks::default(),
@@ -221,6 +238,7 @@ struct Pending {
     commands: mpsc::Receiver<Command>,
     eligibility: Option<Eligibility>,
     meta: BTreeMap<String, String>,
+    meta_source: Option<MetaSource>,
 }
 
 /// The running elector's state, made at start from the built parts and the context.
@@ -231,6 +249,7 @@ struct Shared {
     bus: EventBus,
     eligibility: Option<Eligibility>,
     meta: BTreeMap<String, String>,
+    meta_source: Option<MetaSource>,
     role: Arc<watch::Sender<Role>>,
     term: Arc<Mutex<Option<Term>>>,
     suspend_clock: SuspendClock,
@@ -345,6 +364,7 @@ impl Elector {
             config: ElectorConfig::default(),
             eligibility: None,
             meta: BTreeMap::new(),
+            meta_source: None,
             suspend_clock: Arc::new(boottime),
         }
     }
@@ -453,6 +473,7 @@ impl Component for Elector {
             bus: ctx.bus,
             eligibility: pending.eligibility,
             meta: pending.meta,
+            meta_source: pending.meta_source,
             role: Arc::clone(&self.role),
             term: Arc::clone(&self.term),
             suspend_clock: Arc::clone(&self.suspend_clock),
@@ -1025,12 +1046,20 @@ async fn heartbeats(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let meta = match &shared.meta_source {
+            Some(source) => {
+                let mut meta = shared.meta.clone();
+                meta.extend(source());
+                std::borrow::Cow::Owned(meta)
+            }
+            None => std::borrow::Cow::Borrowed(&shared.meta),
+        };
         let beat = shared
             .store
             .heartbeat(
                 &group,
                 &shared.node,
-                &shared.meta,
+                &meta,
                 config.ttl,
                 config.request_timeout,
             )

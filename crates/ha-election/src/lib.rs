@@ -64,7 +64,9 @@ pub mod store;
 pub mod testing;
 
 pub use config::ElectorConfig;
-pub use elector::{Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo, Role};
+pub use elector::{
+    Elector, ElectorBuilder, ElectorEvent, Eligibility, LeaderInfo, MetaSource, Role,
+};
 pub use error::{Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdLeaseStore, EtcdLeaseStoreOptions};

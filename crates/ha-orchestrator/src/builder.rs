@@ -441,10 +441,12 @@ impl HaNodeBuilder {
                 member_meta.push((PG_CONNINFO_META.into(), agent.upstream().conninfo()));
             }
             let elector = Arc::clone(&self.elector_slot);
+            let members = Arc::clone(&self.elector_slot);
             Arc::new(
                 agent
                     .paused_by(Arc::clone(&paused))
-                    .follow(move || leader_upstream(Arc::clone(&elector))),
+                    .follow(move || leader_upstream(Arc::clone(&elector)))
+                    .peers(move || peer_reports(Arc::clone(&members))),
             )
         });
         let parts = Parts {
@@ -559,6 +561,24 @@ impl HaNodeBuilder {
 /// The member metadata key under which a node with a [`PgAgent`] publishes where its
 /// database is reached (`host=… port=…`, no credential).
 pub const PG_CONNINFO_META: &str = "pg_conninfo";
+
+/// Every member's published database report (the `pg_*` member metadata), for the
+/// agent's candidate rule.
+#[cfg(feature = "postgres")]
+async fn peer_reports(
+    elector: Arc<OnceLock<Arc<Elector>>>,
+) -> Vec<ha_replication::pg::MemberReport> {
+    let Some(elector) = elector.get().cloned() else {
+        return Vec::new();
+    };
+    let Ok(members) = elector.members().await else {
+        return Vec::new();
+    };
+    members
+        .iter()
+        .filter_map(|m| ha_replication::pg::MemberReport::from_meta(m.node.as_str(), &m.meta))
+        .collect()
+}
 
 /// The leader's database as its member published it, when another node leads.
 #[cfg(feature = "postgres")]

@@ -7,6 +7,7 @@
 //! | `GET /leader` | 200 only on the node that leads now, else 503 (for load balancers) |
 //! | `GET /primary` | 200 only where the node leads now and its PostgreSQL agent's database is a writable primary (at the agent's last loop), else 503 with the reason |
 //! | `GET /replica` | 200 only where the agent's database is a replica streaming from a primary (`pg_stat_wal_receiver`), else 503 with the reason |
+//! | `GET /read-only` | 200 where reads see the cluster's data: `/primary` or `/replica` would answer 200, else 503 with both reasons |
 //! | `GET /status` | [`NodeStatus`](crate::NodeStatus) |
 //! | `GET /metrics` | Prometheus text, when the binary installed a recorder |
 //! | `POST /switchover[?to=NODE]` | admin: the leader steps down (to `NODE`: the others hold off) |
@@ -43,6 +44,7 @@ pub fn router(node: HaNode) -> Router {
         .route("/leader", get(leader))
         .route("/primary", get(primary))
         .route("/replica", get(replica))
+        .route("/read-only", get(read_only))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/switchover", post(switchover))
@@ -218,6 +220,30 @@ async fn replica(State(node): State<HaNode>) -> Response {
         "streaming_from": report.streaming_from.map(|u| u.to_string()),
     });
     role_check(&node, "replica", reason, body)
+}
+
+/// `GET /read-only`: 200 where either `/primary` or `/replica` would answer 200 (Patroni's
+/// check for a read pool that includes the leader).
+#[cfg(feature = "postgres")]
+async fn read_only(State(node): State<HaNode>) -> Response {
+    let primary = primary(State(node.clone())).await.status();
+    let replica = replica(State(node.clone())).await.status();
+    let reason = (primary != StatusCode::OK && replica != StatusCode::OK)
+        .then_some("neither the led writable primary nor a streaming replica");
+    let role = node
+        .inner
+        .parts
+        .pg_agent
+        .as_ref()
+        .map(|a| a.agent_status().role);
+    role_check(&node, "read_only", reason, json!({ "role": role }))
+}
+
+/// `GET /read-only` in a build without PostgreSQL: never.
+#[cfg(not(feature = "postgres"))]
+async fn read_only(State(node): State<HaNode>) -> Response {
+    let reason = Some("built without the `postgres` feature");
+    role_check(&node, "read_only", reason, json!({}))
 }
 
 async fn status(State(node): State<HaNode>) -> Response {

@@ -517,9 +517,19 @@ impl HaNode {
             if let Some(addr) = inner.http_addr.get() {
                 meta.insert("api".into(), format!("http://{addr}"));
             }
-            let elector = Elector::builder(store)
-                .config(config)
-                .member_meta(meta)
+            #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+            let mut builder = Elector::builder(store).config(config).member_meta(meta);
+            // The agent's report (role, state, timeline, WAL positions), fresh at every beat.
+            #[cfg(feature = "postgres")]
+            if let Some(agent) = inner.parts.pg_agent.clone() {
+                builder = builder.member_meta_source(move || {
+                    agent
+                        .member_report()
+                        .map(|r| r.to_meta())
+                        .unwrap_or_default()
+                });
+            }
+            let elector = builder
                 .eligibility(move || {
                     lock(&hold).is_none_or(|until| Instant::now() >= until) && database_may_lead()
                 })

@@ -1,7 +1,9 @@
 //! The PostgreSQL agent inside a node: it follows the node's elector (never the paused gate),
 //! `pause` suspends it (no demotion during maintenance), `resume` lets it demote again; a
-//! member whose replica may not be promoted does not campaign, and `GET /primary` and
-//! `GET /replica` answer from the agents (load-balancer checks).
+//! member whose replica may not be promoted does not campaign, and `GET /primary`,
+//! `GET /replica` and `GET /read-only` answer from the agents (load-balancer checks); members
+//! publish their WAL positions and only the most advanced eligible replica campaigns; a
+//! `nofailover` member never does.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -17,7 +19,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::time::Instant;
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 
 async fn until(what: &str, mut ok: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -191,6 +193,9 @@ async fn only_an_eligible_member_leads_and_the_load_balancer_checks_follow_the_a
     let (code, body) = get(&b, "/primary").await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["reason"], "this node does not lead");
+    // Reads: the led primary and the streaming replica both serve them.
+    assert_eq!(get(&a, "/read-only").await.0, StatusCode::OK);
+    assert_eq!(get(&b, "/read-only").await.0, StatusCode::OK);
     // a publishes where its database is.
     let members = a.elector().unwrap().members().await.unwrap();
     let meta = &members
@@ -223,6 +228,172 @@ async fn only_an_eligible_member_leads_and_the_load_balancer_checks_follow_the_a
         .unwrap();
     let (code, _) = get(&a, "/primary").await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    let (code, body) = get(&a, "/read-only").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two replicas at different replayed positions (one delays replay by an hour, as a delayed
+/// standby does: eligible on its own, within the lag bound, but behind): the behind one
+/// defers while the other is more advanced, and when the primary dies only the more advanced
+/// one leads and is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_most_advanced_replica_campaigns_and_is_promoted() {
+    let mut primary = PostgresServer::start().await.unwrap();
+    primary
+        .execute("CREATE TABLE w (id bigserial PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let ahead = primary.start_replica().await.unwrap();
+    let behind = primary.start_replica().await.unwrap();
+    behind
+        .execute("ALTER SYSTEM SET recovery_min_apply_delay = '1h'")
+        .await
+        .unwrap();
+    behind.execute("SELECT pg_reload_conf()").await.unwrap();
+    let store = Arc::new(MemoryLeaseStore::new());
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    let node = |id: &str, agent: PgAgent| {
+        HaNode::builder()
+            .node_id(id)
+            .election_with(store.clone(), timing.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .pg_agent(agent)
+            .build()
+            .unwrap()
+    };
+    let a = node("a", agent_for("db-a", &primary));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    // "c" sorts after "b": the tie-break alone would favour b, so c is the delayed one only
+    // to show positions decide; the writes below put b ahead anyway.
+    let b = node("b", agent_for("db-b", &ahead));
+    let c = node("c", agent_for("db-c", &behind));
+    b.start().await.unwrap();
+    c.start().await.unwrap();
+    for i in 0..20 {
+        primary
+            .execute(&format!("INSERT INTO w (note) VALUES ('row {i}')"))
+            .await
+            .unwrap();
+    }
+    let end = primary.current_wal_lsn().await.unwrap();
+    ahead
+        .wait_for_replay(end, Duration::from_secs(10))
+        .await
+        .unwrap();
+    until("c to defer to b on published positions", async || {
+        let (_, body) = get(&c, "/status").await;
+        let report = &body["replication"]["agent"]["report"];
+        report["ineligible"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("deferring") && r.contains("b replayed"))
+    })
+    .await;
+    // Each member publishes its report.
+    let members = a.elector().unwrap().members().await.unwrap();
+    let meta = |id: &str| {
+        members
+            .iter()
+            .find(|m| m.node.as_str() == id)
+            .unwrap()
+            .meta
+            .clone()
+    };
+    assert_eq!(
+        meta("a").get("pg_role").map(String::as_str),
+        Some("primary")
+    );
+    assert!(meta("a").contains_key("pg_wal_lsn"));
+    assert_eq!(
+        meta("b").get("pg_role").map(String::as_str),
+        Some("replica")
+    );
+    assert_eq!(meta("b").get("pg_timeline").map(String::as_str), Some("1"));
+    assert!(meta("c").contains_key("pg_replayed_lsn"));
+
+    // The primary dies; a gives the lease up. Only b may lead; c never does.
+    primary.kill().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while get(&b, "/primary").await.0 != StatusCode::OK {
+        assert!(c.is_leader().is_none(), "the behind replica took the lease");
+        assert!(Instant::now() < deadline, "b was not promoted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!ahead.is_in_recovery().await.unwrap());
+    assert!(behind.is_in_recovery().await.unwrap());
+    let rows: i64 = ahead.query_scalar("SELECT count(*) FROM w").await.unwrap();
+    assert_eq!(rows, 20, "the promoted replica has every acknowledged row");
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
+}
+
+/// A replica tagged `nofailover` publishes the tag, never campaigns and is never promoted,
+/// even when it is the only member left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nofailover_replica_never_leads() {
+    let mut primary = PostgresServer::start().await.unwrap();
+    let replica = primary.start_replica().await.unwrap();
+    let store = Arc::new(MemoryLeaseStore::new());
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    let node = |id: &str, agent: PgAgent| {
+        HaNode::builder()
+            .node_id(id)
+            .election_with(store.clone(), timing.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .pg_agent(agent)
+            .build()
+            .unwrap()
+    };
+    let a = node("a", agent_for("db-a", &primary));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    let member = PgMember::new("db-b", &replica.url())
+        .unwrap()
+        .query_timeout(Duration::from_secs(1));
+    let config = PgAgentConfig {
+        loop_interval: Duration::from_millis(200),
+        demote_margin: Duration::from_millis(600),
+        demote_timeout: Duration::from_millis(500),
+        nofailover: true,
+        ..PgAgentConfig::default()
+    };
+    let b = node("b", PgAgent::new(member, config).unwrap());
+    b.start().await.unwrap();
+    until("b to publish its tag", async || {
+        let members = a.elector().unwrap().members().await.unwrap();
+        members.iter().any(|m| {
+            m.node.as_str() == "b"
+                && m.meta.get("pg_nofailover").map(String::as_str) == Some("true")
+        })
+    })
+    .await;
+
+    primary.kill().unwrap();
+    until("a to give the lease up", async || a.is_leader().is_none()).await;
+    // Two lease lifetimes: an eligible member would have taken over within one.
+    let window = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < window {
+        assert!(
+            b.is_leader().is_none(),
+            "a nofailover member took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replica.is_in_recovery().await.unwrap());
+    let (_, body) = get(&b, "/status").await;
+    assert_eq!(
+        body["replication"]["agent"]["report"]["ineligible"],
+        "tagged nofailover"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

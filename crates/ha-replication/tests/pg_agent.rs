@@ -488,3 +488,56 @@ async fn a_follower_is_repointed_to_the_leader_and_a_former_primary_needs_a_rejo
     assert_eq!(rows, 1);
     a2.stop().await.unwrap();
 }
+
+/// With the watchdog enabled but unable to start, the agent neither lifts its primary's
+/// read-only mode while leading nor counts as eligible: no watchdog, no writable primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_running_watchdog_a_leading_agent_keeps_its_primary_read_only() {
+    let primary = seeded().await;
+    let mut config = fast();
+    config.watchdog = ha_replication::pg::WatchdogConfig {
+        enabled: true,
+        program: vec!["/nonexistent/ha-pg-watchdog".into()],
+        ..Default::default()
+    };
+    let agent = agent("db-a", &primary, config);
+    let gate = Arc::new(TestGate::default());
+    let bus = EventBus::new(16);
+    let ctx = context(&gate, &bus);
+    // Not leading: demoted to read-only.
+    agent.run_once(&ctx).await;
+    assert!(agent.agent_status().demoted);
+    assert!(
+        primary
+            .execute("INSERT INTO w (note) VALUES ('x')")
+            .await
+            .is_err()
+    );
+    // Leading: the agent would make it writable, but no watchdog runs.
+    gate.lead(7, Duration::from_secs(10));
+    agent.run_once(&ctx).await;
+    let status = agent.agent_status();
+    assert!(
+        status
+            .watchdog
+            .as_deref()
+            .is_some_and(|w| w.starts_with("not running")),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("watchdog")),
+        "{status:?}"
+    );
+    assert!(!agent.eligible());
+    assert!(!agent.is_writable_primary());
+    assert!(
+        primary
+            .execute("INSERT INTO w (note) VALUES ('y')")
+            .await
+            .is_err(),
+        "the primary became writable without a watchdog"
+    );
+}

@@ -10,6 +10,7 @@ use ha_replication::pg::{
     PromoteConfig, Promoter, PromotionReport, Refusal, ReplicaLag, ReplicaStatus, RepointOutcome,
     Sample, SqlShutdownFence, StandbyStatus, WalReceiver,
 };
+use ha_replication::pg::{WatchdogConfig, candidate, watchdog};
 use ha_replication::sentinel::{
     Instance, MasterInfo, MasterView, Quorum, SentinelMonitor, WATCHED_CHANNELS, parse_announcement,
 };
@@ -23,6 +24,22 @@ async fn every_public_path_is_reachable() {
     assert!(PgAgentConfig::default().validate().is_ok());
     let _: Option<(PgAgent, AgentStatus, AgentAction, DemoteMode, PgRole)> = None;
     let _: Option<ha_replication::PgAgent> = None;
+    // The watchdog and the candidate rule.
+    assert!(WatchdogConfig::default().validate().is_ok());
+    let _: Option<(
+        ha_replication::pg::MemberReport,
+        ha_replication::pg::PeerSource,
+        watchdog::WatchdogState,
+        watchdog::Message,
+        watchdog::Decision,
+    )> = None;
+    let _: fn(&candidate::MemberReport, &[candidate::MemberReport], std::time::Duration) -> _ =
+        candidate::defer_to;
+    let _ = (
+        watchdog::WATCHDOG_BINARY,
+        watchdog::boottime,
+        candidate::META_ROLE,
+    );
     let _: Option<(
         PgReplicationMonitor,
         Promoter,

@@ -189,6 +189,30 @@ impl HaNodeProcess {
         }
     }
 
+    /// SIGSTOPs its process group: a hung node (a stalled VM, a long pause) that keeps its
+    /// sockets and children.
+    pub fn pause(&self) -> Result<()> {
+        match &self.process {
+            Some(process) => process.pause(),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGCONTs a paused node.
+    pub fn resume(&self) -> Result<()> {
+        match &self.process {
+            Some(process) => process.resume(),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops it gracefully (SIGTERM, SIGKILL after a grace period) and waits until it exited.
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.stop();
+        }
+    }
+
     /// Whether it leads now: `GET /leader` answers 200.
     pub fn leads(&self) -> bool {
         self.is_running() && matches!(http(self.addr, "GET", "/leader", None), Ok((200, _)))

@@ -37,7 +37,8 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// A table of members: name, role, token, health, level, lag.
+    /// A table of members: name, role, token, database role/state, timeline and lag, health,
+    /// level, lag.
     List,
     /// One node's full status (JSON).
     Status,
@@ -231,15 +232,36 @@ impl Cli {
             "NODE".to_owned(),
             "ROLE".to_owned(),
             "TOKEN".to_owned(),
+            "DB".to_owned(),
+            "TL".to_owned(),
+            "DB LAG".to_owned(),
             "HEALTH".to_owned(),
             "LEVEL".to_owned(),
             "MAX LAG".to_owned(),
             "API".to_owned(),
         ]];
         let mut seen = BTreeMap::new();
+        let mut statuses = Vec::new();
         for url in self.member_urls().await? {
-            match self.status(&url).await {
+            let status = self.status(&url).await;
+            statuses.push((url, status));
+        }
+        // What the members published about their databases, as the first answering node
+        // read it from the store (one consistent view).
+        let meta: BTreeMap<String, BTreeMap<String, String>> = statuses
+            .iter()
+            .find_map(|(_, s)| s.as_ref().ok())
+            .map(|s| {
+                s.members
+                    .iter()
+                    .map(|m| (m.node.clone(), m.meta.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (url, status) in statuses {
+            match status {
                 Ok(status) => {
+                    let [db, timeline, db_lag] = database_columns(&meta, &status.node);
                     let health = status
                         .health
                         .as_ref()
@@ -257,6 +279,9 @@ impl Cli {
                             status.node.clone(),
                             status.role.clone(),
                             status.token.map_or("-".to_owned(), |t| t.to_string()),
+                            db,
+                            timeline,
+                            db_lag,
                             health,
                             status.level.summary.clone(),
                             lag,
@@ -270,6 +295,9 @@ impl Cli {
                         [
                             url.clone(),
                             "unreachable".into(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
                             "-".into(),
                             "-".into(),
                             "-".into(),
@@ -313,6 +341,40 @@ impl Cli {
     }
 }
 
+/// DB (`role/state`), TL (timeline) and DB LAG (bytes the member's replayed position is
+/// behind the freshest primary position any member published) from the members' `pg_*`
+/// metadata; `-` where a member publishes none.
+fn database_columns(meta: &BTreeMap<String, BTreeMap<String, String>>, node: &str) -> [String; 3] {
+    let dash = || "-".to_owned();
+    let Some(own) = meta.get(node).filter(|m| m.contains_key("pg_role")) else {
+        return [dash(), dash(), dash()];
+    };
+    let lsn = |m: &BTreeMap<String, String>, key: &str| {
+        m.get(key)
+            .and_then(|v| v.parse::<ha_replication::Lsn>().ok())
+    };
+    let primary_at = meta
+        .values()
+        .filter(|m| m.get("pg_role").is_some_and(|r| r == "primary"))
+        .filter_map(|m| lsn(m, "pg_wal_lsn"))
+        .max();
+    let role = own.get("pg_role").map_or("-", String::as_str);
+    let db = match own.get("pg_state") {
+        Some(state) if !state.is_empty() => format!("{role}/{state}"),
+        _ => role.to_owned(),
+    };
+    let lag = match (role, primary_at, lsn(own, "pg_replayed_lsn")) {
+        ("primary", _, _) => "0".to_owned(),
+        (_, Some(primary), Some(replayed)) => format!("{}", primary.bytes_since(replayed)),
+        _ => dash(),
+    };
+    [
+        db,
+        own.get("pg_timeline").cloned().unwrap_or_else(dash),
+        lag,
+    ]
+}
+
 fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
@@ -332,4 +394,47 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_columns_come_from_the_members_reports() {
+        let m = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let meta: BTreeMap<String, BTreeMap<String, String>> = [
+            (
+                "a".to_owned(),
+                m(&[
+                    ("pg_role", "primary"),
+                    ("pg_state", "writable"),
+                    ("pg_timeline", "2"),
+                    ("pg_wal_lsn", "0/3000100"),
+                ]),
+            ),
+            (
+                "b".to_owned(),
+                m(&[
+                    ("pg_role", "replica"),
+                    ("pg_state", "streaming"),
+                    ("pg_timeline", "2"),
+                    ("pg_replayed_lsn", "0/3000000"),
+                ]),
+            ),
+            ("c".to_owned(), m(&[("api", "http://x")])),
+        ]
+        .into();
+        assert_eq!(database_columns(&meta, "a"), ["primary/writable", "2", "0"]);
+        assert_eq!(
+            database_columns(&meta, "b"),
+            ["replica/streaming", "2", "256"]
+        );
+        assert_eq!(database_columns(&meta, "c"), ["-", "-", "-"]);
+    }
 }

@@ -9,8 +9,8 @@
 //!
 //! | leadership | database | action |
 //! |---|---|---|
-//! | leads | replica | promote it if eligible (reachable, replay not paused, replay position within `max_lag_on_failover` of the freshest primary position known: [`PgAgent::observe_primary_position`], or the WAL receiver's `latest_end_lsn`, which PostgreSQL fills only from the primary's keepalives) |
-//! | leads | primary | make sure it takes writes (undo the agent's own read-only setting) |
+//! | leads | replica | arm the watchdog, then promote it if eligible (see Eligibility below) |
+//! | leads | primary | arm the watchdog, then make sure it takes writes (undo the agent's own read-only setting) |
 //! | does not lead | primary | **self-demotion** (below) |
 //! | does not lead | replica | follow the leader's database (below) |
 //!
@@ -74,31 +74,41 @@
 //! # Eligibility
 //!
 //! [`PgAgent::eligible`] answers from the last loop: a primary with no pending rejoin, or a
-//! replica that may be promoted (replay not paused, within `max_lag_on_failover`).
-//! `ha-orchestrator` makes it part of the elector's eligibility, so an ineligible member
-//! neither campaigns nor keeps the lease.
+//! replica that may be promoted (replay not paused, within `max_lag_on_failover`) and that
+//! no more advanced eligible member outranks (the candidate rule, [`candidate`]:
+//! members publish role, state, timeline and received/replayed/current WAL positions in their
+//! member metadata, [`PgAgent::member_report`], and read each other's, [`PgAgent::peers`]).
+//! A member tagged `nofailover` is never eligible. `ha-orchestrator` makes it part of the
+//! elector's eligibility, so an ineligible member neither campaigns nor keeps the lease.
 //!
-//! # Open items
+//! The lag bound is judged on the **replayed** position (replay backlog counts) against the
+//! freshest primary position known: [`PgAgent::observe_primary_position`], the WAL
+//! receiver's `latest_end_lsn`, what other members published (a primary's `pg_wal_lsn`, any
+//! member's received position), and at least the replica's own received position — never
+//! "no bound".
 //!
-//! - Members do not yet publish WAL positions, so an agent does not defer to a more advanced
-//!   eligible member; eligibility is judged on the member alone.
-//! - Without any known primary position the lag bound is not applied (the issue wants a
-//!   missing reference never to mean "no bound": members must publish their positions).
-//! - Pausing: the agent is given the elector itself (never a "paused" gate, which would
-//!   answer "not leader" and make it demote its primary during maintenance) plus a pause flag
-//!   ([`PgAgent::paused_by`]) that suspends both promotion and demotion, as Patroni's pause.
+//! # Pausing
 //!
-//! # If the agent dies (open item)
+//! The agent is given the elector itself (never a "paused" gate, which would answer "not
+//! leader" and make it demote its primary during maintenance) plus a pause flag
+//! ([`PgAgent::paused_by`]) that suspends both promotion and demotion, as Patroni's pause;
+//! a paused agent also disarms its watchdog.
 //!
-//! Nothing here stops a primary whose agent process dies while it leads: the database stays a
-//! writable primary past the lease. No mechanism inside PostgreSQL can do it without the
-//! agent (`default_transaction_read_only` needs a session to set it; `archive_command` or
-//! `statement_timeout` tricks do not stop commits). What is left to build, outside the
-//! agent's process: a watchdog — the agent writes its leadership deadline (monotonic clocks
-//! do not cross processes: wall-clock, minus a drift margin) to a file beside the data
-//! directory on every renew, and a tiny separate supervisor (or systemd unit with
-//! `BindsTo=`/a timer) runs `pg_ctl stop -m immediate` when the deadline in the file has
-//! passed; or the postmaster run as the agent's child with `PR_SET_PDEATHSIG`.
+//! # If the agent dies: the watchdog
+//!
+//! With `watchdog.enabled`, the agent starts a watchdog process in its own process group
+//! and keeps it armed with its leadership deadline (on `CLOCK_BOOTTIME`) whenever the
+//! database may be a writable primary; the watchdog stops PostgreSQL (SIGQUIT to the
+//! postmaster, or `fence_command`) the moment the agent's pipe closes while armed, or
+//! `fence_margin` before the deadline it was last told. The agent arms it before it promotes
+//! or makes a primary writable, and refuses both while no watchdog runs (the member is then
+//! not eligible). See [`watchdog`] for the protocol and why it is safe.
+//!
+//! # Not done yet
+//!
+//! `pg_rewind` or a re-clone of a former primary ([`AgentStatus::needs_rejoin`] only
+//! reports it), a switchover carried out through the agents, synchronous replication
+//! (`synchronous_standby_names` managed by the leader's agent).
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -114,8 +124,10 @@ use sqlx::Row;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::pg::candidate::{self, MemberReport};
 use crate::pg::member::PgMember;
 use crate::pg::promote::{PrimaryFence, SqlShutdownFence};
+use crate::pg::watchdog::{self, Message, WatchdogConfig};
 use crate::{Error, Lsn};
 
 /// The name of the agent as a [`Component`].
@@ -165,6 +177,15 @@ pub struct PgAgentConfig {
     /// primary, one per member that follows it (each replica's `primary_slot_name`). Created
     /// if missing; never dropped by the agent.
     pub replica_slots: Vec<String>,
+    /// The watchdog process that fences the database if the agent dies or hangs while it
+    /// may be a writable primary (off by default; see [`watchdog`]).
+    pub watchdog: WatchdogConfig,
+    /// Tag: this member is never promoted and never campaigns (default false).
+    pub nofailover: bool,
+    /// Another member's report older than this is ignored by the candidate rule
+    /// (default 5 s; see [`candidate`]).
+    #[serde(with = "config::duration")]
+    pub report_stale_after: Duration,
 }
 
 impl Default for PgAgentConfig {
@@ -178,6 +199,9 @@ impl Default for PgAgentConfig {
             promote_timeout: Duration::from_secs(30),
             stop_command: Vec::new(),
             replica_slots: Vec::new(),
+            watchdog: WatchdogConfig::default(),
+            nofailover: false,
+            report_stale_after: Duration::from_secs(5),
         }
     }
 }
@@ -187,6 +211,7 @@ impl Validate for PgAgentConfig {
         config::positive("loop_interval", self.loop_interval)?;
         config::positive("demote_margin", self.demote_margin)?;
         config::positive("demote_timeout", self.demote_timeout)?;
+        config::positive("report_stale_after", self.report_stale_after)?;
         config::ensure(
             self.demote_timeout < self.demote_margin,
             "demote_timeout",
@@ -206,6 +231,18 @@ impl Validate for PgAgentConfig {
             self.stop_command.first().is_none_or(|p| !p.is_empty()),
             "stop_command",
             || "the program must not be empty".into(),
+        )?;
+        self.watchdog.validate().map_err(|e| e.within("watchdog"))?;
+        config::ensure(
+            !self.watchdog.enabled || self.watchdog.fence_margin < self.demote_margin,
+            "watchdog.fence_margin",
+            || {
+                format!(
+                    "must be less than `demote_margin` ({:?}): the agent's own demotion goes \
+                     first, got {:?}",
+                    self.demote_margin, self.watchdog.fence_margin
+                )
+            },
         )
     }
 }
@@ -406,7 +443,25 @@ pub struct AgentStatus {
     pub last_action_at: Option<SystemTime>,
     /// The last error, cleared by a loop without one.
     pub last_error: Option<String>,
+    /// The watchdog (`None` when not enabled): `armed`, `disarmed`, or why it does not run.
+    pub watchdog: Option<String>,
+    /// The timeline at the last loop.
+    pub timeline: Option<u32>,
+    /// A replica's received WAL position at the last loop.
+    pub received: Option<Lsn>,
+    /// A replica's replayed WAL position at the last loop.
+    pub replayed: Option<Lsn>,
+    /// A primary's current WAL position at the last loop.
+    pub wal: Option<Lsn>,
 }
+
+/// The other members' reports, asked by an agent every loop while its database is a
+/// replica (see [`PgAgent::peers`]).
+pub type PeerSource = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MemberReport>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Keeps one PostgreSQL instance's role in line with this node's leadership: a
 /// [`Component`] named `postgres-agent` (see the [module docs](self)).
@@ -423,10 +478,27 @@ struct Inner {
     paused: Arc<std::sync::atomic::AtomicBool>,
     /// Where the leader's database is, for a following replica.
     leader: Option<LeaderSource>,
+    /// The other members' reports, for the candidate rule.
+    peers: Option<PeerSource>,
+    /// The watchdog process, while one runs.
+    watchdog: tokio::sync::Mutex<Option<WatchdogProcess>>,
+    /// Whether the watchdog ran and took the last message (eligibility needs it).
+    watchdog_up: std::sync::atomic::AtomicBool,
+}
+
+/// A running watchdog and the write end of its pipe.
+struct WatchdogProcess {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    armed: bool,
 }
 
 struct State {
     status: AgentStatus,
+    /// When the last loop looked at the database.
+    looked_at: Option<Instant>,
+    /// The replica is eligible on its own merits and only defers to a better member.
+    deferring: bool,
     /// The deadline of the last leadership seen, while it may still need a demotion.
     deadline: Option<Instant>,
 }
@@ -461,6 +533,11 @@ impl PgAgent {
             last_action: None,
             last_action_at: None,
             last_error: None,
+            watchdog: config.watchdog.enabled.then(|| "not started".to_owned()),
+            timeline: None,
+            received: None,
+            replayed: None,
+            wal: None,
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -468,10 +545,15 @@ impl PgAgent {
                 config,
                 state: Mutex::new(State {
                     status,
+                    looked_at: None,
+                    deferring: false,
                     deadline: None,
                 }),
                 paused: Arc::default(),
                 leader: None,
+                peers: None,
+                watchdog: tokio::sync::Mutex::new(None),
+                watchdog_up: std::sync::atomic::AtomicBool::new(false),
             }),
             tasks: ComponentTasks::default(),
         })
@@ -507,6 +589,53 @@ impl PgAgent {
         self
     }
 
+    /// Gives the agent the other members' reports (`ha-orchestrator` reads them from the
+    /// election's member metadata, [`MemberReport::from_meta`]): a replica then defers while
+    /// a more advanced eligible member exists, and judges its lag against the freshest
+    /// primary position any of them proves (see [`candidate`]).
+    #[must_use]
+    pub fn peers<F>(mut self, peers: impl Fn() -> F + Send + Sync + 'static) -> Self
+    where
+        F: std::future::Future<Output = Vec<MemberReport>> + Send + 'static,
+    {
+        let source: PeerSource = Arc::new(move || Box::pin(peers()));
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.peers = Some(source),
+            None => tracing::error!("peers after the agent started: ignored"),
+        }
+        self
+    }
+
+    /// This member's report as of the last loop (`None` before the first), for its member
+    /// metadata ([`MemberReport::to_meta`]); `member` is the database's name.
+    pub fn member_report(&self) -> Option<MemberReport> {
+        let eligible = self.eligible();
+        let state = self.inner.lock();
+        let eligible = eligible || state.deferring;
+        let s = &state.status;
+        let role = s.role?;
+        let word = match role {
+            PgRole::Primary if s.demoted => "demoted",
+            PgRole::Primary if s.read_only => "read_only",
+            PgRole::Primary => "writable",
+            PgRole::Replica if s.streaming_from.is_some() => "streaming",
+            PgRole::Replica => "not_streaming",
+            PgRole::Unreachable => "unreachable",
+        };
+        Some(MemberReport {
+            member: s.member.clone(),
+            role,
+            state: word.to_owned(),
+            timeline: s.timeline,
+            received: s.received,
+            replayed: s.replayed,
+            wal: s.wal,
+            eligible,
+            nofailover: self.inner.config.nofailover,
+            age: state.looked_at.map_or(Duration::MAX, |t| t.elapsed()),
+        })
+    }
+
     /// Where this agent's database is reached (host and port of its member), the value a
     /// node publishes as its `pg_conninfo` member metadata.
     pub fn upstream(&self) -> Upstream {
@@ -519,9 +648,21 @@ impl PgAgent {
     /// Whether this member may campaign for leadership, judged at the last loop: its
     /// database answered and is either a primary that needs no rejoin, or a replica that may
     /// be promoted (replay not paused, within `max_lag_on_failover` of the freshest known
-    /// primary position). False before the first loop. `ha-orchestrator` makes it part of
+    /// primary position) — and, with the watchdog enabled, whose watchdog runs. False before
+    /// the first loop. `ha-orchestrator` makes it part of
     /// the elector's eligibility, so an ineligible leader also gives the lease up.
     pub fn eligible(&self) -> bool {
+        if self.inner.config.nofailover {
+            return false;
+        }
+        if self.inner.config.watchdog.enabled
+            && !self
+                .inner
+                .watchdog_up
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return false;
+        }
         let state = self.inner.lock();
         let s = &state.status;
         match s.role {
@@ -578,13 +719,22 @@ impl Component for PgAgent {
     /// until `ctx.shutdown` or [`stop`](Component::stop).
     async fn start(&self, ctx: ComponentContext) -> Result<(), ha_core::Error> {
         let stop = self.tasks.begin(COMPONENT, &ctx)?;
+        if self.inner.config.watchdog.enabled {
+            self.tasks.spawn(watchdog_heartbeat(
+                Arc::clone(&self.inner),
+                Arc::clone(&ctx.leadership),
+                stop.clone(),
+            ));
+        }
         self.tasks
             .spawn(agent_loop(Arc::clone(&self.inner), ctx, stop));
         Ok(())
     }
 
     /// Stops the loop, waiting for an iteration in progress (a demotion is never abandoned
-    /// half-way). Idempotent.
+    /// half-way). A primary the agent does not lead any more (the node released its lease
+    /// first) is demoted by one last iteration unless paused; then the watchdog's pipe is
+    /// closed — it exits if disarmed, and fences a database still armed. Idempotent.
     async fn stop(&self) -> Result<(), ha_core::Error> {
         self.tasks.stop().await;
         Ok(())
@@ -617,7 +767,10 @@ async fn agent_loop(inner: Arc<Inner>, ctx: ComponentContext, stop: Cancellation
         let wake = demote_at.map_or(next_tick, |d| d.min(next_tick));
         tokio::select! {
             biased;
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                inner.final_iteration(&ctx).await;
+                return;
+            }
             () = tokio::time::sleep_until(wake) => {}
         }
         let now = Instant::now();
@@ -632,6 +785,45 @@ async fn agent_loop(inner: Arc<Inner>, ctx: ComponentContext, stop: Cancellation
         // that waits for it; every step has its own time limit.
         inner.iteration(&ctx).await;
     }
+}
+
+/// Every `heartbeat`: an armed watchdog learns the current leadership deadline (never armed
+/// from here: the loop arms before it makes a primary); a paused agent disarms it.
+async fn watchdog_heartbeat(
+    inner: Arc<Inner>,
+    gate: Arc<dyn LeadershipGate>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(inner.config.watchdog.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut slot = inner.watchdog.lock().await;
+        if inner.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            inner.send_locked(&mut slot, Message::Disarm).await;
+            continue;
+        }
+        if !slot.as_ref().is_some_and(|p| p.armed) {
+            continue;
+        }
+        // Asked under the lock, so no older deadline can overtake a newer message.
+        if let Some(lead) = gate.is_leader()
+            && let Some(deadline) = boottime_deadline(lead.valid_until)
+        {
+            inner.send_locked(&mut slot, Message::Arm(deadline)).await;
+        }
+    }
+}
+
+/// `valid_until` on `CLOCK_BOOTTIME`: the boot clock read first, the time left second, so
+/// the result can only be early.
+fn boottime_deadline(valid_until: Instant) -> Option<Duration> {
+    let boot = watchdog::boottime()?;
+    Some(boot + valid_until.saturating_duration_since(Instant::now()))
 }
 
 /// Leadership that is more than `margin` from its deadline.
@@ -674,14 +866,24 @@ impl Inner {
             state.status.leader = lead.is_some();
             state.deadline
         };
-        let role = self.read_role().await;
+        if self.config.watchdog.enabled {
+            self.ensure_watchdog().await;
+        }
+        let role = self.read_role(ctx.node.as_str()).await;
         let result = match (lead, &role) {
-            (Some(l), Ok(Observed::Replica { .. })) => self.promote(ctx, l).await,
-            (Some(_), Ok(Observed::Primary { .. })) => {
-                let writable = self.ensure_writable(ctx).await;
-                let slots = self.ensure_slots().await;
-                writable.and(slots)
-            }
+            // Armed before anything can make the database writable: no watchdog, no primary.
+            (Some(l), Ok(Observed::Replica { .. })) => match self.watchdog_arm(&l).await {
+                Ok(()) => self.promote(ctx, l).await,
+                Err(e) => Err(e),
+            },
+            (Some(l), Ok(Observed::Primary { .. })) => match self.watchdog_arm(&l).await {
+                Ok(()) => {
+                    let writable = self.ensure_writable(ctx).await;
+                    let slots = self.ensure_slots().await;
+                    writable.and(slots)
+                }
+                Err(e) => Err(e),
+            },
             (None, Ok(Observed::Primary { read_only })) => {
                 let demoted = self.lock().status.demoted;
                 let demotion = if demoted && *read_only {
@@ -708,8 +910,21 @@ impl Inner {
             }
             (Some(_), Err(e)) => Err(e.to_string()),
         };
+        if self.settle(lead.is_some(), &role, result) {
+            self.watchdog_send(Message::Disarm).await;
+        }
+    }
+
+    /// Records what the loop found and did; true when the database takes no writes and the
+    /// agent does not lead (nothing for the watchdog to guard).
+    fn settle(
+        &self,
+        leads: bool,
+        role: &Result<Observed, Error>,
+        result: Result<(), String>,
+    ) -> bool {
         let mut state = self.lock();
-        let new_role = match &role {
+        let new_role = match role {
             Ok(Observed::Primary { read_only }) => {
                 state.status.read_only = *read_only;
                 state.status.streaming_from = None;
@@ -735,7 +950,7 @@ impl Inner {
             state.status.demoted = false;
         }
         state.status.role = Some(new_role);
-        if lead.is_none() && (state.status.demoted || new_role == PgRole::Replica) {
+        if !leads && (state.status.demoted || new_role == PgRole::Replica) {
             // Demoted (or nothing to demote): no wake-up at an old deadline any more.
             state.deadline = None;
         }
@@ -746,32 +961,237 @@ impl Inner {
                 state.status.last_error = Some(e);
             }
         }
+        // Not leading, and the database takes no writes: nothing for the watchdog to guard.
+        !leads && (state.status.demoted || new_role == PgRole::Replica)
     }
 
-    async fn read_role(&self) -> Result<Observed, Error> {
-        type Row5 = (bool, String, Option<String>, Option<String>, Option<i32>);
-        let (in_recovery, read_only, latest_end, sender_host, sender_port): Row5 = self
-            .member
-            .run("reading the database's role", |pool| async move {
-                let row = sqlx::query(
-                    "SELECT pg_is_in_recovery() AS r, \
+    /// The last iteration at stop: a primary not led any more is demoted (unless paused),
+    /// then the watchdog's pipe is closed.
+    async fn final_iteration(&self, ctx: &ComponentContext) {
+        let paused = self.paused.load(std::sync::atomic::Ordering::SeqCst);
+        let (role, demoted) = {
+            let state = self.lock();
+            (state.status.role, state.status.demoted)
+        };
+        if !paused && role == Some(PgRole::Primary) && !demoted {
+            self.iteration(ctx).await;
+        }
+        let process = self.watchdog.lock().await.take();
+        if let Some(WatchdogProcess {
+            mut child,
+            stdin,
+            armed,
+        }) = process
+        {
+            drop(stdin);
+            if armed {
+                tracing::warn!(
+                    member = self.member.name(),
+                    "agent stopping while its watchdog is armed: the watchdog fences the database"
+                );
+            }
+            let wait = self.config.watchdog.fence_timeout + Duration::from_secs(1);
+            let _ = tokio::time::timeout(wait, child.wait()).await;
+        }
+        self.watchdog_up
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn watchdog_gauge(&self, value: f64) {
+        metrics::gauge!(metric::PG_AGENT_WATCHDOG, "member" => self.member.name().to_owned())
+            .set(value);
+    }
+
+    /// Starts the watchdog if it does not run (or has exited).
+    async fn ensure_watchdog(&self) {
+        let mut slot = self.watchdog.lock().await;
+        if let Some(process) = slot.as_mut() {
+            match process.child.try_wait() {
+                Ok(None) => return,
+                Ok(Some(status)) => {
+                    tracing::error!(member = self.member.name(), %status, "watchdog exited");
+                }
+                Err(e) => tracing::error!(member = self.member.name(), error = %e, "watchdog"),
+            }
+            *slot = None;
+        }
+        self.watchdog_up
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        match self.spawn_watchdog().await {
+            Ok(process) => {
+                tracing::info!(
+                    member = self.member.name(),
+                    pid = process.child.id(),
+                    "watchdog started"
+                );
+                *slot = Some(process);
+                self.watchdog_up
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.lock().status.watchdog = Some("disarmed".into());
+                self.watchdog_gauge(0.0);
+            }
+            Err(e) => {
+                tracing::error!(member = self.member.name(), error = %e, "cannot start the watchdog");
+                self.lock().status.watchdog = Some(format!("not running: {e}"));
+                self.watchdog_gauge(-1.0);
+            }
+        }
+    }
+
+    async fn spawn_watchdog(&self) -> Result<WatchdogProcess, String> {
+        let config = &self.config.watchdog;
+        let data_dir = match (&config.data_dir, config.fence_command.is_empty()) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, false) => None,
+            (None, true) => Some(
+                self.member
+                    .run("reading data_directory", |pool| async move {
+                        sqlx::query_scalar::<_, String>("SHOW data_directory")
+                            .fetch_one(&pool)
+                            .await
+                    })
+                    .await
+                    .map_err(|e| format!("data directory unknown: {e}"))?
+                    .into(),
+            ),
+        };
+        let (program, lead) = match config.program.split_first() {
+            Some((program, lead)) => (std::path::PathBuf::from(program), lead.to_vec()),
+            None => {
+                let beside = std::env::current_exe()
+                    .ok()
+                    .and_then(|exe| exe.parent().map(|d| d.join(watchdog::WATCHDOG_BINARY)))
+                    .filter(|p| p.is_file());
+                (
+                    beside.unwrap_or_else(|| watchdog::WATCHDOG_BINARY.into()),
+                    Vec::new(),
+                )
+            }
+        };
+        let mut child = tokio::process::Command::new(&program)
+            .args(lead)
+            .args(watchdog::command_args(config, data_dir.as_deref()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            // Its own process group: a signal to the node's group must not reach it.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| "the watchdog has no stdin".to_owned())?;
+        Ok(WatchdogProcess {
+            child,
+            stdin,
+            armed: false,
+        })
+    }
+
+    /// Arms the watchdog with this leadership's deadline (a no-op without a watchdog);
+    /// an error when enabled but not running.
+    async fn watchdog_arm(&self, lead: &Leadership) -> Result<(), String> {
+        if !self.config.watchdog.enabled {
+            return Ok(());
+        }
+        let deadline = boottime_deadline(lead.valid_until)
+            .ok_or_else(|| "CLOCK_BOOTTIME unreadable: cannot arm the watchdog".to_owned())?;
+        if self.watchdog_send(Message::Arm(deadline)).await {
+            Ok(())
+        } else {
+            Err("the watchdog does not run: not acting as primary".into())
+        }
+    }
+
+    /// Sends one message; false if no watchdog runs or it did not take the message (it is
+    /// then dropped, which closes its pipe, and restarted at the next loop).
+    async fn watchdog_send(&self, message: Message) -> bool {
+        if !self.config.watchdog.enabled {
+            return true;
+        }
+        let mut slot = self.watchdog.lock().await;
+        self.send_locked(&mut slot, message).await
+    }
+
+    async fn send_locked(&self, slot: &mut Option<WatchdogProcess>, message: Message) -> bool {
+        use tokio::io::AsyncWriteExt;
+        let Some(process) = slot.as_mut() else {
+            return false;
+        };
+        if message == Message::Disarm && !process.armed {
+            return true;
+        }
+        let line = format!("{}\n", message.line());
+        let sent = tokio::time::timeout(
+            Duration::from_millis(200),
+            process.stdin.write_all(line.as_bytes()),
+        )
+        .await;
+        if let Ok(Ok(())) = sent {
+            let armed = matches!(message, Message::Arm(_));
+            if armed != process.armed {
+                tracing::info!(member = self.member.name(), armed, "watchdog");
+                self.lock().status.watchdog =
+                    Some(if armed { "armed" } else { "disarmed" }.to_owned());
+                self.watchdog_gauge(if armed { 1.0 } else { 0.0 });
+            }
+            process.armed = armed;
+            return true;
+        }
+        tracing::error!(
+            member = self.member.name(),
+            ?sent,
+            "the watchdog did not take a message"
+        );
+        *slot = None;
+        self.watchdog_up
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.lock().status.watchdog = Some("not running: it did not take a message".into());
+        self.watchdog_gauge(-1.0);
+        false
+    }
+
+    /// Reads the role, the positions and (a replica) the eligibility; `node` is this member's
+    /// name among the election's members (the candidate rule's tie-break).
+    async fn read_role(&self, node: &str) -> Result<Observed, Error> {
+        type Row7 = (
+            bool,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<i32>,
+            Option<String>,
+            Option<String>,
+        );
+        let (in_recovery, read_only, latest_end, sender_host, sender_port, wal, walfile): Row7 =
+            self.member
+                .run("reading the database's role", |pool| async move {
+                    let row = sqlx::query(
+                        "SELECT pg_is_in_recovery() AS r, \
                      current_setting('default_transaction_read_only') AS ro, \
                      w.latest_end_lsn::text AS latest_end, \
                      CASE WHEN w.status = 'streaming' THEN w.sender_host END AS sender_host, \
-                     CASE WHEN w.status = 'streaming' THEN w.sender_port END AS sender_port \
+                     CASE WHEN w.status = 'streaming' THEN w.sender_port END AS sender_port, \
+                     CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END \
+                     AS wal, \
+                     CASE WHEN NOT pg_is_in_recovery() \
+                     THEN pg_walfile_name(pg_current_wal_lsn()) END AS walfile \
                      FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS w ON true",
-                )
-                .fetch_one(&pool)
+                    )
+                    .fetch_one(&pool)
+                    .await?;
+                    Ok((
+                        row.try_get("r")?,
+                        row.try_get("ro")?,
+                        row.try_get("latest_end")?,
+                        row.try_get("sender_host")?,
+                        row.try_get("sender_port")?,
+                        row.try_get("wal")?,
+                        row.try_get("walfile")?,
+                    ))
+                })
                 .await?;
-                Ok((
-                    row.try_get("r")?,
-                    row.try_get("ro")?,
-                    row.try_get("latest_end")?,
-                    row.try_get("sender_host")?,
-                    row.try_get("sender_port")?,
-                ))
-            })
-            .await?;
         if in_recovery {
             let streaming_from = match (sender_host, sender_port) {
                 (Some(host), Some(port)) => {
@@ -786,16 +1206,73 @@ impl Inner {
                 state.status.reference = state.status.reference.max(Some(lsn));
             }
             // Eligibility, judged every loop (the elector asks between loops).
-            let ineligible = match self.member.replica_status().await {
-                Ok(status) => {
-                    let reference = self.lock().status.reference;
-                    ineligible(&status, reference, self.config.max_lag_on_failover)
-                }
-                Err(e) => Some(format!("replica status unknown: {e}")),
+            let peers = match &self.peers {
+                Some(source) => source().await,
+                None => Vec::new(),
             };
-            self.lock().status.ineligible = ineligible;
+            let stale_after = self.config.report_stale_after;
+            let counted: Vec<MemberReport> = peers
+                .into_iter()
+                .filter(|p| p.member != node && p.counts(stale_after))
+                .collect();
+            {
+                // Every position a counted member proves the primary reached.
+                let mut state = self.lock();
+                for peer in &counted {
+                    state.status.reference = state.status.reference.max(peer.proves_primary_at());
+                }
+            }
+            let (ineligible, deferring) = match self.member.replica_status().await {
+                Ok(status) => {
+                    let reference = {
+                        let mut state = self.lock();
+                        state.status.timeline = status.timeline;
+                        state.status.received = status.receive_lsn;
+                        state.status.replayed = status.replay_lsn;
+                        state.status.wal = None;
+                        state.status.reference
+                    };
+                    match ineligible(&status, reference, self.config.max_lag_on_failover) {
+                        Some(reason) => (Some(reason), false),
+                        None if self.config.nofailover => (Some("tagged nofailover".into()), false),
+                        None => {
+                            let me = MemberReport {
+                                member: node.to_owned(),
+                                role: PgRole::Replica,
+                                state: String::new(),
+                                timeline: status.timeline,
+                                received: status.receive_lsn,
+                                replayed: status.replay_lsn,
+                                wal: None,
+                                eligible: true,
+                                nofailover: false,
+                                age: Duration::ZERO,
+                            };
+                            let defer = candidate::defer_to(&me, &counted, stale_after);
+                            let deferring = defer.is_some();
+                            (defer, deferring)
+                        }
+                    }
+                }
+                Err(e) => (Some(format!("replica status unknown: {e}")), false),
+            };
+            let mut state = self.lock();
+            state.status.ineligible = ineligible;
+            state.deferring = deferring;
+            state.looked_at = Some(Instant::now());
             Ok(Observed::Replica { streaming_from })
         } else {
+            let mut state = self.lock();
+            state.status.wal = wal.and_then(|t| t.parse::<Lsn>().ok());
+            state.status.timeline = walfile
+                .as_deref()
+                .and_then(|f| f.get(..8))
+                .and_then(|t| u32::from_str_radix(t, 16).ok());
+            state.status.received = None;
+            state.status.replayed = None;
+            state.deferring = false;
+            state.looked_at = Some(Instant::now());
+            drop(state);
             Ok(Observed::Primary {
                 read_only: read_only == "on",
             })
@@ -811,6 +1288,24 @@ impl Inner {
         let reference = self.lock().status.reference;
         if let Some(reason) = ineligible(&status, reference, self.config.max_lag_on_failover) {
             self.record(AgentAction::NotPromoted { reason });
+            return Ok(());
+        }
+        // The candidate rule as judged by this loop's look at the other members.
+        let deferral = {
+            let state = self.lock();
+            state
+                .deferring
+                .then(|| state.status.ineligible.clone())
+                .flatten()
+        };
+        if let Some(reason) = deferral {
+            self.record(AgentAction::NotPromoted { reason });
+            return Ok(());
+        }
+        if self.config.nofailover {
+            self.record(AgentAction::NotPromoted {
+                reason: "tagged nofailover".into(),
+            });
             return Ok(());
         }
         // The last moment a deposed leader could stop itself.
@@ -1166,7 +1661,10 @@ fn ineligible(
     let Some(position) = status.replay_lsn.or(status.receive_lsn) else {
         return Some("no WAL position".into());
     };
-    let behind = reference.map_or(0, |r| r.bytes_since(position));
+    // Never "no bound": the replica's own received position is a reference too.
+    let behind = reference
+        .max(status.receive_lsn)
+        .map_or(0, |r| r.bytes_since(position));
     (behind > max_lag).then(|| format!("{behind} bytes behind the primary, more than {max_lag}"))
 }
 
@@ -1201,10 +1699,14 @@ mod tests {
 
     #[test]
     fn eligibility_counts_replay_backlog_and_pause() {
+        // Received 1100, replayed 1000: within a 100-byte bound.
         assert_eq!(
-            ineligible(&replica(Some(1000), false), Some(Lsn(1000)), 10),
+            ineligible(&replica(Some(1000), false), Some(Lsn(1000)), 100),
             None
         );
+        // No reference known: the replica's own received position is one (never "no
+        // bound"), so its 100 bytes of replay backlog break a 10-byte bound.
+        assert!(ineligible(&replica(Some(1000), false), None, 10).is_some());
         assert!(ineligible(&replica(Some(1000), true), None, 10).is_some());
         // Received 1100, replayed 1000: 100 bytes of backlog count against a 10-byte bound.
         assert!(ineligible(&replica(Some(1000), false), Some(Lsn(1100)), 10).is_some());

@@ -2,14 +2,18 @@
 //! promotion, and the agent that runs beside each database.
 
 pub mod agent;
+pub mod candidate;
 pub mod member;
 pub mod monitor;
 pub mod promote;
 pub mod status;
+pub mod watchdog;
 
 pub use agent::{
-    AgentAction, AgentStatus, DemoteMode, LeaderSource, PgAgent, PgAgentConfig, PgRole, Upstream,
+    AgentAction, AgentStatus, DemoteMode, LeaderSource, PeerSource, PgAgent, PgAgentConfig, PgRole,
+    Upstream,
 };
+pub use candidate::MemberReport;
 pub use member::PgMember;
 pub use monitor::{LagConfig, Link, PgReplicationMonitor, ReplicaLag, Sample};
 pub use promote::{
@@ -17,3 +21,4 @@ pub use promote::{
     Refusal, RepointOutcome, SqlShutdownFence,
 };
 pub use status::{PrimaryStatus, ReplicaStatus, StandbyStatus, WalReceiver};
+pub use watchdog::WatchdogConfig;
