@@ -319,6 +319,53 @@ async fn a_replica_whose_agent_gains_leadership_promotes_itself_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquired_leadership_promotes_at_once_not_at_the_next_tick() {
+    let mut primary = seeded().await;
+    let replica = primary.start_replica().await.unwrap();
+    let lsn = primary.current_wal_lsn().await.unwrap();
+    replica.wait_for_replay(lsn, WAIT).await.unwrap();
+
+    let gate = Arc::new(TestGate::default());
+    let bus = EventBus::default();
+    // A tick far longer than the test: only the acquisition can make it act in time.
+    let agent = agent(
+        "pg1",
+        &replica,
+        PgAgentConfig {
+            loop_interval: Duration::from_secs(600),
+            ..fast()
+        },
+    );
+    agent.observe_primary_position(ha_replication::Lsn(lsn.0));
+    agent.start(context(&gate, &bus)).await.unwrap();
+    until("the first look", || {
+        agent.agent_status().role == Some(PgRole::Replica)
+    })
+    .await;
+
+    primary.kill().unwrap();
+    gate.lead(3, Duration::from_secs(600));
+    let acquired = Instant::now();
+    bus.publish(HaEvent::LeadershipAcquired {
+        at: std::time::SystemTime::now(),
+        node: NodeId::new("node-a"),
+        key: "pg".into(),
+        token: FencingToken(3),
+    });
+    until("the promotion", || {
+        agent.agent_status().last_action == Some(AgentAction::Promoted { token: 3 })
+    })
+    .await;
+    assert!(
+        acquired.elapsed() < Duration::from_secs(30),
+        "promoted {:?} after the acquisition",
+        acquired.elapsed()
+    );
+    assert!(!replica.is_in_recovery().await.unwrap());
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leading_agent_leaves_its_primary_writable() {
     let primary = seeded().await;
     let gate = Arc::new(TestGate::default());

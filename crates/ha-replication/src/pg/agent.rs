@@ -3,8 +3,9 @@
 //!
 //! # The loop
 //!
-//! Every `loop_interval`, and in addition at `valid_until - demote_margin` of the last
-//! leadership it saw, the agent asks the [`LeadershipGate`] and its own database
+//! Every `loop_interval`, in addition at `valid_until - demote_margin` of the last
+//! leadership it saw, and at once when this node acquires leadership (so a promotion does not
+//! wait for the next tick), the agent asks the [`LeadershipGate`] and its own database
 //! (`pg_is_in_recovery()`), then:
 //!
 //! | leadership | database | action |
@@ -715,8 +716,10 @@ impl Component for PgAgent {
         COMPONENT
     }
 
-    /// Loops every `loop_interval` (and at each leadership deadline minus `demote_margin`)
-    /// until `ctx.shutdown` or [`stop`](Component::stop).
+    /// Loops every `loop_interval`, at each leadership deadline minus `demote_margin`, and at
+    /// once when this node acquires leadership (a `LeadershipAcquired` event of `ctx.node`
+    /// on `ctx.bus`: the promotion does not wait for the next tick), until `ctx.shutdown` or
+    /// [`stop`](Component::stop).
     async fn start(&self, ctx: ComponentContext) -> Result<(), ha_core::Error> {
         let stop = self.tasks.begin(COMPONENT, &ctx)?;
         if self.inner.config.watchdog.enabled {
@@ -759,6 +762,8 @@ impl Component for PgAgent {
 
 async fn agent_loop(inner: Arc<Inner>, ctx: ComponentContext, stop: CancellationToken) {
     let mut next_tick = Instant::now();
+    // Subscribed before the first look, so no acquisition after it is missed.
+    let mut events = Some(ctx.bus.subscribe());
     loop {
         let demote_at = inner
             .lock()
@@ -772,6 +777,9 @@ async fn agent_loop(inner: Arc<Inner>, ctx: ComponentContext, stop: Cancellation
                 return;
             }
             () = tokio::time::sleep_until(wake) => {}
+            acquired = acquisition(&mut events, &ctx.node) => {
+                tracing::debug!(token = ?acquired, "leadership acquired: looking now");
+            }
         }
         let now = Instant::now();
         if now >= next_tick {
@@ -784,6 +792,29 @@ async fn agent_loop(inner: Arc<Inner>, ctx: ComponentContext, stop: Cancellation
         // An iteration is not abandoned at stop: a demotion half done is worse than a stop
         // that waits for it; every step has its own time limit.
         inner.iteration(&ctx).await;
+    }
+}
+
+/// Waits for this node's next `LeadershipAcquired` (its token), or for a lag on the bus (the
+/// acquisition may be among the missed events: `None`). Pends for ever once the bus closed.
+async fn acquisition(
+    events: &mut Option<ha_core::bus::EventSubscriber>,
+    node: &ha_core::NodeId,
+) -> Option<ha_core::FencingToken> {
+    loop {
+        let Some(subscriber) = events.as_mut() else {
+            return std::future::pending().await;
+        };
+        match subscriber.recv().await {
+            Ok(ha_core::HaEvent::LeadershipAcquired {
+                node: who, token, ..
+            }) if &who == node => {
+                return Some(token);
+            }
+            Ok(_) => {}
+            Err(ha_core::bus::RecvError::Lagged { .. }) => return None,
+            Err(_) => *events = None,
+        }
     }
 }
 
