@@ -99,8 +99,18 @@ pub(crate) async fn switchover(
             }
         }
     }
+    // A database beside this node stops taking writes first, while the lease still keeps
+    // every other member from promoting; then the lease goes.
+    if let Err(e) = node.hand_over_database().await {
+        node.abort_hand_over();
+        return Err((
+            StatusCode::CONFLICT,
+            format!("the database could not be demoted before the step-down: {e}"),
+        ));
+    }
     let stepped = elector.step_down().await;
     if !stepped {
+        node.abort_hand_over();
         return Err((
             StatusCode::CONFLICT,
             "this node stopped leading before it could step down".into(),

@@ -597,7 +597,36 @@ impl HaNode {
 
     /// Stops the elector, which releases the lease, before anything else stops: followers
     /// take over at once and no component stops while this node still acts as leader.
+    /// Before this node gives its lease up on purpose (switchover, shutdown): the agent
+    /// beside its PostgreSQL, if any, demotes the database first, while the lease still
+    /// keeps every other member from promoting (see `PgAgent::hand_over`). Nothing to do
+    /// without an agent, or when this node does not lead.
+    pub(crate) async fn hand_over_database(&self) -> Result<(), String> {
+        #[cfg(feature = "postgres")]
+        if let Some(agent) = &self.inner.parts.pg_agent
+            && self.is_leader().is_some()
+        {
+            return agent.hand_over().await.map_err(|e| e.to_string());
+        }
+        Ok(())
+    }
+
+    /// Undoes [`hand_over_database`](Self::hand_over_database) when the step-down it
+    /// prepared did not happen.
+    pub(crate) fn abort_hand_over(&self) {
+        #[cfg(feature = "postgres")]
+        if let Some(agent) = &self.inner.parts.pg_agent {
+            agent.abort_hand_over();
+        }
+    }
+
     async fn release_leadership(&self) {
+        // The database stops taking writes before the lease can pass to another member; a
+        // demotion that could not be confirmed has stopped PostgreSQL (or the agent is
+        // paused, and leaves its database as it is): the lease is released either way.
+        if let Err(e) = self.hand_over_database().await {
+            tracing::warn!(error = %e, "handing the database over before the release failed");
+        }
         self.inner.gate.released.store(true, Ordering::SeqCst);
         if let Some(elector) = self.inner.elector.get() {
             let _ = elector.stop().await;

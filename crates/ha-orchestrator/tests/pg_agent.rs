@@ -397,3 +397,156 @@ async fn a_nofailover_replica_never_leads() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// One acknowledged commit: which database took it, and when.
+#[derive(Clone, Copy, Debug)]
+struct Ack {
+    n: i64,
+    on_b: bool,
+    at: Instant,
+}
+
+/// Tries to commit one row on each of the two databases in turn, over long-lived sessions,
+/// recording every acknowledged commit: both are asked all the time, so a database that takes
+/// writes when it should not is seen doing so.
+async fn write_both(
+    a: String,
+    b: String,
+    acks: Arc<std::sync::Mutex<Vec<Ack>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use sqlx::Connection;
+    let urls = [a, b];
+    let mut conns: [Option<sqlx::PgConnection>; 2] = [None, None];
+    let mut n = 0_i64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        for (i, url) in urls.iter().enumerate() {
+            n += 1;
+            if conns[i].is_none() {
+                conns[i] = tokio::time::timeout(
+                    Duration::from_millis(300),
+                    sqlx::PgConnection::connect(url),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok);
+            }
+            let Some(conn) = conns[i].as_mut() else {
+                continue;
+            };
+            let insert = sqlx::query("INSERT INTO w (id, note) VALUES ($1, 'load')")
+                .bind(n)
+                .execute(&mut *conn);
+            match tokio::time::timeout(Duration::from_millis(500), insert).await {
+                Ok(Ok(_)) => {
+                    acks.lock().unwrap().push(Ack {
+                        n,
+                        on_b: i == 1,
+                        at: Instant::now(),
+                    });
+                }
+                Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("25006") => {}
+                _ => conns[i] = None,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A switchover under a write load: the old primary's agent demotes it *before* the node
+/// gives its lease up, so no commit is acknowledged by the old primary once the new one took
+/// its first, and — the old primary still streaming its last WAL to the replica before the
+/// promotion — no acknowledged commit is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_under_load_demotes_first_and_loses_no_acknowledged_commit() {
+    let primary = PostgresServer::start().await.unwrap();
+    primary
+        .execute("CREATE TABLE w (id bigint PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let replica = primary.start_replica().await.unwrap();
+    let store = Arc::new(MemoryLeaseStore::new());
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    let node = |id: &str, agent: PgAgent| {
+        HaNode::builder()
+            .node_id(id)
+            .election_with(store.clone(), timing.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .admin_token(common::TOKEN)
+            .pg_agent(agent)
+            .build()
+            .unwrap()
+    };
+    let a = node("a", agent_for("db-a", &primary));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    let b = node("b", agent_for("db-b", &replica));
+    b.start().await.unwrap();
+    until("b to serve /replica", async || {
+        get(&b, "/replica").await.0 == StatusCode::OK
+    })
+    .await;
+
+    let acks: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_both(
+        primary.url(),
+        replica.url(),
+        Arc::clone(&acks),
+        Arc::clone(&stop),
+    ));
+    until("writes on a's primary", async || {
+        acks.lock().unwrap().len() >= 20
+    })
+    .await;
+
+    let response = common::client()
+        .post(format!("http://{}/switchover", a.http_addr().unwrap()))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    until("a commit on b's database", async || {
+        acks.lock().unwrap().iter().any(|a| a.on_b)
+    })
+    .await;
+    until("more commits on b's database", async || {
+        acks.lock().unwrap().iter().filter(|a| a.on_b).count() >= 20
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+
+    let acks = acks.lock().unwrap().clone();
+    let first_on_b = acks.iter().find(|a| a.on_b).unwrap().at;
+    let late: Vec<&Ack> = acks
+        .iter()
+        .filter(|a| !a.on_b && a.at > first_on_b)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the old primary took commits after the new one: {late:?}"
+    );
+    let present: std::collections::BTreeSet<i64> = replica
+        .query_scalar::<Vec<i64>>("SELECT coalesce(array_agg(id), '{}') FROM w")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let lost: Vec<i64> = acks
+        .iter()
+        .map(|a| a.n)
+        .filter(|n| !present.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged commits lost in the switchover: {lost:?}"
+    );
+    assert!(b.is_leader().is_some());
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -485,6 +485,11 @@ struct Inner {
     watchdog: tokio::sync::Mutex<Option<WatchdogProcess>>,
     /// Whether the watchdog ran and took the last message (eligibility needs it).
     watchdog_up: std::sync::atomic::AtomicBool,
+    /// A planned handover ([`PgAgent::hand_over`]): the loop treats this node as not leading
+    /// (demotes its primary, promotes nothing) until the gate stops answering.
+    handing_over: std::sync::atomic::AtomicBool,
+    /// Wakes the loop for a handover.
+    wake: tokio::sync::Notify,
 }
 
 /// A running watchdog and the write end of its pipe.
@@ -502,7 +507,18 @@ struct State {
     deferring: bool,
     /// The deadline of the last leadership seen, while it may still need a demotion.
     deadline: Option<Instant>,
+    /// When this database was demoted by a handover: it stays out of the election for
+    /// [`HANDOVER_HOLD`], so that a replica, not the old primary, takes the lease.
+    handed_over_at: Option<Instant>,
 }
+
+/// How long a primary demoted by [`PgAgent::hand_over`] stays ineligible: long enough for a
+/// replica to campaign and lead (the candidate rule otherwise ranks a primary first); if none
+/// did, the old primary may lead again afterwards.
+const HANDOVER_HOLD: Duration = Duration::from_secs(30);
+
+/// How long a handover waits for a standby to flush the demoted primary's last WAL.
+const HANDOVER_CATCH_UP: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for PgAgent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -549,12 +565,15 @@ impl PgAgent {
                     looked_at: None,
                     deferring: false,
                     deadline: None,
+                    handed_over_at: None,
                 }),
                 paused: Arc::default(),
                 leader: None,
                 peers: None,
                 watchdog: tokio::sync::Mutex::new(None),
                 watchdog_up: std::sync::atomic::AtomicBool::new(false),
+                handing_over: std::sync::atomic::AtomicBool::new(false),
+                wake: tokio::sync::Notify::new(),
             }),
             tasks: ComponentTasks::default(),
         })
@@ -665,6 +684,12 @@ impl PgAgent {
             return false;
         }
         let state = self.inner.lock();
+        if state
+            .handed_over_at
+            .is_some_and(|at| at.elapsed() < HANDOVER_HOLD)
+        {
+            return false;
+        }
         let s = &state.status;
         match s.role {
             Some(PgRole::Primary) => s.needs_rejoin.is_none(),
@@ -679,6 +704,122 @@ impl PgAgent {
         let state = self.inner.lock();
         let s = &state.status;
         s.role == Some(PgRole::Primary) && s.leader && !s.demoted && !s.read_only
+    }
+
+    /// A planned handover, **before** the node gives its lease up (switchover, graceful
+    /// shutdown): the agent demotes its database now — read-only with its sessions ended, or
+    /// stopped when that cannot be confirmed in `demote_timeout` — while the lease is still
+    /// held, so no other member can be promoted while this database still takes writes. From
+    /// then on the loop treats this node as not leading until the gate stops answering (the
+    /// step-down happened), or until [`abort_hand_over`](Self::abort_hand_over).
+    ///
+    /// Returns once the database takes no writes and a standby has flushed all of its WAL (so
+    /// the promotion after the step-down loses no acknowledged commit; with several standbys,
+    /// the candidate rule then elects the most advanced). For 30 s afterwards the member is
+    /// not eligible, so a replica rather than the demoted primary takes the
+    /// lease. Fails with [`Error::Timeout`] when the loop could not confirm the demotion
+    /// within `demote_timeout` plus one second, or no standby caught up within 5 s. Then, and when
+    /// the step-down itself fails, the caller ends the handover with
+    /// [`abort_hand_over`](Self::abort_hand_over) to keep leading. A paused agent changes
+    /// nothing and fails at once.
+    pub async fn hand_over(&self) -> Result<(), Error> {
+        if self.is_paused() {
+            return Err(Error::Timeout {
+                member: self.inner.member.name().to_owned(),
+                what: "handing over: the agent is paused and leaves its database as it is",
+                after: Duration::ZERO,
+            });
+        }
+        self.inner
+            .handing_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.wake.notify_one();
+        tracing::info!(
+            member = self.inner.member.name(),
+            "handing over: demoting first"
+        );
+        let limit = self.inner.config.demote_timeout + Duration::from_secs(1);
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let mut state = self.inner.lock();
+                let s = &state.status;
+                let quiet = match s.role {
+                    Some(PgRole::Primary) => s.demoted && s.read_only && !s.leader,
+                    Some(PgRole::Replica) => !s.leader,
+                    Some(PgRole::Unreachable) => s.demoted,
+                    None => false,
+                };
+                if quiet {
+                    state.handed_over_at = Some(Instant::now());
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    member: self.inner.member.name().to_owned(),
+                    what: "handing over: demoting the database before the step-down",
+                    after: limit,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.wait_for_a_standby().await
+    }
+
+    /// After a handover's demotion: waits (at most 5 s) until a standby has
+    /// flushed every WAL byte this demoted primary wrote, so the promotion that follows the
+    /// step-down loses no acknowledged commit (`pg_promote` replays all it has flushed). A
+    /// database that is not a primary, or does not answer, has nothing to wait for.
+    async fn wait_for_a_standby(&self) -> Result<(), Error> {
+        if self.inner.lock().status.role != Some(PgRole::Primary) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + HANDOVER_CATCH_UP;
+        loop {
+            let caught_up: Result<bool, Error> = self
+                .inner
+                .member
+                .run(
+                    "waiting for a standby to flush the last WAL",
+                    |pool| async move {
+                        sqlx::query_scalar(
+                            "SELECT count(*) > 0 FROM pg_stat_replication \
+                         WHERE flush_lsn >= pg_current_wal_lsn()",
+                        )
+                        .fetch_one(&pool)
+                        .await
+                    },
+                )
+                .await;
+            match caught_up {
+                Ok(true) => return Ok(()),
+                Ok(false) if Instant::now() < deadline => {}
+                Ok(false) => {
+                    return Err(Error::Timeout {
+                        member: self.inner.member.name().to_owned(),
+                        what: "handing over: no standby flushed the demoted primary's last WAL",
+                        after: HANDOVER_CATCH_UP,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Ends a handover that will not happen (the step-down failed): the loop treats this
+    /// node's leadership as its own again and makes its primary writable once more.
+    pub fn abort_hand_over(&self) {
+        self.inner.lock().handed_over_at = None;
+        if self
+            .inner
+            .handing_over
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::warn!(member = self.inner.member.name(), "handover aborted");
+            self.inner.wake.notify_one();
+        }
     }
 
     /// Whether the agent is paused now.
@@ -780,6 +921,7 @@ async fn agent_loop(inner: Arc<Inner>, ctx: ComponentContext, stop: Cancellation
             acquired = acquisition(&mut events, &ctx.node) => {
                 tracing::debug!(token = ?acquired, "leadership acquired: looking now");
             }
+            () = inner.wake.notified() => {}
         }
         let now = Instant::now();
         if now >= next_tick {
@@ -882,6 +1024,14 @@ impl Inner {
 
     async fn iteration(&self, ctx: &ComponentContext) {
         let lead = effective(ctx.leadership.as_ref(), self.config.demote_margin);
+        let handing_over = self.handing_over.load(std::sync::atomic::Ordering::SeqCst);
+        if handing_over && ctx.leadership.is_leader().is_none() {
+            // The step-down happened (or the term ended): the handover is over.
+            self.handing_over
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        // Handing over: this node's lease still runs, but its database must stop first.
+        let lead = if handing_over { None } else { lead };
         let deadline = {
             let mut state = self.lock();
             if let Some(l) = lead {
