@@ -195,6 +195,7 @@ pub mod repo;
 pub mod retention;
 pub mod schedule;
 pub mod source;
+mod staging;
 pub mod store;
 pub mod testing;
 pub mod wal_rpo;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -21,7 +21,8 @@ use crate::pipeline::{BackupReader, BackupWriter, Compress, read_ahead};
 use crate::progress::Progress;
 use crate::retention::{self, Decision, RetentionPolicy};
 use crate::source::{self, Source};
-use crate::store::{BackupStore, sync_dir, sync_parent};
+use crate::staging::{self, Placement, Staging};
+use crate::store::{BackupStore, sync_dir};
 
 /// The default zstd level.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -1010,84 +1011,70 @@ impl Drop for ScratchDir {
 
 /// Restores to a path by kind; returns the entry count for directories.
 fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Result<Option<u64>> {
+    let tree = matches!(reader.manifest().kind, BackupKind::Dir | BackupKind::PgBase);
+    let placement = staging::placement(target, tree)?;
+    restore_to_path_placed(reader, target, force, placement, SystemTime::now())
+}
+
+/// [`restore_to_path`] with the staging at `placement`, cleaning leftovers of runs that
+/// started before `run_start`.
+fn restore_to_path_placed(
+    reader: &mut BackupReader,
+    target: &Path,
+    force: bool,
+    placement: Placement,
+    run_start: SystemTime,
+) -> Result<Option<u64>> {
     let kind = reader.manifest().kind;
     let id = reader.manifest().id.to_string();
     let details = reader.manifest().details.clone();
     let tree = matches!(kind, BackupKind::Dir | BackupKind::PgBase);
     check_target(target, tree, force)?;
-    let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).map_err(|e| Error::io("create", &parent, e))?;
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "target".into());
-    let suffix: [u8; 6] = random_array()?;
-    let temp = parent.join(format!(".ha-dr-restore-{name}-{}", hex::encode(suffix)));
-    let result = if tree {
-        (|| {
-            // Staged privately: the root gets its recorded mode once everything is in.
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&temp)
-                .map_err(|e| Error::io("create", &temp, e))?;
-            // Finished files are flushed on a third thread while extraction goes on; the
-            // `sync_tree` after it is still what guarantees everything reached the disk.
-            let entries = std::thread::scope(|scope| {
-                let (flush, finished) = std::sync::mpsc::channel::<PathBuf>();
-                scope.spawn(move || {
-                    for path in finished {
-                        let _ = fs::File::open(&path).and_then(|f| f.sync_data());
-                    }
-                });
-                read_ahead(reader, |plain| {
-                    source::extract_dir(&id, plain, &temp, &mut |path| {
-                        let _ = flush.send(path);
-                    })
-                })
-            })?;
-            check_entry_count(&id, &details, entries)?;
-            sync_tree(&temp)?;
-            Ok(Some(entries))
-        })()
-    } else {
-        (|| {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temp)
-                .map_err(|e| Error::io("create", &temp, e))?;
+    // Staged privately (a 0700 dir, a 0600 file) on the target's own file system, locked
+    // while this run works; removed on any error (the drop).
+    let mut staging = Staging::create(target, tree, placement, run_start)?;
+    let temp = staging.path().to_path_buf();
+    let entries = if tree {
+        // Finished files are flushed on a third thread while extraction goes on; the
+        // `sync_tree` after it is still what guarantees everything reached the disk.
+        let entries = std::thread::scope(|scope| {
+            let (flush, finished) = std::sync::mpsc::channel::<PathBuf>();
+            scope.spawn(move || {
+                for path in finished {
+                    let _ = fs::File::open(&path).and_then(|f| f.sync_data());
+                }
+            });
             read_ahead(reader, |plain| {
-                io::copy(plain, &mut file).map_err(|e| match from_io(e, String::new) {
-                    Error::Stream { source, .. } => Error::io("write", &temp, source),
-                    other => other,
+                source::extract_dir(&id, plain, &temp, &mut |path| {
+                    let _ = flush.send(path);
                 })
-            })?;
-            // The recorded mode of a file (setuid/setgid never), private for the rest.
-            let mode = match &details {
-                Details::File { mode } => mode & 0o777,
-                _ => 0o600,
-            };
-            file.set_permissions(fs::Permissions::from_mode(mode))
-                .map_err(|e| Error::io("set mode of", &temp, e))?;
-            file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
-            Ok(None)
-        })()
+            })
+        })?;
+        check_entry_count(&id, &details, entries)?;
+        sync_tree(&temp)?;
+        Some(entries)
+    } else {
+        let Some(file) = staging.file() else {
+            return Err(Error::Task("a file staging without its file".into()));
+        };
+        read_ahead(reader, |plain| {
+            io::copy(plain, file).map_err(|e| match from_io(e, String::new) {
+                Error::Stream { source, .. } => Error::io("write", &temp, source),
+                other => other,
+            })
+        })?;
+        // The recorded mode of a file (setuid/setgid never), private for the rest.
+        let mode = match &details {
+            Details::File { mode } => mode & 0o777,
+            _ => 0o600,
+        };
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("set mode of", &temp, e))?;
+        file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
+        None
     };
-    match result {
-        Ok(entries) => {
-            replace(&temp, target, force)?;
-            Ok(entries)
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&temp);
-            let _ = fs::remove_file(&temp);
-            Err(e)
-        }
-    }
+    staging.commit(force)?;
+    Ok(entries)
 }
 
 /// Refuses a target that holds data, unless `force`.
@@ -1116,50 +1103,6 @@ pub(crate) fn check_target(target: &Path, want_dir: bool, force: bool) -> Result
         return Err(refuse("it exists"));
     }
     Ok(())
-}
-
-/// Moves the verified `temp` to `target`, replacing what is there (already checked).
-pub(crate) fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
-    match fs::symlink_metadata(target) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("stat", target, e)),
-        Ok(meta) => {
-            let empty_dir = meta.is_dir()
-                && fs::read_dir(target)
-                    .map_err(|e| Error::io("list", target, e))?
-                    .next()
-                    .is_none();
-            if empty_dir {
-                fs::remove_dir(target).map_err(|e| Error::io("remove", target, e))?;
-            } else if force {
-                let suffix: [u8; 6] = random_array()?;
-                let old = target.with_file_name(format!(
-                    ".ha-dr-old-{}-{}",
-                    target
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    hex::encode(suffix)
-                ));
-                fs::rename(target, &old).map_err(|e| Error::io("move aside", target, e))?;
-                fs::rename(temp, target).map_err(|e| Error::io("rename into place", target, e))?;
-                sync_parent(target)?;
-                let removed = if meta.is_dir() {
-                    fs::remove_dir_all(&old)
-                } else {
-                    fs::remove_file(&old)
-                };
-                return removed.map_err(|e| Error::io("remove old", &old, e));
-            } else {
-                return Err(Error::TargetNotEmpty {
-                    target: target.display().to_string(),
-                    reason: "it appeared during the restore".into(),
-                });
-            }
-        }
-    }
-    fs::rename(temp, target).map_err(|e| Error::io("rename into place", target, e))?;
-    sync_parent(target)
 }
 
 /// fsyncs every regular file and directory under `root`.
@@ -1399,6 +1342,112 @@ mod tests {
             .await
             .expect("count");
         assert_eq!(rows, 2);
+    }
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".ha-dr-"))
+            .collect()
+    }
+
+    /// Finding 11: a mount point cannot be renamed over, so its restore is staged inside it
+    /// and the entries moved in. Without a mount here (that needs root), the placement a
+    /// mount point gets is forced on a plain directory: the directory itself stays (same
+    /// inode), gets the backup's entries and root mode, and keeps nothing of ours; with
+    /// `force` its old entries go; a backup that does not verify leaves it as it was.
+    #[tokio::test]
+    async fn a_restore_staged_inside_the_target_moves_the_entries_in() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("sub")).expect("src");
+        fs::write(src.join("a"), b"alpha").expect("a");
+        fs::write(src.join("sub").join("b"), b"beta").expect("b");
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o750)).expect("mode");
+        let store = LocalStore::open(dir.path().join("store")).expect("store");
+        let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([9; 32])));
+        let m = repo.backup(&Source::dir(&src), &[]).await.expect("backup");
+        let target = dir.path().join("mnt");
+        fs::create_dir(&target).expect("target");
+        let inode = fs::metadata(&target).expect("stat").ino();
+        let restore = |id: &BackupId, force: bool| {
+            let mut reader = BackupReader::open(&*repo.store, &repo.keys, id)?;
+            restore_to_path_placed(
+                &mut reader,
+                &target,
+                force,
+                Placement::Inside,
+                SystemTime::now(),
+            )
+        };
+        assert_eq!(
+            restore(&m.id, false).expect("restore"),
+            Some(4),
+            "root, a, sub, sub/b"
+        );
+        let check = || {
+            assert_eq!(
+                fs::metadata(&target).expect("stat").ino(),
+                inode,
+                "same dir"
+            );
+            assert_eq!(fs::read(target.join("a")).expect("a"), b"alpha");
+            assert_eq!(fs::read(target.join("sub/b")).expect("b"), b"beta");
+            let mode = fs::metadata(&target).expect("stat").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o750, "the backup's root mode");
+            assert_eq!(leftovers(&target), Vec::<String>::new());
+            assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+        };
+        check();
+        // Not over data without force; with it, the old entries go.
+        let err = restore(&m.id, false).expect_err("not empty");
+        assert!(matches!(err, Error::TargetNotEmpty { .. }), "{err}");
+        fs::write(target.join("junk"), b"old").expect("junk");
+        restore(&m.id, true).expect("forced restore");
+        assert!(!target.join("junk").exists(), "replaced");
+        check();
+        // A backup that does not verify (one entry fewer than recorded) changes nothing.
+        let tar = {
+            let mut builder = tar::Builder::new(Vec::new());
+            let mut header = tar::Header::new_gnu();
+            header.set_size(1);
+            header.set_mode(0o644);
+            builder
+                .append_data(&mut header, "x", &b"x"[..])
+                .expect("tar");
+            builder.into_inner().expect("tar")
+        };
+        let bad = backup_raw(&repo, BackupKind::Dir, &tar, dir_details(2));
+        assert!(restore(&bad, true).is_err());
+        assert!(!target.join("x").exists());
+        check();
+    }
+
+    /// Finding 12: the staging a crashed restore left beside a target is removed by the next
+    /// restore there.
+    #[tokio::test]
+    async fn a_restore_removes_the_staging_of_a_crashed_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = dir.path().join("src");
+        fs::create_dir(&src).expect("src");
+        fs::write(src.join("a"), b"alpha").expect("a");
+        let store = LocalStore::open(dir.path().join("store")).expect("store");
+        let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([9; 32])));
+        let m = repo.backup(&Source::dir(&src), &[]).await.expect("backup");
+        let crashed = dir
+            .path()
+            .join(".ha-dr-restore-1700000000-0123456789ab-out");
+        fs::create_dir(&crashed).expect("leftover");
+        fs::write(crashed.join("half"), b"half").expect("half");
+        let out = dir.path().join("out");
+        repo.restore(&m.id, &RestoreTarget::Path(out.clone()), false)
+            .await
+            .expect("restore");
+        assert_eq!(fs::read(out.join("a")).expect("a"), b"alpha");
+        assert!(!crashed.exists(), "the crashed run's staging is gone");
+        assert_eq!(leftovers(dir.path()), Vec::<String>::new());
     }
 
     #[test]
