@@ -510,8 +510,10 @@ impl Repository {
                 manifest.kind
             )));
         }
+        let run_start = SystemTime::now();
         let target = pg::database_of(url)?;
         let mut admin = pg::admin(url).await?;
+        clean_temp_databases(&mut admin, run_start).await?;
         let exists = pg::database_exists(&mut admin, &target).await?;
         if exists && !force {
             return Err(Error::TargetNotEmpty {
@@ -519,11 +521,13 @@ impl Repository {
                 reason: format!("database {target} exists"),
             });
         }
-        let temp = temp_database_name(&target, "restore")?;
+        let temp = temp_database_name(&target, TempDb::Restore, run_start)?;
+        // Held on `admin` until the restore ends: no other run's cleanup drops it meanwhile.
+        lock_temp_database(&mut admin, &temp).await?;
         self.restore_into_new_database(id, url, &temp, tools)
             .await?;
         if let Err(e) = self
-            .swap_in(&mut admin, url, tools, &target, &temp, exists)
+            .swap_in(&mut admin, url, tools, &target, &temp, exists, run_start)
             .await
         {
             let drop_temp = format!(
@@ -548,6 +552,7 @@ impl Repository {
         target: &str,
         temp: &str,
         exists: bool,
+        run_start: SystemTime,
     ) -> Result<()> {
         let rename = |from: &str, to: &str| {
             format!(
@@ -567,7 +572,8 @@ impl Repository {
             .await?;
         self.verify(&safety.id).await?;
         tracing::info!(backup_id = %safety.id, database = %target, "verified safety backup taken before restoring over it");
-        let aside = temp_database_name(target, "old")?;
+        let aside = temp_database_name(target, TempDb::Old, run_start)?;
+        lock_temp_database(admin, &aside).await?;
         // A database with sessions cannot be renamed: end them (as DROP ... WITH (FORCE)
         // did before).
         sqlx::query(
@@ -684,8 +690,11 @@ impl Repository {
                         "a restore test of postgres backup {id} needs a scratch server (scratch_pg)"
                     ))
                 })?;
-                let suffix: [u8; 4] = random_array()?;
-                let name = format!("hadr_restore_test_{}", hex::encode(suffix));
+                let run_start = SystemTime::now();
+                let mut admin = pg::admin(&scratch.url).await?;
+                clean_temp_databases(&mut admin, run_start).await?;
+                let name = temp_database_name("verify", TempDb::Test, run_start)?;
+                lock_temp_database(&mut admin, &name).await?;
                 self.restore_into_new_database(id, &scratch.url, &name, &scratch.tools)
                     .await?;
                 let counted = async {
@@ -695,7 +704,6 @@ impl Repository {
                     rows
                 }
                 .await;
-                let mut admin = pg::admin(&scratch.url).await?;
                 let _ = pg::execute(
                     &mut admin,
                     &format!(
@@ -901,16 +909,153 @@ impl Repository {
     }
 }
 
-/// `{target}_hadr_{what}_{8 hex}`, with `target` cut (at a character boundary) so that the
-/// name stays within PostgreSQL's 63 bytes.
-fn temp_database_name(target: &str, what: &str) -> Result<String> {
-    let suffix: [u8; 4] = random_array()?;
-    let tail = format!("_hadr_{what}_{}", hex::encode(suffix));
+/// The name of a temporary database for `target`:
+/// `{target, cut}_hadr_{what}_{unix secs}_{8 hex of SHA-256(target)}{4 random hex}`. The
+/// target is cut at a character boundary so that the name stays within PostgreSQL's 63
+/// bytes (it would silently truncate a longer one, and two long targets could then share a
+/// name); the hash tells targets with a common prefix apart and lets a later run find the
+/// target of a leftover, the time tells it whether the leftover is older than itself.
+fn temp_database_name(target: &str, what: TempDb, at: SystemTime) -> Result<String> {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let random: [u8; 2] = random_array()?;
+    let tail = format!(
+        "_hadr_{}_{secs}_{}{}",
+        what.as_str(),
+        target_hash(target),
+        hex::encode(random)
+    );
     let mut cut = 63usize.saturating_sub(tail.len()).min(target.len());
     while !target.is_char_boundary(cut) {
         cut -= 1;
     }
     Ok(format!("{}{tail}", &target[..cut]))
+}
+
+/// 8 hex digits of SHA-256 over a database name.
+fn target_hash(target: &str) -> String {
+    hex::encode(&ring::digest::digest(&ring::digest::SHA256, target.as_bytes()).as_ref()[..4])
+}
+
+/// What a temporary database is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TempDb {
+    /// A restore in progress, renamed over its target at the end.
+    Restore,
+    /// The target a restore replaced, kept until the restored one took its place.
+    Old,
+    /// A restore test's scratch database.
+    Test,
+}
+
+impl TempDb {
+    fn as_str(self) -> &'static str {
+        match self {
+            TempDb::Restore => "restore",
+            TempDb::Old => "old",
+            TempDb::Test => "test",
+        }
+    }
+}
+
+/// Parses a name made by [`temp_database_name`]: what it is for, its time, and the hash of
+/// its target.
+fn parse_temp_database_name(name: &str) -> Option<(TempDb, u64, &str)> {
+    let at = name.rfind("_hadr_")?;
+    let rest = &name[at + "_hadr_".len()..];
+    let (what, rest) = rest.split_once('_')?;
+    let what = [TempDb::Restore, TempDb::Old, TempDb::Test]
+        .into_iter()
+        .find(|w| w.as_str() == what)?;
+    let (secs, tail) = rest.split_once('_')?;
+    let hex_ok = tail.len() == 12
+        && tail
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if secs.is_empty() || secs.len() > 20 || !secs.bytes().all(|b| b.is_ascii_digit()) || !hex_ok {
+        return None;
+    }
+    Some((what, secs.parse().ok()?, &tail[..8]))
+}
+
+/// Holds a session-level advisory lock on `name` (a temporary database of this run) on the
+/// connection `conn`, so that no other run's cleanup drops it; it ends with the session.
+async fn lock_temp_database(conn: &mut sqlx::PgConnection, name: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+        .bind(name)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Postgres {
+            context: format!("lock temporary database {name}"),
+            source,
+        })
+}
+
+/// Drops the temporary databases that crashed runs left on `admin`'s server: those named by
+/// [`temp_database_name`], made before `run_start` and not locked by a live run. A restore
+/// in progress or a scratch database is dropped (without `FORCE`: one still in use is
+/// skipped); a replaced target (`old`) only when a database of its target's name exists
+/// again, otherwise it may be the only copy and is kept with a warning. Returns the names
+/// dropped.
+pub(crate) async fn clean_temp_databases(
+    admin: &mut sqlx::PgConnection,
+    run_start: SystemTime,
+) -> Result<Vec<String>> {
+    let start = run_start
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database")
+        .fetch_all(&mut *admin)
+        .await
+        .map_err(|source| Error::Postgres {
+            context: "list databases".into(),
+            source,
+        })?;
+    let mut dropped = Vec::new();
+    for name in &names {
+        let Some((what, secs, hash)) = parse_temp_database_name(name) else {
+            continue;
+        };
+        if secs >= start {
+            continue;
+        }
+        if what == TempDb::Old && !names.iter().any(|n| n != name && target_hash(n) == hash) {
+            tracing::warn!(database = %name, "a crashed restore left the replaced database and no restored one took its place: kept");
+            continue;
+        }
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(name)
+            .fetch_one(&mut *admin)
+            .await
+            .map_err(|source| Error::Postgres {
+                context: format!("lock temporary database {name}"),
+                source,
+            })?;
+        if !locked {
+            continue;
+        }
+        let result = pg::execute(
+            admin,
+            &format!("DROP DATABASE IF EXISTS {}", pg::quote_ident(name)),
+        )
+        .await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+            .bind(name)
+            .execute(&mut *admin)
+            .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(database = %name, "dropped the temporary database of a crashed restore");
+                dropped.push(name.clone());
+            }
+            Err(e) => {
+                tracing::warn!(database = %name, error = %e, "temporary database of an earlier restore not dropped (in use?)")
+            }
+        }
+    }
+    Ok(dropped)
 }
 
 /// Checks that the plaintext of a backup can be restored, by kind: every tar header, entry
@@ -1450,13 +1595,89 @@ mod tests {
         assert_eq!(leftovers(dir.path()), Vec::<String>::new());
     }
 
+    /// Finding 12: at most 63 bytes, two long targets with a common prefix get names a
+    /// later run tells apart, and the name parses back to its purpose, time and target.
     #[test]
     fn temp_database_names_fit_in_63_bytes() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let long = "é".repeat(40);
-        for target in ["app", long.as_str()] {
-            let name = temp_database_name(target, "restore").expect("name");
-            assert!(name.len() <= 63, "{name}");
-            assert!(name.contains("_hadr_restore_"));
+        let long_a = format!("{}a", "x".repeat(70));
+        let long_b = format!("{}b", "x".repeat(70));
+        for target in ["app", long.as_str(), &long_a, &long_b, &"y".repeat(63)] {
+            for what in [TempDb::Restore, TempDb::Old, TempDb::Test] {
+                let name = temp_database_name(target, what, at).expect("name");
+                assert!(name.len() <= 63, "{name}");
+                assert!(
+                    name.contains(&format!("_hadr_{}_", what.as_str())),
+                    "{name}"
+                );
+                assert_eq!(
+                    parse_temp_database_name(&name),
+                    Some((what, 1_800_000_000, target_hash(target).as_str())),
+                    "{name}"
+                );
+            }
         }
+        let a = temp_database_name(&long_a, TempDb::Restore, at).expect("name");
+        let b = temp_database_name(&long_b, TempDb::Restore, at).expect("name");
+        assert_ne!(a[..a.len() - 4], b[..b.len() - 4], "the hashes differ");
+        for foreign in [
+            "app",
+            "app_hadr_restore_1_abc",
+            "app_hadr_copy_1_0123456789ab",
+        ] {
+            assert_eq!(parse_temp_database_name(foreign), None, "{foreign}");
+        }
+    }
+
+    /// Finding 12: temporary databases a crashed restore left are dropped by the next run on
+    /// that server, if older than it and not locked by a live run; a replaced database only
+    /// once its target exists again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn temporary_databases_of_crashed_restores_are_dropped() {
+        let pg = ha_testkit::PostgresServer::start().await.expect("server");
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        let crashed = temp_database_name("app", TempDb::Restore, past).expect("name");
+        let scratch = temp_database_name("verify", TempDb::Test, past).expect("name");
+        let live = temp_database_name("app", TempDb::Restore, past).expect("name");
+        let replaced = temp_database_name("app", TempDb::Old, past).expect("name");
+        let only_copy = temp_database_name("gone", TempDb::Old, past).expect("name");
+        let current = temp_database_name(
+            "app",
+            TempDb::Restore,
+            SystemTime::now() + Duration::from_secs(5),
+        )
+        .expect("name");
+        for name in ["app", "someone_hadr_else"]
+            .into_iter()
+            .chain([&crashed, &scratch, &live, &replaced, &only_copy, &current].map(String::as_str))
+        {
+            pg.execute(&format!("CREATE DATABASE {}", pg::quote_ident(name)))
+                .await
+                .expect("create");
+        }
+        // A live run holds its lock on its own session.
+        let mut holder = pg.connect().await.expect("holder");
+        lock_temp_database(&mut holder, &live).await.expect("lock");
+        let mut admin = pg.connect().await.expect("admin");
+        let dropped = clean_temp_databases(&mut admin, SystemTime::now())
+            .await
+            .expect("clean");
+        let mut want = vec![crashed.clone(), scratch.clone(), replaced.clone()];
+        want.sort();
+        let mut dropped = dropped;
+        dropped.sort();
+        assert_eq!(dropped, want);
+        let left: Vec<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database")
+            .fetch_all(&mut admin)
+            .await
+            .expect("names");
+        for name in [&live, &only_copy, &current] {
+            assert!(left.contains(name), "{name} kept: {left:?}");
+        }
+        for name in ["app", "someone_hadr_else"] {
+            assert!(left.iter().any(|n| n == name), "{name} is not ours");
+        }
+        holder.close().await.expect("close");
     }
 }
