@@ -27,6 +27,7 @@ pub const KEY_ENV: &str = "HA_DR_KEY";
 
 const KEY_ID_DOMAIN: &[u8] = b"ha-dr key id v1\0";
 const DATA_KEY_INFO: &[u8] = b"ha-dr v1 data key\0";
+const MANIFEST_SEAL_INFO: &[u8] = b"ha-dr v2 manifest key\0";
 const MANIFEST_KEY_SALT: &[u8] = b"ha-dr v1 manifest salt";
 const MANIFEST_KEY_INFO: &[u8] = b"ha-dr v1 manifest key";
 
@@ -228,7 +229,22 @@ impl MasterKey {
         }
     }
 
-    /// The HMAC-SHA-256 key that authenticates manifests.
+    /// The AES-256-GCM key that seals one manifest (version 2): derived as a data key is,
+    /// HKDF-SHA-256 with the manifest's own `salt`, info `"ha-dr v2 manifest key\0" ||
+    /// backup id`.
+    pub(crate) fn manifest_seal_key(&self, salt: &[u8], backup_id: &str) -> aead::LessSafeKey {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&*self.bytes);
+        let info = [MANIFEST_SEAL_INFO, backup_id.as_bytes()];
+        match prk
+            .expand(&info, &aead::AES_256_GCM)
+            .map(aead::UnboundKey::from)
+        {
+            Ok(key) => aead::LessSafeKey::new(key),
+            Err(_) => unreachable_hkdf(),
+        }
+    }
+
+    /// The HMAC-SHA-256 key that authenticated version 1 manifests.
     pub(crate) fn manifest_key(&self) -> hmac::Key {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, MANIFEST_KEY_SALT).extract(&*self.bytes);
         let info = [MANIFEST_KEY_INFO];

@@ -203,7 +203,7 @@ pub mod wal_rpo;
 pub use error::{Error, Result};
 pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
 pub use key::{KeyId, KeyRing, MasterKey};
-pub use manifest::{BackupKind, Compression, Details, Manifest, Skipped};
+pub use manifest::{BackupKind, Compression, Details, Listing, Manifest, Skipped};
 pub use pg::PgTools;
 pub use pitr::{
     ChainReport, Lsn, PitrRestore, RecoveryTarget, WalName, WalPushed, segment_name,

@@ -502,13 +502,12 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             } else {
                 for m in manifests {
                     out(&format!(
-                        "{}\t{}\t{}\t{} bytes\t{}\t{}",
+                        "{}\t{}\t{}\t{} bytes\t{}",
                         m.id,
                         m.kind,
                         humantime::format_rfc3339_seconds(m.created),
                         m.stored_bytes,
                         m.source,
-                        m.tags.join(",")
                     ))?;
                 }
             }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::error::{Error, Result, from_io};
 use crate::format::{BackupId, FORMAT_VERSION};
 use crate::key::{KeyRing, random_array};
-use crate::manifest::{BackupKind, Details, Manifest};
+use crate::manifest::{BackupKind, Details, Listing, Manifest};
 use crate::pg::{self, PgTools};
 use crate::pipeline::{BackupReader, BackupWriter, Compress, read_ahead};
 use crate::progress::Progress;
@@ -351,16 +351,18 @@ impl Repository {
         Ok(manifest)
     }
 
-    /// Every backup's manifest, oldest first, read without authentication (no key is
-    /// needed to list); manifests that cannot be read are skipped with a warning.
-    pub async fn list(&self) -> Result<Vec<Manifest>> {
+    /// Every backup's listing (the clear part of its manifest: id, kind, source, time,
+    /// stored size, key id), oldest first, read without authentication (no key is needed to
+    /// list); manifests that cannot be read are skipped with a warning. The rest of a
+    /// manifest is sealed: [`list_authenticated`](Self::list_authenticated) opens it.
+    pub async fn list(&self) -> Result<Vec<Listing>> {
         let store = Arc::clone(&self.store);
         Self::blocking(move || {
             let mut out = Vec::new();
             for id in store.list()? {
                 let read = store
                     .get_manifest(&id)
-                    .and_then(|bytes| Manifest::read_unverified(&bytes, &id));
+                    .and_then(|bytes| Manifest::read_listing(&bytes, &id));
                 match read {
                     Ok(m) => out.push(m),
                     Err(e) => {
@@ -1476,7 +1478,7 @@ mod tests {
             names.is_empty(),
             "no restore or aside database left: {names:?}"
         );
-        let safety = repo.list().await.expect("list");
+        let (safety, _) = repo.list_authenticated().await.expect("list");
         assert!(safety.iter().any(|m| m.tags == ["pre-restore-safety"]));
         // Without the fault, the same restore replaces it.
         repo.fail_swap = false;
