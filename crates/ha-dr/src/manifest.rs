@@ -302,7 +302,7 @@ impl Manifest {
             .seal_in_place_separate_tag(
                 aead::Nonce::assume_unique_for_key([0; aead::NONCE_LEN]),
                 aead::Aad::from(listing.get().as_bytes()),
-                &mut *body,
+                &mut body,
             )
             .map_err(|_| Error::Manifest {
                 backup_id: self.id.to_string(),

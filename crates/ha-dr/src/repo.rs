@@ -528,8 +528,14 @@ impl Repository {
         lock_temp_database(&mut admin, &temp).await?;
         self.restore_into_new_database(id, url, &temp, tools)
             .await?;
+        // The name the replaced database is renamed to, if there is one.
+        let aside = if exists {
+            Some(temp_database_name(&target, TempDb::Old, run_start)?)
+        } else {
+            None
+        };
         if let Err(e) = self
-            .swap_in(&mut admin, url, tools, &target, &temp, exists, run_start)
+            .swap_in(&mut admin, url, tools, &target, &temp, aside.as_deref())
             .await
         {
             let drop_temp = format!(
@@ -542,8 +548,8 @@ impl Repository {
         Ok(manifest)
     }
 
-    /// Puts the restored database `temp` in the place of `target`. If `target` `exists`, it
-    /// is first backed up (and that backup verified), then renamed aside, not dropped: if
+    /// Puts the restored database `temp` in the place of `target`. If `target` exists
+    /// (`aside` names where it goes), it is first backed up (and that backup verified), then renamed aside, not dropped: if
     /// the restored one cannot take its place, it is renamed back. At every step one
     /// complete copy exists under a known name.
     async fn swap_in(
@@ -553,8 +559,7 @@ impl Repository {
         tools: &PgTools,
         target: &str,
         temp: &str,
-        exists: bool,
-        run_start: SystemTime,
+        aside: Option<&str>,
     ) -> Result<()> {
         let rename = |from: &str, to: &str| {
             format!(
@@ -563,9 +568,9 @@ impl Repository {
                 pg::quote_ident(to)
             )
         };
-        if !exists {
+        let Some(aside) = aside else {
             return pg::execute(admin, &rename(temp, target)).await;
-        }
+        };
         let safety = self
             .backup(
                 &Source::postgres(url, tools.clone()),
@@ -574,8 +579,7 @@ impl Repository {
             .await?;
         self.verify(&safety.id).await?;
         tracing::info!(backup_id = %safety.id, database = %target, "verified safety backup taken before restoring over it");
-        let aside = temp_database_name(target, TempDb::Old, run_start)?;
-        lock_temp_database(admin, &aside).await?;
+        lock_temp_database(admin, aside).await?;
         // A database with sessions cannot be renamed: end them (as DROP ... WITH (FORCE)
         // did before).
         sqlx::query(
@@ -589,7 +593,7 @@ impl Repository {
             context: format!("end the sessions of database {target}"),
             source,
         })?;
-        pg::execute(admin, &rename(target, &aside)).await?;
+        pg::execute(admin, &rename(target, aside)).await?;
         #[cfg(test)]
         let swapped = if self.fail_swap {
             Err(Error::Postgres {
@@ -602,7 +606,7 @@ impl Repository {
         #[cfg(not(test))]
         let swapped = pg::execute(admin, &rename(temp, target)).await;
         if let Err(e) = swapped {
-            return match pg::execute(admin, &rename(&aside, target)).await {
+            return match pg::execute(admin, &rename(aside, target)).await {
                 Ok(()) => Err(e),
                 Err(back) => Err(Error::Postgres {
                     context: format!(
@@ -619,7 +623,7 @@ impl Repository {
         }
         let drop_aside = format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            pg::quote_ident(&aside)
+            pg::quote_ident(aside)
         );
         if let Err(e) = pg::execute(admin, &drop_aside).await {
             tracing::warn!(database = %aside, error = %e, "the replaced database could not be dropped");
