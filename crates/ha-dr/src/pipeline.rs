@@ -4,7 +4,6 @@
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
 
 use ring::digest;
 
@@ -209,10 +208,6 @@ impl BackupReader {
                 "the data header and the manifest disagree on compression",
             ));
         }
-        // Reading the store and decrypting run on their own thread, ahead of zstd and
-        // SHA-256 on the caller's: a restore keeps both cores busy decoding.
-        let segments = Ahead::spawn(segments, DECRYPT_CHUNK, DECRYPT_DEPTH)
-            .map_err(|e| from_io(e, || format!("start the decrypting thread of backup {id}")))?;
         let inner: Box<dyn Read + Send> = if header.compression == COMPRESSION_ZSTD {
             Box::new(
                 zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
@@ -315,16 +310,11 @@ impl Read for BackupReader {
 const AHEAD_CHUNK: usize = 256 * 1024;
 const AHEAD_DEPTH: usize = 4;
 
-/// How much decrypted (still compressed) data the decrypting thread hands over per chunk,
-/// and how many chunks it may be ahead: 1 MiB in flight at most.
-const DECRYPT_CHUNK: usize = 256 * 1024;
-const DECRYPT_DEPTH: usize = 4;
-
-/// Runs `consume` on the plaintext of `reader` while a second thread reads (decompresses,
-/// hashes) ahead of it, so a restore uses both cores: one decodes while the other writes
-/// files. Whatever `consume` leaves unread is read too, so on `Ok` every segment, the sizes
-/// and the SHA-256 have been checked. A reader error reaches `consume` as an `io::Error`
-/// carrying the crate error, exactly as a direct read would.
+/// Runs `consume` on the plaintext of `reader` while a second thread reads (decrypts,
+/// decompresses, hashes) ahead of it, so a restore uses both cores: one decodes while the
+/// other writes files. Whatever `consume` leaves unread is read too, so on `Ok` every segment,
+/// the sizes and the SHA-256 have been checked. A reader error reaches `consume` as an
+/// `io::Error` carrying the crate error, exactly as a direct read would.
 pub(crate) fn read_ahead<T>(
     reader: &mut BackupReader,
     consume: impl FnOnce(&mut dyn Read) -> Result<T>,
@@ -332,29 +322,31 @@ pub(crate) fn read_ahead<T>(
     let id = reader.manifest().id.clone();
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(AHEAD_DEPTH);
-        scope.spawn(move || pump(reader, AHEAD_CHUNK, &tx));
-        let mut ahead = Ahead::new(rx);
+        scope.spawn(move || {
+            loop {
+                let mut chunk = vec![0u8; AHEAD_CHUNK];
+                let result = fill(reader, &mut chunk).map(|n| {
+                    chunk.truncate(n);
+                    chunk
+                });
+                let end = !matches!(&result, Ok(c) if !c.is_empty());
+                // A closed channel means the consumer failed and gave up: stop reading.
+                if tx.send(result).is_err() || end {
+                    return;
+                }
+            }
+        });
+        let mut ahead = Ahead {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            done: false,
+        };
         let value = consume(&mut ahead)?;
         io::copy(&mut ahead, &mut io::sink())
             .map_err(|e| from_io(e, || format!("read backup {id}")))?;
         Ok(value)
     })
-}
-
-/// Reads `reader` in chunks of `size` into `tx` until the end (an empty chunk), an error,
-/// or the receiver is gone (the consumer failed and gave up: stop reading).
-fn pump(reader: &mut impl Read, size: usize, tx: &SyncSender<io::Result<Vec<u8>>>) {
-    loop {
-        let mut chunk = vec![0u8; size];
-        let result = fill(reader, &mut chunk).map(|n| {
-            chunk.truncate(n);
-            chunk
-        });
-        let end = !matches!(&result, Ok(c) if !c.is_empty());
-        if tx.send(result).is_err() || end {
-            return;
-        }
-    }
 }
 
 /// Reads until `buf` is full or the stream ends; returns how much was read.
@@ -371,34 +363,12 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// The consuming end of a reading thread ([`read_ahead`], or [`Ahead::spawn`]): yields
-/// the chunks in order, then the end or the error the thread met.
+/// The consumer's end of [`read_ahead`].
 struct Ahead {
-    rx: Receiver<io::Result<Vec<u8>>>,
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     chunk: Vec<u8>,
     pos: usize,
     done: bool,
-}
-
-impl Ahead {
-    fn new(rx: Receiver<io::Result<Vec<u8>>>) -> Self {
-        Self {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-            done: false,
-        }
-    }
-
-    /// Reads `inner` on a thread of its own, up to `depth` chunks of `size` ahead. The
-    /// thread ends at the end of `inner`, at its first error, or once this is dropped.
-    fn spawn(mut inner: impl Read + Send + 'static, size: usize, depth: usize) -> io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(depth);
-        std::thread::Builder::new()
-            .name("ha-dr-decrypt".into())
-            .spawn(move || pump(&mut inner, size, &tx))?;
-        Ok(Self::new(rx))
-    }
 }
 
 impl Read for Ahead {
