@@ -743,10 +743,18 @@ impl Repository {
                     _ => None,
                 };
                 Self::blocking(move || {
-                    let scratch = ScratchDir::new()?;
+                    // A private, locked directory under the system temp dir, removed on drop
+                    // (never committed); the scratch directories of crashed restore tests
+                    // there are removed as crashed restores' staging is.
+                    let scratch = Staging::create(
+                        &std::env::temp_dir().join("ha-dr-restore-test"),
+                        true,
+                        Placement::Beside,
+                        SystemTime::now(),
+                    )?;
                     let mut reader =
                         BackupReader::open(&*store, &keys, &id2)?.with_progress(progress);
-                    let target = scratch.path.join("restored");
+                    let target = scratch.path().join("restored");
                     let entries = restore_to_path(&mut reader, &target, false)?;
                     match (expected, entries) {
                         (Some(want), Some(got)) if want != got => Err(Error::corrupt(
@@ -1137,26 +1145,6 @@ fn pipe_verified(reader: &mut BackupReader, stdin: Option<std::process::ChildStd
                 Err(e) => return Err(from_io(e, || "write to pg_restore".into())),
             }
         }
-    }
-}
-
-/// A scratch directory under the system temp dir, removed on drop.
-struct ScratchDir {
-    path: PathBuf,
-}
-
-impl ScratchDir {
-    fn new() -> Result<Self> {
-        let suffix: [u8; 6] = random_array()?;
-        let path = std::env::temp_dir().join(format!("ha-dr-restore-test-{}", hex::encode(suffix)));
-        fs::create_dir(&path).map_err(|e| Error::io("create scratch directory", &path, e))?;
-        Ok(Self { path })
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
     }
 }
 
