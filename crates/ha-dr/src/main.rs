@@ -61,7 +61,8 @@ enum Command {
         #[arg(long, default_value_t = ha_dr::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
     },
-    /// Lists backups (oldest first).
+    /// Lists backups (oldest first) from the clear part of their manifests, without a key: id,
+    /// kind, time, stored size and source (tags and the rest are sealed).
     List {
         /// The store directory.
         #[arg(long)]

@@ -11,7 +11,8 @@
 //!   from its parent's, or `/proc/self/mountinfo` lists it, as a bind mount on the same
 //!   device): a mount point cannot be renamed or replaced, so the staged entries are moved
 //!   into it one by one (each rename atomic, the whole not) and the staging directory
-//!   removed.
+//!   removed. A mount point that holds anything (`lost+found` of a fresh ext4) needs
+//!   `force`, like any non-empty directory.
 //!
 //! Names prove what is ours and how old it is: `.ha-dr-restore-<unix secs>-<12 hex>-<name>`
 //! (staging) and `.ha-dr-old-<unix secs>-<12 hex>-<name>` (a replaced target on its way
