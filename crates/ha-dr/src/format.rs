@@ -260,8 +260,13 @@ fn nonce(counter: u64, last: bool) -> Nonce {
 ///
 /// A full segment is sealed only once a byte beyond it arrives, so that the last segment
 /// may be full and carries the last flag; [`finish`](Self::finish) seals it.
+///
+/// A writer that saw an error (the store's disk full, a failed seal) is broken: what reached
+/// the store is unknown, so every later `write`, `flush` or `finish` fails instead of going
+/// on from a half-written segment.
 pub(crate) struct SegmentWriter<W: Write> {
     inner: W,
+    failed: bool,
     key: LessSafeKey,
     aad: Vec<u8>,
     segment_size: usize,
@@ -284,7 +289,29 @@ impl<W: Write> SegmentWriter<W> {
             segment_size,
             buf: Vec::with_capacity(segment_size + TAG_LEN),
             counter: 0,
+            failed: false,
         })
+    }
+
+    /// Fails if an earlier operation failed.
+    fn usable(&self) -> io::Result<()> {
+        if self.failed {
+            Err(io::Error::other(
+                "the backup data writer failed earlier; nothing more can be written",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `op`; an error breaks the writer for good.
+    fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> io::Result<T>) -> io::Result<T> {
+        self.usable()?;
+        let result = op(self);
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
     }
 
     fn seal(&mut self, last: bool) -> io::Result<()> {
@@ -310,29 +337,34 @@ impl<W: Write> SegmentWriter<W> {
     /// Seals the last segment (empty only if the whole stream was) and flushes; returns the
     /// inner writer and the number of bytes written to it (header included).
     pub(crate) fn finish(mut self) -> io::Result<(W, u64)> {
-        self.seal(true)?;
-        self.inner.flush()?;
+        self.guarded(|w| {
+            w.seal(true)?;
+            w.inner.flush()
+        })?;
         Ok((self.inner, self.stored))
     }
 }
 
 impl<W: Write> Write for SegmentWriter<W> {
-    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
-        let total = data.len();
-        while !data.is_empty() {
-            if self.buf.len() == self.segment_size {
-                self.seal(false)?;
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.guarded(|w| {
+            let mut data = data;
+            let total = data.len();
+            while !data.is_empty() {
+                if w.buf.len() == w.segment_size {
+                    w.seal(false)?;
+                }
+                let take = (w.segment_size - w.buf.len()).min(data.len());
+                w.buf.extend_from_slice(&data[..take]);
+                data = &data[take..];
             }
-            let take = (self.segment_size - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-        }
-        Ok(total)
+            Ok(total)
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
         // A partial segment cannot be sealed early (it would be a short non-final segment).
-        self.inner.flush()
+        self.guarded(|w| w.inner.flush())
     }
 }
 
@@ -574,6 +606,56 @@ mod tests {
         assert!(err.to_string().contains("empty final segment"), "{err}");
         // An empty stream is one empty final segment, and that is fine.
         assert_eq!(open(&seal(&[], 1, 1024)).unwrap(), Vec::<u8>::new());
+    }
+
+    /// A store that takes `room` bytes, then fails every write as a full disk does.
+    struct Full {
+        room: usize,
+        took: Vec<u8>,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"));
+            }
+            let n = data.len().min(self.room);
+            self.room -= n;
+            self.took.extend_from_slice(&data[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Finding 12: after a failed write (a full disk mid-segment) the writer refuses every
+    /// further write and the finish, with an error, never a panic, and nothing more reaches
+    /// the store. Before the fix, the next write underflowed `segment_size - buf.len()`
+    /// (the sealed segment and its tag were still in the buffer) and panicked in debug.
+    #[test]
+    fn a_writer_that_failed_refuses_to_go_on() {
+        let keys = ring();
+        let mut header = Header::new(keys.writer(), id("b1"), COMPRESSION_NONE).unwrap();
+        header.segment_size = 1024;
+        let room = header.encode().len() + 100;
+        let full = Full {
+            room,
+            took: Vec::new(),
+        };
+        let mut w = SegmentWriter::new(full, &header, keys.writer()).unwrap();
+        w.write_all(&[1; 1024]).unwrap();
+        let err = w
+            .write_all(&[2; 10])
+            .expect_err("the seal hits the full disk");
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err}");
+        for _ in 0..3 {
+            let err = w.write(&[3; 2000]).expect_err("a broken writer refuses");
+            assert!(err.to_string().contains("failed earlier"), "{err}");
+        }
+        assert!(w.flush().is_err());
+        let err = w.finish().err().expect("finish refuses too");
+        assert!(err.to_string().contains("failed earlier"), "{err}");
     }
 
     #[test]

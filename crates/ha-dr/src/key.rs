@@ -15,6 +15,7 @@ use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::{aead, digest, hkdf, hmac};
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
@@ -26,6 +27,7 @@ pub const KEY_ENV: &str = "HA_DR_KEY";
 
 const KEY_ID_DOMAIN: &[u8] = b"ha-dr key id v1\0";
 const DATA_KEY_INFO: &[u8] = b"ha-dr v1 data key\0";
+const MANIFEST_SEAL_INFO: &[u8] = b"ha-dr v2 manifest key\0";
 const MANIFEST_KEY_SALT: &[u8] = b"ha-dr v1 manifest salt";
 const MANIFEST_KEY_INFO: &[u8] = b"ha-dr v1 manifest key";
 
@@ -63,12 +65,16 @@ impl fmt::Debug for KeyId {
     }
 }
 
-/// A 32-byte master key and its id. `Debug` shows the id only.
+/// A 32-byte master key and its id. `Debug` shows the id only; the bytes are wiped from
+/// memory when the key is dropped (every clone wipes its own copy).
 #[derive(Clone)]
 pub struct MasterKey {
     id: KeyId,
-    bytes: [u8; KEY_LEN],
+    bytes: Zeroizing<[u8; KEY_LEN]>,
 }
+
+/// Every field that holds key material wipes itself on drop.
+impl zeroize::ZeroizeOnDrop for MasterKey {}
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -85,7 +91,10 @@ impl MasterKey {
         ctx.update(KEY_ID_DOMAIN);
         ctx.update(&bytes);
         let id = KeyId(hex::encode(&ctx.finish().as_ref()[..8]));
-        Self { id, bytes }
+        Self {
+            id,
+            bytes: Zeroizing::new(bytes),
+        }
     }
 
     /// A fresh key from the system's CSPRNG.
@@ -101,32 +110,43 @@ impl MasterKey {
             origin: origin.to_owned(),
             detail,
         };
-        let bytes = if text.len() == 2 * KEY_LEN && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            hex::decode(text).map_err(|e| invalid(e.to_string()))?
-        } else {
-            base64::engine::general_purpose::STANDARD
-                .decode(text)
-                .map_err(|_| {
-                    invalid(format!(
-                        "expected {} hex digits or the base64 of {KEY_LEN} bytes",
-                        2 * KEY_LEN
-                    ))
-                })?
-        };
-        let bytes: [u8; KEY_LEN] = bytes
-            .try_into()
-            .map_err(|b: Vec<u8>| invalid(format!("expected {KEY_LEN} bytes, got {}", b.len())))?;
-        Ok(Self::from_bytes(bytes))
+        // Every copy of the key's bytes is wiped when dropped.
+        let bytes = Zeroizing::new(
+            if text.len() == 2 * KEY_LEN && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                hex::decode(text).map_err(|e| invalid(e.to_string()))?
+            } else {
+                base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|_| {
+                        invalid(format!(
+                            "expected {} hex digits or the base64 of {KEY_LEN} bytes",
+                            2 * KEY_LEN
+                        ))
+                    })?
+            },
+        );
+        Self::from_slice(&bytes)
+            .ok_or_else(|| invalid(format!("expected {KEY_LEN} bytes, got {}", bytes.len())))
+    }
+
+    /// A key from exactly [`KEY_LEN`] bytes, else `None`.
+    fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let mut array = Zeroizing::new([0u8; KEY_LEN]);
+        if bytes.len() != KEY_LEN {
+            return None;
+        }
+        array.copy_from_slice(bytes);
+        Some(Self::from_bytes(*array))
     }
 
     /// A key from the environment variable `var` (hex or base64, see
     /// [`from_text`](Self::from_text)).
     pub fn from_env(var: &str) -> Result<Self> {
         let origin = format!("in environment variable {var}");
-        let text = std::env::var(var).map_err(|e| Error::InvalidKey {
+        let text = Zeroizing::new(std::env::var(var).map_err(|e| Error::InvalidKey {
             origin: origin.clone(),
             detail: e.to_string(),
-        })?;
+        })?);
         Self::from_text(&origin, &text)
     }
 
@@ -152,17 +172,24 @@ impl MasterKey {
                 ),
             });
         }
-        let mut bytes = Vec::with_capacity(KEY_LEN);
-        file.read_to_end(&mut bytes)
+        // Room for one byte more than a key, so a longer file is caught without growing (and
+        // so copying, unwiped) the buffer.
+        let mut bytes = Zeroizing::new(Vec::with_capacity(KEY_LEN + 1));
+        (&mut file)
+            .take(KEY_LEN as u64 + 1)
+            .read_to_end(&mut bytes)
             .map_err(|e| Error::io("read key file", path, e))?;
-        let bytes: [u8; KEY_LEN] = bytes.try_into().map_err(|b: Vec<u8>| Error::InvalidKey {
+        Self::from_slice(&bytes).ok_or_else(|| Error::InvalidKey {
             origin: format!("file {}", path.display()),
             detail: format!(
                 "a key file holds exactly {KEY_LEN} bytes, this one {}",
-                b.len()
+                if bytes.len() > KEY_LEN {
+                    format!("more than {KEY_LEN}")
+                } else {
+                    bytes.len().to_string()
+                }
             ),
-        })?;
-        Ok(Self::from_bytes(bytes))
+        })
     }
 
     /// Creates a new key file at `path` with mode 0600 and returns the key. Refuses to
@@ -176,7 +203,7 @@ impl MasterKey {
             .mode(0o600)
             .open(path)
             .map_err(|e| Error::io("create key file (it must not exist yet)", path, e))?;
-        file.write_all(&key.bytes)
+        file.write_all(&*key.bytes)
             .and_then(|()| file.sync_all())
             .map_err(|e| Error::io("write key file", path, e))?;
         crate::store::sync_parent(path)?;
@@ -191,7 +218,7 @@ impl MasterKey {
     /// The AES-256-GCM key of one backup: HKDF-SHA-256 with `salt`, over this key, with info
     /// `"ha-dr v1 data key\0" || backup id`.
     pub(crate) fn data_key(&self, salt: &[u8], backup_id: &str) -> aead::LessSafeKey {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&self.bytes);
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&*self.bytes);
         let info = [DATA_KEY_INFO, backup_id.as_bytes()];
         // `expand` fails only for outputs longer than 255 hash lengths; 32 bytes never are.
         let okm = prk.expand(&info, &aead::AES_256_GCM);
@@ -202,9 +229,24 @@ impl MasterKey {
         }
     }
 
-    /// The HMAC-SHA-256 key that authenticates manifests.
+    /// The AES-256-GCM key that seals one manifest (version 2): derived as a data key is,
+    /// HKDF-SHA-256 with the manifest's own `salt`, info `"ha-dr v2 manifest key\0" ||
+    /// backup id`.
+    pub(crate) fn manifest_seal_key(&self, salt: &[u8], backup_id: &str) -> aead::LessSafeKey {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&*self.bytes);
+        let info = [MANIFEST_SEAL_INFO, backup_id.as_bytes()];
+        match prk
+            .expand(&info, &aead::AES_256_GCM)
+            .map(aead::UnboundKey::from)
+        {
+            Ok(key) => aead::LessSafeKey::new(key),
+            Err(_) => unreachable_hkdf(),
+        }
+    }
+
+    /// The HMAC-SHA-256 key that authenticated version 1 manifests.
     pub(crate) fn manifest_key(&self) -> hmac::Key {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, MANIFEST_KEY_SALT).extract(&self.bytes);
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, MANIFEST_KEY_SALT).extract(&*self.bytes);
         let info = [MANIFEST_KEY_INFO];
         match prk.expand(&info, hmac::HMAC_SHA256) {
             Ok(okm) => hmac::Key::from(okm),
@@ -337,6 +379,35 @@ mod tests {
     }
 
     #[test]
+    fn key_bytes_are_wiped_on_drop_and_key_files_of_the_wrong_size_are_refused() {
+        fn wipes_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wipes_on_drop::<MasterKey>();
+        wipes_on_drop::<Zeroizing<[u8; KEY_LEN]>>();
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for (len, says) in [
+            (31, "this one 31"),
+            (33, "more than 32"),
+            (4096, "more than 32"),
+        ] {
+            let path = dir.path().join(format!("k{len}"));
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .unwrap();
+            file.write_all(&vec![1u8; len]).unwrap();
+            let err = MasterKey::load(&path).expect_err("wrong size");
+            assert!(err.to_string().contains(says), "{len}: {err}");
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn a_key_file_others_may_read_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
@@ -347,6 +418,11 @@ mod tests {
             let err = MasterKey::load(&path).expect_err("a loose key file must be refused");
             assert!(matches!(err, Error::InvalidKey { .. }), "{mode:o}: {err}");
             assert!(err.to_string().contains("chmod 600"), "{err}");
+            assert!(err.to_string().contains(&format!("{mode:04o}")), "{err}");
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert_eq!(

@@ -62,18 +62,27 @@
 //!
 //! ## Manifest
 //!
-//! JSON, in an envelope `{"ha_dr_manifest": 1, "key_id", "hmac_sha256", "manifest"}`; the MAC
-//! is HMAC-SHA-256 over the exact bytes of the `manifest` value, with a key derived from the
-//! master key by HKDF-SHA-256 (salt `"ha-dr v1 manifest salt"`, info `"ha-dr v1 manifest
-//! key"`). The manifest holds: `format_version`, `id`, `kind`, `source` (description),
-//! `tags`, `created`, `duration`, `plaintext_bytes`, `stored_bytes`, `plaintext_sha256`,
-//! `compression`, `cipher`, `segment_size`, `key_id` and kind-specific `details`.
+//! JSON, in an envelope `{"ha_dr_manifest": 2, "key_id", "listing", "salt", "sealed"}`.
+//! `listing` is the clear part, what listing and retention need without a key: `id`,
+//! `kind`, `source` (description), `created`, `stored_bytes` (the encrypted size, which the
+//! store shows anyway) and `key_id` ([`Listing`]). `sealed` (base64) is the whole manifest —
+//! `format_version`, `id`, `kind`, `source`, `tags`, `created`, `duration`,
+//! `plaintext_bytes`, `stored_bytes`, `plaintext_sha256`, `compression`, `cipher`,
+//! `segment_size`, `key_id` and kind-specific `details` (row counts per table, captured
+//! environment variable names, file modes, …) — encrypted with AES-256-GCM under
+//! HKDF-SHA-256(`salt` (32 random bytes, base64), master key, info `"ha-dr v2 manifest
+//! key\0"` ‖ backup id), nonce zero, the exact bytes of `listing` as associated data; the
+//! listing must equal the sealed manifest's fields. Version 1 envelopes (`{"ha_dr_manifest":
+//! 1, "key_id", "hmac_sha256", "manifest"}`, the manifest in clear, HMAC-SHA-256 under a key
+//! derived with salt `"ha-dr v1 manifest salt"` and info `"ha-dr v1 manifest key"`) are still
+//! read and authenticated, never written.
 //!
 //! ## Keys
 //!
 //! A master key is 32 random bytes ([`MasterKey::keygen`] writes a file with mode 0600 and
 //! refuses to overwrite; [`MasterKey::load`] refuses a file its group or others may read or
-//! write; [`MasterKey::from_env`] reads hex or base64). `pg_dump`/`pg_restore` get the
+//! write, naming the file and its mode; a key's bytes are wiped from memory on drop, with the
+//! `zeroize` crate; [`MasterKey::from_env`] reads hex or base64). `pg_dump`/`pg_restore` get the
 //! database password in `PGPASSWORD`, never in their argv, and never `HA_DR_KEY`. A
 //! `LocalStore` creates its directory `0700` and its files `0600`. Its id is the first
 //! 8 bytes of SHA-256(`"ha-dr key id v1\0"` ‖ key), in hex. A [`KeyRing`] writes with one key
@@ -105,9 +114,16 @@
 //!   entries escaping the target are refused; symlinks are restored as links; modes and
 //!   mtimes are kept, setuid/setgid masked since owners are not restored; the entry count
 //!   must match the manifest), files likewise (their recorded mode; other kinds `0600`);
-//!   staging is private (`0700`/`0600`). A database is restored by `pg_restore` into a
+//!   staging is private (`0700`/`0600`), `flock`ed while in use, and on the target's own
+//!   file system: beside the target, or inside it when the target is a mount point (its
+//!   entries are then moved in one by one). The next restore in the same place removes the
+//!   staging of crashed restores (named `.ha-dr-restore-<secs>-<hex>-<name>`, older than
+//!   itself, not locked). A database is restored by `pg_restore` into a
 //!   fresh temporary database that is renamed to the target name at the end (and dropped on
-//!   any error). A non-empty directory, an existing file or an existing database is refused
+//!   any error); temporary database names stay within 63 bytes (the target cut, a hash of it
+//!   and the time appended) and are held under an advisory lock, and the next restore on the
+//!   server drops those crashed restores left (a replaced database only once its target
+//!   exists again). A non-empty directory, an existing file or an existing database is refused
 //!   unless `force`; restoring over a database with `force` first takes a safety backup of
 //!   it and verifies it, renames the old database aside (renamed back if the restored one
 //!   cannot take its place) and drops it only after the swap.
@@ -173,10 +189,11 @@
 //!
 //! Not built: an object-store `BackupStore`; a cargo-fuzz target;
 //! restoring ownership (tar entries carry uid/gid; restore keeps modes and mtimes, not owners,
-//! and so masks setuid/setgid); encrypting the manifest's descriptive fields (issue 14,
-//! finding 6); staging on the target's filesystem when it is a mount point (finding 11);
-//! of finding 12: leftover staging dirs and temp databases cleaned, key zeroization, the
-//! segment writer after a failed write;
+//! and so masks setuid/setgid); re-sealing version 1 manifests already in a store (they stay
+//! readable, in clear); restoring into a target that is itself a mount point is staged
+//! inside it but tested only on a plain directory (a mount needs root), and the moving in is
+//! not atomic as a whole; a file target that is a bind mount; a `--key-file` for `list`
+//! (tags are only shown by commands that open manifests); wiping ring's expanded AES keys;
 //! a scheduler daemon in the CLI; for PITR: tablespaces other than the default ones (the
 //! base backup is one tar stream to stdout), pushing WAL in parallel or asynchronously, a
 //! `ha-node` config section for `pg_base` sources and the WAL RPO monitor; seeding a
@@ -195,6 +212,7 @@ pub mod repo;
 pub mod retention;
 pub mod schedule;
 pub mod source;
+mod staging;
 pub mod store;
 pub mod testing;
 pub mod wal_rpo;
@@ -202,7 +220,7 @@ pub mod wal_rpo;
 pub use error::{Error, Result};
 pub use format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
 pub use key::{KeyId, KeyRing, MasterKey};
-pub use manifest::{BackupKind, Compression, Details, Manifest, Skipped};
+pub use manifest::{BackupKind, Compression, Details, Listing, Manifest, Skipped};
 pub use pg::PgTools;
 pub use pitr::{
     ChainReport, Lsn, PitrRestore, RecoveryTarget, WalName, WalPushed, segment_name,

@@ -61,7 +61,8 @@ enum Command {
         #[arg(long, default_value_t = ha_dr::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
     },
-    /// Lists backups (oldest first).
+    /// Lists backups (oldest first) from the clear part of their manifests, without a key: id,
+    /// kind, time, stored size and source (tags and the rest are sealed).
     List {
         /// The store directory.
         #[arg(long)]
@@ -502,13 +503,12 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             } else {
                 for m in manifests {
                     out(&format!(
-                        "{}\t{}\t{}\t{} bytes\t{}\t{}",
+                        "{}\t{}\t{}\t{} bytes\t{}",
                         m.id,
                         m.kind,
                         humantime::format_rfc3339_seconds(m.created),
                         m.stored_bytes,
                         m.source,
-                        m.tags.join(",")
                     ))?;
                 }
             }

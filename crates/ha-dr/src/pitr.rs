@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
@@ -28,8 +28,9 @@ use crate::manifest::{BackupKind, Details, Manifest};
 use crate::pg::{ChildGuard, PgTools};
 use crate::pipeline::{BackupReader, BackupWriter, Compress, read_ahead};
 use crate::progress::Progress;
-use crate::repo::{Checked, Repository, check_target, replace, sync_tree};
+use crate::repo::{Checked, Repository, check_target, sync_tree};
 use crate::source;
+use crate::staging::{self, Staging};
 use crate::store::BackupStore;
 
 /// The id prefix of archived WAL files.
@@ -1296,52 +1297,34 @@ fn restore_tree(
     conf: &str,
 ) -> Result<()> {
     check_target(target, true, false)?;
-    let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).map_err(|e| Error::io("create", &parent, e))?;
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "data".into());
-    let suffix: [u8; 6] = random_array()?;
-    let staging = parent.join(format!(".ha-dr-restore-{name}-{}", hex::encode(suffix)));
-    let result = (|| {
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&staging)
-            .map_err(|e| Error::io("create", &staging, e))?;
-        let mut reader = BackupReader::open(store, keys, id)?.with_progress(progress);
-        let got = read_ahead(&mut reader, |plain| {
-            source::extract_dir(id.as_str(), plain, &staging, &mut |_| {})
-        })?;
-        if got != entries {
-            return Err(Error::corrupt(
-                id.as_str(),
-                format!("the archive holds {got} entries, the manifest recorded {entries}"),
-            ));
-        }
-        let signal = staging.join("recovery.signal");
-        fs::File::create(&signal).map_err(|e| Error::io("create", &signal, e))?;
-        let auto = staging.join("postgresql.auto.conf");
-        fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&auto)
-            .and_then(|mut f| f.write_all(conf.as_bytes()))
-            .map_err(|e| Error::io("write", &auto, e))?;
-        // PostgreSQL refuses a data directory others may enter.
-        fs::set_permissions(&staging, fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io("set mode of", &staging, e))?;
-        sync_tree(&staging)?;
-        replace(&staging, target, false)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&staging);
+    let placement = staging::placement(target, true)?;
+    let staging = Staging::create(target, true, placement, SystemTime::now())?;
+    let staged = staging.path().to_path_buf();
+    let mut reader = BackupReader::open(store, keys, id)?.with_progress(progress);
+    let got = read_ahead(&mut reader, |plain| {
+        source::extract_dir(id.as_str(), plain, &staged, &mut |_| {})
+    })?;
+    if got != entries {
+        return Err(Error::corrupt(
+            id.as_str(),
+            format!("the archive holds {got} entries, the manifest recorded {entries}"),
+        ));
     }
-    result
+    let signal = staged.join("recovery.signal");
+    fs::File::create(&signal).map_err(|e| Error::io("create", &signal, e))?;
+    let auto = staged.join("postgresql.auto.conf");
+    fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(&auto)
+        .and_then(|mut f| f.write_all(conf.as_bytes()))
+        .map_err(|e| Error::io("write", &auto, e))?;
+    // PostgreSQL refuses a data directory others may enter.
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io("set mode of", &staged, e))?;
+    sync_tree(&staged)?;
+    staging.commit(false)
 }
 
 #[cfg(test)]

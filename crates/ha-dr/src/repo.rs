@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,13 +15,14 @@ use serde::Serialize;
 use crate::error::{Error, Result, from_io};
 use crate::format::{BackupId, FORMAT_VERSION};
 use crate::key::{KeyRing, random_array};
-use crate::manifest::{BackupKind, Details, Manifest};
+use crate::manifest::{BackupKind, Details, Listing, Manifest};
 use crate::pg::{self, PgTools};
 use crate::pipeline::{BackupReader, BackupWriter, Compress, read_ahead};
 use crate::progress::Progress;
 use crate::retention::{self, Decision, RetentionPolicy};
 use crate::source::{self, Source};
-use crate::store::{BackupStore, sync_dir, sync_parent};
+use crate::staging::{self, Placement, Staging};
+use crate::store::{BackupStore, sync_dir};
 
 /// The default zstd level.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -350,16 +351,18 @@ impl Repository {
         Ok(manifest)
     }
 
-    /// Every backup's manifest, oldest first, read without authentication (no key is
-    /// needed to list); manifests that cannot be read are skipped with a warning.
-    pub async fn list(&self) -> Result<Vec<Manifest>> {
+    /// Every backup's listing (the clear part of its manifest: id, kind, source, time,
+    /// stored size, key id), oldest first, read without authentication (no key is needed to
+    /// list); manifests that cannot be read are skipped with a warning. The rest of a
+    /// manifest is sealed: [`list_authenticated`](Self::list_authenticated) opens it.
+    pub async fn list(&self) -> Result<Vec<Listing>> {
         let store = Arc::clone(&self.store);
         Self::blocking(move || {
             let mut out = Vec::new();
             for id in store.list()? {
                 let read = store
                     .get_manifest(&id)
-                    .and_then(|bytes| Manifest::read_unverified(&bytes, &id));
+                    .and_then(|bytes| Manifest::read_listing(&bytes, &id));
                 match read {
                     Ok(m) => out.push(m),
                     Err(e) => {
@@ -509,8 +512,10 @@ impl Repository {
                 manifest.kind
             )));
         }
+        let run_start = SystemTime::now();
         let target = pg::database_of(url)?;
         let mut admin = pg::admin(url).await?;
+        clean_temp_databases(&mut admin, run_start).await?;
         let exists = pg::database_exists(&mut admin, &target).await?;
         if exists && !force {
             return Err(Error::TargetNotEmpty {
@@ -518,11 +523,19 @@ impl Repository {
                 reason: format!("database {target} exists"),
             });
         }
-        let temp = temp_database_name(&target, "restore")?;
+        let temp = temp_database_name(&target, TempDb::Restore, run_start)?;
+        // Held on `admin` until the restore ends: no other run's cleanup drops it meanwhile.
+        lock_temp_database(&mut admin, &temp).await?;
         self.restore_into_new_database(id, url, &temp, tools)
             .await?;
+        // The name the replaced database is renamed to, if there is one.
+        let aside = if exists {
+            Some(temp_database_name(&target, TempDb::Old, run_start)?)
+        } else {
+            None
+        };
         if let Err(e) = self
-            .swap_in(&mut admin, url, tools, &target, &temp, exists)
+            .swap_in(&mut admin, url, tools, &target, &temp, aside.as_deref())
             .await
         {
             let drop_temp = format!(
@@ -535,8 +548,8 @@ impl Repository {
         Ok(manifest)
     }
 
-    /// Puts the restored database `temp` in the place of `target`. If `target` `exists`, it
-    /// is first backed up (and that backup verified), then renamed aside, not dropped: if
+    /// Puts the restored database `temp` in the place of `target`. If `target` exists
+    /// (`aside` names where it goes), it is first backed up (and that backup verified), then renamed aside, not dropped: if
     /// the restored one cannot take its place, it is renamed back. At every step one
     /// complete copy exists under a known name.
     async fn swap_in(
@@ -546,7 +559,7 @@ impl Repository {
         tools: &PgTools,
         target: &str,
         temp: &str,
-        exists: bool,
+        aside: Option<&str>,
     ) -> Result<()> {
         let rename = |from: &str, to: &str| {
             format!(
@@ -555,9 +568,9 @@ impl Repository {
                 pg::quote_ident(to)
             )
         };
-        if !exists {
+        let Some(aside) = aside else {
             return pg::execute(admin, &rename(temp, target)).await;
-        }
+        };
         let safety = self
             .backup(
                 &Source::postgres(url, tools.clone()),
@@ -566,7 +579,7 @@ impl Repository {
             .await?;
         self.verify(&safety.id).await?;
         tracing::info!(backup_id = %safety.id, database = %target, "verified safety backup taken before restoring over it");
-        let aside = temp_database_name(target, "old")?;
+        lock_temp_database(admin, aside).await?;
         // A database with sessions cannot be renamed: end them (as DROP ... WITH (FORCE)
         // did before).
         sqlx::query(
@@ -580,7 +593,7 @@ impl Repository {
             context: format!("end the sessions of database {target}"),
             source,
         })?;
-        pg::execute(admin, &rename(target, &aside)).await?;
+        pg::execute(admin, &rename(target, aside)).await?;
         #[cfg(test)]
         let swapped = if self.fail_swap {
             Err(Error::Postgres {
@@ -593,7 +606,7 @@ impl Repository {
         #[cfg(not(test))]
         let swapped = pg::execute(admin, &rename(temp, target)).await;
         if let Err(e) = swapped {
-            return match pg::execute(admin, &rename(&aside, target)).await {
+            return match pg::execute(admin, &rename(aside, target)).await {
                 Ok(()) => Err(e),
                 Err(back) => Err(Error::Postgres {
                     context: format!(
@@ -610,7 +623,7 @@ impl Repository {
         }
         let drop_aside = format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            pg::quote_ident(&aside)
+            pg::quote_ident(aside)
         );
         if let Err(e) = pg::execute(admin, &drop_aside).await {
             tracing::warn!(database = %aside, error = %e, "the replaced database could not be dropped");
@@ -683,8 +696,11 @@ impl Repository {
                         "a restore test of postgres backup {id} needs a scratch server (scratch_pg)"
                     ))
                 })?;
-                let suffix: [u8; 4] = random_array()?;
-                let name = format!("hadr_restore_test_{}", hex::encode(suffix));
+                let run_start = SystemTime::now();
+                let mut admin = pg::admin(&scratch.url).await?;
+                clean_temp_databases(&mut admin, run_start).await?;
+                let name = temp_database_name("verify", TempDb::Test, run_start)?;
+                lock_temp_database(&mut admin, &name).await?;
                 self.restore_into_new_database(id, &scratch.url, &name, &scratch.tools)
                     .await?;
                 let counted = async {
@@ -694,7 +710,6 @@ impl Repository {
                     rows
                 }
                 .await;
-                let mut admin = pg::admin(&scratch.url).await?;
                 let _ = pg::execute(
                     &mut admin,
                     &format!(
@@ -728,10 +743,18 @@ impl Repository {
                     _ => None,
                 };
                 Self::blocking(move || {
-                    let scratch = ScratchDir::new()?;
+                    // A private, locked directory under the system temp dir, removed on drop
+                    // (never committed); the scratch directories of crashed restore tests
+                    // there are removed as crashed restores' staging is.
+                    let scratch = Staging::create(
+                        &std::env::temp_dir().join("ha-dr-restore-test"),
+                        true,
+                        Placement::Beside,
+                        SystemTime::now(),
+                    )?;
                     let mut reader =
                         BackupReader::open(&*store, &keys, &id2)?.with_progress(progress);
-                    let target = scratch.path.join("restored");
+                    let target = scratch.path().join("restored");
                     let entries = restore_to_path(&mut reader, &target, false)?;
                     match (expected, entries) {
                         (Some(want), Some(got)) if want != got => Err(Error::corrupt(
@@ -900,16 +923,153 @@ impl Repository {
     }
 }
 
-/// `{target}_hadr_{what}_{8 hex}`, with `target` cut (at a character boundary) so that the
-/// name stays within PostgreSQL's 63 bytes.
-fn temp_database_name(target: &str, what: &str) -> Result<String> {
-    let suffix: [u8; 4] = random_array()?;
-    let tail = format!("_hadr_{what}_{}", hex::encode(suffix));
+/// The name of a temporary database for `target`:
+/// `{target, cut}_hadr_{what}_{unix secs}_{8 hex of SHA-256(target)}{4 random hex}`. The
+/// target is cut at a character boundary so that the name stays within PostgreSQL's 63
+/// bytes (it would silently truncate a longer one, and two long targets could then share a
+/// name); the hash tells targets with a common prefix apart and lets a later run find the
+/// target of a leftover, the time tells it whether the leftover is older than itself.
+fn temp_database_name(target: &str, what: TempDb, at: SystemTime) -> Result<String> {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let random: [u8; 2] = random_array()?;
+    let tail = format!(
+        "_hadr_{}_{secs}_{}{}",
+        what.as_str(),
+        target_hash(target),
+        hex::encode(random)
+    );
     let mut cut = 63usize.saturating_sub(tail.len()).min(target.len());
     while !target.is_char_boundary(cut) {
         cut -= 1;
     }
     Ok(format!("{}{tail}", &target[..cut]))
+}
+
+/// 8 hex digits of SHA-256 over a database name.
+fn target_hash(target: &str) -> String {
+    hex::encode(&ring::digest::digest(&ring::digest::SHA256, target.as_bytes()).as_ref()[..4])
+}
+
+/// What a temporary database is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TempDb {
+    /// A restore in progress, renamed over its target at the end.
+    Restore,
+    /// The target a restore replaced, kept until the restored one took its place.
+    Old,
+    /// A restore test's scratch database.
+    Test,
+}
+
+impl TempDb {
+    fn as_str(self) -> &'static str {
+        match self {
+            TempDb::Restore => "restore",
+            TempDb::Old => "old",
+            TempDb::Test => "test",
+        }
+    }
+}
+
+/// Parses a name made by [`temp_database_name`]: what it is for, its time, and the hash of
+/// its target.
+fn parse_temp_database_name(name: &str) -> Option<(TempDb, u64, &str)> {
+    let at = name.rfind("_hadr_")?;
+    let rest = &name[at + "_hadr_".len()..];
+    let (what, rest) = rest.split_once('_')?;
+    let what = [TempDb::Restore, TempDb::Old, TempDb::Test]
+        .into_iter()
+        .find(|w| w.as_str() == what)?;
+    let (secs, tail) = rest.split_once('_')?;
+    let hex_ok = tail.len() == 12
+        && tail
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if secs.is_empty() || secs.len() > 20 || !secs.bytes().all(|b| b.is_ascii_digit()) || !hex_ok {
+        return None;
+    }
+    Some((what, secs.parse().ok()?, &tail[..8]))
+}
+
+/// Holds a session-level advisory lock on `name` (a temporary database of this run) on the
+/// connection `conn`, so that no other run's cleanup drops it; it ends with the session.
+async fn lock_temp_database(conn: &mut sqlx::PgConnection, name: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+        .bind(name)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Postgres {
+            context: format!("lock temporary database {name}"),
+            source,
+        })
+}
+
+/// Drops the temporary databases that crashed runs left on `admin`'s server: those named by
+/// [`temp_database_name`], made before `run_start` and not locked by a live run. A restore
+/// in progress or a scratch database is dropped (without `FORCE`: one still in use is
+/// skipped); a replaced target (`old`) only when a database of its target's name exists
+/// again, otherwise it may be the only copy and is kept with a warning. Returns the names
+/// dropped.
+pub(crate) async fn clean_temp_databases(
+    admin: &mut sqlx::PgConnection,
+    run_start: SystemTime,
+) -> Result<Vec<String>> {
+    let start = run_start
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database")
+        .fetch_all(&mut *admin)
+        .await
+        .map_err(|source| Error::Postgres {
+            context: "list databases".into(),
+            source,
+        })?;
+    let mut dropped = Vec::new();
+    for name in &names {
+        let Some((what, secs, hash)) = parse_temp_database_name(name) else {
+            continue;
+        };
+        if secs >= start {
+            continue;
+        }
+        if what == TempDb::Old && !names.iter().any(|n| n != name && target_hash(n) == hash) {
+            tracing::warn!(database = %name, "a crashed restore left the replaced database and no restored one took its place: kept");
+            continue;
+        }
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(name)
+            .fetch_one(&mut *admin)
+            .await
+            .map_err(|source| Error::Postgres {
+                context: format!("lock temporary database {name}"),
+                source,
+            })?;
+        if !locked {
+            continue;
+        }
+        let result = pg::execute(
+            admin,
+            &format!("DROP DATABASE IF EXISTS {}", pg::quote_ident(name)),
+        )
+        .await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+            .bind(name)
+            .execute(&mut *admin)
+            .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(database = %name, "dropped the temporary database of a crashed restore");
+                dropped.push(name.clone());
+            }
+            Err(e) => {
+                tracing::warn!(database = %name, error = %e, "temporary database of an earlier restore not dropped (in use?)")
+            }
+        }
+    }
+    Ok(dropped)
 }
 
 /// Checks that the plaintext of a backup can be restored, by kind: every tar header, entry
@@ -988,106 +1148,72 @@ fn pipe_verified(reader: &mut BackupReader, stdin: Option<std::process::ChildStd
     }
 }
 
-/// A scratch directory under the system temp dir, removed on drop.
-struct ScratchDir {
-    path: PathBuf,
-}
-
-impl ScratchDir {
-    fn new() -> Result<Self> {
-        let suffix: [u8; 6] = random_array()?;
-        let path = std::env::temp_dir().join(format!("ha-dr-restore-test-{}", hex::encode(suffix)));
-        fs::create_dir(&path).map_err(|e| Error::io("create scratch directory", &path, e))?;
-        Ok(Self { path })
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
-}
-
 /// Restores to a path by kind; returns the entry count for directories.
 fn restore_to_path(reader: &mut BackupReader, target: &Path, force: bool) -> Result<Option<u64>> {
+    let tree = matches!(reader.manifest().kind, BackupKind::Dir | BackupKind::PgBase);
+    let placement = staging::placement(target, tree)?;
+    restore_to_path_placed(reader, target, force, placement, SystemTime::now())
+}
+
+/// [`restore_to_path`] with the staging at `placement`, cleaning leftovers of runs that
+/// started before `run_start`.
+fn restore_to_path_placed(
+    reader: &mut BackupReader,
+    target: &Path,
+    force: bool,
+    placement: Placement,
+    run_start: SystemTime,
+) -> Result<Option<u64>> {
     let kind = reader.manifest().kind;
     let id = reader.manifest().id.to_string();
     let details = reader.manifest().details.clone();
     let tree = matches!(kind, BackupKind::Dir | BackupKind::PgBase);
     check_target(target, tree, force)?;
-    let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).map_err(|e| Error::io("create", &parent, e))?;
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "target".into());
-    let suffix: [u8; 6] = random_array()?;
-    let temp = parent.join(format!(".ha-dr-restore-{name}-{}", hex::encode(suffix)));
-    let result = if tree {
-        (|| {
-            // Staged privately: the root gets its recorded mode once everything is in.
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&temp)
-                .map_err(|e| Error::io("create", &temp, e))?;
-            // Finished files are flushed on a third thread while extraction goes on; the
-            // `sync_tree` after it is still what guarantees everything reached the disk.
-            let entries = std::thread::scope(|scope| {
-                let (flush, finished) = std::sync::mpsc::channel::<PathBuf>();
-                scope.spawn(move || {
-                    for path in finished {
-                        let _ = fs::File::open(&path).and_then(|f| f.sync_data());
-                    }
-                });
-                read_ahead(reader, |plain| {
-                    source::extract_dir(&id, plain, &temp, &mut |path| {
-                        let _ = flush.send(path);
-                    })
-                })
-            })?;
-            check_entry_count(&id, &details, entries)?;
-            sync_tree(&temp)?;
-            Ok(Some(entries))
-        })()
-    } else {
-        (|| {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temp)
-                .map_err(|e| Error::io("create", &temp, e))?;
+    // Staged privately (a 0700 dir, a 0600 file) on the target's own file system, locked
+    // while this run works; removed on any error (the drop).
+    let mut staging = Staging::create(target, tree, placement, run_start)?;
+    let temp = staging.path().to_path_buf();
+    let entries = if tree {
+        // Finished files are flushed on a third thread while extraction goes on; the
+        // `sync_tree` after it is still what guarantees everything reached the disk.
+        let entries = std::thread::scope(|scope| {
+            let (flush, finished) = std::sync::mpsc::channel::<PathBuf>();
+            scope.spawn(move || {
+                for path in finished {
+                    let _ = fs::File::open(&path).and_then(|f| f.sync_data());
+                }
+            });
             read_ahead(reader, |plain| {
-                io::copy(plain, &mut file).map_err(|e| match from_io(e, String::new) {
-                    Error::Stream { source, .. } => Error::io("write", &temp, source),
-                    other => other,
+                source::extract_dir(&id, plain, &temp, &mut |path| {
+                    let _ = flush.send(path);
                 })
-            })?;
-            // The recorded mode of a file (setuid/setgid never), private for the rest.
-            let mode = match &details {
-                Details::File { mode } => mode & 0o777,
-                _ => 0o600,
-            };
-            file.set_permissions(fs::Permissions::from_mode(mode))
-                .map_err(|e| Error::io("set mode of", &temp, e))?;
-            file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
-            Ok(None)
-        })()
+            })
+        })?;
+        check_entry_count(&id, &details, entries)?;
+        sync_tree(&temp)?;
+        Some(entries)
+    } else {
+        let Some(file) = staging.file() else {
+            return Err(Error::Task("a file staging without its file".into()));
+        };
+        read_ahead(reader, |plain| {
+            io::copy(plain, file).map_err(|e| match from_io(e, String::new) {
+                Error::Stream { source, .. } => Error::io("write", &temp, source),
+                other => other,
+            })
+        })?;
+        // The recorded mode of a file (setuid/setgid never), private for the rest.
+        let mode = match &details {
+            Details::File { mode } => mode & 0o777,
+            _ => 0o600,
+        };
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("set mode of", &temp, e))?;
+        file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
+        None
     };
-    match result {
-        Ok(entries) => {
-            replace(&temp, target, force)?;
-            Ok(entries)
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&temp);
-            let _ = fs::remove_file(&temp);
-            Err(e)
-        }
-    }
+    staging.commit(force)?;
+    Ok(entries)
 }
 
 /// Refuses a target that holds data, unless `force`.
@@ -1116,50 +1242,6 @@ pub(crate) fn check_target(target: &Path, want_dir: bool, force: bool) -> Result
         return Err(refuse("it exists"));
     }
     Ok(())
-}
-
-/// Moves the verified `temp` to `target`, replacing what is there (already checked).
-pub(crate) fn replace(temp: &Path, target: &Path, force: bool) -> Result<()> {
-    match fs::symlink_metadata(target) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("stat", target, e)),
-        Ok(meta) => {
-            let empty_dir = meta.is_dir()
-                && fs::read_dir(target)
-                    .map_err(|e| Error::io("list", target, e))?
-                    .next()
-                    .is_none();
-            if empty_dir {
-                fs::remove_dir(target).map_err(|e| Error::io("remove", target, e))?;
-            } else if force {
-                let suffix: [u8; 6] = random_array()?;
-                let old = target.with_file_name(format!(
-                    ".ha-dr-old-{}-{}",
-                    target
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    hex::encode(suffix)
-                ));
-                fs::rename(target, &old).map_err(|e| Error::io("move aside", target, e))?;
-                fs::rename(temp, target).map_err(|e| Error::io("rename into place", target, e))?;
-                sync_parent(target)?;
-                let removed = if meta.is_dir() {
-                    fs::remove_dir_all(&old)
-                } else {
-                    fs::remove_file(&old)
-                };
-                return removed.map_err(|e| Error::io("remove old", &old, e));
-            } else {
-                return Err(Error::TargetNotEmpty {
-                    target: target.display().to_string(),
-                    reason: "it appeared during the restore".into(),
-                });
-            }
-        }
-    }
-    fs::rename(temp, target).map_err(|e| Error::io("rename into place", target, e))?;
-    sync_parent(target)
 }
 
 /// fsyncs every regular file and directory under `root`.
@@ -1388,7 +1470,7 @@ mod tests {
             names.is_empty(),
             "no restore or aside database left: {names:?}"
         );
-        let safety = repo.list().await.expect("list");
+        let (safety, _) = repo.list_authenticated().await.expect("list");
         assert!(safety.iter().any(|m| m.tags == ["pre-restore-safety"]));
         // Without the fault, the same restore replaces it.
         repo.fail_swap = false;
@@ -1401,13 +1483,195 @@ mod tests {
         assert_eq!(rows, 2);
     }
 
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".ha-dr-"))
+            .collect()
+    }
+
+    /// Finding 11: a mount point cannot be renamed over, so its restore is staged inside it
+    /// and the entries moved in. Without a mount here (that needs root), the placement a
+    /// mount point gets is forced on a plain directory: the directory itself stays (same
+    /// inode), gets the backup's entries and root mode, and keeps nothing of ours; with
+    /// `force` its old entries go; a backup that does not verify leaves it as it was.
+    #[tokio::test]
+    async fn a_restore_staged_inside_the_target_moves_the_entries_in() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("sub")).expect("src");
+        fs::write(src.join("a"), b"alpha").expect("a");
+        fs::write(src.join("sub").join("b"), b"beta").expect("b");
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o750)).expect("mode");
+        let store = LocalStore::open(dir.path().join("store")).expect("store");
+        let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([9; 32])));
+        let m = repo.backup(&Source::dir(&src), &[]).await.expect("backup");
+        let target = dir.path().join("mnt");
+        fs::create_dir(&target).expect("target");
+        let inode = fs::metadata(&target).expect("stat").ino();
+        let restore = |id: &BackupId, force: bool| {
+            let mut reader = BackupReader::open(&*repo.store, &repo.keys, id)?;
+            restore_to_path_placed(
+                &mut reader,
+                &target,
+                force,
+                Placement::Inside,
+                SystemTime::now(),
+            )
+        };
+        assert_eq!(
+            restore(&m.id, false).expect("restore"),
+            Some(4),
+            "root, a, sub, sub/b"
+        );
+        let check = || {
+            assert_eq!(
+                fs::metadata(&target).expect("stat").ino(),
+                inode,
+                "same dir"
+            );
+            assert_eq!(fs::read(target.join("a")).expect("a"), b"alpha");
+            assert_eq!(fs::read(target.join("sub/b")).expect("b"), b"beta");
+            let mode = fs::metadata(&target).expect("stat").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o750, "the backup's root mode");
+            assert_eq!(leftovers(&target), Vec::<String>::new());
+            assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+        };
+        check();
+        // Not over data without force; with it, the old entries go.
+        let err = restore(&m.id, false).expect_err("not empty");
+        assert!(matches!(err, Error::TargetNotEmpty { .. }), "{err}");
+        fs::write(target.join("junk"), b"old").expect("junk");
+        restore(&m.id, true).expect("forced restore");
+        assert!(!target.join("junk").exists(), "replaced");
+        check();
+        // A backup that does not verify (one entry fewer than recorded) changes nothing.
+        let tar = {
+            let mut builder = tar::Builder::new(Vec::new());
+            let mut header = tar::Header::new_gnu();
+            header.set_size(1);
+            header.set_mode(0o644);
+            builder
+                .append_data(&mut header, "x", &b"x"[..])
+                .expect("tar");
+            builder.into_inner().expect("tar")
+        };
+        let bad = backup_raw(&repo, BackupKind::Dir, &tar, dir_details(2));
+        assert!(restore(&bad, true).is_err());
+        assert!(!target.join("x").exists());
+        check();
+    }
+
+    /// Finding 12: the staging a crashed restore left beside a target is removed by the next
+    /// restore there.
+    #[tokio::test]
+    async fn a_restore_removes_the_staging_of_a_crashed_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = dir.path().join("src");
+        fs::create_dir(&src).expect("src");
+        fs::write(src.join("a"), b"alpha").expect("a");
+        let store = LocalStore::open(dir.path().join("store")).expect("store");
+        let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([9; 32])));
+        let m = repo.backup(&Source::dir(&src), &[]).await.expect("backup");
+        let crashed = dir
+            .path()
+            .join(".ha-dr-restore-1700000000-0123456789ab-out");
+        fs::create_dir(&crashed).expect("leftover");
+        fs::write(crashed.join("half"), b"half").expect("half");
+        let out = dir.path().join("out");
+        repo.restore(&m.id, &RestoreTarget::Path(out.clone()), false)
+            .await
+            .expect("restore");
+        assert_eq!(fs::read(out.join("a")).expect("a"), b"alpha");
+        assert!(!crashed.exists(), "the crashed run's staging is gone");
+        assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    }
+
+    /// Finding 12: at most 63 bytes, two long targets with a common prefix get names a
+    /// later run tells apart, and the name parses back to its purpose, time and target.
     #[test]
     fn temp_database_names_fit_in_63_bytes() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let long = "é".repeat(40);
-        for target in ["app", long.as_str()] {
-            let name = temp_database_name(target, "restore").expect("name");
-            assert!(name.len() <= 63, "{name}");
-            assert!(name.contains("_hadr_restore_"));
+        let long_a = format!("{}a", "x".repeat(70));
+        let long_b = format!("{}b", "x".repeat(70));
+        for target in ["app", long.as_str(), &long_a, &long_b, &"y".repeat(63)] {
+            for what in [TempDb::Restore, TempDb::Old, TempDb::Test] {
+                let name = temp_database_name(target, what, at).expect("name");
+                assert!(name.len() <= 63, "{name}");
+                assert!(
+                    name.contains(&format!("_hadr_{}_", what.as_str())),
+                    "{name}"
+                );
+                assert_eq!(
+                    parse_temp_database_name(&name),
+                    Some((what, 1_800_000_000, target_hash(target).as_str())),
+                    "{name}"
+                );
+            }
         }
+        let a = temp_database_name(&long_a, TempDb::Restore, at).expect("name");
+        let b = temp_database_name(&long_b, TempDb::Restore, at).expect("name");
+        assert_ne!(a[..a.len() - 4], b[..b.len() - 4], "the hashes differ");
+        for foreign in [
+            "app",
+            "app_hadr_restore_1_abc",
+            "app_hadr_copy_1_0123456789ab",
+        ] {
+            assert_eq!(parse_temp_database_name(foreign), None, "{foreign}");
+        }
+    }
+
+    /// Finding 12: temporary databases a crashed restore left are dropped by the next run on
+    /// that server, if older than it and not locked by a live run; a replaced database only
+    /// once its target exists again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn temporary_databases_of_crashed_restores_are_dropped() {
+        let pg = ha_testkit::PostgresServer::start().await.expect("server");
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        let crashed = temp_database_name("app", TempDb::Restore, past).expect("name");
+        let scratch = temp_database_name("verify", TempDb::Test, past).expect("name");
+        let live = temp_database_name("app", TempDb::Restore, past).expect("name");
+        let replaced = temp_database_name("app", TempDb::Old, past).expect("name");
+        let only_copy = temp_database_name("gone", TempDb::Old, past).expect("name");
+        let current = temp_database_name(
+            "app",
+            TempDb::Restore,
+            SystemTime::now() + Duration::from_secs(5),
+        )
+        .expect("name");
+        for name in ["app", "someone_hadr_else"]
+            .into_iter()
+            .chain([&crashed, &scratch, &live, &replaced, &only_copy, &current].map(String::as_str))
+        {
+            pg.execute(&format!("CREATE DATABASE {}", pg::quote_ident(name)))
+                .await
+                .expect("create");
+        }
+        // A live run holds its lock on its own session.
+        let mut holder = pg.connect().await.expect("holder");
+        lock_temp_database(&mut holder, &live).await.expect("lock");
+        let mut admin = pg.connect().await.expect("admin");
+        let dropped = clean_temp_databases(&mut admin, SystemTime::now())
+            .await
+            .expect("clean");
+        let mut want = vec![crashed.clone(), scratch.clone(), replaced.clone()];
+        want.sort();
+        let mut dropped = dropped;
+        dropped.sort();
+        assert_eq!(dropped, want);
+        let left: Vec<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database")
+            .fetch_all(&mut admin)
+            .await
+            .expect("names");
+        for name in [&live, &only_copy, &current] {
+            assert!(left.contains(name), "{name} kept: {left:?}");
+        }
+        for name in ["app", "someone_hadr_else"] {
+            assert!(left.iter().any(|n| n == name), "{name} is not ours");
+        }
+        holder.close().await.expect("close");
     }
 }

@@ -75,7 +75,10 @@ fn keygen_backup_list_verify_restore_prune() {
     let listed: serde_json::Value =
         serde_json::from_str(&ok(&["list", "--store", s(&store), "--json"])).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2);
-    assert_eq!(listed[0]["tags"][0], "manual");
+    // Listing needs no key and shows the clear part only: tags are sealed.
+    assert_eq!(listed[0]["kind"], "dir");
+    assert!(listed[0]["tags"].is_null(), "{listed}");
+    assert!(listed[0]["plaintext_sha256"].is_null(), "{listed}");
     assert!(ok(&["list", "--store", s(&store)]).contains(ids[0]));
 
     let verified = ok(&["verify", "--store", s(&store), "--key-file", s(&key)]);

@@ -181,8 +181,9 @@ async fn prune_ignores_a_forged_manifest() {
     let real = fs::read_to_string(store.join(format!("{}.manifest", b2.id))).unwrap();
     let forged_id = "dir-29990101T000000Z-forged00";
     let mut forged: serde_json::Value = serde_json::from_str(&real).unwrap();
-    forged["manifest"]["id"] = forged_id.into();
-    forged["manifest"]["created"] = "2999-01-01T00:00:00Z".into();
+    // The clear listing is what an attacker without the key can edit.
+    forged["listing"]["id"] = forged_id.into();
+    forged["listing"]["created"] = "2999-01-01T00:00:00Z".into();
     fs::write(
         store.join(format!("{forged_id}.manifest")),
         serde_json::to_vec(&forged).unwrap(),

@@ -100,9 +100,10 @@ async fn postgres_round_trip_restore_test_force_and_corruption() {
     repo.restore(&m.id, &target, true).await.unwrap();
     assert_eq!(fingerprint(&pg, "restored").await, before);
     let safety: Vec<_> = repo
-        .list()
+        .list_authenticated()
         .await
         .unwrap()
+        .0
         .into_iter()
         .filter(|b| b.tags == ["pre-restore-safety"])
         .collect();
