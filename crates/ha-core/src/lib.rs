@@ -31,6 +31,7 @@
 
 pub mod backoff;
 pub mod bus;
+pub mod clock;
 pub mod component;
 pub mod config;
 pub mod error;

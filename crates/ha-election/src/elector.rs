@@ -31,22 +31,7 @@ pub type Eligibility = Arc<dyn Fn() -> bool + Send + Sync>;
 /// [`ElectorBuilder::suspend_clock`].
 pub type SuspendClock = Arc<dyn Fn() -> Option<Duration> + Send + Sync>;
 
-/// `CLOCK_BOOTTIME` (Linux, Android): monotonic, and counting suspended time, unlike
-/// `CLOCK_MONOTONIC`, on which `std` and tokio measure time. `None` elsewhere.
-pub fn boottime() -> Option<Duration> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        use nix::time::{ClockId, clock_gettime};
-        let now = clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?;
-        let secs = u64::try_from(now.tv_sec()).ok()?;
-        let nanos = u32::try_from(now.tv_nsec()).ok()?;
-        Some(Duration::new(secs, nanos))
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    {
-        None
-    }
-}
+pub use ha_core::clock::boottime;
 
 /// A running term as [`Elector::is_leader`] checks it: the leadership handed out, and the
 /// same deadline on the [`SuspendClock`] (`None`: that clock could not be read at send time).

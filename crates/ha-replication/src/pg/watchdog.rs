@@ -139,22 +139,7 @@ impl Validate for WatchdogConfig {
     }
 }
 
-/// `CLOCK_BOOTTIME`: monotonic, system-wide, and counting suspended time. `None` where it
-/// cannot be read.
-pub fn boottime() -> Option<Duration> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        use nix::time::{ClockId, clock_gettime};
-        let now = clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?;
-        let secs = u64::try_from(now.tv_sec()).ok()?;
-        let nanos = u32::try_from(now.tv_nsec()).ok()?;
-        Some(Duration::new(secs, nanos))
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    {
-        None
-    }
-}
+pub use ha_core::clock::boottime;
 
 /// One message from the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
