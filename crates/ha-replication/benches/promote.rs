@@ -53,8 +53,12 @@ async fn trial_times(trials: usize, retry_interval: Option<&str>) -> Vec<f64> {
             PgReplicationMonitor::new(old.clone(), candidates.clone(), Default::default()).unwrap();
         let last = monitor.sample().await.unwrap();
         primary.kill().unwrap();
+        // The primary was SIGKILLed by the bench itself: known down.
         let promoter = Promoter::new(
-            PromoteConfig::default(),
+            PromoteConfig {
+                assume_unreachable_is_down: true,
+                ..PromoteConfig::default()
+            },
             Arc::new(AlwaysLeader::new(FencingToken(1))),
             Arc::new(NoFence),
         )

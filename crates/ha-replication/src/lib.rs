@@ -4,8 +4,8 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use ha_core::{AlwaysLeader, Component, ComponentContext, EventBus, FencingToken, NodeId};
-//! use ha_replication::pg::{LagConfig, PgAgent, PgAgentConfig, PgMember, PgReplicationMonitor,
-//!     PromoteConfig, Promoter, SqlShutdownFence};
+//! use ha_replication::pg::{CommandFence, LagConfig, PgAgent, PgAgentConfig, PgMember,
+//!     PgReplicationMonitor, PromoteConfig, Promoter};
 //!
 //! # async fn demo() -> Result<(), ha_replication::Error> {
 //! let bus = EventBus::default();
@@ -34,7 +34,8 @@
 //! let promoter = Promoter::new(
 //!     PromoteConfig::default(),
 //!     Arc::new(AlwaysLeader::new(FencingToken(7))),
-//!     Arc::new(SqlShutdownFence),
+//!     // A primary that does not answer is fenced from outside (power, network) first.
+//!     Arc::new(CommandFence::new("/usr/local/bin/fence-db-host", ["--power-off"])),
 //! )?
 //! .with_bus(NodeId::new("node-a"), bus);
 //! let last = monitor.last_sample();

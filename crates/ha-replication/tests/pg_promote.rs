@@ -10,8 +10,8 @@ use std::time::Duration;
 use ha_core::{AlwaysLeader, EventBus, FencingToken, HaEvent, Leadership, LeadershipGate, NodeId};
 use ha_replication::Error;
 use ha_replication::pg::{
-    Ineligible, NoFence, PgMember, PgReplicationMonitor, PromoteConfig, Promoter, Refusal,
-    RepointOutcome, SqlShutdownFence,
+    CommandFence, Ineligible, NoFence, PgMember, PgReplicationMonitor, PromoteConfig, Promoter,
+    Refusal, RepointOutcome, SqlShutdownFence,
 };
 use ha_testkit::PostgresServer;
 
@@ -24,12 +24,19 @@ fn member(name: &str, server: &PostgresServer) -> PgMember {
 }
 
 fn promoter(fence: Arc<dyn ha_replication::pg::PrimaryFence>) -> Promoter {
-    Promoter::new(
-        PromoteConfig::default(),
-        Arc::new(AlwaysLeader::new(FencingToken(42))),
-        fence,
-    )
-    .unwrap()
+    promoter_with(fence, PromoteConfig::default())
+}
+
+fn promoter_with(
+    fence: Arc<dyn ha_replication::pg::PrimaryFence>,
+    config: PromoteConfig,
+) -> Promoter {
+    Promoter::new(config, Arc::new(AlwaysLeader::new(FencingToken(42))), fence).unwrap()
+}
+
+/// A STONITH stand-in that succeeds: the old primary is already dead (SIGKILLed).
+fn stonith() -> Arc<CommandFence> {
+    Arc::new(CommandFence::new("true", Vec::<String>::new()))
 }
 
 async fn seeded() -> PostgresServer {
@@ -60,9 +67,21 @@ async fn a_killed_primary_is_replaced_and_the_other_replica_follows() {
     let last = monitor.sample().await.unwrap();
 
     primary.kill().unwrap();
+    // A primary that does not answer is not thereby down: without a fence that can stop it
+    // (STONITH), nothing is promoted.
+    let err = promoter(Arc::new(SqlShutdownFence))
+        .promote_best(&old, &candidates, Some(&last.primary))
+        .await
+        .unwrap_err();
+    let Error::Refused(Refusal::PrimaryUnreachable { primary: name, .. }) = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(name, "pg0");
+    assert!(r1.is_in_recovery().await.unwrap() && r2.is_in_recovery().await.unwrap());
+
     let bus = EventBus::default();
     let mut events = bus.subscribe();
-    let report = promoter(Arc::new(NoFence))
+    let report = promoter(stonith())
         .with_bus(NodeId::new("leader"), bus.clone())
         .promote_best(&old, &candidates, Some(&last.primary))
         .await
@@ -71,7 +90,10 @@ async fn a_killed_primary_is_replaced_and_the_other_replica_follows() {
     // Equally advanced: the tie goes to the first name.
     assert_eq!(report.promoted, "pg1");
     assert_eq!(report.token, Some(42));
-    assert!(!report.fenced, "the old primary was down, not fenced");
+    assert!(
+        report.fenced,
+        "the unreachable old primary was fenced by the command"
+    );
     assert_eq!(report.needs_rewind, "pg0");
     assert_eq!(report.reference, last.primary.current_lsn);
     assert!(
@@ -201,7 +223,12 @@ async fn paused_replay_and_a_lagging_replica_are_refused_with_their_reasons() {
     let last = monitor.sample().await.unwrap();
     primary.kill().unwrap();
 
-    let err = promoter(Arc::new(NoFence))
+    // The operator accepted the risk of an unreachable primary: the candidates decide.
+    let assume_down = PromoteConfig {
+        assume_unreachable_is_down: true,
+        ..PromoteConfig::default()
+    };
+    let err = promoter_with(Arc::new(NoFence), assume_down)
         .promote_best(&old, &candidates, Some(&last.primary))
         .await
         .unwrap_err();

@@ -7,11 +7,17 @@
 //! 1. **Leader only.** The [`LeadershipGate`] must say this node leads; its fencing token is
 //!    carried in the report and the `ReplicaPromoted` event. The gate is asked again just
 //!    before `pg_promote`, since fencing may take a while.
-//! 2. **Old primary down or fenced.** If it still answers, the [`PrimaryFence`] must stop it
+//! 2. **Old primary fenced.** If it still answers, the [`PrimaryFence`] must stop it
 //!    (e.g. [`SqlShutdownFence`]) and it must then stop answering within `fence_timeout`;
-//!    with [`NoFence`] a reachable primary is a refusal. *Unreachable* means no answer within
-//!    the member's query timeout: a primary that is merely paused may come back, which is
-//!    exactly why a real fence (power, network, `pg_ctl stop` over SSH) should be configured.
+//!    with [`NoFence`] a reachable primary is a refusal. A primary that does *not* answer
+//!    (within the member's query timeout) is not thereby down: it may be partitioned from
+//!    this node while its clients still write to it, paused, or in crash recovery. So it
+//!    is fenced too, by a fence that can stop a server that does not answer
+//!    ([`PrimaryFence::fences_unreachable`]: a [`CommandFence`] that cuts power or network,
+//!    STONITH); without one the promotion is refused ([`Refusal::PrimaryUnreachable`]),
+//!    unless the operator set `assume_unreachable_is_down` — which risks two primaries
+//!    taking writes when the old one was only cut off from this node. Where possible, run a
+//!    [`PgAgent`](crate::pg::PgAgent) beside each database instead: it demotes its own.
 //! 3. **Best candidate.** Each candidate must answer, be in recovery, not have replay paused,
 //!    not be marked never-to-promote (priority 0), be on the expected timeline, and be within
 //!    `max_lag_on_failover` bytes of the reference position (the old primary's last known
@@ -62,6 +68,11 @@ pub struct PromoteConfig {
     /// 10 s).
     #[serde(with = "config::duration")]
     pub repoint_timeout: Duration,
+    /// Treat an old primary that does not answer as down when no fence can stop it (default
+    /// false: refuse). **Risk:** a primary cut off from this node but not from its clients
+    /// keeps taking writes after the promotion — two primaries, and writes lost when one is
+    /// discarded. Set it only where nothing but this node can reach the database.
+    pub assume_unreachable_is_down: bool,
 }
 
 impl Default for PromoteConfig {
@@ -71,6 +82,7 @@ impl Default for PromoteConfig {
             promote_timeout: Duration::from_secs(30),
             fence_timeout: Duration::from_secs(10),
             repoint_timeout: Duration::from_secs(10),
+            assume_unreachable_is_down: false,
         }
     }
 }
@@ -93,6 +105,13 @@ impl Validate for PromoteConfig {
 pub trait PrimaryFence: Send + Sync {
     /// Fences `primary`; the error says why it could not.
     async fn fence(&self, primary: &PgMember) -> Result<(), String>;
+
+    /// Whether this fence can stop a primary that does not answer (it acts outside
+    /// PostgreSQL: power, network, the host). Only such a fence makes an unreachable primary
+    /// safe to replace. Default false.
+    fn fences_unreachable(&self) -> bool {
+        false
+    }
 }
 
 /// No fence: a primary that still answers blocks promotion.
@@ -194,6 +213,12 @@ impl PrimaryFence for CommandFence {
             ))
         }
     }
+
+    /// A command acts outside PostgreSQL (STONITH): it can stop a primary that does not
+    /// answer.
+    fn fences_unreachable(&self) -> bool {
+        true
+    }
 }
 
 /// Why a candidate cannot be promoted.
@@ -264,6 +289,14 @@ pub enum Refusal {
         /// What the fence said.
         detail: String,
     },
+    /// The old primary does not answer, and no fence can stop a primary that does not answer
+    /// (see [`PrimaryFence::fences_unreachable`] and `assume_unreachable_is_down`).
+    PrimaryUnreachable {
+        /// Its name.
+        primary: String,
+        /// Why it was not fenced.
+        detail: String,
+    },
     /// No candidate may be promoted.
     NoEligibleReplica {
         /// Every candidate with its reason.
@@ -278,6 +311,12 @@ impl fmt::Display for Refusal {
             Refusal::LeadershipLost => f.write_str("leadership was lost before promoting"),
             Refusal::PrimaryReachable { primary, detail } => {
                 write!(f, "old primary {primary} still answers: {detail}")
+            }
+            Refusal::PrimaryUnreachable { primary, detail } => {
+                write!(
+                    f,
+                    "old primary {primary} does not answer and is not fenced: {detail}"
+                )
             }
             Refusal::NoEligibleReplica { candidates } => {
                 f.write_str("no eligible replica")?;
@@ -441,6 +480,32 @@ impl Promoter {
             }
             fenced = true;
             tracing::info!(primary = old_primary.name(), "old primary fenced");
+        } else if self.fence.fences_unreachable() {
+            if let Err(detail) = self.fence.fence(old_primary).await {
+                return refuse(Refusal::PrimaryUnreachable {
+                    primary: old_primary.name().to_owned(),
+                    detail: format!("the fence failed: {detail}"),
+                });
+            }
+            fenced = true;
+            tracing::info!(
+                primary = old_primary.name(),
+                "unreachable old primary fenced"
+            );
+        } else if self.config.assume_unreachable_is_down {
+            tracing::warn!(
+                primary = old_primary.name(),
+                "old primary does not answer and no fence can stop it: assumed down \
+                 (assume_unreachable_is_down)"
+            );
+        } else {
+            return refuse(Refusal::PrimaryUnreachable {
+                primary: old_primary.name().to_owned(),
+                detail: "no fence can stop a primary that does not answer: configure a \
+                         CommandFence (STONITH), or set assume_unreachable_is_down and accept \
+                         the risk of two primaries"
+                    .to_owned(),
+            });
         }
 
         // 3. Survey the candidates concurrently.
