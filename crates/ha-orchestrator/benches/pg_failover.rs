@@ -11,7 +11,11 @@
 //! - `lost_acknowledged_commits`: acknowledged commits missing on the new primary (summed
 //!   over trials; asynchronous replication may lose the last ones, as for Patroni);
 //! - `split_brain_commits`: commits acknowledged by the old primary after the new one took
-//!   its first (summed).
+//!   its first (summed);
+//! - `pg_switchover_ms_p50` / `_max`, `switchover_lost_acknowledged_commits`,
+//!   `switchover_split_brain_commits`: the same from a planned switchover (`POST /switchover`
+//!   to the primary's node; for Patroni `{"leader": "p1"}`) instead of a death, at the first
+//!   setting of each (ours ttl 2 s, Patroni 5/1/2).
 //!
 //! **Ours:** three testkit PostgreSQL servers (a primary and two streaming replicas with
 //! slots), one `ha-node` process beside each with a `[replication.agent]`, leases on a testkit
@@ -105,7 +109,7 @@ fn main() {
     for (prefix, setting) in &ours {
         let mut runs = Vec::new();
         for n in 1..=trials {
-            let trial = rt.block_on(ours_trial(setting));
+            let trial = rt.block_on(ours_trial(setting, Death::Kill));
             eprintln!("ours ttl {}s trial {n}: {trial:?}", setting.ttl.as_secs());
             runs.push(trial);
         }
@@ -113,10 +117,19 @@ fn main() {
         print_figures(prefix, &figures);
         results.push((format!("ours ttl {}s", setting.ttl.as_secs()), figures));
     }
+    if let Some((_, setting)) = ours.first() {
+        let mut runs = Vec::new();
+        for n in 1..=trials {
+            let trial = rt.block_on(ours_trial(setting, Death::Switchover));
+            eprintln!("ours switchover trial {n}: {trial:?}");
+            runs.push(trial);
+        }
+        print_switchover("", &summarise(&runs));
+    }
     for &(ttl, loop_wait, retry) in &patroni_settings {
         let mut runs = Vec::new();
         for n in 1..=trials {
-            let trial = rt.block_on(patroni_trial(ttl, loop_wait, retry));
+            let trial = rt.block_on(patroni_trial(ttl, loop_wait, retry, Death::Kill));
             eprintln!("patroni {ttl}/{loop_wait}/{retry} trial {n}: {trial:?}");
             runs.push(trial);
         }
@@ -128,6 +141,15 @@ fn main() {
         };
         print_figures(&prefix, &figures);
         results.push((format!("patroni {ttl}/{loop_wait}/{retry}"), figures));
+    }
+    if let Some(&(ttl, loop_wait, retry)) = patroni_settings.first() {
+        let mut runs = Vec::new();
+        for n in 1..=trials {
+            let trial = rt.block_on(patroni_trial(ttl, loop_wait, retry, Death::Switchover));
+            eprintln!("patroni switchover trial {n}: {trial:?}");
+            runs.push(trial);
+        }
+        print_switchover("patroni_", &summarise(&runs));
     }
 
     let p50 = |name: &str| {
@@ -181,6 +203,19 @@ fn summarise(runs: &[Trial]) -> Figures {
         lost: runs.iter().map(|t| t.lost).sum(),
         split_brain: runs.iter().map(|t| t.split_brain).sum(),
     }
+}
+
+fn print_switchover(prefix: &str, f: &Figures) {
+    println!("{prefix}pg_switchover_ms_p50 {} ms", f.p50_ms);
+    println!("{prefix}pg_switchover_ms_max {} ms", f.max_ms);
+    println!(
+        "{prefix}switchover_lost_acknowledged_commits {} commits",
+        f.lost
+    );
+    println!(
+        "{prefix}switchover_split_brain_commits {} commits",
+        f.split_brain
+    );
 }
 
 fn print_figures(prefix: &str, f: &Figures) {
@@ -363,7 +398,49 @@ impl Setting {
     }
 }
 
-async fn ours_trial(setting: &Setting) -> Trial {
+/// How the primary's node leaves: it dies (its agent or Patroni and its postmaster with every
+/// child, SIGKILL), or the operator asks for a switchover (`POST /switchover` to its API; the
+/// clock runs from the request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Death {
+    Kill,
+    Switchover,
+}
+
+/// Sends `POST path` with a JSON `body` (and a bearer token) on a thread of its own: the
+/// answer comes only once the switchover is done, and the judge must keep the writer going.
+fn post_in_background(port: u16, path: &'static str, token: Option<String>, body: String) {
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return;
+        };
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(request.as_bytes());
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        // No answer at all: the trial ended (and stopped the node) before the switchover
+        // call returned; only a refusal is worth a line.
+        if !answer.is_empty()
+            && !answer.starts_with("HTTP/1.1 200")
+            && !answer.starts_with("HTTP/1.0 200")
+        {
+            eprintln!(
+                "POST {path}: {}",
+                answer.lines().next().unwrap_or("no answer")
+            );
+        }
+    });
+}
+
+async fn ours_trial(setting: &Setting, death: Death) -> Trial {
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_ha-node"));
     let redis = RedisServer::start().await.unwrap();
     let mut primary = PostgresServer::start().await.unwrap();
@@ -419,9 +496,14 @@ async fn ours_trial(setting: &Setting) -> Trial {
         &options(ports[2], "n3", &[&slots[0]]),
     )
     .unwrap();
-    let trial = judge(ports, 0, || {
-        n1.kill().unwrap();
-        primary.kill().unwrap();
+    let api = n1.addr().port();
+    let token = HaNodeOptions::default().admin_token;
+    let trial = judge(ports, 0, || match death {
+        Death::Kill => {
+            n1.kill().unwrap();
+            primary.kill().unwrap();
+        }
+        Death::Switchover => post_in_background(api, "/switchover", Some(token), String::new()),
     })
     .await;
     drop((n2, n3, n1));
@@ -547,7 +629,7 @@ fn pg_bin_dir() -> PathBuf {
     ))
 }
 
-async fn patroni_trial(ttl: u64, loop_wait: u64, retry: u64) -> Trial {
+async fn patroni_trial(ttl: u64, loop_wait: u64, retry: u64, death: Death) -> Trial {
     require(PATRONI, "patroni");
     require(ETCD, "etcd-server");
     require(PYTHON, "python3");
@@ -603,7 +685,14 @@ async fn patroni_trial(ttl: u64, loop_wait: u64, retry: u64) -> Trial {
         .await
         .unwrap();
     let _ = conn.close().await;
-    let trial = judge(ports, 0, || nodes[0].kill()).await;
+    let api = nodes[0].api_port;
+    let trial = judge(ports, 0, || match death {
+        Death::Kill => nodes[0].kill(),
+        Death::Switchover => {
+            post_in_background(api, "/switchover", None, r#"{"leader": "p1"}"#.to_owned());
+        }
+    })
+    .await;
     drop(nodes);
     trial
 }
