@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::binaries;
 use crate::error::{Result, TestkitError};
-use crate::process::{ServerProcess, free_port};
+use crate::process::{ServerProcess, free_ports};
 use crate::proxy::FaultProxy;
 
 /// How long a cluster (or a restarted member) may take to report healthy.
@@ -116,16 +116,33 @@ impl EtcdCluster {
     }
 
     /// Starts a cluster of `size` members and waits until every member reports healthy.
+    /// A member that could not bind its port (another process took it between the choice
+    /// and the start) makes it start over on fresh ports, a few times.
     pub async fn start_with(size: usize) -> Result<Self> {
+        const ATTEMPTS: usize = 5;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start(size).await {
+                Err(TestkitError::Exited { log_tail, .. })
+                    if attempt < ATTEMPTS && log_tail.contains("address already in use") =>
+                {
+                    tracing::debug!(attempt, "an etcd member could not bind its port; retrying");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_start(size: usize) -> Result<Self> {
         let binary = binaries::find("etcd", &[], "etcd-server")?;
         let dir = tempfile::Builder::new()
             .prefix("ha-etcd-")
             .tempdir()
             .map_err(|e| TestkitError::io("create the etcd cluster's directory", e))?;
-        let mut ports = Vec::new();
-        for _ in 0..size {
-            ports.push((free_port()?, free_port()?));
-        }
+        // Client and peer ports of every member, all distinct.
+        let all = free_ports(2 * size)?;
+        let ports: Vec<(u16, u16)> = all.chunks(2).map(|p| (p[0], p[1])).collect();
         let initial_cluster = ports
             .iter()
             .enumerate()

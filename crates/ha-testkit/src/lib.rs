@@ -31,7 +31,7 @@ pub use error::{Result, TestkitError};
 pub use etcd::{EtcdCluster, EtcdMember};
 pub use ha_node::{HaNodeCluster, HaNodeOptions, HaNodeProcess};
 pub use postgres::{Lsn, ParseLsnError, PostgresServer, PostgresServerBuilder};
-pub use process::{ServerProcess, free_port};
+pub use process::{ServerProcess, free_port, free_ports};
 pub use proxy::{FaultProxy, ProxyMode};
 pub use redis::{RedisServer, RedisServerBuilder, RespConnection, RespValue};
 pub use sentinel::{RedisReplicaSet, SentinelOptions, SentinelSet};

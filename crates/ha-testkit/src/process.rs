@@ -251,6 +251,26 @@ pub fn free_port() -> Result<u16> {
         .map_err(|e| TestkitError::io("read the free port", e))
 }
 
+/// `n` distinct free loopback ports: all are bound at once, then released, so no two are the
+/// same (separate [`free_port`] calls may return one port twice). Another process may still
+/// take one before the caller binds it; callers retry on "address already in use".
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| {
+            std::net::TcpListener::bind(("127.0.0.1", 0))
+                .map_err(|e| TestkitError::io("bind 127.0.0.1:0 to find a free port", e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| TestkitError::io("read the free port", e))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
