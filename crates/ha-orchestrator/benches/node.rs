@@ -22,6 +22,9 @@ use ha_health::{CheckConfig, CheckResult, FnCheck};
 use ha_orchestrator::HaNode;
 use ha_testkit::{HaNodeCluster, HaNodeOptions, RedisServer};
 
+mod support;
+use support::{max, median, ms, report, target};
+
 const TTL: Duration = Duration::from_secs(2);
 const RETRY: Duration = Duration::from_millis(200);
 const TOKEN: &str = "bench-admin-token-0123456789";
@@ -213,25 +216,4 @@ fn vm_rss_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort_unstable();
-    samples[samples.len() / 2]
-}
-
-fn max(samples: &[Duration]) -> Duration {
-    samples.iter().copied().max().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e5).round() / 100.0
-}
-
-fn report(name: &str, value: f64, unit: &str) {
-    println!("{name} {value} {unit}");
-}
-
-fn target(what: &str, met: bool) {
-    println!("target {what}: {}", if met { "met" } else { "NOT met" });
 }

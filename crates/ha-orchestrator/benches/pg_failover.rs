@@ -53,6 +53,9 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
+mod support;
+use support::{ms, target};
+
 const TRIAL_LIMIT: Duration = Duration::from_secs(90);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 const COMMIT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -223,14 +226,6 @@ fn print_figures(prefix: &str, f: &Figures) {
     println!("{prefix}pg_failover_ms_max {} ms", f.max_ms);
     println!("{prefix}lost_acknowledged_commits {} commits", f.lost);
     println!("{prefix}split_brain_commits {} commits", f.split_brain);
-}
-
-fn target(what: &str, met: bool) {
-    println!("target {what}: {}", if met { "met" } else { "NOT met" });
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ use ha_replication::SentinelMonitor;
 use ha_testkit::{RedisReplicaSet, RespConnection, SentinelOptions, SentinelSet};
 use tokio_util::sync::CancellationToken;
 
+mod support;
+use support::{max, median, ms, report};
+
 const WRITE_EVERY: Duration = Duration::from_millis(1);
 const WRITE_TIMEOUT: Duration = Duration::from_millis(200);
 const TRIAL_LIMIT: Duration = Duration::from_secs(30);
@@ -218,21 +221,4 @@ async fn write_loop(
         }
         tokio::time::sleep(WRITE_EVERY).await;
     }
-}
-
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn max(samples: &[Duration]) -> Duration {
-    samples.iter().copied().max().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e4).round() / 10.0
-}
-
-fn report(name: &str, value: f64, unit: &str) {
-    println!("{name} {value} {unit}");
 }
