@@ -41,34 +41,9 @@ as_pg() { # runs "$@" as the postgres user when we are root
     fi
 }
 [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    echo "run.sh: stopped; logs in $dir"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Polls `$@` every 100 ms for up to $deadline seconds.
-wait_for() {
-    local what=$1 deadline=$2
-    shift 2
-    local end=$((SECONDS + deadline))
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS >= end)); then
-            echo "run.sh: $what did not happen within ${deadline}s" >&2
-            return 1
-        fi
-        sleep 0.1
-    done
-}
+# shellcheck source=../lib.sh
+. "$here/../lib.sh"
 sql() { psql -h 127.0.0.1 -p "$1" -U postgres -d postgres -Atq -c "$2"; }
-http_ok() ( # port path: answers 200
-    exec 3<>"/dev/tcp/127.0.0.1/$1"
-    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$2" >&3
-    head -1 <&3 | grep -q ' 200 '
-)
 
 redis-server --port 17300 --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
     --logfile "$dir/redis.log" &

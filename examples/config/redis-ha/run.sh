@@ -28,28 +28,8 @@ done
 (cd "$root" && cargo build -q -p ha-orchestrator --bins && cargo build -q -p ha-examples --example redis-writer)
 
 dir=$(mktemp -d /tmp/redis-ha.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    echo "run.sh: stopped; logs in $dir"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Polls `$@` every 100 ms for up to $deadline seconds.
-wait_for() {
-    local what=$1 deadline=$2
-    shift 2
-    local end=$((SECONDS + deadline))
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS >= end)); then
-            echo "run.sh: $what did not happen within ${deadline}s" >&2
-            return 1
-        fi
-        sleep 0.1
-    done
-}
+# shellcheck source=../lib.sh
+. "$here/../lib.sh"
 
 redis() { # port [extra args...]
     local port=$1
@@ -87,18 +67,13 @@ for port in 17100 17101 17102; do
     wait_for "sentinel $port sees the other two" 30 sees_all "$port"
 done
 
-healthy() ( # port: GET /health answers 200
-    exec 3<>"/dev/tcp/127.0.0.1/$1"
-    printf 'GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
-    head -1 <&3 | grep -q ' 200 '
-)
 ids=(a b c)
 for i in 0 1 2; do
     id=${ids[$i]}
     HA_NODE_ID=$id HA_HTTP_LISTEN=127.0.0.1:$((17200 + i)) \
         "$target/debug/ha-node" --config "$here/ha-node.toml" >"$dir/ha-node-$id.log" 2>&1 &
     pids+=($!)
-    wait_for "ha-node $id answers /health" 20 healthy $((17200 + i))
+    wait_for "ha-node $id answers /health" 20 http_ok $((17200 + i)) /health
 done
 
 "$target/debug/examples/redis-writer" mymaster 127.0.0.1:17100,127.0.0.1:17101,127.0.0.1:17102 \
