@@ -218,23 +218,22 @@ impl MasterKey {
     /// The AES-256-GCM key of one backup: HKDF-SHA-256 with `salt`, over this key, with info
     /// `"ha-dr v1 data key\0" || backup id`.
     pub(crate) fn data_key(&self, salt: &[u8], backup_id: &str) -> aead::LessSafeKey {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&*self.bytes);
-        let info = [DATA_KEY_INFO, backup_id.as_bytes()];
-        // `expand` fails only for outputs longer than 255 hash lengths; 32 bytes never are.
-        let okm = prk.expand(&info, &aead::AES_256_GCM);
-        let key = okm.map(aead::UnboundKey::from);
-        match key {
-            Ok(key) => aead::LessSafeKey::new(key),
-            Err(_) => unreachable_hkdf(),
-        }
+        self.aead_key(salt, DATA_KEY_INFO, backup_id)
     }
 
     /// The AES-256-GCM key that seals one manifest (version 2): derived as a data key is,
     /// HKDF-SHA-256 with the manifest's own `salt`, info `"ha-dr v2 manifest key\0" ||
     /// backup id`.
     pub(crate) fn manifest_seal_key(&self, salt: &[u8], backup_id: &str) -> aead::LessSafeKey {
+        self.aead_key(salt, MANIFEST_SEAL_INFO, backup_id)
+    }
+
+    /// HKDF-SHA-256 with `salt` over this key, info `domain || backup id`, as an AES-256-GCM
+    /// key: the one derivation behind every per-backup key.
+    fn aead_key(&self, salt: &[u8], domain: &[u8], backup_id: &str) -> aead::LessSafeKey {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&*self.bytes);
-        let info = [MANIFEST_SEAL_INFO, backup_id.as_bytes()];
+        let info = [domain, backup_id.as_bytes()];
+        // `expand` fails only for outputs longer than 255 hash lengths; 32 bytes never are.
         match prk
             .expand(&info, &aead::AES_256_GCM)
             .map(aead::UnboundKey::from)

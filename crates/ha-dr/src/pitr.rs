@@ -1304,12 +1304,7 @@ fn restore_tree(
     let got = read_ahead(&mut reader, |plain| {
         source::extract_dir(id.as_str(), plain, &staged, &mut |_| {})
     })?;
-    if got != entries {
-        return Err(Error::corrupt(
-            id.as_str(),
-            format!("the archive holds {got} entries, the manifest recorded {entries}"),
-        ));
-    }
+    crate::repo::check_entries(id.as_str(), entries, got)?;
     let signal = staged.join("recovery.signal");
     fs::File::create(&signal).map_err(|e| Error::io("create", &signal, e))?;
     let auto = staged.join("postgresql.auto.conf");

@@ -1108,19 +1108,25 @@ fn check_structure(manifest: &Manifest, plain: &mut dyn Read) -> Result<String> 
 /// injected.
 fn check_entry_count(id: &str, details: &Details, got: u64) -> Result<()> {
     match details {
-        Details::Dir { entries, .. } if *entries != got => Err(Error::corrupt(
-            id,
-            format!("the archive holds {got} entries, the manifest recorded {entries}"),
-        )),
-        Details::PgBase { entries, .. } if *entries != got => Err(Error::corrupt(
-            id,
-            format!("the archive holds {got} entries, the manifest recorded {entries}"),
-        )),
-        Details::Dir { .. } | Details::PgBase { .. } => Ok(()),
+        Details::Dir { entries, .. } | Details::PgBase { entries, .. } => {
+            check_entries(id, *entries, got)
+        }
         _ => Err(Error::corrupt(
             id,
             "a directory backup without its entry count",
         )),
+    }
+}
+
+/// The archive of backup `id` held `got` entries; its manifest recorded `recorded`.
+pub(crate) fn check_entries(id: &str, recorded: u64, got: u64) -> Result<()> {
+    if recorded == got {
+        Ok(())
+    } else {
+        Err(Error::corrupt(
+            id,
+            format!("the archive holds {got} entries, the manifest recorded {recorded}"),
+        ))
     }
 }
 

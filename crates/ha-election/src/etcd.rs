@@ -315,10 +315,7 @@ impl Value {
 
 /// The etcd lease TTL for a term of `ttl`: `3 × ttl` in whole seconds, rounded up.
 fn lease_ttl(ttl: Duration) -> i64 {
-    i64::try_from(ttl.as_millis().div_ceil(1000))
-        .unwrap_or(i64::MAX / LEASE_TTL_FACTOR)
-        .max(1)
-        .saturating_mul(LEASE_TTL_FACTOR)
+    member_ttl(ttl).saturating_mul(LEASE_TTL_FACTOR)
 }
 
 /// An etcd lease TTL for a member beating every so often with `ttl`: whole seconds, rounded up.

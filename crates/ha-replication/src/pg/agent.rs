@@ -1629,16 +1629,9 @@ impl Inner {
         }
         let conninfo = repoint_conninfo(&current, &leader)
             .ok_or_else(|| "cannot parse the replica's primary_conninfo".to_owned())?;
-        let statement = format!(
-            "ALTER SYSTEM SET primary_conninfo = '{}'",
-            conninfo.replace('\'', "''")
-        );
         tracing::info!(member = self.member.name(), %leader, "re-pointing the replica");
         self.member
-            .run("re-pointing primary_conninfo", |pool| async move {
-                sqlx::query(&statement).execute(&pool).await?;
-                sqlx::query("SELECT pg_reload_conf()").execute(&pool).await
-            })
+            .set_primary_conninfo(&conninfo)
             .await
             .map_err(|e| e.to_string())?;
         self.record(AgentAction::Repointed {

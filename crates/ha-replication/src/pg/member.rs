@@ -116,6 +116,22 @@ impl PgMember {
         )
     }
 
+    /// Points this replica at another server: `ALTER SYSTEM SET primary_conninfo` (quoted:
+    /// `ALTER SYSTEM` takes no parameters) and a reload, which PostgreSQL ≥ 13 applies without
+    /// a restart.
+    pub(crate) async fn set_primary_conninfo(&self, conninfo: &str) -> Result<(), Error> {
+        let alter = format!(
+            "ALTER SYSTEM SET primary_conninfo = '{}'",
+            conninfo.replace('\'', "''")
+        );
+        self.run("setting primary_conninfo", |pool| async move {
+            sqlx::query(&alter).execute(&pool).await?;
+            sqlx::query("SELECT pg_reload_conf()").execute(&pool).await
+        })
+        .await
+        .map(drop)
+    }
+
     /// Runs `query` against the pool under the member's timeout, mapping errors to ones that
     /// name the member and `what` was asked.
     pub(crate) async fn run<T, F>(

@@ -709,18 +709,7 @@ impl Promoter {
                     })
                     .await?;
             }
-            // ALTER SYSTEM takes no parameters: quote the literal.
-            let alter = format!(
-                "ALTER SYSTEM SET primary_conninfo = '{}'",
-                conninfo.replace('\'', "''")
-            );
-            replica
-                .run("setting primary_conninfo", |pool| async move {
-                    sqlx::query(&alter).execute(&pool).await?;
-                    sqlx::query("SELECT pg_reload_conf()").execute(&pool).await
-                })
-                .await?;
-            Ok::<(), Error>(())
+            replica.set_primary_conninfo(&conninfo).await
         };
         if let Err(e) = step.await {
             return RepointOutcome::Failed {
