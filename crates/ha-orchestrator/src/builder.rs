@@ -442,10 +442,11 @@ impl HaNodeBuilder {
             }
             let elector = Arc::clone(&self.elector_slot);
             let members = Arc::clone(&self.elector_slot);
+            let known = UpstreamCache::default();
             Arc::new(
                 agent
                     .paused_by(Arc::clone(&paused))
-                    .follow(move || leader_upstream(Arc::clone(&elector)))
+                    .follow(move || leader_upstream(Arc::clone(&elector), Arc::clone(&known)))
                     .peers(move || peer_reports(Arc::clone(&members))),
             )
         });
@@ -580,17 +581,32 @@ async fn peer_reports(
         .collect()
 }
 
-/// The leader's database as its member published it, when another node leads.
+/// The leader's database of the last term looked up, by its fencing token.
+#[cfg(feature = "postgres")]
+type UpstreamCache =
+    Arc<std::sync::Mutex<Option<(ha_core::FencingToken, ha_replication::pg::Upstream)>>>;
+
+/// The leader's database as its member published it, when another node leads. A member's
+/// `pg_conninfo` is set once when its node is built, so it is read from the store once per
+/// term (a new term, even of the same node, has a new token), not at every agent loop.
 #[cfg(feature = "postgres")]
 async fn leader_upstream(
     elector: Arc<OnceLock<Arc<Elector>>>,
+    known: UpstreamCache,
 ) -> Option<ha_replication::pg::Upstream> {
     let elector = Arc::clone(elector.get()?);
     let leader = elector.leader()?;
     if elector.is_leader().is_some() {
         return None;
     }
+    if let Some((token, upstream)) = &*ha_core::sync::lock(&known)
+        && *token == leader.token
+    {
+        return Some(upstream.clone());
+    }
     let members = elector.members().await.ok()?;
     let meta = members.into_iter().find(|m| m.node == leader.node)?.meta;
-    ha_replication::pg::Upstream::from_conninfo(meta.get(PG_CONNINFO_META)?)
+    let upstream = ha_replication::pg::Upstream::from_conninfo(meta.get(PG_CONNINFO_META)?)?;
+    *ha_core::sync::lock(&known) = Some((leader.token, upstream.clone()));
+    Some(upstream)
 }
