@@ -67,6 +67,8 @@ pub const PG_AGENT_DEMOTIONS_TOTAL: &str = "ha_pg_agent_demotions_total";
 /// Gauge, label `member`: the PostgreSQL agent's watchdog — 1 armed (it fences the database
 /// if the agent dies or passes its deadline), 0 disarmed, -1 not running.
 pub const PG_AGENT_WATCHDOG: &str = "ha_pg_agent_watchdog";
+/// Counter, label `member`: synchronous-replication records the leader's agent wrote.
+pub const PG_AGENT_SYNC_RECORDS: &str = "ha_pg_agent_sync_records_total";
 /// Counter, labels `sync`, `outcome` (`complete`, `incomplete` — some entries failed —,
 /// `failed`): file sync runs.
 pub const REPLICATION_FILE_SYNCS_TOTAL: &str = "ha_replication_file_syncs_total";
@@ -146,6 +148,7 @@ pub const ALL: &[&str] = &[
     PROMOTIONS_TOTAL,
     PG_AGENT_DEMOTIONS_TOTAL,
     PG_AGENT_WATCHDOG,
+    PG_AGENT_SYNC_RECORDS,
     REPLICATION_FILE_SYNCS_TOTAL,
     REPLICATION_FILE_SYNC_DURATION_SECONDS,
     REPLICATION_FILE_COPIED_TOTAL,

@@ -366,6 +366,38 @@ impl Elector {
             .await
     }
 
+    /// Writes `node`'s entry in `group`, a group of small records kept beside this
+    /// election's lease (under `<key>/<group>`), living `ttl` by the store's clock: state a
+    /// component must keep exactly as durable as the lease, such as the PostgreSQL agent's
+    /// synchronous-replication record. Each node has one entry per group; a write replaces it.
+    pub async fn put_entry(
+        &self,
+        group: &str,
+        node: &NodeId,
+        meta: &BTreeMap<String, String>,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.store
+            .heartbeat(
+                &entries_group(&self.config.key, group),
+                node,
+                meta,
+                ttl,
+                self.config.request_timeout,
+            )
+            .await
+    }
+
+    /// The live entries of `group` (see [`put_entry`](Self::put_entry)), sorted by node.
+    pub async fn entries(&self, group: &str) -> Result<Vec<Member>> {
+        self.store
+            .members(
+                &entries_group(&self.config.key, group),
+                self.config.request_timeout,
+            )
+            .await
+    }
+
     /// This node's leadership, if it leads *now*: the deadline is checked at call time, on
     /// tokio's clock and on the [suspend clock](ElectorBuilder::suspend_clock), so a leader
     /// resumed after a suspend or VM pause longer than its remaining term answers `None` at
@@ -1017,6 +1049,11 @@ impl Runner {
 /// The membership group of an election key.
 fn members_group(key: &str) -> String {
     format!("{key}/members")
+}
+
+/// The store group of an election's auxiliary records (see [`Elector::put_entry`]).
+fn entries_group(key: &str, group: &str) -> String {
+    format!("{key}/{group}")
 }
 
 /// Beats every `ttl / 3` until shutdown. A store without membership is told once.

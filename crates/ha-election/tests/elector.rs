@@ -574,3 +574,51 @@ fn boottime_reads_a_clock_that_moves_forward() {
         assert!(second >= first);
     }
 }
+
+/// `put_entry` keeps a small record per node in a group beside the lease: listed by
+/// `entries`, replaced by the next write of the same node, never mixed with the members, and
+/// kept for its own ttl.
+#[tokio::test(start_paused = true)]
+async fn entries_live_in_their_own_group_one_per_node() {
+    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let a = elector(memory.clone(), "a").await;
+    // Paused time: the first heartbeat runs.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let meta = |v: &str| std::collections::BTreeMap::from([("v".to_owned(), v.to_owned())]);
+    let day = Duration::from_secs(86_400);
+    a.put_entry("sync", &NodeId::new("a"), &meta("1"), day)
+        .await
+        .unwrap();
+    a.put_entry("sync", &NodeId::new("b"), &meta("2"), day)
+        .await
+        .unwrap();
+    a.put_entry("sync", &NodeId::new("a"), &meta("3"), day)
+        .await
+        .unwrap();
+    let entries: Vec<(String, String)> = a
+        .entries("sync")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.node.to_string(), m.meta["v"].clone()))
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("a".to_owned(), "3".to_owned()),
+            ("b".to_owned(), "2".to_owned())
+        ]
+    );
+    let members: Vec<String> = a
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.node.to_string())
+        .collect();
+    assert_eq!(members, ["a"], "entries are not members");
+    // Far past the members' ttl, the entries are still there.
+    tokio::time::sleep(TTL * 10).await;
+    assert_eq!(a.entries("sync").await.unwrap().len(), 2);
+    assert!(a.entries("other").await.unwrap().is_empty());
+}

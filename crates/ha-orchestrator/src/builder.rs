@@ -443,11 +443,15 @@ impl HaNodeBuilder {
             let elector = Arc::clone(&self.elector_slot);
             let members = Arc::clone(&self.elector_slot);
             let known = UpstreamCache::default();
+            let sync = ElectionSyncState {
+                elector: Arc::clone(&self.elector_slot),
+            };
             Arc::new(
                 agent
                     .paused_by(Arc::clone(&paused))
                     .follow(move || leader_upstream(Arc::clone(&elector), Arc::clone(&known)))
-                    .peers(move || peer_reports(Arc::clone(&members))),
+                    .peers(move || peer_reports(Arc::clone(&members)))
+                    .sync_state(Arc::new(sync)),
             )
         });
         let parts = Parts {
@@ -579,6 +583,82 @@ async fn peer_reports(
         .iter()
         .filter_map(|m| ha_replication::pg::MemberReport::from_meta(m.node.as_str(), &m.meta))
         .collect()
+}
+
+/// The election's group holding the PostgreSQL agents' synchronous-replication records.
+#[cfg(feature = "postgres")]
+const SYNC_GROUP: &str = "sync";
+
+/// How long the store keeps a sync record nobody wrote again (the leader's agent rewrites
+/// its own every few minutes).
+#[cfg(feature = "postgres")]
+const SYNC_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The PostgreSQL agent's synchronous-replication record, kept in the election's lease
+/// store ([`Elector::put_entry`], group `sync`): one entry per primary that wrote one, the
+/// greatest token wins. As durable and as available as the leases.
+#[cfg(feature = "postgres")]
+struct ElectionSyncState {
+    elector: Arc<OnceLock<Arc<Elector>>>,
+}
+
+#[cfg(feature = "postgres")]
+impl fmt::Debug for ElectionSyncState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ElectionSyncState").finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl ElectionSyncState {
+    fn elector(&self, what: &'static str) -> Result<Arc<Elector>, ha_replication::Error> {
+        self.elector
+            .get()
+            .cloned()
+            .ok_or_else(|| ha_replication::Error::SyncState {
+                what,
+                detail: "the election has not started".into(),
+            })
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[ha_core::async_trait]
+impl ha_replication::pg::SyncStateStore for ElectionSyncState {
+    async fn read(&self) -> Result<Option<ha_replication::pg::SyncState>, ha_replication::Error> {
+        let entries = self
+            .elector("read")?
+            .entries(SYNC_GROUP)
+            .await
+            .map_err(|e| ha_replication::Error::SyncState {
+                what: "read",
+                detail: e.to_string(),
+            })?;
+        Ok(entries
+            .iter()
+            .filter_map(|m| ha_replication::pg::SyncState::from_meta(&m.meta))
+            .max_by_key(|r| r.token))
+    }
+
+    async fn write(
+        &self,
+        state: &ha_replication::pg::SyncState,
+    ) -> Result<(), ha_replication::Error> {
+        // Keyed by the primary: a deposed primary's late write only replaces its own entry,
+        // whose token is smaller than the new primary's.
+        self.elector("write")?
+            .put_entry(
+                SYNC_GROUP,
+                &NodeId::from(state.primary.as_str()),
+                &state.to_meta(),
+                SYNC_RECORD_TTL,
+            )
+            .await
+            .map_err(|e| ha_replication::Error::SyncState {
+                what: "write",
+                detail: e.to_string(),
+            })
+    }
 }
 
 /// The leader's database of the last term looked up, by its fencing token.

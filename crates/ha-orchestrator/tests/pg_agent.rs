@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ha_election::{ElectorConfig, MemoryLeaseStore};
 use ha_orchestrator::HaNode;
-use ha_replication::pg::{PgAgent, PgAgentConfig, PgMember};
+use ha_replication::pg::{PgAgent, PgAgentConfig, PgMember, SyncMode};
 use ha_testkit::PostgresServer;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -549,4 +549,190 @@ async fn a_switchover_under_load_demotes_first_and_loses_no_acknowledged_commit(
     assert!(b.is_leader().is_some());
     a.shutdown().await;
     b.shutdown().await;
+}
+
+fn sync_agent(name: &str, server: &PostgresServer) -> PgAgent {
+    let member = PgMember::new(name, &server.url())
+        .unwrap()
+        .query_timeout(Duration::from_secs(1));
+    let config = PgAgentConfig {
+        loop_interval: Duration::from_millis(200),
+        demote_margin: Duration::from_millis(600),
+        demote_timeout: Duration::from_millis(500),
+        synchronous_mode: SyncMode::On,
+        // The synchronous standby below delays its replay: its lag is judged on replay.
+        max_lag_on_failover: 256 << 20,
+        ..PgAgentConfig::default()
+    };
+    PgAgent::new(member, config).unwrap()
+}
+
+/// The agent's published sync record, from `/status`.
+async fn sync_record(node: &HaNode) -> String {
+    let (_, body) = get(node, "/status").await;
+    body["replication"]["agent"]["report"]["sync_record"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Synchronous mode. The leader's agent makes one replica its synchronous standby (recorded
+/// in the store before the primary relies on it) and the other stays asynchronous. The
+/// synchronous standby then delays its replay by an hour, so the asynchronous one has
+/// *replayed* more and the candidate rule alone would pick it. The primary's database is
+/// SIGKILLed under a write load: only the synchronous standby may lead and be promoted, and
+/// it holds every commit the old primary acknowledged; alone, it then commits (mode `on`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_commit_is_lost() {
+    let mut primary = PostgresServer::start().await.unwrap();
+    primary
+        .execute("CREATE TABLE w (id bigint PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let one = primary.start_replica().await.unwrap();
+    let two = primary.start_replica().await.unwrap();
+    let store = Arc::new(MemoryLeaseStore::new());
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    let node = |id: &str, agent: PgAgent| {
+        HaNode::builder()
+            .node_id(id)
+            .election_with(store.clone(), timing.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .pg_agent(agent)
+            .build()
+            .unwrap()
+    };
+    let a = node("a", sync_agent("db-a", &primary));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    let b = node("b", sync_agent("db-b", &one));
+    let c = node("c", sync_agent("db-c", &two));
+    b.start().await.unwrap();
+    c.start().await.unwrap();
+    until("a synchronous standby, recorded", async || {
+        let record = sync_record(&a).await;
+        record.contains("standbys [b]") || record.contains("standbys [c]")
+    })
+    .await;
+    let record = sync_record(&a).await;
+    let (sync_node, sync_db, async_node, async_db) = if record.contains("standbys [b]") {
+        (&b, &one, &c, &two)
+    } else {
+        (&c, &two, &b, &one)
+    };
+    let sync_name = if record.contains("standbys [b]") {
+        "b"
+    } else {
+        "c"
+    };
+    let setting: String = primary
+        .query_scalar("SELECT current_setting('synchronous_standby_names')")
+        .await
+        .unwrap();
+    assert_eq!(setting, format!("FIRST 1 (\"{sync_name}\")"));
+    // Both replicas name themselves to the primary; only one is synchronous.
+    let sync_states: Vec<String> = primary
+        .query_scalar(
+            "SELECT array_agg(application_name || '=' || sync_state ORDER BY application_name) \
+             FROM pg_stat_replication",
+        )
+        .await
+        .unwrap();
+    assert_eq!(sync_states.len(), 2, "{sync_states:?}");
+    assert!(
+        sync_states.contains(&format!("{sync_name}=sync")),
+        "{sync_states:?}"
+    );
+
+    sync_db
+        .execute("ALTER SYSTEM SET recovery_min_apply_delay = '1h'")
+        .await
+        .unwrap();
+    sync_db.execute("SELECT pg_reload_conf()").await.unwrap();
+    let acks: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_both(
+        primary.url(),
+        sync_db.url(),
+        Arc::clone(&acks),
+        Arc::clone(&stop),
+    ));
+    until("writes on a's primary", async || {
+        acks.lock().unwrap().len() >= 200
+    })
+    .await;
+    // The asynchronous replica has replayed more than the delayed synchronous one.
+    let replayed = |db: &PostgresServer| {
+        let db = db.url();
+        async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&db).await.unwrap();
+            let lsn: String = sqlx::query_scalar("SELECT pg_last_wal_replay_lsn()::text")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            lsn.parse::<ha_replication::Lsn>().unwrap()
+        }
+    };
+    until(
+        "the asynchronous replica to replay past the synchronous one",
+        async || replayed(async_db).await > replayed(sync_db).await,
+    )
+    .await;
+
+    primary.kill().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while get(sync_node, "/primary").await.0 != StatusCode::OK {
+        assert!(
+            async_node.is_leader().is_none(),
+            "the asynchronous replica took the lease"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the synchronous standby was not promoted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // With no synchronous standby left, `on` lets the new primary commit alone.
+    until("commits on the new primary", async || {
+        acks.lock().unwrap().iter().filter(|a| a.on_b).count() >= 20
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    assert!(async_db.is_in_recovery().await.unwrap());
+    let present: std::collections::BTreeSet<i64> = sync_db
+        .query_scalar::<Vec<i64>>("SELECT coalesce(array_agg(id), '{}') FROM w")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let acks = acks.lock().unwrap().clone();
+    let lost: Vec<i64> = acks
+        .iter()
+        .map(|a| a.n)
+        .filter(|n| !present.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged commits lost: {lost:?}",
+        lost.len(),
+        acks.len()
+    );
+    // The new primary recorded its own term before it promoted. The asynchronous replica
+    // replayed WAL past the promotion point (commits the old primary never acknowledged):
+    // it cannot follow the new timeline without a rewind, and is never named.
+    assert!(
+        sync_record(sync_node)
+            .await
+            .contains(&format!("primary {sync_name}, standbys []")),
+        "{}",
+        sync_record(sync_node).await
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
 }

@@ -75,6 +75,15 @@ pub enum Error {
         /// Why the outcome is unknown.
         detail: String,
     },
+    /// The synchronous-replication record could not be read or written (see
+    /// `pg::sync::SyncStateStore`).
+    #[error("sync-state record: {what} failed: {detail}")]
+    SyncState {
+        /// `read` or `write`.
+        what: &'static str,
+        /// The store's error.
+        detail: String,
+    },
     /// The operation is not possible here; nothing was done.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -88,7 +97,8 @@ impl Error {
             Error::Connect { .. }
             | Error::Query { .. }
             | Error::Timeout { .. }
-            | Error::Sentinel { .. } => true,
+            | Error::Sentinel { .. }
+            | Error::SyncState { .. } => true,
             #[cfg(feature = "postgres")]
             Error::Refused(_) => true,
             Error::Config { .. } | Error::Unsupported(_) | Error::FailoverOutcomeUnknown { .. } => {

@@ -105,12 +105,25 @@
 //! or makes a primary writable, and refuses both while no watchdog runs (the member is then
 //! not eligible). See [`watchdog`] for the protocol and why it is safe.
 //!
+//! # Synchronous mode
+//!
+//! With `synchronous_mode` `on` or `strict` (every member must say the same), the leader's
+//! agent chooses `synchronous_node_count` streaming replicas not tagged `nosync` and makes
+//! its primary wait for all of them (`synchronous_standby_names`), and keeps a record of
+//! them in a [`SyncStateStore`] (`ha-orchestrator`: the election's lease store) — shrunk
+//! before PostgreSQL stops waiting for a member, grown only once PostgreSQL has waited for it
+//! and it flushed everything. Only a member the record names may be promoted (it is otherwise
+//! not eligible), and a primary the record does not name stays read-only: no acknowledged
+//! commit is lost in a failover. A promoting agent first writes a record of its own term
+//! naming only itself. Replicas connect with their member name as `application_name`. See
+//! [`sync`](crate::pg::sync) for the protocol.
+//!
 //! # Not done yet
 //!
 //! `pg_rewind` or a re-clone of a former primary ([`AgentStatus::needs_rejoin`] only
-//! reports it), a switchover carried out through the agents, synchronous replication
-//! (`synchronous_standby_names` managed by the leader's agent).
+//! reports it), a switchover carried out through the agents.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -128,6 +141,9 @@ use tokio_util::sync::CancellationToken;
 use crate::pg::candidate::{self, MemberReport};
 use crate::pg::member::PgMember;
 use crate::pg::promote::{PrimaryFence, SqlShutdownFence};
+use crate::pg::sync::{
+    self, PendingChange, SyncMode, SyncState, SyncStateStore, SyncStep, Waits, Walsender,
+};
 use crate::pg::watchdog::{self, Message, WatchdogConfig};
 use crate::{Error, Lsn};
 
@@ -183,6 +199,13 @@ pub struct PgAgentConfig {
     pub watchdog: WatchdogConfig,
     /// Tag: this member is never promoted and never campaigns (default false).
     pub nofailover: bool,
+    /// Tag: this member is never chosen as a synchronous standby (default false).
+    pub nosync: bool,
+    /// Synchronous replication, managed by the leader's agent (default `off`; see
+    /// [`sync`](crate::pg::sync)). Every member of a cluster must say the same.
+    pub synchronous_mode: SyncMode,
+    /// How many synchronous standbys the leader waits for (default 1).
+    pub synchronous_node_count: usize,
     /// Another member's report older than this is ignored by the candidate rule
     /// (default 5 s; see [`candidate`]).
     #[serde(with = "config::duration")]
@@ -202,6 +225,9 @@ impl Default for PgAgentConfig {
             replica_slots: Vec::new(),
             watchdog: WatchdogConfig::default(),
             nofailover: false,
+            nosync: false,
+            synchronous_mode: SyncMode::Off,
+            synchronous_node_count: 1,
             report_stale_after: Duration::from_secs(5),
         }
     }
@@ -213,6 +239,11 @@ impl Validate for PgAgentConfig {
         config::positive("demote_margin", self.demote_margin)?;
         config::positive("demote_timeout", self.demote_timeout)?;
         config::positive("report_stale_after", self.report_stale_after)?;
+        config::ensure(
+            self.synchronous_node_count >= 1,
+            "synchronous_node_count",
+            || "must be at least 1".into(),
+        )?;
         config::ensure(
             self.demote_timeout < self.demote_margin,
             "demote_timeout",
@@ -297,6 +328,17 @@ pub enum AgentAction {
         host: String,
         /// Its port.
         port: u16,
+    },
+    /// The leader's primary was told to wait for these synchronous standbys
+    /// (`synchronous_standby_names`, reloaded).
+    SyncStandbysConfigured {
+        /// The new setting.
+        setting: String,
+    },
+    /// The synchronous-replication record was written (see [`sync`](crate::pg::sync)).
+    SyncRecorded {
+        /// The record.
+        record: String,
     },
     /// The database is a primary while another member leads: its timeline has diverged, so
     /// it cannot simply follow; it needs `pg_rewind` or a re-clone (not done by the agent yet).
@@ -392,18 +434,31 @@ fn quote_value(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// `current` with its `host`, `hostaddr` and `port` replaced by `upstream`'s, every other
-/// keyword (user, password, passfile, sslmode, application_name, …) kept.
-fn repoint_conninfo(current: &str, upstream: &Upstream) -> Option<String> {
+/// `current` with its `host`, `hostaddr` and `port` replaced by `upstream`'s (and its
+/// `application_name` by `name`, when given), every other keyword (user, password, passfile,
+/// sslmode, …) kept.
+fn repoint_conninfo(current: &str, upstream: &Upstream, name: Option<&str>) -> Option<String> {
     let pairs = parse_conninfo(current)?;
     let mut out: Vec<String> = pairs
         .into_iter()
         .filter(|(k, _)| !matches!(k.as_str(), "host" | "hostaddr" | "port"))
+        .filter(|(k, _)| name.is_none() || k != "application_name")
         .map(|(k, v)| format!("{k}={}", quote_value(&v)))
         .collect();
     out.push(format!("host={}", quote_value(&upstream.host)));
     out.push(format!("port={}", upstream.port));
+    if let Some(name) = name {
+        out.push(format!("application_name={}", quote_value(name)));
+    }
     Some(out.join(" "))
+}
+
+/// The value of `key` in a libpq keyword/value conninfo.
+fn conninfo_value(conninfo: &str, key: &str) -> Option<String> {
+    parse_conninfo(conninfo)?
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
 }
 
 /// Where the leader's database is, asked by a following agent every loop: `None` while no
@@ -454,6 +509,8 @@ pub struct AgentStatus {
     pub replayed: Option<Lsn>,
     /// A primary's current WAL position at the last loop.
     pub wal: Option<Lsn>,
+    /// In synchronous mode: the latest sync record seen (token, primary, standbys).
+    pub sync_record: Option<String>,
 }
 
 /// The other members' reports, asked by an agent every loop while its database is a
@@ -481,6 +538,8 @@ struct Inner {
     leader: Option<LeaderSource>,
     /// The other members' reports, for the candidate rule.
     peers: Option<PeerSource>,
+    /// Where the synchronous-replication record lives (synchronous mode).
+    sync_store: Option<Arc<dyn SyncStateStore>>,
     /// The watchdog process, while one runs.
     watchdog: tokio::sync::Mutex<Option<WatchdogProcess>>,
     /// Whether the watchdog ran and took the last message (eligibility needs it).
@@ -510,12 +569,20 @@ struct State {
     /// When this database was demoted by a handover: it stays out of the election for
     /// [`HANDOVER_HOLD`], so that a replica, not the old primary, takes the lease.
     handed_over_at: Option<Instant>,
+    /// Synchronous mode: the record this term wrote last, and when.
+    sync_written: Option<(SyncState, Instant)>,
+    /// Synchronous mode: a setting change not yet confirmed.
+    sync_pending: Option<PendingChange>,
 }
 
 /// How long a primary demoted by [`PgAgent::hand_over`] stays ineligible: long enough for a
 /// replica to campaign and lead (the candidate rule otherwise ranks a primary first); if none
 /// did, the old primary may lead again afterwards.
 const HANDOVER_HOLD: Duration = Duration::from_secs(30);
+
+/// How often the leader writes its unchanged sync record again (a [`SyncStateStore`] may
+/// forget records not written for much longer than this).
+const SYNC_REFRESH: Duration = Duration::from_secs(600);
 
 /// How long a handover waits for a standby to flush the demoted primary's last WAL.
 const HANDOVER_CATCH_UP: Duration = Duration::from_secs(5);
@@ -555,6 +622,7 @@ impl PgAgent {
             received: None,
             replayed: None,
             wal: None,
+            sync_record: None,
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -566,10 +634,13 @@ impl PgAgent {
                     deferring: false,
                     deadline: None,
                     handed_over_at: None,
+                    sync_written: None,
+                    sync_pending: None,
                 }),
                 paused: Arc::default(),
                 leader: None,
                 peers: None,
+                sync_store: None,
                 watchdog: tokio::sync::Mutex::new(None),
                 watchdog_up: std::sync::atomic::AtomicBool::new(false),
                 handing_over: std::sync::atomic::AtomicBool::new(false),
@@ -626,6 +697,18 @@ impl PgAgent {
         self
     }
 
+    /// Where the synchronous-replication record lives (see [`sync`](crate::pg::sync));
+    /// needed when `synchronous_mode` is not `off`. `ha-orchestrator` keeps it in the
+    /// election's lease store.
+    #[must_use]
+    pub fn sync_state(mut self, store: Arc<dyn SyncStateStore>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.sync_store = Some(store),
+            None => tracing::error!("sync_state after the agent started: ignored"),
+        }
+        self
+    }
+
     /// This member's report as of the last loop (`None` before the first), for its member
     /// metadata ([`MemberReport::to_meta`]); `member` is the database's name.
     pub fn member_report(&self) -> Option<MemberReport> {
@@ -652,6 +735,7 @@ impl PgAgent {
             wal: s.wal,
             eligible,
             nofailover: self.inner.config.nofailover,
+            nosync: self.inner.config.nosync,
             age: state.looked_at.map_or(Duration::MAX, |t| t.elapsed()),
         })
     }
@@ -862,6 +946,16 @@ impl Component for PgAgent {
     /// on `ctx.bus`: the promotion does not wait for the next tick), until `ctx.shutdown` or
     /// [`stop`](Component::stop).
     async fn start(&self, ctx: ComponentContext) -> Result<(), ha_core::Error> {
+        if self.inner.config.synchronous_mode != SyncMode::Off && self.inner.sync_store.is_none() {
+            return Err(ha_core::Error::Component {
+                component: COMPONENT.into(),
+                action: "start",
+                source: Box::new(Error::Unsupported(
+                    "synchronous_mode needs a sync-state store (PgAgent::sync_state)".into(),
+                )),
+                retryable: false,
+            });
+        }
         let stop = self.tasks.begin(COMPONENT, &ctx)?;
         if self.inner.config.watchdog.enabled {
             self.tasks.spawn(watchdog_heartbeat(
@@ -1059,7 +1153,11 @@ impl Inner {
             },
             (Some(l), Ok(Observed::Primary { .. })) => match self.watchdog_arm(&l).await {
                 Ok(()) => {
-                    let writable = self.ensure_writable(ctx).await;
+                    // Synchronous mode: writable only once this term's record names it.
+                    let writable = match self.manage_sync(ctx, &l).await {
+                        Ok(()) => self.ensure_writable(ctx).await,
+                        Err(e) => Err(e),
+                    };
                     let slots = self.ensure_slots().await;
                     writable.and(slots)
                 }
@@ -1076,7 +1174,8 @@ impl Inner {
                 demotion
             }
             (None, Ok(Observed::Replica { streaming_from })) => {
-                self.follow_leader(streaming_from.as_ref()).await
+                self.follow_leader(ctx.node.as_str(), streaming_from.as_ref())
+                    .await
             }
             (None, Err(e)) => {
                 let was_primary = self.lock().status.role == Some(PgRole::Primary);
@@ -1427,6 +1526,7 @@ impl Inner {
                                 wal: None,
                                 eligible: true,
                                 nofailover: false,
+                                nosync: false,
                                 age: Duration::ZERO,
                             };
                             let defer = candidate::defer_to(&me, &counted, stale_after);
@@ -1436,6 +1536,15 @@ impl Inner {
                     }
                 }
                 Err(e) => (Some(format!("replica status unknown: {e}")), false),
+            };
+            // Synchronous mode: only a member the sync record names may be promoted.
+            let (ineligible, deferring) = if ineligible.is_none() || deferring {
+                match self.sync_refusal(node).await {
+                    Some(refusal) => (Some(refusal), false),
+                    None => (ineligible, deferring),
+                }
+            } else {
+                (ineligible, deferring)
             };
             let mut state = self.lock();
             state.status.ineligible = ineligible;
@@ -1488,6 +1597,20 @@ impl Inner {
                 reason: "tagged nofailover".into(),
             });
             return Ok(());
+        }
+        if self.config.synchronous_mode != SyncMode::Off {
+            // Asked again now, then this term's record names only this member before it
+            // promotes: a deposed leader's late record has a smaller token and is ignored.
+            if let Some(reason) = self.sync_refusal(ctx.node.as_str()).await {
+                self.record(AgentAction::NotPromoted { reason });
+                return Ok(());
+            }
+            self.write_sync(SyncState {
+                token: lead.token.get(),
+                primary: ctx.node.to_string(),
+                standbys: BTreeSet::new(),
+            })
+            .await?;
         }
         // The last moment a deposed leader could stop itself.
         let Some(lead) = effective(ctx.leadership.as_ref(), self.config.demote_margin)
@@ -1605,12 +1728,19 @@ impl Inner {
         (!own).then_some(upstream)
     }
 
-    /// A replica that does not stream from the leader's database is pointed at it.
-    async fn follow_leader(&self, streaming_from: Option<&Upstream>) -> Result<(), String> {
+    /// A replica that does not stream from the leader's database is pointed at it; in
+    /// synchronous mode its `application_name` is also made its member name `node` (the
+    /// name the leader's `synchronous_standby_names` uses).
+    async fn follow_leader(
+        &self,
+        node: &str,
+        streaming_from: Option<&Upstream>,
+    ) -> Result<(), String> {
         let Some(leader) = self.leader_upstream().await else {
             return Ok(());
         };
-        if streaming_from == Some(&leader) {
+        let sync = self.config.synchronous_mode != SyncMode::Off;
+        if streaming_from == Some(&leader) && !sync {
             return Ok(());
         }
         let current: String = self
@@ -1622,12 +1752,16 @@ impl Inner {
             })
             .await
             .map_err(|e| e.to_string())?;
-        if Upstream::from_conninfo(&current).as_ref() == Some(&leader) {
+        let named = !sync || conninfo_value(&current, "application_name").as_deref() == Some(node);
+        if named
+            && (streaming_from == Some(&leader)
+                || Upstream::from_conninfo(&current).as_ref() == Some(&leader))
+        {
             // Already pointed there; the WAL receiver is (re)connecting. Confirmed only by
             // pg_stat_wal_receiver on a later loop.
             return Ok(());
         }
-        let conninfo = repoint_conninfo(&current, &leader)
+        let conninfo = repoint_conninfo(&current, &leader, sync.then_some(node))
             .ok_or_else(|| "cannot parse the replica's primary_conninfo".to_owned())?;
         tracing::info!(member = self.member.name(), %leader, "re-pointing the replica");
         self.member
@@ -1639,6 +1773,219 @@ impl Inner {
             port: leader.port,
         });
         Ok(())
+    }
+
+    /// In synchronous mode, why `node` may not be promoted (or stay primary): the latest
+    /// sync record does not name it, there is none, or it cannot be read. `None` otherwise.
+    async fn sync_refusal(&self, node: &str) -> Option<String> {
+        if self.config.synchronous_mode == SyncMode::Off {
+            return None;
+        }
+        let Some(store) = &self.sync_store else {
+            return Some("synchronous mode without a sync-state store".into());
+        };
+        match store.read().await {
+            Ok(Some(record)) => {
+                let named = record.names(node);
+                self.lock().status.sync_record = Some(record.to_string());
+                (!named).then(|| format!("not a synchronous standby (sync record {record})"))
+            }
+            Ok(None) => Some("synchronous mode: no sync record in the store".into()),
+            Err(e) => Some(format!("synchronous mode: {e}")),
+        }
+    }
+
+    /// Writes `record` (this term's) and remembers it.
+    async fn write_sync(&self, record: SyncState) -> Result<(), String> {
+        let store = self
+            .sync_store
+            .as_ref()
+            .ok_or_else(|| "synchronous mode without a sync-state store".to_owned())?;
+        store.write(&record).await.map_err(|e| e.to_string())?;
+        tracing::info!(member = self.member.name(), %record, "sync record written");
+        metrics::counter!(metric::PG_AGENT_SYNC_RECORDS, "member" => self.member.name().to_owned())
+            .increment(1);
+        {
+            let mut state = self.lock();
+            state.status.sync_record = Some(record.to_string());
+            state.sync_written = Some((record.clone(), Instant::now()));
+        }
+        self.record(AgentAction::SyncRecorded {
+            record: record.to_string(),
+        });
+        Ok(())
+    }
+
+    /// The leader's synchronous replication, once per loop over its primary (see
+    /// [`sync`](crate::pg::sync)): this term's record first (the primary may take writes only
+    /// once a record of its term names it), then at most a few steps of [`sync::next_step`].
+    async fn manage_sync(&self, ctx: &ComponentContext, lead: &Leadership) -> Result<(), String> {
+        let mode = self.config.synchronous_mode;
+        if mode == SyncMode::Off {
+            return Ok(());
+        }
+        let node = ctx.node.as_str();
+        let store = self
+            .sync_store
+            .as_ref()
+            .ok_or_else(|| "synchronous mode without a sync-state store".to_owned())?;
+        let token = lead.token.get();
+        let latest = store.read().await.map_err(|e| e.to_string())?;
+        if let Some(r) = &latest {
+            self.lock().status.sync_record = Some(r.to_string());
+            if r.token > token {
+                return Err(format!("a later term wrote the sync record ({r})"));
+            }
+        }
+        let written = self
+            .lock()
+            .sync_written
+            .clone()
+            .filter(|(w, _)| w.token == token);
+        let mut record = match written {
+            // The store lost it (or never took it), or it is due for a refresh (a store may
+            // forget an entry not written for a long time): written again.
+            Some((w, at)) if latest.as_ref() != Some(&w) || at.elapsed() >= SYNC_REFRESH => {
+                self.write_sync(w.clone()).await?;
+                w
+            }
+            Some((w, _)) => w,
+            None => {
+                let standbys = match &latest {
+                    // This member's own earlier term: no other primary since.
+                    Some(r) if r.primary == node => r.standbys.clone(),
+                    Some(r) if r.standbys.contains(node) => BTreeSet::new(),
+                    Some(r) => {
+                        return Err(format!(
+                            "synchronous mode: the sync record ({r}) does not name this \
+                             primary; it may lack acknowledged commits, so it stays read-only"
+                        ));
+                    }
+                    None => BTreeSet::new(),
+                };
+                let record = SyncState {
+                    token,
+                    primary: node.to_owned(),
+                    standbys,
+                };
+                self.write_sync(record.clone()).await?;
+                record
+            }
+        };
+        let (setting, wal, senders) = self.read_walsenders().await.map_err(|e| e.to_string())?;
+        let mut configured = Waits::parse(&setting).unwrap_or(Waits::For(BTreeSet::new()));
+        let eligible: BTreeSet<String> = match &self.peers {
+            Some(source) => source()
+                .await
+                .into_iter()
+                .filter(|p| {
+                    p.member != node
+                        && p.role == PgRole::Replica
+                        && !p.nosync
+                        && p.age <= self.config.report_stale_after
+                })
+                .map(|p| p.member)
+                .collect(),
+            None => senders.iter().map(|w| w.name.clone()).collect(),
+        };
+        let desired = sync::choose(
+            mode,
+            self.config.synchronous_node_count,
+            &configured,
+            &senders,
+            &eligible,
+        );
+        let mut pending = self.lock().sync_pending;
+        if pending.is_none() && !configured.members().is_subset(&record.standbys) {
+            // Waited for but not recorded (an agent restart): confirm from now on.
+            pending = Some(PendingChange::now());
+        }
+        if let Some(p) = pending.as_mut() {
+            p.observe(wal);
+        }
+        let mut result = Ok(());
+        for _ in 0..3 {
+            let confirmed = pending.map(|p| p.confirmed(&senders)).unwrap_or_default();
+            match sync::next_step(&record.standbys, &configured, &desired, &confirmed) {
+                SyncStep::Keep => break,
+                SyncStep::Record(standbys) => {
+                    let next = SyncState {
+                        standbys,
+                        ..record.clone()
+                    };
+                    if let Err(e) = self.write_sync(next.clone()).await {
+                        result = Err(e);
+                        break;
+                    }
+                    record = next;
+                }
+                SyncStep::Configure(waits) => {
+                    // Only the leader changes what its primary waits for.
+                    if effective(ctx.leadership.as_ref(), self.config.demote_margin).is_none() {
+                        break;
+                    }
+                    let value = waits.setting();
+                    let alter = format!(
+                        "ALTER SYSTEM SET synchronous_standby_names = '{}'",
+                        value.replace('\'', "''")
+                    );
+                    let applied = self
+                        .member
+                        .run("setting synchronous_standby_names", |pool| async move {
+                            sqlx::query(&alter).execute(&pool).await?;
+                            sqlx::query("SELECT pg_reload_conf()").execute(&pool).await
+                        })
+                        .await;
+                    if let Err(e) = applied {
+                        result = Err(e.to_string());
+                        break;
+                    }
+                    tracing::info!(member = self.member.name(), setting = %value, "synchronous standbys");
+                    self.record(AgentAction::SyncStandbysConfigured { setting: value });
+                    configured = waits;
+                    pending = Some(PendingChange::now());
+                }
+            }
+        }
+        if record.standbys == configured.members() && configured == desired {
+            pending = None;
+        }
+        self.lock().sync_pending = pending;
+        result
+    }
+
+    /// The primary's `synchronous_standby_names`, its current WAL position and its
+    /// walsenders.
+    async fn read_walsenders(&self) -> Result<(String, Option<Lsn>, Vec<Walsender>), Error> {
+        type Row4 = (String, String, String, Option<String>);
+        let (setting, wal, rows) = self
+            .member
+            .run("reading the walsenders", |pool| async move {
+                let (setting, wal): (String, String) = sqlx::query_as(
+                    "SELECT current_setting('synchronous_standby_names'), \
+                     pg_current_wal_lsn()::text",
+                )
+                .fetch_one(&pool)
+                .await?;
+                let rows: Vec<Row4> = sqlx::query_as(
+                    "SELECT application_name, state, sync_state, flush_lsn::text \
+                     FROM pg_stat_replication",
+                )
+                .fetch_all(&pool)
+                .await?;
+                Ok((setting, wal, rows))
+            })
+            .await?;
+        let senders = rows
+            .into_iter()
+            .map(|(name, state, sync_state, flush)| Walsender {
+                name,
+                streaming: state == "streaming",
+                synchronous: matches!(sync_state.as_str(), "sync" | "quorum"),
+                flush: flush.and_then(|f| f.parse().ok()),
+            })
+            .collect();
+        Ok((setting, wal.parse().ok(), senders))
     }
 
     /// A primary that does not lead while the leader's database is elsewhere: its timeline
@@ -1895,7 +2242,7 @@ mod tests {
             host: "10.0.0.2".into(),
             port: 6543,
         };
-        let new = repoint_conninfo(current, &up).unwrap();
+        let new = repoint_conninfo(current, &up, None).unwrap();
         assert_eq!(Upstream::from_conninfo(&new), Some(up.clone()));
         let pairs = parse_conninfo(&new).unwrap();
         let get = |k: &str| {
@@ -1909,7 +2256,16 @@ mod tests {
         assert_eq!(get("user"), Some("postgres"));
         assert_eq!(get("password"), Some("it's x"));
         assert_eq!(pairs.iter().filter(|(k, _)| k == "host").count(), 1);
-        assert_eq!(Upstream::from_conninfo(&up.conninfo()), Some(up));
+        assert_eq!(Upstream::from_conninfo(&up.conninfo()), Some(up.clone()));
+        let named = repoint_conninfo(&new, &up, Some("node 2")).unwrap();
+        assert_eq!(
+            conninfo_value(&named, "application_name").as_deref(),
+            Some("node 2")
+        );
+        assert_eq!(
+            conninfo_value(&named, "passfile").as_deref(),
+            Some("/root/.pg pass")
+        );
         assert_eq!(parse_conninfo("host"), None);
         assert_eq!(parse_conninfo("host='open"), None);
     }

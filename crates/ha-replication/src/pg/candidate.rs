@@ -7,8 +7,8 @@
 //! below, refreshed at every membership heartbeat): role, state, timeline, received and
 //! replayed WAL positions (a replica), the current WAL position (a primary), whether it may
 //! lead on its own merits (`pg_eligible`: reachable; a primary with no pending rejoin, or a
-//! replica with replay not paused and within the lag bound), the `nofailover` tag, and how
-//! old the agent's last look at its database was.
+//! replica with replay not paused and within the lag bound), the `nofailover` and `nosync`
+//! tags, and how old the agent's last look at its database was.
 //!
 //! # The rule ([`defer_to`])
 //!
@@ -55,6 +55,8 @@ pub const META_WAL: &str = "pg_wal_lsn";
 pub const META_ELIGIBLE: &str = "pg_eligible";
 /// Member metadata key: `true` for a member that must never be promoted.
 pub const META_NOFAILOVER: &str = "pg_nofailover";
+/// Member metadata key: `true` for a member that must never be a synchronous standby.
+pub const META_NOSYNC: &str = "pg_nosync";
 /// Member metadata key: milliseconds since the agent last looked at its database.
 pub const META_AGE: &str = "pg_report_age_ms";
 
@@ -79,6 +81,8 @@ pub struct MemberReport {
     pub eligible: bool,
     /// Tagged never to be promoted.
     pub nofailover: bool,
+    /// Tagged never to be chosen as a synchronous standby.
+    pub nosync: bool,
     /// Age of the agent's last look at its database when published.
     pub age: Duration,
 }
@@ -106,6 +110,7 @@ impl MemberReport {
         put(META_WAL, self.wal.map(|l| l.to_string()));
         meta.insert(META_ELIGIBLE.into(), self.eligible.to_string());
         meta.insert(META_NOFAILOVER.into(), self.nofailover.to_string());
+        meta.insert(META_NOSYNC.into(), self.nosync.to_string());
         meta.insert(META_AGE.into(), self.age.as_millis().to_string());
         meta
     }
@@ -131,6 +136,7 @@ impl MemberReport {
             wal: lsn(META_WAL),
             eligible: flag(META_ELIGIBLE),
             nofailover: flag(META_NOFAILOVER),
+            nosync: flag(META_NOSYNC),
             // A missing age reads as stale.
             age: meta
                 .get(META_AGE)
@@ -235,6 +241,7 @@ mod tests {
             wal: None,
             eligible: true,
             nofailover: false,
+            nosync: false,
             age: Duration::from_millis(100),
         }
     }
@@ -303,6 +310,7 @@ mod tests {
                     wal: None,
                     eligible,
                     nofailover,
+                    nosync: false,
                     age: Duration::from_secs(age_s),
                 }
             })

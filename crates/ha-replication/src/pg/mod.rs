@@ -7,6 +7,7 @@ pub mod member;
 pub mod monitor;
 pub mod promote;
 pub mod status;
+pub mod sync;
 pub mod watchdog;
 
 pub use agent::{
@@ -21,4 +22,5 @@ pub use promote::{
     Refusal, RepointOutcome, SqlShutdownFence,
 };
 pub use status::{PrimaryStatus, ReplicaStatus, StandbyStatus, WalReceiver};
+pub use sync::{MemorySyncStateStore, SyncMode, SyncState, SyncStateStore};
 pub use watchdog::WatchdogConfig;
