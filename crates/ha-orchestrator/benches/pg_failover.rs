@@ -12,6 +12,8 @@
 //!   over trials; asynchronous replication may lose the last ones, as for Patroni);
 //! - `split_brain_commits`: commits acknowledged by the old primary after the new one took
 //!   its first (summed);
+//! - the same with a `sync_` prefix for ours in synchronous mode (ttl 2 s,
+//!   `synchronous_mode = "on"`: no acknowledged commit may be lost);
 //! - `pg_switchover_ms_p50` / `_max`, `switchover_lost_acknowledged_commits`,
 //!   `switchover_split_brain_commits`: the same from a planned switchover (`POST /switchover`
 //!   to the primary's node; for Patroni `{"leader": "p1"}`) instead of a death, at the first
@@ -28,8 +30,8 @@
 //! `setpriv`) on one `etcd` 3.4 member (etcd3 API), `use_pg_rewind`, `use_slots`, at
 //! ttl/loop_wait/retry_timeout 5/1/2 (its tightest working setting) and 20/1/3 (its documented
 //! minimums). `HA_BENCH_PATRONI=5/1/2` picks the settings (comma-separated; `none` skips
-//! Patroni), `HA_BENCH_OURS=none` skips ours, `HA_BENCH_TRIALS` the trials per setting
-//! (default 5).
+//! Patroni), `HA_BENCH_OURS` picks ours (`ttl2,ttl5,sync` by default; `none` skips them),
+//! `HA_BENCH_TRIALS` the trials per setting (default 5).
 //!
 //! `cargo bench -p ha-orchestrator --bench pg_failover`. Needs `redis-server`, PostgreSQL,
 //! `patroni`, `etcd` (Debian `etcd-server`) and `python3-psycopg2`; a missing one fails with
@@ -103,11 +105,18 @@ fn main() {
         .build()
         .unwrap();
 
-    let ours: Vec<(&str, Setting)> = if std::env::var("HA_BENCH_OURS").as_deref() == Ok("none") {
-        Vec::new()
-    } else {
-        vec![("", Setting::ours(2)), ("ttl5_", Setting::ours(5))]
-    };
+    // `HA_BENCH_OURS`: which of ours to run (`ttl2,ttl5,sync`, the default; `none`).
+    let picked = std::env::var("HA_BENCH_OURS").unwrap_or_else(|_| "ttl2,ttl5,sync".into());
+    let picked: Vec<&str> = picked.split(',').collect();
+    let ours: Vec<(&str, Setting)> = [
+        ("ttl2", "", Setting::ours(2)),
+        ("ttl5", "ttl5_", Setting::ours(5)),
+        ("sync", "sync_", Setting::ours(2).synchronous()),
+    ]
+    .into_iter()
+    .filter(|(name, _, _)| picked.contains(name))
+    .map(|(_, prefix, setting)| (prefix, setting))
+    .collect();
     let mut results: Vec<(String, Figures)> = Vec::new();
     for (prefix, setting) in &ours {
         let mut runs = Vec::new();
@@ -118,9 +127,13 @@ fn main() {
         }
         let figures = summarise(&runs);
         print_figures(prefix, &figures);
-        results.push((format!("ours ttl {}s", setting.ttl.as_secs()), figures));
+        let mode = if setting.synchronous { " sync" } else { "" };
+        results.push((
+            format!("ours ttl {}s{mode}", setting.ttl.as_secs()),
+            figures,
+        ));
     }
-    if let Some((_, setting)) = ours.first() {
+    if let Some((_, setting)) = ours.iter().find(|(prefix, _)| prefix.is_empty()) {
         let mut runs = Vec::new();
         for n in 1..=trials {
             let trial = rt.block_on(ours_trial(setting, Death::Switchover));
@@ -181,6 +194,12 @@ fn main() {
         target(
             "ours at ttl 2 s ≥ 8× faster than Patroni 20/1/3",
             speedup >= 8.0,
+        );
+    }
+    if let Some((_, sync)) = results.iter().find(|(n, _)| n == "ours ttl 2s sync") {
+        target(
+            "0 lost acknowledged commits in synchronous mode",
+            sync.lost == 0,
         );
     }
     let split: usize = results.iter().map(|(_, f)| f.split_brain).sum();
@@ -366,14 +385,24 @@ async fn judge(ports: Vec<u16>, old: usize, kill: impl FnOnce()) -> Trial {
 // Ours
 // ---------------------------------------------------------------------------------------------
 
+#[derive(Clone, Copy, Debug)]
 struct Setting {
     ttl: Duration,
     heartbeat: Duration,
     retry: Duration,
     agent_loop: Duration,
+    /// The agents run synchronous replication (`synchronous_mode = "on"`).
+    synchronous: bool,
 }
 
 impl Setting {
+    fn synchronous(self) -> Self {
+        Self {
+            synchronous: true,
+            ..self
+        }
+    }
+
     fn ours(ttl_secs: u64) -> Self {
         if ttl_secs <= 2 {
             Self {
@@ -381,6 +410,7 @@ impl Setting {
                 heartbeat: Duration::from_millis(500),
                 retry: Duration::from_millis(200),
                 agent_loop: Duration::from_millis(200),
+                synchronous: false,
             }
         } else {
             Self {
@@ -388,6 +418,7 @@ impl Setting {
                 heartbeat: Duration::from_secs(1),
                 retry: Duration::from_millis(200),
                 agent_loop: Duration::from_millis(200),
+                synchronous: false,
             }
         }
     }
@@ -435,6 +466,21 @@ fn post_in_background(port: u16, path: &'static str, token: Option<String>, body
     });
 }
 
+/// The body of `GET path` on `127.0.0.1:port` (empty when it does not answer).
+fn get_body(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut answer = String::new();
+    if stream.write_all(request.as_bytes()).is_err() || stream.read_to_string(&mut answer).is_err()
+    {
+        return String::new();
+    }
+    answer
+}
+
 async fn ours_trial(setting: &Setting, death: Death) -> Trial {
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_ha-node"));
     let redis = RedisServer::start().await.unwrap();
@@ -458,7 +504,7 @@ async fn ours_trial(setting: &Setting, death: Death) -> Trial {
         ttl: setting.ttl,
         heartbeat: setting.heartbeat,
         retry: setting.retry,
-        extra_toml: agent_toml(name, port, slots, setting.agent_loop),
+        extra_toml: agent_toml(name, port, slots, setting),
         ..HaNodeOptions::default()
     };
     let store = redis.url();
@@ -492,6 +538,19 @@ async fn ours_trial(setting: &Setting, death: Death) -> Trial {
     )
     .unwrap();
     let api = n1.addr().port();
+    if setting.synchronous {
+        // Until a synchronous standby is recorded, no replica may be promoted (by design):
+        // the trial starts once the primary's agent named one.
+        let named = Instant::now() + Duration::from_secs(30);
+        while !get_body(api, "/status").contains("standbys [n") {
+            assert!(
+                Instant::now() < named,
+                "no synchronous standby recorded:\n{}",
+                n1.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let token = HaNodeOptions::default().admin_token;
     let trial = judge(ports, 0, || match death {
         Death::Kill => {
@@ -507,7 +566,7 @@ async fn ours_trial(setting: &Setting, death: Death) -> Trial {
 
 /// The agent's defaults, but for its loop. Before its node first leads, the primary's agent
 /// demotes it (nobody holds the lease yet) and undoes that once it leads.
-fn agent_toml(name: &str, port: u16, slots: &[&String], agent_loop: Duration) -> String {
+fn agent_toml(name: &str, port: u16, slots: &[&String], setting: &Setting) -> String {
     let slots = slots
         .iter()
         .map(|s| format!("\"{s}\""))
@@ -516,8 +575,10 @@ fn agent_toml(name: &str, port: u16, slots: &[&String], agent_loop: Duration) ->
     format!(
         "[replication.agent.member]\nname = \"{name}\"\n\
          url = \"postgres://postgres@127.0.0.1:{port}/postgres\"\n\n\
-         [replication.agent.settings]\nloop_interval = \"{}ms\"\nreplica_slots = [{slots}]\n",
-        agent_loop.as_millis()
+         [replication.agent.settings]\nloop_interval = \"{}ms\"\nreplica_slots = [{slots}]\n\
+         synchronous_mode = \"{}\"\n",
+        setting.agent_loop.as_millis(),
+        if setting.synchronous { "on" } else { "off" },
     )
 }
 

@@ -101,7 +101,7 @@ pub(crate) async fn switchover(
     }
     // A database beside this node stops taking writes first, while the lease still keeps
     // every other member from promoting; then the lease goes.
-    if let Err(e) = node.hand_over_database().await {
+    if let Err(e) = node.hand_over_database(to).await {
         node.abort_hand_over();
         return Err((
             StatusCode::CONFLICT,

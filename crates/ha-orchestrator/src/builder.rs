@@ -431,6 +431,8 @@ impl HaNodeBuilder {
         };
         // One pause flag for the node: its paused gate (failover, promotion) and the agent.
         let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Until when the node keeps out of campaigns (a switchover to another member).
+        let hold_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>> = Arc::default();
         // The agent publishes where its database is (`pg_conninfo`, no credential) and, not
         // leading, follows the database that the leader's member published.
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
@@ -443,6 +445,7 @@ impl HaNodeBuilder {
             let elector = Arc::clone(&self.elector_slot);
             let members = Arc::clone(&self.elector_slot);
             let known = UpstreamCache::default();
+            let hold = Arc::clone(&hold_until);
             let sync = ElectionSyncState {
                 elector: Arc::clone(&self.elector_slot),
             };
@@ -451,7 +454,11 @@ impl HaNodeBuilder {
                     .paused_by(Arc::clone(&paused))
                     .follow(move || leader_upstream(Arc::clone(&elector), Arc::clone(&known)))
                     .peers(move || peer_reports(Arc::clone(&members)))
-                    .sync_state(Arc::new(sync)),
+                    .sync_state(Arc::new(sync))
+                    .held_off(move || {
+                        ha_core::sync::lock(&hold)
+                            .is_some_and(|until| tokio::time::Instant::now() < until)
+                    }),
             )
         });
         let parts = Parts {
@@ -474,6 +481,7 @@ impl HaNodeBuilder {
             election,
             elector_slot: self.elector_slot,
             paused,
+            hold_until,
             parts,
             member_meta,
             hooks: self.hooks,

@@ -56,6 +56,8 @@ pub(crate) struct Settings {
     pub(crate) elector_slot: Arc<OnceLock<Arc<Elector>>>,
     /// The node's pause flag (shared with the agent, which it suspends).
     pub(crate) paused: Arc<AtomicBool>,
+    /// Until when the node keeps out of campaigns (shared with the agent's report).
+    pub(crate) hold_until: Arc<Mutex<Option<Instant>>>,
     pub(crate) parts: Parts,
     pub(crate) member_meta: Vec<(String, String)>,
     pub(crate) hooks: Vec<EventHook>,
@@ -241,7 +243,7 @@ impl HaNode {
             elector,
             gate,
             paused: settings.paused,
-            hold_until: Arc::new(Mutex::new(None)),
+            hold_until: settings.hold_until,
             phase: watch::Sender::new(Phase::Built),
             level: watch::Sender::new(LevelReport {
                 level: HaLevel::None,
@@ -599,15 +601,18 @@ impl HaNode {
     /// take over at once and no component stops while this node still acts as leader.
     /// Before this node gives its lease up on purpose (switchover, shutdown): the agent
     /// beside its PostgreSQL, if any, demotes the database first, while the lease still
-    /// keeps every other member from promoting (see `PgAgent::hand_over`). Nothing to do
-    /// without an agent, or when this node does not lead.
-    pub(crate) async fn hand_over_database(&self) -> Result<(), String> {
+    /// keeps every other member from promoting (see `PgAgent::hand_over_to`: with `to`, it
+    /// waits for that member's standby to flush everything). Nothing to do without an agent,
+    /// or when this node does not lead.
+    pub(crate) async fn hand_over_database(&self, to: Option<&str>) -> Result<(), String> {
         #[cfg(feature = "postgres")]
         if let Some(agent) = &self.inner.parts.pg_agent
             && self.is_leader().is_some()
         {
-            return agent.hand_over().await.map_err(|e| e.to_string());
+            return agent.hand_over_to(to).await.map_err(|e| e.to_string());
         }
+        #[cfg(not(feature = "postgres"))]
+        let _ = to;
         Ok(())
     }
 
@@ -624,7 +629,7 @@ impl HaNode {
         // The database stops taking writes before the lease can pass to another member; a
         // demotion that could not be confirmed has stopped PostgreSQL (or the agent is
         // paused, and leaves its database as it is): the lease is released either way.
-        if let Err(e) = self.hand_over_database().await {
+        if let Err(e) = self.hand_over_database(None).await {
             tracing::warn!(error = %e, "handing the database over before the release failed");
         }
         self.inner.gate.released.store(true, Ordering::SeqCst);

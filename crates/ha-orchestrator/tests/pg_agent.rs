@@ -736,3 +736,139 @@ async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_com
     b.shutdown().await;
     c.shutdown().await;
 }
+
+/// A switchover to a named member through the agents: the member named is the one that has
+/// *replayed less* (it delays replay, so the candidate rule alone would have it defer to the
+/// other replica). The old primary waits for the named member's standby to flush its last
+/// WAL, the other member is held off and says so in its report, so the named member leads
+/// and is promoted, under a write load, with no acknowledged commit lost and none taken by
+/// the old primary after the new one took its first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_to_a_named_member_promotes_that_member_and_loses_nothing() {
+    let primary = PostgresServer::start().await.unwrap();
+    primary
+        .execute("CREATE TABLE w (id bigint PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let ahead = primary.start_replica().await.unwrap();
+    let behind = primary.start_replica().await.unwrap();
+    behind
+        .execute("ALTER SYSTEM SET recovery_min_apply_delay = '1h'")
+        .await
+        .unwrap();
+    behind.execute("SELECT pg_reload_conf()").await.unwrap();
+    let store = Arc::new(MemoryLeaseStore::new());
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    let node = |id: &str, agent: PgAgent| {
+        HaNode::builder()
+            .node_id(id)
+            .election_with(store.clone(), timing.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .admin_token(common::TOKEN)
+            .pg_agent(agent)
+            .build()
+            .unwrap()
+    };
+    let config = PgAgentConfig {
+        loop_interval: Duration::from_millis(200),
+        demote_margin: Duration::from_millis(600),
+        demote_timeout: Duration::from_millis(500),
+        // The named member delays its replay: its lag is judged on replay.
+        max_lag_on_failover: 256 << 20,
+        ..PgAgentConfig::default()
+    };
+    let agent = |name: &str, server: &PostgresServer| {
+        let member = PgMember::new(name, &server.url())
+            .unwrap()
+            .query_timeout(Duration::from_secs(1));
+        PgAgent::new(member, config.clone()).unwrap()
+    };
+    let a = node("a", agent("db-a", &primary));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    let b = node("b", agent("db-b", &ahead));
+    let c = node("c", agent("db-c", &behind));
+    b.start().await.unwrap();
+    c.start().await.unwrap();
+    // The standbys carry their member names.
+    until("both standbys named in pg_stat_replication", async || {
+        primary
+            .query_scalar::<Vec<String>>(
+                "SELECT coalesce(array_agg(application_name ORDER BY application_name), '{}') \
+                 FROM pg_stat_replication WHERE state = 'streaming'",
+            )
+            .await
+            .is_ok_and(|names| names == ["b", "c"])
+    })
+    .await;
+
+    let acks: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_both(
+        primary.url(),
+        behind.url(),
+        Arc::clone(&acks),
+        Arc::clone(&stop),
+    ));
+    until("writes on a's primary", async || {
+        acks.lock().unwrap().len() >= 50
+    })
+    .await;
+    until("c to defer to b (it replayed less)", async || {
+        let (_, body) = get(&c, "/status").await;
+        body["replication"]["agent"]["report"]["ineligible"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("deferring"))
+    })
+    .await;
+
+    let response = common::client()
+        .post(format!("http://{}/switchover?to=c", a.http_addr().unwrap()))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let deadline = Instant::now() + WAIT;
+    while get(&c, "/primary").await.0 != StatusCode::OK {
+        assert!(b.is_leader().is_none(), "b took the lease, c was named");
+        assert!(Instant::now() < deadline, "c was not promoted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until("commits on c's database", async || {
+        acks.lock().unwrap().iter().filter(|a| a.on_b).count() >= 20
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    assert!(ahead.is_in_recovery().await.unwrap());
+
+    let acks = acks.lock().unwrap().clone();
+    let first_on_c = acks.iter().find(|a| a.on_b).unwrap().at;
+    let late: Vec<&Ack> = acks
+        .iter()
+        .filter(|a| !a.on_b && a.at > first_on_c)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the old primary took commits after the new one: {late:?}"
+    );
+    let present: std::collections::BTreeSet<i64> = behind
+        .query_scalar::<Vec<i64>>("SELECT coalesce(array_agg(id), '{}') FROM w")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let lost: Vec<i64> = acks
+        .iter()
+        .map(|a| a.n)
+        .filter(|n| !present.contains(n))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged commits lost: {lost:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
+}

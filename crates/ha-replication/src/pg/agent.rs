@@ -62,7 +62,9 @@
 //! Given a source of the leader's database ([`PgAgent::follow`]; `ha-orchestrator` reads the
 //! leader member's `pg_conninfo` metadata), a replica whose WAL receiver is not `streaming`
 //! from that sender host and port gets its `primary_conninfo` rewritten — only `host`,
-//! `hostaddr` and `port` change; user, password, passfile, sslmode and the rest stay — by
+//! `hostaddr` and `port` change, and `application_name` becomes the member's node id where
+//! none is set (always in synchronous mode), so the primary's `pg_stat_replication` names
+//! each standby; user, password, passfile, sslmode and the rest stay — by
 //! `ALTER SYSTEM` and `pg_reload_conf()` ([`AgentAction::Repointed`]). Success is never
 //! assumed: [`AgentStatus::streaming_from`] is what `pg_stat_wal_receiver` says.
 //!
@@ -118,10 +120,19 @@
 //! naming only itself. Replicas connect with their member name as `application_name`. See
 //! [`sync`](crate::pg::sync) for the protocol.
 //!
+//! # Switchover
+//!
+//! [`PgAgent::hand_over_to`] (the node's `POST /switchover[?to=NODE]` and its graceful
+//! shutdown) demotes the primary while the lease still runs, then waits until a standby —
+//! the named member's, by `application_name` — flushed all of its WAL. The node holds the
+//! other members off; a held-off member's report says it is not eligible
+//! ([`PgAgent::held_off`]), so the named member does not defer to it even if that one
+//! replayed more.
+//!
 //! # Not done yet
 //!
 //! `pg_rewind` or a re-clone of a former primary ([`AgentStatus::needs_rejoin`] only
-//! reports it), a switchover carried out through the agents.
+//! reports it).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -540,6 +551,8 @@ struct Inner {
     peers: Option<PeerSource>,
     /// Where the synchronous-replication record lives (synchronous mode).
     sync_store: Option<Arc<dyn SyncStateStore>>,
+    /// Whether the node keeps out of the election now (see [`PgAgent::held_off`]).
+    held_off: Option<Box<dyn Fn() -> bool + Send + Sync>>,
     /// The watchdog process, while one runs.
     watchdog: tokio::sync::Mutex<Option<WatchdogProcess>>,
     /// Whether the watchdog ran and took the last message (eligibility needs it).
@@ -569,6 +582,9 @@ struct State {
     /// When this database was demoted by a handover: it stays out of the election for
     /// [`HANDOVER_HOLD`], so that a replica, not the old primary, takes the lease.
     handed_over_at: Option<Instant>,
+    /// The replica's `primary_conninfo` carries the member's name (checked once it streams
+    /// from the leader, so a streaming replica is not asked again every loop).
+    conninfo_named: bool,
     /// Synchronous mode: the record this term wrote last, and when.
     sync_written: Option<(SyncState, Instant)>,
     /// Synchronous mode: a setting change not yet confirmed.
@@ -634,6 +650,7 @@ impl PgAgent {
                     deferring: false,
                     deadline: None,
                     handed_over_at: None,
+                    conninfo_named: false,
                     sync_written: None,
                     sync_pending: None,
                 }),
@@ -641,6 +658,7 @@ impl PgAgent {
                 leader: None,
                 peers: None,
                 sync_store: None,
+                held_off: None,
                 watchdog: tokio::sync::Mutex::new(None),
                 watchdog_up: std::sync::atomic::AtomicBool::new(false),
                 handing_over: std::sync::atomic::AtomicBool::new(false),
@@ -697,6 +715,18 @@ impl PgAgent {
         self
     }
 
+    /// Tells the agent when its node keeps out of the election (a switchover to another
+    /// member held it off): its report then says it is not eligible, so the member the
+    /// operator named does not defer to it. `ha-orchestrator` passes its hold-off.
+    #[must_use]
+    pub fn held_off(mut self, held: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.held_off = Some(Box::new(held)),
+            None => tracing::error!("held_off after the agent started: ignored"),
+        }
+        self
+    }
+
     /// Where the synchronous-replication record lives (see [`sync`](crate::pg::sync));
     /// needed when `synchronous_mode` is not `off`. `ha-orchestrator` keeps it in the
     /// election's lease store.
@@ -713,8 +743,10 @@ impl PgAgent {
     /// metadata ([`MemberReport::to_meta`]); `member` is the database's name.
     pub fn member_report(&self) -> Option<MemberReport> {
         let eligible = self.eligible();
+        let held = self.inner.held_off.as_ref().is_some_and(|held| held());
         let state = self.inner.lock();
-        let eligible = eligible || state.deferring;
+        // A held-off member will not campaign: nobody should defer to it.
+        let eligible = (eligible || state.deferring) && !held;
         let s = &state.status;
         let role = s.role?;
         let word = match role {
@@ -807,6 +839,15 @@ impl PgAgent {
     /// [`abort_hand_over`](Self::abort_hand_over) to keep leading. A paused agent changes
     /// nothing and fails at once.
     pub async fn hand_over(&self) -> Result<(), Error> {
+        self.hand_over_to(None).await
+    }
+
+    /// [`hand_over`](Self::hand_over) to a chosen member: the wait is for *its* standby
+    /// (`application_name` = `target`, which following agents set) to flush every WAL byte,
+    /// so the member the operator named can be promoted without losing a commit. When no
+    /// standby of that name streams (an operator's own `application_name`), any standby's
+    /// flush is waited for, as without a target.
+    pub async fn hand_over_to(&self, target: Option<&str>) -> Result<(), Error> {
         if self.is_paused() {
             return Err(Error::Timeout {
                 member: self.inner.member.name().to_owned(),
@@ -848,19 +889,20 @@ impl PgAgent {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.wait_for_a_standby().await
+        self.wait_for_a_standby(target).await
     }
 
     /// After a handover's demotion: waits (at most 5 s) until a standby has
     /// flushed every WAL byte this demoted primary wrote, so the promotion that follows the
     /// step-down loses no acknowledged commit (`pg_promote` replays all it has flushed). A
     /// database that is not a primary, or does not answer, has nothing to wait for.
-    async fn wait_for_a_standby(&self) -> Result<(), Error> {
+    async fn wait_for_a_standby(&self, target: Option<&str>) -> Result<(), Error> {
         if self.inner.lock().status.role != Some(PgRole::Primary) {
             return Ok(());
         }
         let deadline = Instant::now() + HANDOVER_CATCH_UP;
         loop {
+            let target = target.map(str::to_owned);
             let caught_up: Result<bool, Error> = self
                 .inner
                 .member
@@ -869,8 +911,12 @@ impl PgAgent {
                     |pool| async move {
                         sqlx::query_scalar(
                             "SELECT count(*) > 0 FROM pg_stat_replication \
-                         WHERE flush_lsn >= pg_current_wal_lsn()",
+                             WHERE flush_lsn >= pg_current_wal_lsn() \
+                             AND ($1::text IS NULL OR application_name = $1 \
+                             OR NOT EXISTS (SELECT 1 FROM pg_stat_replication \
+                             WHERE application_name = $1))",
                         )
+                        .bind(target)
                         .fetch_one(&pool)
                         .await
                     },
@@ -1728,9 +1774,9 @@ impl Inner {
         (!own).then_some(upstream)
     }
 
-    /// A replica that does not stream from the leader's database is pointed at it; in
-    /// synchronous mode its `application_name` is also made its member name `node` (the
-    /// name the leader's `synchronous_standby_names` uses).
+    /// A replica that does not stream from the leader's database is pointed at it, with its
+    /// member name `node` as `application_name` (forced in synchronous mode, where the
+    /// leader's `synchronous_standby_names` uses it; otherwise only where none is set).
     async fn follow_leader(
         &self,
         node: &str,
@@ -1739,10 +1785,10 @@ impl Inner {
         let Some(leader) = self.leader_upstream().await else {
             return Ok(());
         };
-        let sync = self.config.synchronous_mode != SyncMode::Off;
-        if streaming_from == Some(&leader) && !sync {
+        if streaming_from == Some(&leader) && self.lock().conninfo_named {
             return Ok(());
         }
+        let sync = self.config.synchronous_mode != SyncMode::Off;
         let current: String = self
             .member
             .run("reading primary_conninfo", |pool| async move {
@@ -1752,8 +1798,17 @@ impl Inner {
             })
             .await
             .map_err(|e| e.to_string())?;
-        let named = !sync || conninfo_value(&current, "application_name").as_deref() == Some(node);
-        if named
+        // The member's name as `application_name` (the name `pg_stat_replication` shows and
+        // `synchronous_standby_names` uses): forced in synchronous mode, otherwise only set
+        // where the operator set none.
+        let app_name = conninfo_value(&current, "application_name");
+        let name = if sync {
+            (app_name.as_deref() != Some(node)).then_some(node)
+        } else {
+            app_name.is_none().then_some(node)
+        };
+        self.lock().conninfo_named = name.is_none();
+        if name.is_none()
             && (streaming_from == Some(&leader)
                 || Upstream::from_conninfo(&current).as_ref() == Some(&leader))
         {
@@ -1761,7 +1816,7 @@ impl Inner {
             // pg_stat_wal_receiver on a later loop.
             return Ok(());
         }
-        let conninfo = repoint_conninfo(&current, &leader, sync.then_some(node))
+        let conninfo = repoint_conninfo(&current, &leader, name)
             .ok_or_else(|| "cannot parse the replica's primary_conninfo".to_owned())?;
         tracing::info!(member = self.member.name(), %leader, "re-pointing the replica");
         self.member
