@@ -647,6 +647,19 @@ async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_com
         "{sync_states:?}"
     );
 
+    // The synchronous standby says so in its report (`hactl list` shows it).
+    until("the synchronous standby to publish its role", async || {
+        let members = a.elector().unwrap().members().await.unwrap();
+        let flag = |id: &str| {
+            members
+                .iter()
+                .find(|m| m.node.as_str() == id)
+                .and_then(|m| m.meta.get("pg_sync_standby").cloned())
+        };
+        let other = if sync_name == "b" { "c" } else { "b" };
+        flag(sync_name).as_deref() == Some("true") && flag(other).is_none()
+    })
+    .await;
     sync_db
         .execute("ALTER SYSTEM SET recovery_min_apply_delay = '1h'")
         .await

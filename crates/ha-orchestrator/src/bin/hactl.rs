@@ -359,10 +359,13 @@ fn database_columns(meta: &BTreeMap<String, BTreeMap<String, String>>, node: &st
         .filter_map(|m| lsn(m, "pg_wal_lsn"))
         .max();
     let role = own.get("pg_role").map_or("-", String::as_str);
-    let db = match own.get("pg_state") {
+    let mut db = match own.get("pg_state") {
         Some(state) if !state.is_empty() => format!("{role}/{state}"),
         _ => role.to_owned(),
     };
+    if own.get("pg_sync_standby").is_some_and(|v| v == "true") {
+        db.push_str(" (sync)");
+    }
     let lag = match (role, primary_at, lsn(own, "pg_replayed_lsn")) {
         ("primary", _, _) => "0".to_owned(),
         (_, Some(primary), Some(replayed)) => format!("{}", primary.bytes_since(replayed)),
@@ -425,6 +428,7 @@ mod tests {
                     ("pg_state", "streaming"),
                     ("pg_timeline", "2"),
                     ("pg_replayed_lsn", "0/3000000"),
+                    ("pg_sync_standby", "true"),
                 ]),
             ),
             ("c".to_owned(), m(&[("api", "http://x")])),
@@ -433,7 +437,7 @@ mod tests {
         assert_eq!(database_columns(&meta, "a"), ["primary/writable", "2", "0"]);
         assert_eq!(
             database_columns(&meta, "b"),
-            ["replica/streaming", "2", "256"]
+            ["replica/streaming (sync)", "2", "256"]
         );
         assert_eq!(database_columns(&meta, "c"), ["-", "-", "-"]);
     }

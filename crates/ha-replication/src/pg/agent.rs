@@ -522,6 +522,8 @@ pub struct AgentStatus {
     pub wal: Option<Lsn>,
     /// In synchronous mode: the latest sync record seen (token, primary, standbys).
     pub sync_record: Option<String>,
+    /// A replica the latest sync record it read names as a synchronous standby.
+    pub sync_standby: bool,
 }
 
 /// The other members' reports, asked by an agent every loop while its database is a
@@ -639,6 +641,7 @@ impl PgAgent {
             replayed: None,
             wal: None,
             sync_record: None,
+            sync_standby: false,
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -768,6 +771,7 @@ impl PgAgent {
             eligible,
             nofailover: self.inner.config.nofailover,
             nosync: self.inner.config.nosync,
+            sync_standby: s.sync_standby,
             age: state.looked_at.map_or(Duration::MAX, |t| t.elapsed()),
         })
     }
@@ -1573,6 +1577,7 @@ impl Inner {
                                 eligible: true,
                                 nofailover: false,
                                 nosync: false,
+                                sync_standby: false,
                                 age: Duration::ZERO,
                             };
                             let defer = candidate::defer_to(&me, &counted, stale_after);
@@ -1842,7 +1847,11 @@ impl Inner {
         match store.read().await {
             Ok(Some(record)) => {
                 let named = record.names(node);
-                self.lock().status.sync_record = Some(record.to_string());
+                {
+                    let mut state = self.lock();
+                    state.status.sync_record = Some(record.to_string());
+                    state.status.sync_standby = record.standbys.contains(node);
+                }
                 (!named).then(|| format!("not a synchronous standby (sync record {record})"))
             }
             Ok(None) => Some("synchronous mode: no sync record in the store".into()),

@@ -57,6 +57,9 @@ pub const META_ELIGIBLE: &str = "pg_eligible";
 pub const META_NOFAILOVER: &str = "pg_nofailover";
 /// Member metadata key: `true` for a member that must never be a synchronous standby.
 pub const META_NOSYNC: &str = "pg_nosync";
+/// Member metadata key: `true` for a replica the latest synchronous-replication record names
+/// as a synchronous standby (informational: `hactl list` shows it).
+pub const META_SYNC_STANDBY: &str = "pg_sync_standby";
 /// Member metadata key: milliseconds since the agent last looked at its database.
 pub const META_AGE: &str = "pg_report_age_ms";
 
@@ -83,6 +86,8 @@ pub struct MemberReport {
     pub nofailover: bool,
     /// Tagged never to be chosen as a synchronous standby.
     pub nosync: bool,
+    /// Named a synchronous standby by the latest sync record it read.
+    pub sync_standby: bool,
     /// Age of the agent's last look at its database when published.
     pub age: Duration,
 }
@@ -111,6 +116,9 @@ impl MemberReport {
         meta.insert(META_ELIGIBLE.into(), self.eligible.to_string());
         meta.insert(META_NOFAILOVER.into(), self.nofailover.to_string());
         meta.insert(META_NOSYNC.into(), self.nosync.to_string());
+        if self.sync_standby {
+            meta.insert(META_SYNC_STANDBY.into(), "true".into());
+        }
         meta.insert(META_AGE.into(), self.age.as_millis().to_string());
         meta
     }
@@ -137,6 +145,7 @@ impl MemberReport {
             eligible: flag(META_ELIGIBLE),
             nofailover: flag(META_NOFAILOVER),
             nosync: flag(META_NOSYNC),
+            sync_standby: flag(META_SYNC_STANDBY),
             // A missing age reads as stale.
             age: meta
                 .get(META_AGE)
@@ -242,6 +251,7 @@ mod tests {
             eligible: true,
             nofailover: false,
             nosync: false,
+            sync_standby: false,
             age: Duration::from_millis(100),
         }
     }
@@ -311,6 +321,7 @@ mod tests {
                     eligible,
                     nofailover,
                     nosync: false,
+                    sync_standby: false,
                     age: Duration::from_secs(age_s),
                 }
             })
