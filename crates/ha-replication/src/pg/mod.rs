@@ -6,6 +6,7 @@ pub mod candidate;
 pub mod member;
 pub mod monitor;
 pub mod promote;
+pub mod rejoin;
 pub mod status;
 pub mod watchdog;
 
@@ -20,5 +21,6 @@ pub use promote::{
     CommandFence, Ineligible, NoFence, PrimaryFence, PromoteConfig, Promoter, PromotionReport,
     Refusal, RepointOutcome, SqlShutdownFence,
 };
+pub use rejoin::{RejoinConfig, RejoinError, RejoinVia};
 pub use status::{PrimaryStatus, ReplicaStatus, StandbyStatus, WalReceiver};
 pub use watchdog::WatchdogConfig;
