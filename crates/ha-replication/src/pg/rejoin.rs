@@ -10,8 +10,13 @@
 //!    PostgreSQL ≥ 13).
 //! 2. **Remember** the member's own `primary_conninfo` and `primary_slot_name` from
 //!    `postgresql.auto.conf` — `pg_rewind` and `pg_basebackup` copy the leader's file over it.
-//! 3. **Rewind** (`pg_rewind --target-pgdata … --source-server …`), which needs
-//!    `wal_log_hints = on` or data checksums. If it fails and `reclone` is set, **re-clone**:
+//! 3. **Rewind** (`CHECKPOINT` on the leader's database with `psql` — a just promoted
+//!    leader records its new timeline in `pg_control` only at its next checkpoint, and
+//!    `pg_rewind` would find nothing to do before it —, then
+//!    `pg_rewind --target-pgdata … --source-server …`), which needs
+//!    `wal_log_hints = on` or data checksums, and the target's WAL back to the last
+//!    checkpoint the two timelines share (`wal_keep_size`; the agent does not pass
+//!    `--restore-target-wal`). If it fails and `reclone` is set, **re-clone**:
 //!    `pg_basebackup -X stream` into `<data_dir>.rejoin-new`; only once it is complete is the
 //!    old directory renamed to `<data_dir>.rejoin-old` (kept for the operator; the previous
 //!    one of that name is removed then) and the new one renamed into place.
@@ -23,7 +28,7 @@
 //!
 //! # What runs as whom
 //!
-//! Every command here (`pg_ctl`, `pg_rewind`, `pg_basebackup`, `pg_controldata` from
+//! Every command here (`pg_ctl`, `psql`, `pg_rewind`, `pg_basebackup`, `pg_controldata` from
 //! `bin_dir`, and `start_command`) runs as the OS user `run_as` when it is set (the agent must
 //! then run as root), else as the agent's own user; PostgreSQL refuses to run as root. Files
 //! the agent writes into the data directory get the data directory's owner. No password is
@@ -47,7 +52,7 @@ pub struct RejoinConfig {
     pub enabled: bool,
     /// The database's data directory (required when enabled).
     pub data_dir: Option<PathBuf>,
-    /// Where `pg_ctl`, `pg_rewind`, `pg_basebackup` and `pg_controldata` are
+    /// Where `pg_ctl`, `pg_rewind`, `pg_basebackup`, `pg_controldata` and `psql` are
     /// (default `/usr/lib/postgresql/15/bin`).
     pub bin_dir: PathBuf,
     /// Program and arguments (no shell) that start this PostgreSQL and return once it runs,
@@ -58,7 +63,7 @@ pub struct RejoinConfig {
     /// as root then). Unset: the agent's own user.
     pub run_as: Option<String>,
     /// The role `pg_rewind` and `pg_basebackup` connect to the leader's database as (a
-    /// superuser, or a role with the rights `pg_rewind` documents and `REPLICATION`;
+    /// superuser, or a role with the rights `pg_rewind` documents, `pg_checkpoint` and `REPLICATION`;
     /// default `postgres`); also the `user` of a `primary_conninfo` built from scratch.
     pub source_user: String,
     /// The database `pg_rewind` connects to (default `postgres`).
@@ -319,6 +324,26 @@ impl Rejoiner {
             quote_value(&self.config.source_user),
             quote_value(&self.config.source_dbname)
         );
+        // A just promoted leader writes its new timeline into pg_control only at its next
+        // checkpoint; before it, pg_rewind reads the old one and finds "no rewind required".
+        let mut checkpoint = self.tool("psql")?;
+        checkpoint
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                "CHECKPOINT",
+                "-d",
+            ])
+            .arg(&source);
+        self.run(
+            checkpoint,
+            "a checkpoint on the leader's database",
+            self.config.command_timeout,
+        )
+        .await?;
         let mut command = self.tool("pg_rewind")?;
         command
             .arg(format!("--target-pgdata={}", self.data_dir.display()))
