@@ -443,11 +443,15 @@ impl HaNodeBuilder {
             let elector = Arc::clone(&self.elector_slot);
             let members = Arc::clone(&self.elector_slot);
             let known = UpstreamCache::default();
+            // A led primary that stays down past `rejoin.primary_start_timeout`: the agent
+            // gives the node's lease up at once (not only at the elector's next renewal).
+            let step_down = NodeStepDown::new(Arc::clone(&self.elector_slot));
             Arc::new(
                 agent
                     .paused_by(Arc::clone(&paused))
                     .follow(move || leader_upstream(Arc::clone(&elector), Arc::clone(&known)))
-                    .peers(move || peer_reports(Arc::clone(&members))),
+                    .peers(move || peer_reports(Arc::clone(&members)))
+                    .step_down_by(Arc::new(step_down)),
             )
         });
         let parts = Parts {
