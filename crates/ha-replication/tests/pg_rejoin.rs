@@ -7,7 +7,7 @@
 //! the lease up and a replica takes over. A checker outside the system writes to every server
 //! every round and fails the test if two of them take a write in one round. Nothing here
 //! helps the agents by hand.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -68,14 +68,31 @@
 //!
 //! A database that is a *primary* while another member's database leads is not re-pointed:
 //! its timeline has diverged. It stays demoted and is reported
-//! ([`AgentStatus::needs_rejoin`], [`AgentAction::NeedsRejoin`], an error log) for
-//! `pg_rewind` or a re-clone, which the agent does not do yet. The led primary keeps a
-//! physical slot for each of `replica_slots`.
+//! ([`AgentStatus::needs_rejoin`], [`AgentAction::NeedsRejoin`], an error log) and, with
+//! `rejoin.enabled`, rejoined (below). The led primary keeps a physical slot for each of
+//! `replica_slots`.
+//!
+//! # Rejoin (`rejoin.enabled`)
+//!
+//! | leadership | database | action |
+//! |---|---|---|
+//! | does not lead | primary, another member leads | stop it cleanly, `pg_rewind` from the leader's database (re-clone with `pg_basebackup` if that fails and `rejoin.reclone`), standby config, start ([`AgentAction::Rejoined`]) |
+//! | does not lead | down (no postmaster), another member leads | the same without the stop for a former primary (no `standby.signal`); a standby is only re-pointed and started |
+//! | does not lead | down, no leader known | started as a standby of nobody (it may then campaign and be promoted), except for `step_down_hold` after a step-down |
+//! | leads | down | started in place ([`AgentAction::RestartedInPlace`]) until `primary_start_timeout` has passed since first seen down; the member stays eligible meanwhile. Then [`AgentAction::SteppedDown`]: the leadership is given up ([`PgAgent::step_down_by`]) and the member is ineligible for `step_down_hold` |
+//!
+//! **Never a second primary:** a database the agent starts while it does not lead has
+//! `standby.signal` written first, whatever it was; a start without it happens only in the
+//! "leads, down" row, under the leadership re-checked (same token, more than `demote_margin`
+//! left) right before. A failed step waits `retry_interval`. The commands, who they run as,
+//! and what `pg_rewind` needs (`wal_log_hints` or checksums, the target's WAL since the last
+//! common checkpoint) are in [`rejoin`](crate::pg::rejoin).
 //!
 //! # Eligibility
 //!
-//! [`PgAgent::eligible`] answers from the last loop: a primary with no pending rejoin, or a
-//! replica that may be promoted (replay not paused, within `max_lag_on_failover`) and that
+//! [`PgAgent::eligible`] answers from the last loop: a primary with no pending rejoin, a led
+//! database that is down within `rejoin.primary_start_timeout` (being restarted in place), or
+//! a replica that may be promoted (replay not paused, within `max_lag_on_failover`) and that
 //! no more advanced eligible member outranks (the candidate rule, [`candidate`]:
 //! members publish role, state, timeline and received/replayed/current WAL positions in their
 //! member metadata, [`PgAgent::member_report`], and read each other's, [`PgAgent::peers`]).
@@ -107,9 +124,11 @@
 //!
 //! # Not done yet
 //!
-//! `pg_rewind` or a re-clone of a former primary ([`AgentStatus::needs_rejoin`] only
-//! reports it), a switchover carried out through the agents, synchronous replication
-//! (`synchronous_standby_names` managed by the leader's agent).
+//! A switchover carried out through the agents, synchronous replication
+//! (`synchronous_standby_names` managed by the leader's agent). A running *standby* whose
+//! timeline diverged from the leader's (e.g. a former primary started as a standby of
+//! nobody before a leader was known) is not detected or rewound: it is re-pointed and stays
+//! `not_streaming`. `pg_rewind --restore-target-wal` (WAL from an archive) is not used.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -729,8 +748,10 @@ impl PgAgent {
     /// Whether this member may campaign for leadership, judged at the last loop: its
     /// database answered and is either a primary that needs no rejoin, or a replica that may
     /// be promoted (replay not paused, within `max_lag_on_failover` of the freshest known
-    /// primary position) — and, with the watchdog enabled, whose watchdog runs. False before
-    /// the first loop. `ha-orchestrator` makes it part of
+    /// primary position), or, with `rejoin.enabled`, a database that is down while this node
+    /// leads, within `rejoin.primary_start_timeout` — and, with the watchdog enabled, whose
+    /// watchdog runs. Never during `rejoin.step_down_hold` after giving the leadership up.
+    /// False before the first loop. `ha-orchestrator` makes it part of
     /// the elector's eligibility, so an ineligible leader also gives the lease up.
     pub fn eligible(&self) -> bool {
         if self.inner.config.nofailover {

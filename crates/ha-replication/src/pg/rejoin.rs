@@ -72,7 +72,8 @@ pub struct RejoinConfig {
     /// scratch; unset: none (trust, certificates, or the OS user's `~/.pgpass`).
     pub passfile: Option<PathBuf>,
     /// When `pg_rewind` fails (or is impossible: no `wal_log_hints`/checksums), re-clone the
-    /// data directory from the leader with `pg_basebackup` (default false).
+    /// data directory from the leader with `pg_basebackup` (default false). The data
+    /// directory's parent must be writable by `run_as` and have room for a second copy.
     pub reclone: bool,
     /// How long this node, leading, restarts its crashed primary in place before it gives the
     /// leadership up (default 300 s, as Patroni's `primary_start_timeout`; 0: at once).
