@@ -110,6 +110,7 @@ fn member_agent(
     ports: Vec<u16>,
     lease: &Arc<Lease>,
     rejoin: RejoinConfig,
+    paused: &Arc<AtomicBool>,
 ) -> Arc<PgAgent> {
     let member = PgMember::new(format!("pg{i}"), &server.url())
         .unwrap()
@@ -136,7 +137,8 @@ fn member_agent(
                 });
                 async move { upstream }
             })
-            .step_down_by(gate),
+            .step_down_by(gate)
+            .paused_by(Arc::clone(paused)),
     )
 }
 
@@ -241,6 +243,17 @@ struct Cluster {
     checker: Arc<Checker>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// Set when the cluster is dropped (a failed test unwinding): the agents' loops then
+    /// idle, so none starts a postmaster on a data directory the testkit is removing.
+    paused: Arc<AtomicBool>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.paused.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        self.checker.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 async fn cluster(
@@ -261,10 +274,14 @@ async fn cluster(
     let servers = vec![primary, replica];
     let ports: Vec<u16> = servers.iter().map(PostgresServer::port).collect();
     let lease = Arc::new(Lease::default());
+    let paused = Arc::new(AtomicBool::new(false));
     let agents: Vec<Arc<PgAgent>> = servers
         .iter()
         .enumerate()
-        .map(|(i, s)| member_agent(i, s, ports.clone(), &lease, tweak(i, rejoin_config(s))))
+        .map(|(i, s)| {
+            let rejoin = tweak(i, rejoin_config(s));
+            member_agent(i, s, ports.clone(), &lease, rejoin, &paused)
+        })
         .collect();
     // Bootstrap: the primary's member holds the first lease.
     assert_eq!(lease.grant(0), 1);
@@ -295,16 +312,17 @@ async fn cluster(
         checker,
         tasks,
         stop,
+        paused,
     }
 }
 
 impl Cluster {
     /// Stops the checker, the election and the agents; asserts the checker never saw two
     /// writable primaries.
-    async fn finish(self) -> Vec<PostgresServer> {
+    async fn finish(mut self) {
         self.checker.stop.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
-        for task in self.tasks {
+        for task in self.tasks.drain(..) {
             task.await.unwrap();
         }
         for agent in &self.agents {
@@ -312,7 +330,6 @@ impl Cluster {
         }
         let double = self.checker.double.lock().unwrap().clone();
         assert!(double.is_empty(), "two writable primaries: {double:?}");
-        self.servers
     }
 }
 
