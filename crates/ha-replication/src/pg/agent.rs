@@ -1777,6 +1777,16 @@ impl Inner {
         if self.waiting_to_retry() {
             return Ok(());
         }
+        // Not before the leader's promotion has finished: until then the timelines do not
+        // differ yet, and a rewind would leave this database ahead of the leader's.
+        match rejoiner.leader_is_primary(&leader).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(member = self.member.name(), %leader, "rejoin: the leader's database is not promoted yet");
+                return Ok(());
+            }
+            Err(e) => return Err(self.rejoin_failed(format!("rejoin: {e}"))),
+        }
         tracing::warn!(member = self.member.name(), %leader, "rejoin: stopping the former primary");
         if let Err(e) = rejoiner.stop().await {
             return Err(self.rejoin_failed(format!("rejoin: {e}")));
@@ -1839,8 +1849,15 @@ impl Inner {
         );
         let prepared = match (&leader, standby) {
             // A former primary (no standby.signal, "in production" or "shut down"): its
-            // timeline may have diverged from the leader's.
-            (Some(leader), false) => rejoiner.rewind_or_reclone(leader).await,
+            // timeline may have diverged from the leader's — once the leader is promoted.
+            (Some(leader), false) => match rejoiner.leader_is_primary(leader).await {
+                Ok(true) => rejoiner.rewind_or_reclone(leader).await,
+                Ok(false) => {
+                    tracing::info!(member = self.member.name(), %leader, "rejoin: the leader's database is not promoted yet");
+                    return Ok(());
+                }
+                Err(e) => Err(e),
+            },
             (leader, _) => rejoiner
                 .make_standby(leader.as_ref())
                 .map(|()| RejoinVia::Start),

@@ -10,7 +10,9 @@
 //!    PostgreSQL ≥ 13).
 //! 2. **Remember** the member's own `primary_conninfo` and `primary_slot_name` from
 //!    `postgresql.auto.conf` — `pg_rewind` and `pg_basebackup` copy the leader's file over it.
-//! 3. **Rewind** (`CHECKPOINT` on the leader's database with `psql` — a just promoted
+//! 3. **Rewind**, only once the leader's database is out of recovery (asked with `psql`;
+//!    the agent waits for it before it even stops its own): (`CHECKPOINT` on the leader's
+//!    database with `psql` — a just promoted
 //!    leader records its new timeline in `pg_control` only at its next checkpoint, and
 //!    `pg_rewind` would find nothing to do before it —, then
 //!    `pg_rewind --target-pgdata … --source-server …`), which needs
@@ -260,6 +262,42 @@ impl Rejoiner {
             .unwrap_or_default())
     }
 
+    /// Whether the leader's database is out of recovery (`psql`, as `source_user`): a
+    /// rewind against a leader whose promotion has not finished would find the timelines
+    /// not diverged yet and leave this database ahead of it.
+    pub(crate) async fn leader_is_primary(&self, leader: &Upstream) -> Result<bool, RejoinError> {
+        let mut command = self.tool("psql")?;
+        command
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+            .args(["-c", "SELECT pg_is_in_recovery()", "-d"])
+            .arg(self.source_conninfo(leader));
+        let output = self
+            .output(
+                command,
+                "asking the leader's database whether it is a primary",
+                self.config.command_timeout,
+            )
+            .await?;
+        if !output.status.success() {
+            return Err(failed(
+                "asking the leader's database whether it is a primary",
+                "psql",
+                &output,
+            ));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim() == "f")
+    }
+
+    /// The leader's database as `source_user` on `source_dbname`, no password.
+    fn source_conninfo(&self, leader: &Upstream) -> String {
+        format!(
+            "{} user={} dbname={} connect_timeout=10",
+            leader.conninfo(),
+            quote_value(&self.config.source_user),
+            quote_value(&self.config.source_dbname)
+        )
+    }
+
     /// Stops the postmaster with a fast shutdown (a clean one: a shutdown checkpoint).
     pub(crate) async fn stop(&self) -> Result<(), RejoinError> {
         let mut command = self.tool("pg_ctl")?;
@@ -319,12 +357,7 @@ impl Rejoiner {
 
     async fn rewind(&self, leader: &Upstream) -> Result<(), RejoinError> {
         tracing::info!(member = %self.member, %leader, "pg_rewind from the leader's database");
-        let source = format!(
-            "{} user={} dbname={} connect_timeout=10",
-            leader.conninfo(),
-            quote_value(&self.config.source_user),
-            quote_value(&self.config.source_dbname)
-        );
+        let source = self.source_conninfo(leader);
         // A just promoted leader writes its new timeline into pg_control only at its next
         // checkpoint; before it, pg_rewind reads the old one and finds "no rewind required".
         let mut checkpoint = self.tool("psql")?;
