@@ -2,7 +2,8 @@
 //! elector does (a holder is renewed while its agent is eligible; a free or expired lease goes
 //! to the first eligible member with a greater token; `step_down` frees it): after a
 //! failover, the old primary comes back as a streaming replica of the new one through
-//! `pg_rewind`, or a re-clone when rewind is impossible; a led primary that crashed is
+//! `pg_rewind`, or a re-clone when rewind is impossible, also when it crashed and is down
+//! when its agent starts; a led primary that crashed is
 //! restarted in place within `primary_start_timeout`, and when it cannot be, its node gives
 //! the lease up and a replica takes over. A checker outside the system writes to every server
 //! every round and fails the test if two of them take a write in one round. Nothing here
@@ -495,5 +496,70 @@ async fn a_led_primary_that_does_not_come_back_gives_the_lease_up() {
     })
     .await;
     assert!(!c.agents[0].eligible(), "held off after stepping down");
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_former_primary_that_is_down_when_its_agent_starts_is_rewound() {
+    let mut c = cluster(true, |_, r| r).await;
+    // The node of pg0 goes away (its agent stops, its renewals stop) and its database
+    // crashes; pg1 takes over.
+    c.agents[0].stop().await.unwrap();
+    c.lease.cut_off.lock().unwrap().push(0);
+    c.servers[0].kill().unwrap();
+    until("pg1 to lead and promote", || {
+        c.lease.holder().is_some_and(|(who, _)| who == 1)
+            && c.agents[1].agent_status().role == Some(PgRole::Primary)
+    })
+    .await;
+    until("writes on the new primary", || {
+        c.checker.writes[1].load(Ordering::SeqCst) >= 10
+    })
+    .await;
+    // The node comes back: a new agent over a database that is down and was a primary.
+    let ports: Vec<u16> = c.servers.iter().map(PostgresServer::port).collect();
+    let agent = member_agent(
+        0,
+        &c.servers[0],
+        ports,
+        &c.lease,
+        rejoin_config(&c.servers[0]),
+        &c.paused,
+    );
+    agent
+        .start(context(&c.lease, 0, &EventBus::default()))
+        .await
+        .unwrap();
+    c.agents[0] = Arc::clone(&agent);
+    let deadline = Instant::now() + WAIT;
+    while agent.agent_status().role != Some(PgRole::Replica) {
+        assert!(
+            Instant::now() < deadline,
+            "pg0 not back as a replica: {:?}\n{}",
+            agent.agent_status(),
+            log_tail(&c.servers[0])
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        agent.agent_status().last_rejoin,
+        Some(AgentAction::Rejoined {
+            leader: Some(format!("127.0.0.1:{}", c.servers[1].port())),
+            via: RejoinVia::Rewind,
+        })
+    );
+    let note = c.checker.last_note.lock().unwrap()[1].clone().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let has: Option<i64> = c.servers[0]
+            .query_scalar(&format!("SELECT count(*) FROM c WHERE note = '{note}'"))
+            .await
+            .ok();
+        if has == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{note} not replayed on pg0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.finish().await;
 }
