@@ -69,6 +69,12 @@ pub const PG_AGENT_DEMOTIONS_TOTAL: &str = "ha_pg_agent_demotions_total";
 pub const PG_AGENT_WATCHDOG: &str = "ha_pg_agent_watchdog";
 /// Counter, label `member`: synchronous-replication records the leader's agent wrote.
 pub const PG_AGENT_SYNC_RECORDS: &str = "ha_pg_agent_sync_records_total";
+/// Counter, label `outcome` (`rewind`, `reclone`, `start`, `failed`): databases the
+/// PostgreSQL agent brought back as standbys (rejoin), or failed to.
+pub const PG_AGENT_REJOINS_TOTAL: &str = "ha_pg_agent_rejoins_total";
+/// Counter, label `outcome` (`restarted`, `failed`, `stepped_down`): restarts in place of a
+/// led primary that was down, and leaderships given up when it stayed down.
+pub const PG_AGENT_RESTARTS_TOTAL: &str = "ha_pg_agent_restarts_total";
 /// Counter, labels `sync`, `outcome` (`complete`, `incomplete` — some entries failed —,
 /// `failed`): file sync runs.
 pub const REPLICATION_FILE_SYNCS_TOTAL: &str = "ha_replication_file_syncs_total";
@@ -149,6 +155,8 @@ pub const ALL: &[&str] = &[
     PG_AGENT_DEMOTIONS_TOTAL,
     PG_AGENT_WATCHDOG,
     PG_AGENT_SYNC_RECORDS,
+    PG_AGENT_REJOINS_TOTAL,
+    PG_AGENT_RESTARTS_TOTAL,
     REPLICATION_FILE_SYNCS_TOTAL,
     REPLICATION_FILE_SYNC_DURATION_SECONDS,
     REPLICATION_FILE_COPIED_TOTAL,

@@ -449,6 +449,9 @@ impl HaNodeBuilder {
             let sync = ElectionSyncState {
                 elector: Arc::clone(&self.elector_slot),
             };
+            // A led primary that stays down past `rejoin.primary_start_timeout`: the agent
+            // gives the node's lease up at once (not only at the elector's next renewal).
+            let step_down = NodeStepDown::new(Arc::clone(&self.elector_slot));
             Arc::new(
                 agent
                     .paused_by(Arc::clone(&paused))
@@ -458,7 +461,8 @@ impl HaNodeBuilder {
                     .held_off(move || {
                         ha_core::sync::lock(&hold)
                             .is_some_and(|until| tokio::time::Instant::now() < until)
-                    }),
+                    })
+                    .step_down_by(Arc::new(step_down)),
             )
         });
         let parts = Parts {

@@ -678,3 +678,39 @@ async fn an_etcd_store_url_elects_on_a_real_cluster() {
     }
     node.shutdown().await;
 }
+
+/// The agent's `rejoin` section comes from TOML, with human durations, and its rules name
+/// their dotted path when the node is built.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn the_agent_rejoin_section_parses_and_is_checked() {
+    let agent = |rejoin: &str| {
+        format!(
+            "node_id = \"a\"\ncluster = \"pg\"\n[redundancy]\nstore = \"memory\"\n\
+             [replication.agent.member]\nname = \"a\"\nurl = \"postgres://postgres@127.0.0.1:5/postgres\"\n\
+             [replication.agent.settings.rejoin]\n{rejoin}"
+        )
+    };
+    let text = agent(
+        "enabled = true\ndata_dir = \"/var/lib/postgresql/15/main\"\n\
+         start_command = [\"pg_ctlcluster\", \"15\", \"main\", \"start\"]\nrun_as = \"postgres\"\n\
+         reclone = true\nprimary_start_timeout = \"1m\"\n",
+    );
+    let config = HaConfig::from_toml_str(&text, "test.toml").expect("a rejoin section parses");
+    let rejoin = &config.replication.agent.as_ref().unwrap().settings.rejoin;
+    assert!(rejoin.enabled && rejoin.reclone);
+    assert_eq!(
+        rejoin.primary_start_timeout,
+        std::time::Duration::from_secs(60)
+    );
+    assert_eq!(rejoin.run_as.as_deref(), Some("postgres"));
+    let _builder = config
+        .into_builder()
+        .await
+        .expect("a valid rejoin section builds");
+
+    let missing = agent("enabled = true\nstart_command = [\"true\"]\n");
+    let config = HaConfig::from_toml_str(&missing, "test.toml").expect("parses");
+    let err = config.into_builder().await.unwrap_err().to_string();
+    assert!(err.contains("rejoin.data_dir"), "{err}");
+}

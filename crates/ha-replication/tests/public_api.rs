@@ -10,6 +10,7 @@ use ha_replication::pg::{
     PromoteConfig, Promoter, PromotionReport, Refusal, ReplicaLag, ReplicaStatus, RepointOutcome,
     Sample, SqlShutdownFence, StandbyStatus, WalReceiver,
 };
+use ha_replication::pg::{RejoinConfig, RejoinError, RejoinVia, rejoin};
 use ha_replication::pg::{WatchdogConfig, candidate, watchdog};
 use ha_replication::sentinel::{
     Instance, MasterInfo, MasterView, Quorum, SentinelMonitor, WATCHED_CHANNELS, parse_announcement,
@@ -24,6 +25,9 @@ async fn every_public_path_is_reachable() {
     assert!(PgAgentConfig::default().validate().is_ok());
     let _: Option<(PgAgent, AgentStatus, AgentAction, DemoteMode, PgRole)> = None;
     let _: Option<ha_replication::PgAgent> = None;
+    // Rejoin.
+    assert!(RejoinConfig::default().validate().is_ok());
+    let _: Option<(RejoinError, RejoinVia, rejoin::RejoinConfig)> = None;
     // The watchdog and the candidate rule.
     assert!(WatchdogConfig::default().validate().is_ok());
     let _: Option<(

@@ -367,6 +367,13 @@ pub fn run_as_server_user(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The OS user the testkit's PostgreSQL runs as when the tests run as root (`postgres`);
+/// `None` when they do not (PostgreSQL then runs as the test process's own user). For a
+/// component under test that runs PostgreSQL's programs itself (e.g. an agent's `run_as`).
+pub fn server_user() -> Result<Option<String>> {
+    Ok(RunAs::detect()?.map(|_| "postgres".to_owned()))
+}
+
 /// What a replica needs to know about its primary.
 #[derive(Debug, Clone)]
 struct ReplicaOf {
@@ -548,6 +555,38 @@ impl PostgresServer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The directory of the PostgreSQL programs this server runs from (`pg_ctl`,
+    /// `pg_rewind`, `pg_basebackup`, …).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// Program and arguments (no shell) that start this server again on its data directory,
+    /// port and socket directory: `pg_ctl start -w -t 60`, logging to `pg_ctl.log` beside the
+    /// data directory — for a component under test that starts PostgreSQL itself (run it as
+    /// [`server_user`]). A postmaster started so is not this handle's child:
+    /// [`kill`](Self::kill), [`restart`](Self::restart) and [`is_running`](Self::is_running)
+    /// do not see it, but dropping the handle stops it too.
+    pub fn start_command(&self) -> Vec<String> {
+        vec![
+            self.bin_dir.join("pg_ctl").display().to_string(),
+            "start".into(),
+            "-w".into(),
+            "-t".into(),
+            "60".into(),
+            "-D".into(),
+            self.data_dir.display().to_string(),
+            "-l".into(),
+            self.dir.path().join("pg_ctl.log").display().to_string(),
+            "-o".into(),
+            format!(
+                "-p {} -c unix_socket_directories={}",
+                self.port,
+                self.dir.path().display()
+            ),
+        ]
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
@@ -868,9 +907,40 @@ impl Drop for PostgresServer {
             let _ = nix::sys::signal::kill(pid, Signal::SIGQUIT);
         }
         self.process.stop();
+        stop_other_postmaster(&self.data_dir);
         remove_stale_shared_memory(&self.data_dir);
         if let Some(replica_of) = &self.replica_of {
             drop_slot_on_primary(replica_of);
+        }
+    }
+}
+
+/// Stops (SIGQUIT, immediate shutdown; then SIGKILL to what is left) a postmaster that
+/// someone else started on `data_dir` — e.g. an agent under test with
+/// [`PostgresServer::start_command`] — found through `postmaster.pid`, and waits up to 10 s
+/// for it and its children to go.
+fn stop_other_postmaster(data_dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+        .map(Pid::from_raw)
+    else {
+        return;
+    };
+    let is_postgres = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim() == "postgres");
+    if !is_postgres || !pid_running(pid) {
+        return;
+    }
+    let children = descendants(pid);
+    let _ = nix::sys::signal::kill(pid, Signal::SIGQUIT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_running(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for child in children.into_iter().chain([pid]) {
+        if pid_running(child) {
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
         }
     }
 }

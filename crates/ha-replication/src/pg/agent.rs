@@ -70,14 +70,31 @@
 //!
 //! A database that is a *primary* while another member's database leads is not re-pointed:
 //! its timeline has diverged. It stays demoted and is reported
-//! ([`AgentStatus::needs_rejoin`], [`AgentAction::NeedsRejoin`], an error log) for
-//! `pg_rewind` or a re-clone, which the agent does not do yet. The led primary keeps a
-//! physical slot for each of `replica_slots`.
+//! ([`AgentStatus::needs_rejoin`], [`AgentAction::NeedsRejoin`], an error log) and, with
+//! `rejoin.enabled`, rejoined (below). The led primary keeps a physical slot for each of
+//! `replica_slots`.
+//!
+//! # Rejoin (`rejoin.enabled`)
+//!
+//! | leadership | database | action |
+//! |---|---|---|
+//! | does not lead | primary, another member leads | stop it cleanly, `pg_rewind` from the leader's database (re-clone with `pg_basebackup` if that fails and `rejoin.reclone`), standby config, start ([`AgentAction::Rejoined`]) |
+//! | does not lead | down (no postmaster), another member leads | the same without the stop for a former primary (no `standby.signal`); a standby is only re-pointed and started |
+//! | does not lead | down, no leader known | started as a standby of nobody (it may then campaign and be promoted), except for `step_down_hold` after a step-down |
+//! | leads | down | started in place ([`AgentAction::RestartedInPlace`]) until `primary_start_timeout` has passed since first seen down; the member stays eligible meanwhile. Then [`AgentAction::SteppedDown`]: the leadership is given up ([`PgAgent::step_down_by`]) and the member is ineligible for `step_down_hold` |
+//!
+//! **Never a second primary:** a database the agent starts while it does not lead has
+//! `standby.signal` written first, whatever it was; a start without it happens only in the
+//! "leads, down" row, under the leadership re-checked (same token, more than `demote_margin`
+//! left) right before. A failed step waits `retry_interval`. The commands, who they run as,
+//! and what `pg_rewind` needs (`wal_log_hints` or checksums, the target's WAL since the last
+//! common checkpoint) are in [`rejoin`](crate::pg::rejoin).
 //!
 //! # Eligibility
 //!
-//! [`PgAgent::eligible`] answers from the last loop: a primary with no pending rejoin, or a
-//! replica that may be promoted (replay not paused, within `max_lag_on_failover`) and that
+//! [`PgAgent::eligible`] answers from the last loop: a primary with no pending rejoin, a led
+//! database that is down within `rejoin.primary_start_timeout` (being restarted in place), or
+//! a replica that may be promoted (replay not paused, within `max_lag_on_failover`) and that
 //! no more advanced eligible member outranks (the candidate rule, [`candidate`]:
 //! members publish role, state, timeline and received/replayed/current WAL positions in their
 //! member metadata, [`PgAgent::member_report`], and read each other's, [`PgAgent::peers`]).
@@ -131,8 +148,11 @@
 //!
 //! # Not done yet
 //!
-//! `pg_rewind` or a re-clone of a former primary ([`AgentStatus::needs_rejoin`] only
-//! reports it).
+//! A running *standby* whose timeline diverged from the leader's (e.g. a former primary
+//! started as a standby of nobody before a leader was known, or an asynchronous replica that
+//! received WAL past the promoted member's end of WAL) is not detected or rewound: it is
+//! re-pointed and stays `not_streaming`. `pg_rewind --restore-target-wal` (WAL from an
+//! archive) is not used.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -142,7 +162,7 @@ use std::time::{Duration, SystemTime};
 use ha_core::config::{self, ConfigError, Validate};
 use ha_core::{
     Component, ComponentContext, ComponentTasks, FencingToken, HaEvent, Leadership, LeadershipGate,
-    NodeId, Status, metric,
+    NodeId, Status, StepDown, metric,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -152,6 +172,7 @@ use tokio_util::sync::CancellationToken;
 use crate::pg::candidate::{self, MemberReport};
 use crate::pg::member::PgMember;
 use crate::pg::promote::{PrimaryFence, SqlShutdownFence};
+use crate::pg::rejoin::{RejoinConfig, RejoinVia, Rejoiner};
 use crate::pg::sync::{
     self, PendingChange, SyncMode, SyncState, SyncStateStore, SyncStep, Waits, Walsender,
 };
@@ -221,6 +242,9 @@ pub struct PgAgentConfig {
     /// (default 5 s; see [`candidate`]).
     #[serde(with = "config::duration")]
     pub report_stale_after: Duration,
+    /// Rejoin of a former primary, start of a database that is down, restart in place of a
+    /// crashed led primary (off by default; see [`rejoin`](crate::pg::rejoin)).
+    pub rejoin: RejoinConfig,
 }
 
 impl Default for PgAgentConfig {
@@ -240,6 +264,7 @@ impl Default for PgAgentConfig {
             synchronous_mode: SyncMode::Off,
             synchronous_node_count: 1,
             report_stale_after: Duration::from_secs(5),
+            rejoin: RejoinConfig::default(),
         }
     }
 }
@@ -276,6 +301,7 @@ impl Validate for PgAgentConfig {
             || "the program must not be empty".into(),
         )?;
         self.watchdog.validate().map_err(|e| e.within("watchdog"))?;
+        self.rejoin.validate().map_err(|e| e.within("rejoin"))?;
         config::ensure(
             !self.watchdog.enabled || self.watchdog.fence_margin < self.demote_margin,
             "watchdog.fence_margin",
@@ -352,10 +378,31 @@ pub enum AgentAction {
         record: String,
     },
     /// The database is a primary while another member leads: its timeline has diverged, so
-    /// it cannot simply follow; it needs `pg_rewind` or a re-clone (not done by the agent yet).
+    /// it cannot simply follow; it needs `pg_rewind` or a re-clone (done by the agent only
+    /// with `rejoin.enabled`, [`AgentAction::Rejoined`]).
     NeedsRejoin {
         /// What it would have to follow.
         leader: String,
+    },
+    /// The database was brought back as a standby and started (`rejoin.enabled`).
+    Rejoined {
+        /// The leader's database it follows (`None`: no leader was known; it started as a
+        /// standby of nobody, which may campaign and be promoted).
+        leader: Option<String>,
+        /// How.
+        via: RejoinVia,
+    },
+    /// This node leads and its database was down: it was started in place (with no
+    /// `standby.signal` added), within `rejoin.primary_start_timeout`.
+    RestartedInPlace {
+        /// The leadership's fencing token.
+        token: u64,
+    },
+    /// This node gave its leadership up (its database stayed down past
+    /// `rejoin.primary_start_timeout`) and stays ineligible for `rejoin.step_down_hold`.
+    SteppedDown {
+        /// Why.
+        reason: String,
     },
 }
 
@@ -441,14 +488,18 @@ fn parse_conninfo(text: &str) -> Option<Vec<(String, String)>> {
 }
 
 /// A conninfo value, quoted.
-fn quote_value(value: &str) -> String {
+pub(crate) fn quote_value(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// `current` with its `host`, `hostaddr` and `port` replaced by `upstream`'s (and its
 /// `application_name` by `name`, when given), every other keyword (user, password, passfile,
 /// sslmode, …) kept.
-fn repoint_conninfo(current: &str, upstream: &Upstream, name: Option<&str>) -> Option<String> {
+pub(crate) fn repoint_conninfo(
+    current: &str,
+    upstream: &Upstream,
+    name: Option<&str>,
+) -> Option<String> {
     let pairs = parse_conninfo(current)?;
     let mut out: Vec<String> = pairs
         .into_iter()
@@ -505,6 +556,9 @@ pub struct AgentStatus {
     pub needs_rejoin: Option<String>,
     /// The last action and when it was taken.
     pub last_action: Option<AgentAction>,
+    /// The last rejoin action ([`AgentAction::Rejoined`], [`AgentAction::RestartedInPlace`] or
+    /// [`AgentAction::SteppedDown`]), kept while later actions replace `last_action`.
+    pub last_rejoin: Option<AgentAction>,
     /// When the last action was taken.
     #[serde(skip)]
     pub last_action_at: Option<SystemTime>,
@@ -564,6 +618,10 @@ struct Inner {
     handing_over: std::sync::atomic::AtomicBool,
     /// Wakes the loop for a handover.
     wake: tokio::sync::Notify,
+    /// The rejoin's commands, with `rejoin.enabled`.
+    rejoiner: Option<Rejoiner>,
+    /// How this node gives its leadership up when its crashed primary does not come back.
+    step_down: Option<Arc<dyn StepDown>>,
 }
 
 /// A running watchdog and the write end of its pipe.
@@ -591,6 +649,13 @@ struct State {
     sync_written: Option<(SyncState, Instant)>,
     /// Synchronous mode: a setting change not yet confirmed.
     sync_pending: Option<PendingChange>,
+    /// Since when this node leads over a database that is down (`primary_start_timeout`).
+    down_since: Option<Instant>,
+    /// When this node gave its leadership up because its database stayed down: ineligible
+    /// for `rejoin.step_down_hold`.
+    stepped_down_at: Option<Instant>,
+    /// No rejoin or start before this (after a failed one: `rejoin.retry_interval`).
+    retry_at: Option<Instant>,
 }
 
 /// How long a primary demoted by [`PgAgent::hand_over`] stays ineligible: long enough for a
@@ -622,6 +687,7 @@ impl PgAgent {
             what: "postgres agent",
             source,
         })?;
+        let rejoiner = Rejoiner::new(&config.rejoin, member.name());
         let status = AgentStatus {
             member: member.name().to_owned(),
             role: None,
@@ -633,6 +699,7 @@ impl PgAgent {
             ineligible: None,
             needs_rejoin: None,
             last_action: None,
+            last_rejoin: None,
             last_action_at: None,
             last_error: None,
             watchdog: config.watchdog.enabled.then(|| "not started".to_owned()),
@@ -656,6 +723,9 @@ impl PgAgent {
                     conninfo_named: false,
                     sync_written: None,
                     sync_pending: None,
+                    down_since: None,
+                    stepped_down_at: None,
+                    retry_at: None,
                 }),
                 paused: Arc::default(),
                 leader: None,
@@ -666,6 +736,8 @@ impl PgAgent {
                 watchdog_up: std::sync::atomic::AtomicBool::new(false),
                 handing_over: std::sync::atomic::AtomicBool::new(false),
                 wake: tokio::sync::Notify::new(),
+                rejoiner,
+                step_down: None,
             }),
             tasks: ComponentTasks::default(),
         })
@@ -742,6 +814,19 @@ impl PgAgent {
         self
     }
 
+    /// How this node gives its leadership up when its database, crashed while it led, is
+    /// not back within `rejoin.primary_start_timeout` (`ha-orchestrator` passes its
+    /// elector). Without it the agent only becomes ineligible, which an elector that asks
+    /// [`eligible`](Self::eligible) turns into a step-down at its next renewal.
+    #[must_use]
+    pub fn step_down_by(mut self, handle: Arc<dyn StepDown>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.step_down = Some(handle),
+            None => tracing::error!("step_down_by after the agent started: ignored"),
+        }
+        self
+    }
+
     /// This member's report as of the last loop (`None` before the first), for its member
     /// metadata ([`MemberReport::to_meta`]); `member` is the database's name.
     pub fn member_report(&self) -> Option<MemberReport> {
@@ -788,8 +873,10 @@ impl PgAgent {
     /// Whether this member may campaign for leadership, judged at the last loop: its
     /// database answered and is either a primary that needs no rejoin, or a replica that may
     /// be promoted (replay not paused, within `max_lag_on_failover` of the freshest known
-    /// primary position) — and, with the watchdog enabled, whose watchdog runs. False before
-    /// the first loop. `ha-orchestrator` makes it part of
+    /// primary position), or, with `rejoin.enabled`, a database that is down while this node
+    /// leads, within `rejoin.primary_start_timeout` — and, with the watchdog enabled, whose
+    /// watchdog runs. Never during `rejoin.step_down_hold` after giving the leadership up.
+    /// False before the first loop. `ha-orchestrator` makes it part of
     /// the elector's eligibility, so an ineligible leader also gives the lease up.
     pub fn eligible(&self) -> bool {
         if self.inner.config.nofailover {
@@ -810,11 +897,23 @@ impl PgAgent {
         {
             return false;
         }
+        let hold = self.inner.config.rejoin.step_down_hold;
+        if state.stepped_down_at.is_some_and(|at| at.elapsed() < hold) {
+            return false;
+        }
         let s = &state.status;
         match s.role {
             Some(PgRole::Primary) => s.needs_rejoin.is_none(),
             Some(PgRole::Replica) => s.ineligible.is_none(),
-            Some(PgRole::Unreachable) | None => false,
+            // A led primary that crashed, within its grace period to restart in place.
+            Some(PgRole::Unreachable) => {
+                self.inner.rejoiner.is_some()
+                    && s.leader
+                    && state.down_since.is_some_and(|at| {
+                        at.elapsed() < self.inner.config.rejoin.primary_start_timeout
+                    })
+            }
+            None => false,
         }
     }
 
@@ -1220,26 +1319,39 @@ impl Inner {
                 } else {
                     self.demote(deadline).await
                 };
-                self.check_rejoin().await;
-                demotion
+                let rejoin = self.check_rejoin().await;
+                demotion.and(rejoin)
             }
             (None, Ok(Observed::Replica { streaming_from })) => {
                 self.follow_leader(ctx.node.as_str(), streaming_from.as_ref())
                     .await
             }
             (None, Err(e)) => {
+                self.lock().down_since = None;
                 let was_primary = self.lock().status.role == Some(PgRole::Primary);
                 let demoted = self.lock().status.demoted;
-                if was_primary && !demoted && !self.config.stop_command.is_empty() {
+                let stopped = if was_primary && !demoted && !self.config.stop_command.is_empty() {
                     self.stop_postgres(&format!("unreachable while not leading: {e}"))
                         .await
                         .map_err(|stop| format!("{e}; {stop}"))
                 } else {
                     Err(e.to_string())
+                };
+                match self.start_down().await {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(rejoin)) => Err(format!("{e}; {rejoin}")),
+                    None => stopped,
                 }
             }
-            (Some(_), Err(e)) => Err(e.to_string()),
+            (Some(l), Err(e)) => match self.restart_in_place(ctx, l).await {
+                Some(Ok(())) => Ok(()),
+                Some(Err(restart)) => Err(format!("{e}; {restart}")),
+                None => Err(e.to_string()),
+            },
         };
+        if role.is_ok() {
+            self.lock().down_since = None;
+        }
         if self.settle(lead.is_some(), &role, result) {
             self.watchdog_send(Message::Disarm).await;
         }
@@ -2053,18 +2165,20 @@ impl Inner {
     }
 
     /// A primary that does not lead while the leader's database is elsewhere: its timeline
-    /// diverged; reported, never re-pointed as it is.
-    async fn check_rejoin(&self) {
+    /// diverged; reported, never re-pointed as it is. With `rejoin.enabled` it is then
+    /// stopped cleanly, rewound (or re-cloned) and started as a standby of the leader's.
+    async fn check_rejoin(&self) -> Result<(), String> {
         let Some(leader) = self.leader_upstream().await else {
-            return;
+            return Ok(());
         };
         let first = self.lock().status.needs_rejoin.is_none();
         if first {
             tracing::error!(
                 member = self.member.name(),
                 %leader,
+                rejoin = self.rejoiner.is_some(),
                 "a former primary while another member leads: needs pg_rewind or a re-clone \
-                 before it can follow; left demoted"
+                 before it can follow; demoted"
             );
         }
         self.lock().status.needs_rejoin = Some(format!(
@@ -2073,6 +2187,224 @@ impl Inner {
         self.record(AgentAction::NeedsRejoin {
             leader: leader.to_string(),
         });
+        let Some(rejoiner) = &self.rejoiner else {
+            return Ok(());
+        };
+        if self.waiting_to_retry() {
+            return Ok(());
+        }
+        // Not before the leader's promotion has finished: until then the timelines do not
+        // differ yet, and a rewind would leave this database ahead of the leader's.
+        match rejoiner.leader_is_primary(&leader).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(member = self.member.name(), %leader, "rejoin: the leader's database is not promoted yet");
+                return Ok(());
+            }
+            Err(e) => return Err(self.rejoin_failed(format!("rejoin: {e}"))),
+        }
+        tracing::warn!(member = self.member.name(), %leader, "rejoin: stopping the former primary");
+        if let Err(e) = rejoiner.stop().await {
+            return Err(self.rejoin_failed(format!("rejoin: {e}")));
+        }
+        self.lock().status.demoted = true;
+        self.rejoin_stopped(rejoiner, Some(leader)).await
+    }
+
+    /// A database that is down while this node does not lead (`rejoin.enabled`; `None`
+    /// otherwise, or when there is nothing to do): a former primary is rewound (or re-cloned)
+    /// from the leader's database, a standby only re-pointed, and both started as standbys.
+    /// With no leader known it starts as a standby of nobody (`standby.signal` first), except
+    /// during `step_down_hold` after this node gave its leadership up, when a successor is
+    /// waited for.
+    async fn start_down(&self) -> Option<Result<(), String>> {
+        let rejoiner = self.rejoiner.as_ref()?;
+        if self.waiting_to_retry() {
+            return None;
+        }
+        match rejoiner.is_running().await {
+            // Starting, in recovery, or hung: not this path's business (the stop path's).
+            Ok(true) => return None,
+            Ok(false) => {}
+            Err(e) => return Some(Err(self.rejoin_failed(format!("rejoin: {e}")))),
+        }
+        let leader = self.leader_upstream().await;
+        let hold = rejoiner.config().step_down_hold;
+        let held = self
+            .lock()
+            .stepped_down_at
+            .is_some_and(|at| at.elapsed() < hold);
+        if leader.is_none() && held {
+            tracing::debug!(
+                member = self.member.name(),
+                "down after a step-down: waiting for a successor before starting as a standby"
+            );
+            return None;
+        }
+        Some(self.rejoin_stopped(rejoiner, leader).await)
+    }
+
+    /// Steps 2–5 of a rejoin on a stopped database (see [`rejoin`](crate::pg::rejoin)):
+    /// whatever it was, it starts as a standby.
+    async fn rejoin_stopped(
+        &self,
+        rejoiner: &Rejoiner,
+        leader: Option<Upstream>,
+    ) -> Result<(), String> {
+        let standby = rejoiner.is_standby();
+        let cluster_state = rejoiner
+            .cluster_state()
+            .await
+            .unwrap_or_else(|e| format!("unknown: {e}"));
+        tracing::info!(
+            member = self.member.name(),
+            leader = ?leader.as_ref().map(ToString::to_string),
+            standby,
+            %cluster_state,
+            "rejoin: bringing the database back as a standby"
+        );
+        let prepared = match (&leader, standby) {
+            // A former primary (no standby.signal, "in production" or "shut down"): its
+            // timeline may have diverged from the leader's — once the leader is promoted.
+            (Some(leader), false) => match rejoiner.leader_is_primary(leader).await {
+                Ok(true) => rejoiner.rewind_or_reclone(leader).await,
+                Ok(false) => {
+                    tracing::info!(member = self.member.name(), %leader, "rejoin: the leader's database is not promoted yet");
+                    return Ok(());
+                }
+                Err(e) => Err(e),
+            },
+            (leader, _) => rejoiner
+                .make_standby(leader.as_ref())
+                .map(|()| RejoinVia::Start),
+        };
+        let via = match prepared {
+            Ok(via) => via,
+            Err(e) => return Err(self.rejoin_failed(format!("rejoin: {e}"))),
+        };
+        // standby.signal is written: whatever the leadership now, it cannot start writable.
+        if let Err(e) = rejoiner.start().await {
+            return Err(self.rejoin_failed(format!("rejoin ({via:?} done): {e}")));
+        }
+        let outcome = match via {
+            RejoinVia::Rewind => "rewind",
+            RejoinVia::Reclone => "reclone",
+            RejoinVia::Start => "start",
+        };
+        metrics::counter!(metric::PG_AGENT_REJOINS_TOTAL, "outcome" => outcome).increment(1);
+        {
+            let mut state = self.lock();
+            state.retry_at = None;
+            state.status.demoted = true;
+        }
+        self.record_rejoin(AgentAction::Rejoined {
+            leader: leader.map(|l| l.to_string()),
+            via,
+        });
+        Ok(())
+    }
+
+    /// This node leads and its database is down (`rejoin.enabled`; `None` otherwise, or when
+    /// there is nothing to do now): started in place until `primary_start_timeout` has
+    /// passed since it was first seen down, then the leadership is given up.
+    async fn restart_in_place(
+        &self,
+        ctx: &ComponentContext,
+        lead: Leadership,
+    ) -> Option<Result<(), String>> {
+        let rejoiner = self.rejoiner.as_ref()?;
+        let timeout = rejoiner.config().primary_start_timeout;
+        let since = *self.lock().down_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= timeout {
+            return Some(self.give_up_leadership(since.elapsed(), timeout).await);
+        }
+        if self.waiting_to_retry() {
+            return None;
+        }
+        match rejoiner.is_running().await {
+            // Crash recovery in progress: it answers when done.
+            Ok(true) => return None,
+            Ok(false) => {}
+            Err(e) => return Some(Err(self.rejoin_failed(format!("restart in place: {e}")))),
+        }
+        // Started without standby.signal only under this very leadership.
+        effective(ctx.leadership.as_ref(), self.config.demote_margin)
+            .filter(|l| l.token == lead.token)?;
+        tracing::warn!(
+            member = self.member.name(),
+            token = %lead.token,
+            down_for = ?since.elapsed(),
+            "leading over a database that is down: restarting it in place"
+        );
+        match rejoiner.start().await {
+            Ok(()) => {
+                metrics::counter!(metric::PG_AGENT_RESTARTS_TOTAL, "outcome" => "restarted")
+                    .increment(1);
+                self.lock().retry_at = None;
+                self.record_rejoin(AgentAction::RestartedInPlace {
+                    token: lead.token.get(),
+                });
+                Some(Ok(()))
+            }
+            Err(e) => {
+                metrics::counter!(metric::PG_AGENT_RESTARTS_TOTAL, "outcome" => "failed")
+                    .increment(1);
+                Some(Err(self.rejoin_failed(format!("restart in place: {e}"))))
+            }
+        }
+    }
+
+    /// `primary_start_timeout` passed: ineligible for `step_down_hold`, and the leadership
+    /// given up through the step-down handle when there is one.
+    async fn give_up_leadership(
+        &self,
+        down_for: Duration,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let reason = format!(
+            "the database stayed down for {down_for:?} while leading \
+             (primary_start_timeout {timeout:?})"
+        );
+        {
+            let mut state = self.lock();
+            state.stepped_down_at = Some(Instant::now());
+            state.down_since = None;
+        }
+        tracing::error!(member = self.member.name(), %reason, "giving the leadership up");
+        metrics::counter!(metric::PG_AGENT_RESTARTS_TOTAL, "outcome" => "stepped_down")
+            .increment(1);
+        self.record_rejoin(AgentAction::SteppedDown {
+            reason: reason.clone(),
+        });
+        match &self.step_down {
+            Some(handle) => handle
+                .step_down()
+                .await
+                .map_err(|e| format!("{reason}; stepping down failed: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a failed rejoin or start is still waiting for `rejoin.retry_interval`.
+    fn waiting_to_retry(&self) -> bool {
+        self.lock().retry_at.is_some_and(|at| Instant::now() < at)
+    }
+
+    /// Counts and paces a failed rejoin or start; returns the error.
+    fn rejoin_failed(&self, error: String) -> String {
+        metrics::counter!(metric::PG_AGENT_REJOINS_TOTAL, "outcome" => "failed").increment(1);
+        let retry = self
+            .rejoiner
+            .as_ref()
+            .map_or(Duration::from_secs(10), |r| r.config().retry_interval);
+        self.lock().retry_at = Some(Instant::now() + retry);
+        tracing::error!(member = self.member.name(), %error, ?retry, "rejoin failed");
+        error
+    }
+
+    fn record_rejoin(&self, action: AgentAction) {
+        self.lock().status.last_rejoin = Some(action.clone());
+        self.record(action);
     }
 
     /// Self-demotion (see the module docs); `deadline` is the end of the last leadership.

@@ -6,6 +6,7 @@ pub mod candidate;
 pub mod member;
 pub mod monitor;
 pub mod promote;
+pub mod rejoin;
 pub mod status;
 pub mod sync;
 pub mod watchdog;
@@ -21,6 +22,7 @@ pub use promote::{
     CommandFence, Ineligible, NoFence, PrimaryFence, PromoteConfig, Promoter, PromotionReport,
     Refusal, RepointOutcome, SqlShutdownFence,
 };
+pub use rejoin::{RejoinConfig, RejoinError, RejoinVia};
 pub use status::{PrimaryStatus, ReplicaStatus, StandbyStatus, WalReceiver};
 pub use sync::{MemorySyncStateStore, SyncMode, SyncState, SyncStateStore};
 pub use watchdog::WatchdogConfig;
