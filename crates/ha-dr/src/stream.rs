@@ -281,6 +281,8 @@ fn open_spool(spool: &Path) -> Result<SpoolLock> {
 struct Receiver {
     child: Option<Child>,
     tail: Arc<Mutex<Vec<String>>>,
+    /// Forwards stderr; ends when the child's end of the pipe closes.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 fn spawn(mut command: Command) -> Result<Receiver> {
@@ -294,7 +296,7 @@ fn spawn(mut command: Command) -> Result<Receiver> {
         ),
     })?;
     let tail = Arc::new(Mutex::new(Vec::new()));
-    if let Some(stderr) = child.stderr.take() {
+    let reader = child.stderr.take().map(|stderr| {
         let tail = Arc::clone(&tail);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
@@ -305,16 +307,22 @@ fn spawn(mut command: Command) -> Result<Receiver> {
                     tail.drain(..excess);
                 }
             }
-        });
-    }
+        })
+    });
     Ok(Receiver {
         child: Some(child),
         tail,
+        reader,
     })
 }
 
 impl Receiver {
-    fn failure(&self, status: std::process::ExitStatus) -> Error {
+    /// The child's error, once it exited with `status`: its last lines of stderr (read to
+    /// the end first: the pipe closed with the child).
+    fn failure(&mut self, status: std::process::ExitStatus) -> Error {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
         let tail = self.tail.lock().map(|t| t.join(" | ")).unwrap_or_default();
         Error::Command {
             program: "pg_receivewal".into(),
@@ -353,16 +361,9 @@ impl Receiver {
             program: "pg_receivewal".into(),
             detail: format!("wait: {e}"),
         })?;
-        // The stderr thread ends with the pipe; give it the moment to record the last line.
         if status.success() {
             Ok(())
         } else {
-            let deadline = Instant::now() + Duration::from_millis(200);
-            while self.tail.lock().map(|t| t.is_empty()).unwrap_or(false)
-                && Instant::now() < deadline
-            {
-                std::thread::yield_now();
-            }
             Err(self.failure(status))
         }
     }
