@@ -14,6 +14,7 @@
 //! alone (`rpo_archive_s`) and with `ha-dr wal-stream` (`rpo_stream_s`).
 //!
 //! `HA_DR_BENCH_SEGMENTS` sets how many segments are timed (default 12),
+//! `HA_DR_BENCH_WAL_ZSTD_LEVEL` the zstd level of both tools' segment pushes (default 3),
 //! `HA_DR_BENCH_SCALE` the pgbench scale (default 68: about 1 GiB),
 //! `HA_DR_BENCH_RPO_WRITE_S` how long commits are written before the kill (default 15).
 //! pgBackRest must be installed (`apt-get install -y pgbackrest`); the bench fails, saying
@@ -149,6 +150,13 @@ fn main() {
     let store = work.path().join("ha-dr-store");
     let key = work.path().join("ha-dr.key");
     run(BIN, &["keygen", "--out", s(&key)]);
+    // One zstd level for both tools' segment pushes (default 3).
+    let level: i32 = std::env::var("HA_DR_BENCH_WAL_ZSTD_LEVEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let level_arg = level.to_string();
+    println!("wal_push_zstd_level {level} level");
     let push = |segment: &Path| {
         run(
             BIN,
@@ -158,6 +166,8 @@ fn main() {
                 s(&store),
                 "--key-file",
                 s(&key),
+                "--zstd-level",
+                &level_arg,
                 s(segment),
             ],
         )
@@ -173,7 +183,7 @@ fn main() {
         format!(
             "[global]\nrepo1-path={}\nrepo1-cipher-type=aes-256-cbc\n\
              repo1-cipher-pass=benchmark-passphrase-0123456789\ncompress-type=zst\n\
-             compress-level=3\narchive-async=n\nprocess-max=1\nlog-level-console=warn\n\
+             compress-level={level}\narchive-async=n\nprocess-max=1\nlog-level-console=warn\n\
              log-level-file=off\nlock-path={}\nspool-path={}\n\
              [bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
             s(&repo),
