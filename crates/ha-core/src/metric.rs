@@ -112,6 +112,9 @@ pub const BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
 pub const BACKUP_SKIPPED_TOTAL: &str = "ha_dr_backup_skipped_total";
 /// Histogram, label `kind`: restore duration (measured recovery time).
 pub const RESTORE_DURATION_SECONDS: &str = "ha_dr_restore_duration_seconds";
+/// Counter: restarts of `ha-dr wal-stream`'s `pg_receivewal` (the server went away, or
+/// streaming failed).
+pub const DR_WAL_STREAM_RESTARTS_TOTAL: &str = "ha_dr_wal_stream_restarts_total";
 
 /// Counter: events seen by a node, labelled `event` (its name) and `severity`.
 pub const EVENTS_TOTAL: &str = "ha_events_total";
@@ -172,6 +175,7 @@ pub const ALL: &[&str] = &[
     BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS,
     BACKUP_SKIPPED_TOTAL,
     RESTORE_DURATION_SECONDS,
+    DR_WAL_STREAM_RESTARTS_TOTAL,
 ];
 
 #[cfg(test)]

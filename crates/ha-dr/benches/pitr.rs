@@ -8,8 +8,17 @@
 //! synchronous (`archive-async=n`). The segments come from a real PostgreSQL (ha-testkit)
 //! that wrote rows of hex text, copied aside by a `cp` archive command.
 //!
-//! `HA_DR_BENCH_SEGMENTS` sets how many segments are timed (default 12). pgBackRest must be
-//! installed (`apt-get install -y pgbackrest`); the bench fails, saying so, when it is not.
+//! Then, side by side with pgBackRest on one cluster loaded by `pgbench -i`: the base
+//! backup, the restore to a time (until the server is out of recovery), and the recovery
+//! point lost when the primary's data directory vanishes, with `archive_timeout = 60s`
+//! alone (`rpo_archive_s`) and with `ha-dr wal-stream` (`rpo_stream_s`).
+//!
+//! `HA_DR_BENCH_SEGMENTS` sets how many segments are timed (default 12),
+//! `HA_DR_BENCH_WAL_ZSTD_LEVEL` the zstd level of both tools' segment pushes (default 3),
+//! `HA_DR_BENCH_SCALE` the pgbench scale (default 68: about 1 GiB),
+//! `HA_DR_BENCH_RPO_WRITE_S` how long commits are written before the kill (default 15).
+//! pgBackRest must be installed (`apt-get install -y pgbackrest`); the bench fails, saying
+//! so, when it is not.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::path::{Path, PathBuf};
@@ -141,6 +150,13 @@ fn main() {
     let store = work.path().join("ha-dr-store");
     let key = work.path().join("ha-dr.key");
     run(BIN, &["keygen", "--out", s(&key)]);
+    // One zstd level for both tools' segment pushes (default 3).
+    let level: i32 = std::env::var("HA_DR_BENCH_WAL_ZSTD_LEVEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let level_arg = level.to_string();
+    println!("wal_push_zstd_level {level} level");
     let push = |segment: &Path| {
         run(
             BIN,
@@ -150,6 +166,8 @@ fn main() {
                 s(&store),
                 "--key-file",
                 s(&key),
+                "--zstd-level",
+                &level_arg,
                 s(segment),
             ],
         )
@@ -165,7 +183,7 @@ fn main() {
         format!(
             "[global]\nrepo1-path={}\nrepo1-cipher-type=aes-256-cbc\n\
              repo1-cipher-pass=benchmark-passphrase-0123456789\ncompress-type=zst\n\
-             compress-level=3\narchive-async=n\nprocess-max=1\nlog-level-console=warn\n\
+             compress-level={level}\narchive-async=n\nprocess-max=1\nlog-level-console=warn\n\
              log-level-file=off\nlock-path={}\nspool-path={}\n\
              [bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
             s(&repo),
@@ -268,4 +286,429 @@ fn main() {
         "pgbackrest_stored_bytes_per_segment {:.0} bytes",
         dir_bytes(&repo.join("archive")) as f64 / n
     );
+
+    base_backup_and_restore_to_time(&runtime, work.path(), &pgbackrest);
+    let rpo_archive = runtime.block_on(rpo(work.path(), false));
+    println!("rpo_archive_s {rpo_archive:.3} s");
+    let rpo_stream = runtime.block_on(rpo(work.path(), true));
+    println!("rpo_stream_s {rpo_stream:.3} s");
+}
+
+/// The archive_command of a primary that archives into both ha-dr and pgBackRest.
+fn both_archive(store: &Path, key: &Path, pgbackrest: &str, conf: &Path, stanza: &str) -> String {
+    format!(
+        "'{BIN}' wal-push --store '{}' --key-file '{}' %p && '{pgbackrest}' --config='{}' \
+         --stanza={stanza} archive-push %p",
+        s(store),
+        s(key),
+        s(conf)
+    )
+}
+
+/// Polls `done` until it holds (bounded).
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 300 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether pgBackRest's archive `dir` holds segment `name` (pushed: renamed from its
+/// temporary name into `<name>-<sha1>.zst`).
+fn holds(dir: &Path, name: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        let file = e.file_name().to_string_lossy().into_owned();
+        (file.starts_with(name) && file.ends_with(".zst"))
+            || (e.file_type().is_ok_and(|t| t.is_dir()) && holds(&e.path(), name))
+    })
+}
+
+/// Starts PostgreSQL on a restored data directory and waits until it is out of recovery.
+async fn start_recovered(dir: &Path, what: &str, archives: &[&Path]) -> PostgresServer {
+    let pg = match PostgresServer::builder().start_on(dir).await {
+        Ok(pg) => pg,
+        Err(e) => {
+            let mut listing = Vec::new();
+            for archive in archives {
+                list_files(archive, &mut listing);
+            }
+            listing.sort();
+            panic!("{what}: the restored server failed: {e}\narchives: {listing:#?}");
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !matches!(pg.is_in_recovery().await, Ok(false)) {
+        assert!(
+            Instant::now() < deadline,
+            "recovery did not finish:\n{}",
+            pg.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pg
+}
+
+fn list_files(dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+    {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            list_files(&entry.path(), out);
+        } else {
+            out.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+}
+
+/// `archive_mode = off` for a restored copy, so that it does not archive into the stores
+/// the primary used (the same for both tools; outside the restore commands themselves).
+fn no_archiving(dir: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("postgresql.auto.conf"))
+        .unwrap();
+    file.write_all(b"\narchive_mode = 'off'\n").unwrap();
+}
+
+/// `base_backup_s` and `restore_to_time_s` for ha-dr and pgBackRest on one cluster loaded
+/// by `pgbench -i -s HA_DR_BENCH_SCALE` (default 68: about 1 GiB). Both archive every
+/// segment (one archive_command runs both), both compress with zstd level 3 on two
+/// threads (ha-dr's pipeline default; pgBackRest `process-max=2`), both encrypt, both
+/// take the backup from a fast checkpoint. A restore to a time counts until the server
+/// started on the restored directory is out of recovery, and must hold exactly the rows
+/// committed before the target.
+fn base_backup_and_restore_to_time(
+    runtime: &tokio::runtime::Runtime,
+    work: &Path,
+    pgbackrest: &str,
+) {
+    let scale: u32 = std::env::var("HA_DR_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(68);
+    let work = work.join("base");
+    std::fs::create_dir(&work).unwrap();
+    hand_to_server_user(&work).unwrap();
+    let store = work.join("ha-dr-store");
+    let key = work.join("ha-dr.key");
+    run(BIN, &["keygen", "--out", s(&key)]);
+    let conf = work.join("pgbackrest.conf");
+    let repo = work.join("pgbackrest-repo");
+    let bin = ha_testkit::binaries::postgres_bin_dir().unwrap();
+    let pg = runtime.block_on(async {
+        PostgresServer::builder()
+            .archive_command(both_archive(&store, &key, pgbackrest, &conf, "base"))
+            .replication_user("replicator")
+            .start()
+            .await
+            .unwrap()
+    });
+    let data_dir = pg.data_dir().to_path_buf();
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nrepo1-path={}\nrepo1-cipher-type=aes-256-cbc\n\
+             repo1-cipher-pass=benchmark-passphrase-0123456789\ncompress-type=zst\n\
+             compress-level=3\narchive-async=n\nprocess-max=2\nstart-fast=y\n\
+             repo1-retention-full=9\nlog-level-console=warn\nlog-level-file=off\n\
+             lock-path={}\nspool-path={}\n\
+             [base]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
+            s(&repo),
+            s(&work.join("pgbackrest-lock")),
+            s(&work.join("pgbackrest-spool")),
+            s(&data_dir),
+            pg.port(),
+            s(data_dir.parent().unwrap())
+        ),
+    )
+    .unwrap();
+    hand_to_server_user(&conf).unwrap();
+    let config_arg = format!("--config={}", s(&conf));
+    run(pgbackrest, &[&config_arg, "--stanza=base", "stanza-create"]);
+    let port = pg.port().to_string();
+    let (_, load) = run(
+        s(&bin.join("pgbench")),
+        &[
+            "-i",
+            "-q",
+            "-s",
+            &scale.to_string(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "postgres",
+        ],
+    );
+    let size: i64 = runtime
+        .block_on(pg.query_scalar("SELECT pg_database_size('postgres')"))
+        .unwrap();
+    println!("bench_scale {scale} pgbench");
+    println!("bench_database_bytes {size} bytes");
+    println!("bench_load_s {:.1} s", load.as_secs_f64());
+
+    let url = format!("postgres://replicator@127.0.0.1:{port}/postgres");
+    let repo_args = ["--store", s(&store), "--key-file", s(&key)];
+    let mut backup = vec!["backup", "--pg-bin", s(&bin), "--pg-base", &url];
+    backup.extend_from_slice(&repo_args);
+    let (out, ours_backup) = run(BIN, &backup);
+    let base = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (_, theirs_backup) = run(
+        pgbackrest,
+        &[&config_arg, "--stanza=base", "--type=full", "backup"],
+    );
+    println!("base_backup_s {:.2} s", ours_backup.as_secs_f64());
+    println!(
+        "pgbackrest_base_backup_s {:.2} s",
+        theirs_backup.as_secs_f64()
+    );
+    println!(
+        "base_backup_vs_pgbackrest_ratio {:.2} x",
+        ours_backup.as_secs_f64() / theirs_backup.as_secs_f64()
+    );
+    // The base backup's own objects (the store holds the archived WAL too).
+    let base_bytes: u64 = ["data", "manifest"]
+        .iter()
+        .map(|ext| {
+            std::fs::metadata(store.join(format!("{base}.{ext}")))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    println!("base_backup_stored_bytes {base_bytes} bytes");
+    println!(
+        "pgbackrest_base_backup_stored_bytes {} bytes",
+        dir_bytes(&repo.join("backup"))
+    );
+
+    // Commits after both backups; T between the two batches; a segment after T archived
+    // by both. pgBackRest records the backup's stop time in whole seconds and picks a set
+    // that stopped before T: T is at least 1.1 s after its backup ended.
+    let backups_ended = Instant::now();
+    let target: String = runtime.block_on(async {
+        wait_until("1.1 s past the backups", || {
+            backups_ended.elapsed() >= Duration::from_millis(1100)
+        })
+        .await;
+        pg.execute("CREATE TABLE marks (id bigint PRIMARY KEY); INSERT INTO marks SELECT generate_series(1, 1000)")
+            .await
+            .unwrap();
+        let t: String = pg
+            .query_scalar("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+            .await
+            .unwrap();
+        pg.execute("INSERT INTO marks SELECT generate_series(1001, 2000)").await.unwrap();
+        let name: String = pg
+            .query_scalar("SELECT pg_walfile_name(pg_switch_wal())")
+            .await
+            .unwrap();
+        wait_until("the segment after T archived by both", || {
+            store.join(format!("wal-{name}.manifest")).exists()
+                && holds(&repo.join("archive"), &name)
+        })
+        .await;
+        t
+    });
+    drop(pg);
+
+    let ours_dir = work.join("restored-ha-dr");
+    let theirs_dir = work.join("restored-pgbackrest");
+    let check = |pg: &PostgresServer| {
+        let n: i64 = runtime
+            .block_on(pg.query_scalar("SELECT count(*) FROM marks"))
+            .unwrap();
+        assert_eq!(n, 1000, "exactly the rows committed before T");
+    };
+    let started = Instant::now();
+    let mut restore = vec![
+        "restore",
+        "--pg-base",
+        &base,
+        "--to",
+        s(&ours_dir),
+        "--target-time",
+        &target,
+    ];
+    restore.extend_from_slice(&repo_args);
+    run(BIN, &restore);
+    no_archiving(&ours_dir);
+    let ours_pg = runtime.block_on(start_recovered(
+        &ours_dir,
+        "ha-dr restore to time",
+        &[&store],
+    ));
+    let ours_restore = started.elapsed();
+    check(&ours_pg);
+    drop(ours_pg);
+
+    std::fs::create_dir(&theirs_dir).unwrap();
+    std::fs::set_permissions(
+        &theirs_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    hand_to_server_user(&theirs_dir).unwrap();
+    let started = Instant::now();
+    run(
+        pgbackrest,
+        &[
+            &config_arg,
+            "--stanza=base",
+            &format!("--pg1-path={}", s(&theirs_dir)),
+            "--type=time",
+            &format!("--target={target}"),
+            "--target-action=promote",
+            // The testkit starts the server on a moved copy: archive-get must find the data
+            // directory where the server runs (its working directory), not where it was
+            // restored.
+            &format!(
+                "--recovery-option=restore_command={pgbackrest} {config_arg} --stanza=base \
+                 --pg1-path=\"$PWD\" archive-get %f \"%p\""
+            ),
+            "restore",
+        ],
+    );
+    no_archiving(&theirs_dir);
+    let theirs_pg = runtime.block_on(start_recovered(
+        &theirs_dir,
+        "pgbackrest restore to time",
+        &[&repo.join("archive")],
+    ));
+    let theirs_restore = started.elapsed();
+    check(&theirs_pg);
+    drop(theirs_pg);
+    println!("restore_to_time_s {:.2} s", ours_restore.as_secs_f64());
+    println!(
+        "pgbackrest_restore_to_time_s {:.2} s",
+        theirs_restore.as_secs_f64()
+    );
+    println!(
+        "restore_to_time_vs_pgbackrest_ratio {:.2} x",
+        ours_restore.as_secs_f64() / theirs_restore.as_secs_f64()
+    );
+}
+
+/// The recovery point lost when a primary's data directory vanishes: commits with their
+/// server timestamps written continuously for `HA_DR_BENCH_RPO_WRITE_S` (default 15) after
+/// a base backup, the primary SIGKILLed and its data directory deleted, `restore --latest`;
+/// the newest acknowledged commit's time minus the newest recovered one's. The primary
+/// archives with `archive_timeout = 60s`; `stream`: `ha-dr wal-stream` runs beside it too
+/// (asynchronous: not a synchronous standby), stopped with SIGTERM after the kill (it
+/// pushed what pg_receivewal had received when the server went away).
+async fn rpo(work: &Path, stream: bool) -> f64 {
+    let write_for = Duration::from_secs(
+        std::env::var("HA_DR_BENCH_RPO_WRITE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(15),
+    );
+    let work = work.join(if stream { "rpo-stream" } else { "rpo-archive" });
+    std::fs::create_dir(&work).unwrap();
+    hand_to_server_user(&work).unwrap();
+    let store = work.join("store");
+    let key = work.join("key");
+    run(BIN, &["keygen", "--out", s(&key)]);
+    let bin = ha_testkit::binaries::postgres_bin_dir().unwrap();
+    let mut pg = PostgresServer::builder()
+        .archive_command(format!(
+            "'{BIN}' wal-push --store '{}' --key-file '{}' %p",
+            s(&store),
+            s(&key)
+        ))
+        .archive_timeout(Duration::from_secs(60))
+        .replication_user("replicator")
+        .start()
+        .await
+        .unwrap();
+    pg.execute("CREATE TABLE w (id bigint PRIMARY KEY, at float8 NOT NULL)")
+        .await
+        .unwrap();
+    let url = format!("postgres://replicator@127.0.0.1:{}/postgres", pg.port());
+    let repo_args = ["--store", s(&store), "--key-file", s(&key)];
+    let mut backup = vec!["backup", "--pg-bin", s(&bin), "--pg-base", &url];
+    backup.extend_from_slice(&repo_args);
+    let (out, _) = run(BIN, &backup);
+    let base = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let mut streamer = stream.then(|| {
+        let mut command = Command::new(BIN);
+        command
+            .arg("wal-stream")
+            .args(repo_args)
+            .args(["--pg-bin", s(&bin), "--url", &url])
+            .args(["--spool", s(&work.join("spool"))])
+            .env_remove("HA_DR_KEY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        run_as_server_user(&mut command).unwrap();
+        command.spawn().unwrap()
+    });
+    if stream {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n: i64 = pg
+                .query_scalar("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+                .await
+                .unwrap();
+            if n > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "wal-stream never streamed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut conn = pg.connect().await.unwrap();
+    let mut acked = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < write_for {
+        let id = acked.len() as i64 + 1;
+        let at: f64 = sqlx::query_scalar(
+            "INSERT INTO w VALUES ($1, extract(epoch from clock_timestamp())) RETURNING at",
+        )
+        .bind(id)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        acked.push(at);
+    }
+    drop(conn);
+    pg.kill().unwrap();
+    std::fs::remove_dir_all(pg.data_dir()).unwrap();
+    if let Some(child) = streamer.as_mut() {
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "wal-stream did not stop");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let dir = work.join("restored");
+    let mut restore = vec!["restore", "--pg-base", &base, "--to", s(&dir), "--latest"];
+    restore.extend_from_slice(&repo_args);
+    run(BIN, &restore);
+    no_archiving(&dir);
+    let restored = start_recovered(&dir, "restore --latest", &[&store]).await;
+    let newest: Option<i64> = restored
+        .query_scalar("SELECT max(id) FROM w")
+        .await
+        .unwrap();
+    let newest_acked = *acked.last().unwrap();
+    let recovered_at = newest.map_or(0.0, |id| acked[(id - 1) as usize]);
+    let kind = if stream { "stream" } else { "archive" };
+    println!("rpo_{kind}_commits_acknowledged {} count", acked.len());
+    println!("rpo_{kind}_commits_recovered {} count", newest.unwrap_or(0));
+    // With nothing recovered, everything since the base backup is lost.
+    if newest.is_none() {
+        return newest_acked - acked[0];
+    }
+    newest_acked - recovered_at
 }

@@ -214,6 +214,7 @@ pub mod schedule;
 pub mod source;
 mod staging;
 pub mod store;
+pub mod stream;
 pub mod testing;
 pub mod wal_rpo;
 
@@ -238,4 +239,5 @@ pub use schedule::{
 };
 pub use source::{ConfigSnapshot, Source};
 pub use store::{BackupStore, DataWriter, LocalStore};
+pub use stream::{WalStream, WalStreamConfig};
 pub use wal_rpo::{WalRpoConfig, WalRpoMonitor, WalRpoStatus};

@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use ha_dr::{
     BackupId, KeyRing, LocalStore, MasterKey, PgTools, PitrRestore, Progress, RecoveryTarget,
-    Repository, RestoreTarget, RetentionPolicy, ScratchPostgres, Source,
+    Repository, RestoreTarget, RetentionPolicy, ScratchPostgres, Source, WalStream,
+    WalStreamConfig,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -148,10 +149,41 @@ enum Command {
     WalFetch {
         #[command(flatten)]
         repo: RepoArgs,
+        /// When the segment is not archived, hand over the newest partial of it that
+        /// `wal-stream` archived (zero-padded: recovery ends where it ends). Only for
+        /// recovering to the latest commit (`restore --latest` sets it): a standby must
+        /// wait for the complete segment instead.
+        #[arg(long)]
+        partial: bool,
         /// The file's name (`%f`).
         name: String,
         /// Where to write it (`%p`).
         path: PathBuf,
+    },
+    /// Streams WAL from a server with `pg_receivewal` on a replication slot: every completed
+    /// segment is archived as `wal-push` would, and the segment being received is archived
+    /// as a streamed partial about every `--partial-interval` while it changes and at once
+    /// when the server goes away or on SIGTERM/SIGINT (then it exits). `restore --latest`
+    /// uses the newest streamed partial where the complete segment is missing.
+    WalStream {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The server: a URL or connection string of a role with the REPLICATION attribute,
+        /// without a password (PGPASSWORD or PGPASSFILE in the environment give it).
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The physical replication slot (created if missing).
+        #[arg(long, default_value = "ha_dr_wal_stream")]
+        slot: String,
+        /// A private directory (0700, created if missing) for pg_receivewal's files.
+        #[arg(long, value_name = "DIR")]
+        spool: PathBuf,
+        /// The least time between two archived snapshots of the segment being received.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        partial_interval: std::time::Duration,
+        /// zstd level (0: no compression).
+        #[arg(long, default_value_t = ha_dr::DEFAULT_ZSTD_LEVEL)]
+        zstd_level: i32,
     },
     /// Deletes backups that no keep rule keeps (per source).
     Prune {
@@ -209,7 +241,7 @@ struct PolicyArgs {
 
 impl RepoArgs {
     /// A `restore_command` running this binary's `wal-fetch` on the same store and keys.
-    fn restore_command(&self) -> ha_dr::Result<String> {
+    fn restore_command(&self, partial: bool) -> ha_dr::Result<String> {
         let absolute = |path: &std::path::Path| {
             std::path::absolute(path).map_err(|e| ha_dr::Error::Io {
                 action: "resolve",
@@ -237,7 +269,7 @@ impl RepoArgs {
         }
         let keys: Vec<(&str, &std::path::Path)> =
             keys.iter().map(|(f, p)| (*f, p.as_path())).collect();
-        Ok(ha_dr::wal_fetch_command(&exe, &store, &keys))
+        Ok(ha_dr::wal_fetch_command(&exe, &store, &keys, partial))
     }
 
     fn tools(&self) -> PgTools {
@@ -324,8 +356,14 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    if let Command::WalFetch { repo, name, path } = cli.command {
-        return wal_fetch(&repo, &name, &path);
+    if let Command::WalFetch {
+        repo,
+        partial,
+        name,
+        path,
+    } = cli.command
+    {
+        return wal_fetch(&repo, &name, &path, partial);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -341,7 +379,7 @@ fn main() -> ExitCode {
 }
 
 /// Runs `wal-fetch` with PostgreSQL's exit statuses.
-fn wal_fetch(repo: &RepoArgs, name: &str, path: &std::path::Path) -> ExitCode {
+fn wal_fetch(repo: &RepoArgs, name: &str, path: &std::path::Path, partial: bool) -> ExitCode {
     // A store path that is not there is a mistake in the restore_command, not an archive
     // without this file: answering "not archived" would end recovery at the base backup.
     if !repo.store.is_dir() {
@@ -361,7 +399,7 @@ fn wal_fetch(repo: &RepoArgs, name: &str, path: &std::path::Path) -> ExitCode {
             return ExitCode::from(ABORT_RECOVERY);
         }
     };
-    let result = runtime.block_on(async { repo.open()?.wal_fetch(name, path).await });
+    let result = runtime.block_on(async { repo.open()?.wal_fetch_with(name, path, partial).await });
     match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(ha_dr::Error::NotFound { .. }) => {
@@ -616,9 +654,11 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
                             .into(),
                     ));
                 }
+                // Only a recovery to the end of the WAL may end inside a streamed partial.
+                let partial = target == RecoveryTarget::Latest;
                 let recovery = PitrRestore {
                     target,
-                    restore_command: repo.restore_command()?,
+                    restore_command: repo.restore_command(partial)?,
                 };
                 let repo = repo.open()?;
                 let base = BackupId::parse(&base)?;
@@ -670,6 +710,42 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             // One segment at a time on a busy server: compress on this thread only.
             let repo = repo.open()?.zstd_level(zstd_level).zstd_workers(0);
             repo.wal_push(&path).await?;
+        }
+        Command::WalStream {
+            repo,
+            url,
+            slot,
+            spool,
+            partial_interval,
+            zstd_level,
+        } => {
+            // A daemon: its state changes go to stderr (RUST_LOG, default info).
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .try_init();
+            let tools = repo.tools();
+            let repo = repo.open()?.zstd_level(zstd_level).zstd_workers(0);
+            let mut config = WalStreamConfig::new(url, slot, spool);
+            config.tools = tools;
+            config.partial_interval = partial_interval;
+            let stream = WalStream::new(repo, config)?;
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let on_signal = shutdown.clone();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .map_err(|e| ha_dr::Error::Task(format!("cannot handle SIGTERM: {e}")))?;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                on_signal.cancel();
+            });
+            stream.run(shutdown).await?;
         }
         Command::WalFetch { .. } => {
             return Err(ha_dr::Error::Task("wal-fetch runs outside run()".into()));

@@ -95,6 +95,21 @@ pub enum WalName {
         /// The timeline it leads to.
         timeline: u32,
     },
+    /// A segment as `ha-dr wal-stream` had received it so far, `<segment>.stream.EEEEEEEE`
+    /// (`E`: the offset just past its last non-zero byte, in hex). Never PostgreSQL's own
+    /// name and never confused with a complete segment: `wal-fetch` hands one over only when
+    /// asked to (`--partial`, which `restore --latest` writes into its `restore_command`) and
+    /// only when the complete segment is not archived.
+    Streamed {
+        /// Timeline.
+        timeline: u32,
+        /// High part of the segment number.
+        log: u32,
+        /// Low part.
+        seg: u32,
+        /// How many bytes of the segment it holds (the rest is zeros).
+        end: u32,
+    },
     /// A backup history file, `<segment>.XXXXXXXX.backup`.
     BackupHistory {
         /// Timeline.
@@ -130,6 +145,16 @@ impl WalName {
             let (timeline, log, seg) = segment_parts(stem)?;
             return Some(WalName::Partial { timeline, log, seg });
         }
+        if let Some((stem, end)) = name.split_once(".stream.") {
+            let (timeline, log, seg) = segment_parts(stem)?;
+            let end = hex8(end)?;
+            return Some(WalName::Streamed {
+                timeline,
+                log,
+                seg,
+                end,
+            });
+        }
         if let Some(stem) = name.strip_suffix(".history") {
             return Some(WalName::History {
                 timeline: hex8(stem)?,
@@ -144,11 +169,28 @@ impl WalName {
         None
     }
 
+    /// `(timeline, log, seg)` of a segment, `.partial`, streamed partial or backup
+    /// history file.
+    pub(crate) fn parts(&self) -> Option<(u32, u32, u32)> {
+        match *self {
+            WalName::Segment { timeline, log, seg }
+            | WalName::Partial { timeline, log, seg }
+            | WalName::Streamed {
+                timeline, log, seg, ..
+            }
+            | WalName::BackupHistory { timeline, log, seg } => Some((timeline, log, seg)),
+            WalName::History { .. } => None,
+        }
+    }
+
     /// The segment number of a segment or partial segment, for segments of `segment_size`.
     fn segno(&self, segment_size: u64) -> Option<(u32, u64)> {
         match *self {
             WalName::Segment { timeline, log, seg }
             | WalName::Partial { timeline, log, seg }
+            | WalName::Streamed {
+                timeline, log, seg, ..
+            }
             | WalName::BackupHistory { timeline, log, seg } => {
                 let per_log = 0x1_0000_0000 / segment_size;
                 (u64::from(seg) < per_log)
@@ -259,8 +301,15 @@ pub struct PitrRestore {
 
 /// A `restore_command` that runs `ha-dr wal-fetch` at `exe` on `store` with `key_files`
 /// (none: the server's environment must hold `HA_DR_KEY`). Paths are shell-quoted and their
-/// `%` doubled.
-pub fn wal_fetch_command(exe: &Path, store: &Path, key_files: &[(&str, &Path)]) -> String {
+/// `%` doubled. `partial`: add `--partial`, so that a segment missing from the archive is
+/// served from the newest partial `wal-stream` stored of it (for [`RecoveryTarget::Latest`]
+/// only, where the end of the streamed WAL is the end of recovery).
+pub fn wal_fetch_command(
+    exe: &Path,
+    store: &Path,
+    key_files: &[(&str, &Path)],
+    partial: bool,
+) -> String {
     fn quote(path: &Path) -> String {
         let text = path.display().to_string().replace('%', "%%");
         format!("'{}'", text.replace('\'', "'\\''"))
@@ -268,6 +317,9 @@ pub fn wal_fetch_command(exe: &Path, store: &Path, key_files: &[(&str, &Path)]) 
     let mut command = format!("{} wal-fetch --store {}", quote(exe), quote(store));
     for (flag, path) in key_files {
         command.push_str(&format!(" --{flag} {}", quote(path)));
+    }
+    if partial {
+        command.push_str(" --partial");
     }
     command.push_str(" %f %p");
     command
@@ -464,16 +516,72 @@ fn file_digest(path: &Path) -> Result<(String, u64)> {
     Ok((hex::encode(sha.finish().as_ref()), total))
 }
 
-/// Checks a segment file's first page header against its name and size: the page address is
+/// What a push archives: a file PostgreSQL named, or bytes held in memory (a snapshot of
+/// the segment `wal-stream` is receiving).
+enum WalInput<'a> {
+    File(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+impl WalInput<'_> {
+    fn describe(&self, name: &str) -> String {
+        match self {
+            WalInput::File(path) => path.display().to_string(),
+            WalInput::Bytes(_) => format!("{name} (streamed)"),
+        }
+    }
+
+    fn len(&self) -> Result<u64> {
+        match self {
+            WalInput::File(path) => Ok(fs::metadata(path)
+                .map_err(|e| Error::io("stat", path, e))?
+                .len()),
+            WalInput::Bytes(bytes) => Ok(bytes.len() as u64),
+        }
+    }
+
+    fn digest(&self) -> Result<(String, u64)> {
+        match self {
+            WalInput::File(path) => file_digest(path),
+            WalInput::Bytes(bytes) => Ok((
+                hex::encode(digest::digest(&digest::SHA256, bytes).as_ref()),
+                bytes.len() as u64,
+            )),
+        }
+    }
+
+    fn header(&self) -> Result<[u8; 40]> {
+        let mut header = [0u8; 40];
+        match self {
+            WalInput::File(path) => fs::File::open(path)
+                .and_then(|mut f| f.read_exact(&mut header))
+                .map_err(|e| Error::io("read", path, e))?,
+            WalInput::Bytes(bytes) => {
+                let Some(first) = bytes.get(..40) else {
+                    return Err(Error::Unsupported(
+                        "a streamed segment under 40 bytes".into(),
+                    ));
+                };
+                header.copy_from_slice(first);
+            }
+        }
+        Ok(header)
+    }
+}
+
+/// Checks a segment's first page header against its name and size: the page address is
 /// the segment's start, the recorded segment size is the file's. Returns the system
 /// identifier. (The long page header: magic u16, info u16, timeline u32, page address u64,
 /// remaining length u32, padding, system identifier u64, segment size u32, block size u32;
 /// little-endian on the machines this runs on.)
-fn check_segment(path: &Path, name: &WalName, len: u64) -> Result<u64> {
+fn check_segment(input: &WalInput<'_>, raw_name: &str, name: &WalName, len: u64) -> Result<u64> {
     let refuse = |detail: String| {
         Error::Config(ha_core::ConfigError::new(
             "wal file",
-            format!("{} is not a WAL segment: {detail}", path.display()),
+            format!(
+                "{} is not a WAL segment: {detail}",
+                input.describe(raw_name)
+            ),
         ))
     };
     if !SEGMENT_SIZES.contains(&len) || !len.is_power_of_two() {
@@ -481,10 +589,7 @@ fn check_segment(path: &Path, name: &WalName, len: u64) -> Result<u64> {
             "{len} bytes (segments are a power of two of 1 MiB to 1 GiB)"
         )));
     }
-    let mut header = [0u8; 40];
-    fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .map_err(|e| Error::io("read", path, e))?;
+    let header = input.header()?;
     let u64_at = |at: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&header[at..at + 8]);
@@ -525,8 +630,19 @@ fn push_blocking(
         .and_then(|n| n.to_str())
         .ok_or_else(|| bad_name(&path.display().to_string()))?
         .to_owned();
-    let parsed = WalName::parse(&name).ok_or_else(|| bad_name(&name))?;
-    let id = wal_id(&name)?;
+    push_input(store, keys, compress, &name, &WalInput::File(path))
+}
+
+/// Archives `input` as WAL file `name` (blocking).
+fn push_input(
+    store: &dyn BackupStore,
+    keys: &KeyRing,
+    compress: Compress,
+    name: &str,
+    input: &WalInput<'_>,
+) -> Result<WalPushed> {
+    let parsed = WalName::parse(name).ok_or_else(|| bad_name(name))?;
+    let id = wal_id(name)?;
     // Two writers of one name (say two clusters set up with one store) must not both find
     // it absent and both write: on a local store, check and write run under a lock.
     let _lock = store.local_dir().map(lock_pushes).transpose()?;
@@ -535,7 +651,7 @@ fn push_blocking(
             // Archived before (PostgreSQL retries a push whose exit it did not see): the same
             // bytes are a success, other bytes an error, never an overwrite.
             let manifest = Manifest::open(&bytes, &id, keys)?;
-            let (sha, len) = file_digest(path)?;
+            let (sha, len) = input.digest()?;
             if sha == manifest.plaintext_sha256 && len == manifest.plaintext_bytes {
                 return Ok(WalPushed::AlreadyArchived(manifest));
             }
@@ -551,14 +667,10 @@ fn push_blocking(
         Err(Error::NotFound { .. }) => {}
         Err(e) => return Err(e),
     }
-    let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let len = file
-        .metadata()
-        .map_err(|e| Error::io("stat", path, e))?
-        .len();
+    let len = input.len()?;
     let system_identifier = match parsed {
-        WalName::Segment { .. } | WalName::Partial { .. } => {
-            Some(check_segment(path, &parsed, len)?)
+        WalName::Segment { .. } | WalName::Partial { .. } | WalName::Streamed { .. } => {
+            Some(check_segment(input, name, &parsed, len)?)
         }
         _ => None,
     };
@@ -572,20 +684,30 @@ fn push_blocking(
         WAL_SOURCE.into(),
         Vec::new(),
         |writer| {
-            let copied =
-                io::copy(&mut file, writer).map_err(|e| match from_io(e, String::new) {
-                    Error::Stream { source, .. } => Error::io("read", path, source),
-                    other => other,
-                })?;
+            let copied = match input {
+                WalInput::File(path) => {
+                    let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+                    io::copy(&mut file, writer).map_err(|e| match from_io(e, String::new) {
+                        Error::Stream { source, .. } => Error::io("read", path, source),
+                        other => other,
+                    })?
+                }
+                WalInput::Bytes(bytes) => {
+                    writer
+                        .write_all(bytes)
+                        .map_err(|e| from_io(e, || format!("archive {name}")))?;
+                    bytes.len() as u64
+                }
+            };
             if copied != len {
                 return Err(Error::io(
                     "read",
-                    path,
+                    Path::new(&input.describe(name)),
                     io::Error::other(format!("{len} bytes at open, {copied} read")),
                 ));
             }
             Ok(Details::Wal {
-                name: name.clone(),
+                name: name.to_owned(),
                 system_identifier,
             })
         },
@@ -614,8 +736,62 @@ fn fetch_blocking(
     keys: &KeyRing,
     name: &str,
     dest: &Path,
+    partial: bool,
 ) -> Result<Manifest> {
-    WalName::parse(name).ok_or_else(|| bad_name(name))?;
+    let parsed = WalName::parse(name).ok_or_else(|| bad_name(name))?;
+    let id = wal_id(name)?;
+    match fetch_object(store, keys, name, dest) {
+        Err(Error::NotFound { .. }) if partial && matches!(parsed, WalName::Segment { .. }) => {
+            match newest_streamed(store, &parsed)? {
+                Some(streamed) => {
+                    tracing::info!(
+                        segment = name,
+                        streamed = %streamed,
+                        "segment not archived: handing over the newest streamed partial"
+                    );
+                    fetch_object(store, keys, &streamed, dest)
+                }
+                None => Err(Error::NotFound {
+                    backup_id: format!("{id} (nor a streamed partial of it)"),
+                }),
+            }
+        }
+        other => other,
+    }
+}
+
+/// The streamed partial of segment `segment` that holds the most bytes, if any.
+fn newest_streamed(store: &dyn BackupStore, segment: &WalName) -> Result<Option<String>> {
+    let WalName::Segment { timeline, log, seg } = *segment else {
+        return Ok(None);
+    };
+    let mut best: Option<(u32, String)> = None;
+    for id in store.list()? {
+        let Some(name) = id.as_str().strip_prefix(WAL_PREFIX) else {
+            continue;
+        };
+        if let Some(WalName::Streamed {
+            timeline: t,
+            log: l,
+            seg: s,
+            end,
+        }) = WalName::parse(name)
+            && (t, l, s) == (timeline, log, seg)
+            && best.as_ref().is_none_or(|(e, _)| end > *e)
+        {
+            best = Some((end, name.to_owned()));
+        }
+    }
+    Ok(best.map(|(_, name)| name))
+}
+
+/// Fetches the archived object of WAL file `name` to `dest`, verified completely first.
+fn fetch_object(
+    store: &dyn BackupStore,
+    keys: &KeyRing,
+    name: &str,
+    dest: &Path,
+) -> Result<Manifest> {
     let id = wal_id(name)?;
     let mut reader = BackupReader::open(store, keys, &id)?;
     let manifest = reader.manifest().clone();
@@ -1032,9 +1208,29 @@ impl Repository {
     /// appears at `dest` unless every byte authenticated and the manifest's size and SHA-256
     /// match. [`Error::NotFound`] when the archive has no such file.
     pub async fn wal_fetch(&self, name: &str, dest: &Path) -> Result<Manifest> {
+        self.wal_fetch_with(name, dest, false).await
+    }
+
+    /// [`wal_fetch`](Self::wal_fetch); with `partial`, a segment that is not archived is
+    /// served from the newest partial `wal-stream` stored of it ([`WalName::Streamed`],
+    /// zero-padded to the segment's size, which PostgreSQL reads as the end of the WAL).
+    /// Only for the end of a recovery to the latest commit: a standby served a partial
+    /// while the complete segment is still to come would stop at the gap.
+    pub async fn wal_fetch_with(&self, name: &str, dest: &Path, partial: bool) -> Result<Manifest> {
         let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
         let (name, dest) = (name.to_owned(), dest.to_path_buf());
-        Self::blocking(move || fetch_blocking(&*store, &keys, &name, &dest)).await
+        Self::blocking(move || fetch_blocking(&*store, &keys, &name, &dest, partial)).await
+    }
+
+    /// Archives `bytes`, a snapshot of the segment `wal-stream` is receiving, as the
+    /// streamed partial `name` ([`WalName::Streamed`]), on the same rules as
+    /// [`wal_push`](Self::wal_push).
+    pub(crate) async fn wal_push_bytes(&self, name: String, bytes: Vec<u8>) -> Result<WalPushed> {
+        let (store, keys, compress) = (Arc::clone(&self.store), self.keys.clone(), self.compress);
+        Self::blocking(move || {
+            push_input(&*store, &keys, compress, &name, &WalInput::Bytes(&bytes))
+        })
+        .await
     }
 
     /// Takes a base backup of the whole cluster at `url` with `pg_basebackup` (tar format to
@@ -1068,7 +1264,10 @@ impl Repository {
                     .strip_prefix(WAL_PREFIX)
                     .and_then(WalName::parse);
                 let (WalName::Segment { timeline, log, seg }
-                | WalName::Partial { timeline, log, seg }) = (match parsed {
+                | WalName::Partial { timeline, log, seg }
+                | WalName::Streamed {
+                    timeline, log, seg, ..
+                }) = (match parsed {
                     Some(p) => p,
                     None => continue,
                 })
@@ -1549,6 +1748,19 @@ mod tests {
                 seg: 2
             })
         );
+        assert_eq!(
+            WalName::parse("000000010000000000000003.stream.00A1B2C8"),
+            Some(WalName::Streamed {
+                timeline: 1,
+                log: 0,
+                seg: 3,
+                end: 0x00A1_B2C8
+            })
+        );
+        assert_eq!(
+            WalName::parse("000000010000000000000003.stream.a1b2c3d4"),
+            None
+        );
         assert!(matches!(
             WalName::parse("000000020000000100000005.partial"),
             Some(WalName::Partial { timeline: 2, .. })
@@ -1602,11 +1814,14 @@ mod tests {
             Path::new("/opt/ha dr/ha-dr"),
             Path::new("/srv/it's 100%"),
             &[("key-file", Path::new("/k"))],
+            false,
         );
         assert_eq!(
             command,
             "'/opt/ha dr/ha-dr' wal-fetch --store '/srv/it'\\''s 100%%' --key-file '/k' %f %p"
         );
+        let latest = wal_fetch_command(Path::new("/x"), Path::new("/s"), &[], true);
+        assert_eq!(latest, "'/x' wal-fetch --store '/s' --partial %f %p");
     }
 
     #[test]

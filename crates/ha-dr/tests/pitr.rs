@@ -647,3 +647,271 @@ async fn concurrent_pushes_of_one_name_with_different_bytes_store_exactly_one() 
     let bytes = std::fs::read(&back).unwrap();
     assert!((1..=4).any(|fill| bytes == segment(5, fill)));
 }
+
+/// `ha-dr wal-stream` as a child of the test (as the server's OS user); SIGTERM and a
+/// bounded wait on drop.
+struct Streamer {
+    child: Option<std::process::Child>,
+}
+
+impl Streamer {
+    fn start(archive: &Archive, pg: &PostgresServer, spool: &Path) -> Self {
+        let bin = ha_testkit::binaries::postgres_bin_dir().unwrap();
+        let url = format!("postgres://replicator@127.0.0.1:{}/postgres", pg.port());
+        let mut command = Command::new(BIN);
+        command
+            .arg("wal-stream")
+            .args(archive.repo_args())
+            .args(["--pg-bin", s(&bin), "--url", &url, "--slot", "ha_dr_test"])
+            .args(["--spool", s(spool)])
+            .env_remove("HA_DR_KEY")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        run_as_server_user(&mut command).unwrap();
+        Self {
+            child: Some(command.spawn().unwrap()),
+        }
+    }
+
+    /// SIGTERM, then the exit status and stderr (bounded wait).
+    fn stop(&mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > WAIT {
+                let _ = child.kill();
+                panic!("wal-stream did not exit within {WAIT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The streamed partials in the store: `(segment, end offset)`.
+fn streamed(archive: &Archive) -> Vec<(String, u64)> {
+    std::fs::read_dir(&archive.store)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_prefix("wal-")?.strip_suffix(".manifest")?;
+            let (segment, end) = stem.split_once(".stream.")?;
+            Some((segment.to_owned(), u64::from_str_radix(end, 16).ok()?))
+        })
+        .collect()
+}
+
+/// Streaming with `pg_receivewal` as the primary's synchronous standby: every acknowledged
+/// commit is in pg_receivewal's spool before the client hears of it, and wal-stream
+/// archives the segment being received when the primary goes away. With `archive_timeout`
+/// at 60 s the archive alone would hold none of the commits after the base backup; after a
+/// SIGKILL of the primary and the loss of its data directory, `restore --latest` recovers
+/// every acknowledged commit, through the newest streamed partial (the complete segment
+/// never existed). A completed segment is archived by `wal-push` and `wal-stream` alike
+/// (the same bytes: no conflict). `wal-fetch` serves a partial only with `--partial`, and
+/// refuses a tampered one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_stream_keeps_every_acknowledged_commit_when_the_primary_is_lost() {
+    let archive = Archive::new();
+    let mut primary = PostgresServer::builder()
+        .archive_command(format!(
+            "'{BIN}' wal-push --store '{}' --key-file '{}' %p",
+            s(&archive.store),
+            s(&archive.key)
+        ))
+        .archive_timeout(Duration::from_secs(60))
+        .replication_user("replicator")
+        .start()
+        .await
+        .unwrap();
+    primary
+        .execute("CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let base = archive.base_backup(&primary);
+    let spool = archive.dir.path().join("spool");
+    let mut streamer = Streamer::start(&archive, &primary, &spool);
+
+    // Streaming: pg_receivewal is the synchronous standby (commits wait for it from here;
+    // set after the base backup, which the restore below starts from without it).
+    primary
+        .execute("ALTER SYSTEM SET synchronous_standby_names = 'pg_receivewal'")
+        .await
+        .unwrap();
+    primary.execute("SELECT pg_reload_conf()").await.unwrap();
+    let started = Instant::now();
+    loop {
+        let state: Option<String> = primary
+            .query_scalar(
+                "SELECT max(sync_state) FROM pg_stat_replication \
+                 WHERE application_name = 'pg_receivewal' AND state = 'streaming'",
+            )
+            .await
+            .unwrap();
+        if state.as_deref() == Some("sync") {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "pg_receivewal never became the synchronous standby: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&spool).unwrap().permissions())
+            & 0o777,
+        0o700,
+        "the spool is private"
+    );
+
+    // Commits, one per statement, each acknowledged; a segment switch in the middle.
+    let mut conn = primary.connect().await.unwrap();
+    let mut acknowledged = 0i64;
+    let mut switched = String::new();
+    let writing = Instant::now();
+    while writing.elapsed() < Duration::from_secs(3) {
+        acknowledged += 1;
+        sqlx::query("INSERT INTO t VALUES ($1)")
+            .bind(acknowledged)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        if acknowledged == 50 {
+            switched = sqlx::query_scalar("SELECT pg_walfile_name(pg_switch_wal())")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    // The last commit's WAL lies past this position.
+    let last_lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    acknowledged += 1;
+    sqlx::query("INSERT INTO t VALUES ($1)")
+        .bind(acknowledged)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let current: String = sqlx::query_scalar("SELECT pg_walfile_name(pg_current_wal_flush_lsn())")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(acknowledged > 100, "only {acknowledged} commits in 3 s");
+    drop(conn);
+
+    // The switched segment: archived, and wal-stream pushed its own copy and removed it from
+    // the spool (same bytes as wal-push's, or it would stay there).
+    let started = Instant::now();
+    while !archive.archived(&switched) || spool.join(&switched).exists() {
+        assert!(
+            started.elapsed() < WAIT,
+            "{switched} not archived by wal-stream: archived {}, in spool {}",
+            archive.archived(&switched),
+            spool.join(&switched).exists()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The primary is lost, data directory and all. wal-stream archives what pg_receivewal
+    // received: the streamed partial of the current segment reaching the last commit.
+    primary.kill().unwrap();
+    std::fs::remove_dir_all(primary.data_dir()).unwrap();
+    let offset = {
+        let lsn: ha_dr::Lsn = last_lsn.parse().unwrap();
+        lsn.0 % (16 << 20)
+    };
+    let started = Instant::now();
+    while !streamed(&archive)
+        .iter()
+        .any(|(seg, end)| *seg == current && *end > offset)
+    {
+        assert!(
+            started.elapsed() < WAIT,
+            "no streamed partial of {current} reaching offset {offset:#x}: {:?}",
+            streamed(&archive)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, stderr) = streamer.stop();
+    assert!(status.success(), "wal-stream: {status}\n{stderr}");
+    assert!(stderr.contains("pg_receivewal"), "{stderr}");
+    assert!(
+        !archive.archived(&current),
+        "the segment being written was never completed"
+    );
+    let partials: Vec<_> = streamed(&archive)
+        .into_iter()
+        .filter(|(seg, _)| *seg == current)
+        .collect();
+    assert_eq!(
+        partials.len(),
+        1,
+        "superseded partials deleted: {partials:?}"
+    );
+
+    let dir = archive.restore(&base, "streamed", &["--latest"]);
+    let conf = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        conf.contains("wal-fetch") && conf.contains("--partial"),
+        "{conf}"
+    );
+    let restored = start_restored(&dir).await;
+    assert_eq!(
+        rows(&restored, "t").await,
+        range(1, acknowledged),
+        "every acknowledged commit"
+    );
+    drop(restored);
+
+    // A partial is served only when asked for, and never when it does not authenticate.
+    let fetched = archive.dir.path().join("fetched");
+    std::fs::create_dir(&fetched).unwrap();
+    hand_to_server_user(&fetched).unwrap();
+    let out = archive.run("wal-fetch", &[&current, s(&fetched.join("plain"))]);
+    assert_eq!(out.status.code(), Some(1), "not archived without --partial");
+    archive.ok(
+        "wal-fetch",
+        &["--partial", &current, s(&fetched.join("partial"))],
+    );
+    assert_eq!(
+        std::fs::metadata(fetched.join("partial")).unwrap().len(),
+        16 << 20,
+        "a zero-padded whole segment"
+    );
+    let (_, end) = &partials[0];
+    let data = archive
+        .store
+        .join(format!("wal-{current}.stream.{end:08X}.data"));
+    let mut bytes = std::fs::read(&data).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&data, &bytes).unwrap();
+    let out = archive.run(
+        "wal-fetch",
+        &["--partial", &current, s(&fetched.join("tampered"))],
+    );
+    assert_eq!(out.status.code(), Some(255));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tampered"), "{stderr}");
+    assert!(!fetched.join("tampered").exists());
+}

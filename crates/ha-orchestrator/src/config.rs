@@ -37,7 +37,7 @@ use ha_core::config::duration;
 use ha_core::{ConfigError, Criticality, Validate};
 use ha_dr::{
     BackupScheduler, KeyRing, LocalStore, MasterKey, PgTools, Repository, RetentionPolicy,
-    ScheduleConfig, Source, SourceSchedule,
+    ScheduleConfig, Source, SourceSchedule, WalRpoConfig, WalRpoMonitor,
 };
 #[cfg(feature = "postgres")]
 use ha_election::PostgresLeaseStore;
@@ -437,6 +437,11 @@ pub enum DrSourceKind {
     File,
     /// A database through `pg_dump` (`url`).
     Postgres,
+    /// A whole PostgreSQL cluster through `pg_basebackup` (`url` of a role with the
+    /// `REPLICATION` attribute), for point-in-time recovery with the WAL the server archives
+    /// into the same repository (`ha-dr wal-push` as its `archive_command`, or `ha-dr
+    /// wal-stream`).
+    PgBase,
 }
 
 /// One backup source and its schedule.
@@ -448,9 +453,15 @@ pub struct DrSourceConfig {
     /// For `dir` and `file`.
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// For `postgres`.
+    /// For `postgres` and `pg_base`.
     #[serde(default)]
     pub url: Option<String>,
+    /// For `pg_base`: the objective for the archived WAL (the newest archived segment may be
+    /// at most this old), watched by a `wal_rpo` component on the leader, which publishes
+    /// `RpoBreached` (kind `wal`). One source per repository at most: the WAL archive is the
+    /// repository's.
+    #[serde(default, with = "duration")]
+    pub wal_rpo: Option<Duration>,
     /// Time between backups (or `cron`).
     #[serde(default, with = "duration")]
     pub interval: Option<Duration>,
@@ -562,7 +573,11 @@ impl HaConfig {
         if self.enable.disaster_recovery
             && let Some(dr) = &self.disaster_recovery
         {
-            b = b.backups(build_backups(dr)?);
+            let (scheduler, wal_rpo) = build_backups(dr)?;
+            b = b.backups(scheduler);
+            if let Some(monitor) = wal_rpo {
+                b = b.component(Arc::new(monitor));
+            }
         }
         Ok(b)
     }
@@ -941,17 +956,43 @@ impl Validate for DrConfig {
         if self.sources.is_empty() {
             return Err(ConfigError::new("sources", "must name at least one source"));
         }
+        let watched: Vec<&String> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| s.wal_rpo.is_some())
+            .map(|(name, _)| name)
+            .collect();
+        if let [_, second, ..] = watched.as_slice() {
+            return Err(ConfigError::new(
+                format!("sources.{second}.wal_rpo"),
+                format!(
+                    "is set on {} sources; the repository has one WAL archive, so set it on one",
+                    watched.len()
+                ),
+            ));
+        }
         for (name, source) in &self.sources {
             let path = format!("sources.{name}");
             let (wanted, given) = match source.kind {
                 DrSourceKind::Dir | DrSourceKind::File => ("path", source.path.is_some()),
-                DrSourceKind::Postgres => ("url", source.url.is_some()),
+                DrSourceKind::Postgres | DrSourceKind::PgBase => ("url", source.url.is_some()),
             };
             if !given {
                 return Err(ConfigError::new(
                     format!("{path}.{wanted}"),
                     "is required for this kind",
                 ));
+            }
+            if let Some(wal_rpo) = source.wal_rpo {
+                if source.kind != DrSourceKind::PgBase {
+                    return Err(ConfigError::new(
+                        format!("{path}.wal_rpo"),
+                        "is only for kind \"pg_base\" (the WAL archive of a whole cluster)",
+                    ));
+                }
+                wal_rpo_config(wal_rpo)
+                    .validate()
+                    .map_err(|_| ConfigError::new(format!("{path}.wal_rpo"), "must be positive"))?;
             }
             self.schedule(source)
                 .validate()
@@ -1205,7 +1246,17 @@ fn unreachable_step_down() -> Result<Arc<dyn FailoverAction>, ha_core::BoxError>
     Err("step_down is built by the node builder".into())
 }
 
-fn build_backups(dr: &DrConfig) -> Result<BackupScheduler, Error> {
+/// The WAL RPO monitor's settings for an objective of `rpo`: checked four times per
+/// objective, at least every 30 s.
+fn wal_rpo_config(rpo: Duration) -> WalRpoConfig {
+    WalRpoConfig {
+        rpo,
+        check_interval: (rpo / 4).min(Duration::from_secs(30)),
+    }
+}
+
+/// The backup scheduler of `dr`, and the WAL RPO monitor when a source sets `wal_rpo`.
+fn build_backups(dr: &DrConfig) -> Result<(BackupScheduler, Option<WalRpoMonitor>), Error> {
     let path = |p: &str| format!("disaster_recovery.{p}");
     let key = match (&dr.key_env, &dr.key_file) {
         (Some(var), _) => {
@@ -1223,6 +1274,7 @@ fn build_backups(dr: &DrConfig) -> Result<BackupScheduler, Error> {
     let repo = Repository::new(store, KeyRing::new(key));
     let mut schedule = ScheduleConfig::default();
     let mut builder_sources = Vec::new();
+    let mut wal_rpo = None;
     for (name, source) in &dr.sources {
         schedule.sources.insert(name.clone(), dr.schedule(source));
         let src = match source.kind {
@@ -1231,14 +1283,23 @@ fn build_backups(dr: &DrConfig) -> Result<BackupScheduler, Error> {
             DrSourceKind::Postgres => {
                 Source::postgres(source.url.clone().unwrap_or_default(), PgTools::default())
             }
+            DrSourceKind::PgBase => {
+                Source::pg_base(source.url.clone().unwrap_or_default(), PgTools::default())
+            }
         };
+        if let Some(rpo) = source.wal_rpo {
+            let monitor = WalRpoMonitor::new(repo.clone(), wal_rpo_config(rpo))
+                .map_err(|e| e.within(&path(&format!("sources.{name}"))))?;
+            wal_rpo = Some(monitor);
+        }
         builder_sources.push((name.clone(), src));
     }
     let mut builder = BackupScheduler::builder(repo).config(schedule);
     for (name, source) in builder_sources {
         builder = builder.source(name, source);
     }
-    builder
+    let scheduler = builder
         .build()
-        .map_err(|e| setup("disaster_recovery".into(), Box::new(e)))
+        .map_err(|e| setup("disaster_recovery".into(), Box::new(e)))?;
+    Ok((scheduler, wal_rpo))
 }

@@ -40,6 +40,98 @@ fn refused(text: &str) -> String {
     }
 }
 
+/// A `pg_base` source named `name` (whole-cluster base backups) with `extra` lines.
+fn pg_base_source(name: &str, extra: &str) -> String {
+    format!(
+        "[disaster_recovery.sources.{name}]\nkind = \"pg_base\"\n\
+         url = \"postgres://replicator@db:5432/postgres\"\ninterval = \"1h\"\n{extra}"
+    )
+}
+
+#[test]
+fn pg_base_sources_and_their_wal_rpo_are_checked() {
+    let config = HaConfig::from_toml_str(
+        &with_dr(&format!(
+            "key_env = \"K\"\n{}",
+            pg_base_source("cluster", "wal_rpo = \"5m\"\n")
+        )),
+        "ok",
+    )
+    .expect("a pg_base source with a WAL RPO");
+    let dr = config.disaster_recovery.expect("a DR section");
+    assert_eq!(
+        dr.sources["cluster"].wal_rpo,
+        Some(std::time::Duration::from_secs(300))
+    );
+    assert_refused(
+        &with_dr("key_env = \"K\"\n[disaster_recovery.sources.c]\nkind = \"pg_base\"\n"),
+        "disaster_recovery.sources.c.url",
+        "is required",
+    );
+    assert_refused(
+        &with_dr(&format!("key_env = \"K\"\n{SOURCE}wal_rpo = \"5m\"\n")),
+        "disaster_recovery.sources.docs.wal_rpo",
+        "only for kind \"pg_base\"",
+    );
+    assert_refused(
+        &with_dr(&format!(
+            "key_env = \"K\"\n{}",
+            pg_base_source("c", "wal_rpo = \"0s\"\n")
+        )),
+        "disaster_recovery.sources.c.wal_rpo",
+        "must be positive",
+    );
+    assert_refused(
+        &with_dr(&format!(
+            "key_env = \"K\"\n{}{}",
+            pg_base_source("a", "wal_rpo = \"5m\"\n"),
+            pg_base_source("b", "wal_rpo = \"5m\"\n")
+        )),
+        "disaster_recovery.sources.b.wal_rpo",
+        "one WAL archive",
+    );
+}
+
+/// A node built from a config with `wal_rpo` runs the WAL RPO monitor: with nothing archived
+/// into its repository, it reports a breach (kind `wal`) once it has led for longer than
+/// the objective.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_rpo_runs_the_monitor_on_the_node() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = format!(
+        "{BASE}\n[disaster_recovery]\nrepository = \"{}\"\nkey_file = \"{}\"\n{}",
+        dir.path().join("repo").display(),
+        key.display(),
+        pg_base_source("cluster", "wal_rpo = \"1s\"\n")
+    );
+    let config = HaConfig::from_toml_str(&text, "wal-rpo.toml").expect("valid");
+    let node = config
+        .into_builder()
+        .await
+        .expect("wires the sources")
+        .build()
+        .expect("builds");
+    let mut events = node.bus().subscribe();
+    node.start().await.expect("starts");
+    let kind = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            if let Ok(ha_core::HaEvent::RpoBreached { kind, .. }) = events.recv().await
+                && kind == "wal"
+            {
+                break kind;
+            }
+        }
+    })
+    .await
+    .expect("the WAL RPO monitor reported a breach");
+    assert_eq!(kind, "wal");
+    node.shutdown().await;
+}
+
 fn assert_refused(text: &str, path: &str, rule: &str) {
     let err = refused(text);
     assert!(err.contains(path), "{err:?} does not name {path:?}");
