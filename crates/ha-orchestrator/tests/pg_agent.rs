@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ha_election::{ElectorConfig, MemoryLeaseStore};
 use ha_orchestrator::HaNode;
-use ha_replication::pg::{PgAgent, PgAgentConfig, PgMember, SyncMode};
+use ha_replication::pg::{PgAgent, PgAgentConfig, PgMember, RejoinConfig, SyncMode};
 use ha_testkit::PostgresServer;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -551,11 +551,26 @@ async fn a_switchover_under_load_demotes_first_and_loses_no_acknowledged_commit(
     b.shutdown().await;
 }
 
-fn sync_agent(name: &str, server: &PostgresServer) -> PgAgent {
+/// An agent in synchronous mode; a replica's agent (`rejoin`) also rewinds its database when
+/// it diverged.
+fn sync_agent(name: &str, server: &PostgresServer, rejoin: bool, slots: &[&str]) -> PgAgent {
     let member = PgMember::new(name, &server.url())
         .unwrap()
         .query_timeout(Duration::from_secs(1));
+    let rejoin = RejoinConfig {
+        enabled: rejoin,
+        data_dir: Some(server.data_dir().to_owned()),
+        bin_dir: server.bin_dir().to_owned(),
+        start_command: server.start_command(),
+        run_as: ha_testkit::postgres::server_user().unwrap(),
+        retry_interval: Duration::from_secs(1),
+        standby_stuck_after: Duration::from_secs(3),
+        ..RejoinConfig::default()
+    };
     let config = PgAgentConfig {
+        rejoin,
+        // Leading, it keeps the slot each other member streams through.
+        replica_slots: slots.iter().map(|s| (*s).to_owned()).collect(),
         loop_interval: Duration::from_millis(200),
         demote_margin: Duration::from_millis(600),
         demote_timeout: Duration::from_millis(500),
@@ -582,9 +597,17 @@ async fn sync_record(node: &HaNode) -> String {
 /// *replayed* more and the candidate rule alone would pick it. The primary's database is
 /// SIGKILLed under a write load: only the synchronous standby may lead and be promoted, and
 /// it holds every commit the old primary acknowledged; alone, it then commits (mode `on`).
+/// The asynchronous replica follows the new primary (its agent rewinds it if it received WAL
+/// past the promotion point), and the new primary makes it its synchronous standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_commit_is_lost() {
-    let mut primary = PostgresServer::start().await.unwrap();
+    // pg_rewind needs hint bits in the WAL, and the diverged replica's WAL kept.
+    let mut primary = PostgresServer::builder()
+        .setting("wal_log_hints", "on")
+        .setting("wal_keep_size", "256MB")
+        .start()
+        .await
+        .unwrap();
     primary
         .execute("CREATE TABLE w (id bigint PRIMARY KEY, note text)")
         .await
@@ -602,14 +625,15 @@ async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_com
             .build()
             .unwrap()
     };
-    let a = node("a", sync_agent("db-a", &primary));
+    let slots = [one.slot_name().unwrap(), two.slot_name().unwrap()];
+    let a = node("a", sync_agent("db-a", &primary, false, &slots));
     a.start().await.unwrap();
     until("a to serve /primary", async || {
         get(&a, "/primary").await.0 == StatusCode::OK
     })
     .await;
-    let b = node("b", sync_agent("db-b", &one));
-    let c = node("c", sync_agent("db-c", &two));
+    let b = node("b", sync_agent("db-b", &one, true, &[slots[1]]));
+    let c = node("c", sync_agent("db-c", &two, true, &[slots[0]]));
     b.start().await.unwrap();
     c.start().await.unwrap();
     until("a synchronous standby, recorded", async || {
@@ -735,16 +759,38 @@ async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_com
         lost.len(),
         acks.len()
     );
-    // The new primary recorded its own term before it promoted. The asynchronous replica
-    // replayed WAL past the promotion point (commits the old primary never acknowledged):
-    // it cannot follow the new timeline without a rewind, and is never named.
-    assert!(
-        sync_record(sync_node)
-            .await
-            .contains(&format!("primary {sync_name}, standbys []")),
-        "{}",
-        sync_record(sync_node).await
-    );
+    // The new primary recorded its own term (naming only itself) before it promoted. The
+    // asynchronous replica follows it (rewound by its agent if it received WAL past the
+    // promotion point), and the new primary makes it its synchronous standby.
+    let other = if sync_name == "b" { "c" } else { "b" };
+    let want = format!("primary {sync_name}, standbys [{other}]");
+    let deadline = Instant::now() + WAIT;
+    while !sync_record(sync_node).await.contains(&want) {
+        if Instant::now() > deadline {
+            let (_, new) = get(sync_node, "/status").await;
+            let (_, old) = get(async_node, "/status").await;
+            let log =
+                std::fs::read_to_string(async_db.data_dir().parent().unwrap().join("pg_ctl.log"))
+                    .unwrap_or_default();
+            panic!(
+                "the new primary did not record {want}: {}\n{}\n{log}",
+                new["replication"]["agent"], old["replication"]["agent"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every commit the new primary took is on the rewound standby too.
+    let newest: i64 = sync_db.query_scalar("SELECT max(id) FROM w").await.unwrap();
+    until(
+        "the rewound standby to replay the new primary's commits",
+        async || {
+            async_db
+                .query_scalar::<Option<i64>>(&format!("SELECT id FROM w WHERE id = {newest}"))
+                .await
+                .is_ok_and(|id| id == Some(newest))
+        },
+    )
+    .await;
     a.shutdown().await;
     b.shutdown().await;
     c.shutdown().await;

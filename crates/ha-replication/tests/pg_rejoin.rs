@@ -401,7 +401,16 @@ async fn failover_then_rejoin(c: &Cluster, via: RejoinVia) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(c.checker.writes[0].load(Ordering::SeqCst) >= 10);
-    assert!(c.agents[0].agent_status().role == Some(PgRole::Replica));
+    // The agent sees its database as a replica at its next loop after the start.
+    let deadline = Instant::now() + WAIT;
+    while c.agents[0].agent_status().role != Some(PgRole::Replica) {
+        assert!(
+            Instant::now() < deadline,
+            "pg0's agent does not see a replica: {:?}",
+            c.agents[0].agent_status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The end of the log of a postmaster the agent started (`pg_ctl.log`).

@@ -150,9 +150,11 @@
 //!
 //! A running *standby* whose timeline diverged from the leader's (e.g. a former primary
 //! started as a standby of nobody before a leader was known, or an asynchronous replica that
-//! received WAL past the promoted member's end of WAL) is not detected or rewound: it is
-//! re-pointed and stays `not_streaming`. `pg_rewind --restore-target-wal` (WAL from an
-//! archive) is not used.
+//! received WAL past the promoted member's end of WAL) is detected only by its symptom: with
+//! `rejoin.enabled`, a standby pointed at the leader's database that has not streamed from it
+//! for `rejoin.standby_stuck_after` is stopped, rewound and started again (a heuristic: a
+//! standby that cannot reach the leader is restarted too; `pg_rewind` itself changes nothing
+//! where nothing diverged). `pg_rewind --restore-target-wal` (WAL from an archive) is not used.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -656,6 +658,9 @@ struct State {
     stepped_down_at: Option<Instant>,
     /// No rejoin or start before this (after a failed one: `rejoin.retry_interval`).
     retry_at: Option<Instant>,
+    /// Since when the replica, pointed at the leader's database, has not streamed from it
+    /// (`rejoin.standby_stuck_after`).
+    not_streaming_since: Option<Instant>,
 }
 
 /// How long a primary demoted by [`PgAgent::hand_over`] stays ineligible: long enough for a
@@ -726,6 +731,7 @@ impl PgAgent {
                     down_since: None,
                     stepped_down_at: None,
                     retry_at: None,
+                    not_streaming_since: None,
                 }),
                 paused: Arc::default(),
                 leader: None,
@@ -1902,8 +1908,12 @@ impl Inner {
         let Some(leader) = self.leader_upstream().await else {
             return Ok(());
         };
-        if streaming_from == Some(&leader) && self.lock().conninfo_named {
-            return Ok(());
+        if streaming_from == Some(&leader) {
+            let mut state = self.lock();
+            state.not_streaming_since = None;
+            if state.conninfo_named {
+                return Ok(());
+            }
         }
         let sync = self.config.synchronous_mode != SyncMode::Off;
         let current: String = self
@@ -1925,14 +1935,25 @@ impl Inner {
             app_name.is_none().then_some(node)
         };
         self.lock().conninfo_named = name.is_none();
-        if name.is_none()
-            && (streaming_from == Some(&leader)
-                || Upstream::from_conninfo(&current).as_ref() == Some(&leader))
-        {
-            // Already pointed there; the WAL receiver is (re)connecting. Confirmed only by
-            // pg_stat_wal_receiver on a later loop.
+        if name.is_none() && streaming_from == Some(&leader) {
             return Ok(());
         }
+        if name.is_none() && Upstream::from_conninfo(&current).as_ref() == Some(&leader) {
+            // Already pointed there; the WAL receiver is (re)connecting. Confirmed only by
+            // pg_stat_wal_receiver on a later loop — or it never connects: diverged.
+            let since = *self
+                .lock()
+                .not_streaming_since
+                .get_or_insert_with(Instant::now);
+            if let Some(rejoiner) = &self.rejoiner
+                && since.elapsed() >= rejoiner.config().standby_stuck_after
+                && !self.waiting_to_retry()
+            {
+                return self.rewind_standby(rejoiner, leader).await;
+            }
+            return Ok(());
+        }
+        self.lock().not_streaming_since = None;
         let conninfo = repoint_conninfo(&current, &leader, name)
             .ok_or_else(|| "cannot parse the replica's primary_conninfo".to_owned())?;
         tracing::info!(member = self.member.name(), %leader, "re-pointing the replica");
@@ -2388,6 +2409,52 @@ impl Inner {
     /// Whether a failed rejoin or start is still waiting for `rejoin.retry_interval`.
     fn waiting_to_retry(&self) -> bool {
         self.lock().retry_at.is_some_and(|at| Instant::now() < at)
+    }
+
+    /// A standby pointed at the leader's database that does not stream from it for
+    /// `rejoin.standby_stuck_after`: taken for diverged, stopped, rewound (or re-cloned) from
+    /// the leader's database and started again — once that database is a primary.
+    async fn rewind_standby(&self, rejoiner: &Rejoiner, leader: Upstream) -> Result<(), String> {
+        match rejoiner.leader_is_primary(&leader).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) => return Err(self.rejoin_failed(format!("rejoin: {e}"))),
+        }
+        tracing::warn!(
+            member = self.member.name(),
+            %leader,
+            "rejoin: the standby does not stream from the leader's database; rewinding it"
+        );
+        if let Err(e) = rejoiner.stop().await {
+            return Err(self.rejoin_failed(format!("rejoin: {e}")));
+        }
+        let via = match rejoiner.rewind_or_reclone(&leader).await {
+            Ok(via) => via,
+            Err(e) => {
+                // Stopped, with its standby.signal: started again as it was, retried later.
+                let _ = rejoiner.start().await;
+                return Err(self.rejoin_failed(format!("rejoin: {e}")));
+            }
+        };
+        if let Err(e) = rejoiner.start().await {
+            return Err(self.rejoin_failed(format!("rejoin ({via:?} done): {e}")));
+        }
+        let outcome = match via {
+            RejoinVia::Rewind => "rewind",
+            RejoinVia::Reclone => "reclone",
+            RejoinVia::Start => "start",
+        };
+        metrics::counter!(metric::PG_AGENT_REJOINS_TOTAL, "outcome" => outcome).increment(1);
+        {
+            let mut state = self.lock();
+            state.retry_at = None;
+            state.not_streaming_since = None;
+        }
+        self.record_rejoin(AgentAction::Rejoined {
+            leader: Some(leader.to_string()),
+            via,
+        });
+        Ok(())
     }
 
     /// Counts and paces a failed rejoin or start; returns the error.

@@ -94,6 +94,13 @@ pub struct RejoinConfig {
     /// After a failed rejoin or start, the next attempt waits this long (default 10 s).
     #[serde(with = "config::duration")]
     pub retry_interval: Duration,
+    /// A standby pointed at the leader's database that has not streamed from it for this
+    /// long, while the leader's database is a primary, is taken for diverged (it received
+    /// WAL past the point where the leader's timeline forked, as an asynchronous replica
+    /// can): it is stopped, rewound (`pg_rewind` changes nothing where nothing diverged) and
+    /// started again (default 30 s).
+    #[serde(with = "config::duration")]
+    pub standby_stuck_after: Duration,
 }
 
 impl Default for RejoinConfig {
@@ -113,6 +120,7 @@ impl Default for RejoinConfig {
             command_timeout: Duration::from_secs(120),
             copy_timeout: Duration::from_secs(3600),
             retry_interval: Duration::from_secs(10),
+            standby_stuck_after: Duration::from_secs(30),
         }
     }
 }
@@ -122,6 +130,7 @@ impl Validate for RejoinConfig {
         config::positive("command_timeout", self.command_timeout)?;
         config::positive("copy_timeout", self.copy_timeout)?;
         config::positive("retry_interval", self.retry_interval)?;
+        config::positive("standby_stuck_after", self.standby_stuck_after)?;
         config::non_empty("source_user", &self.source_user)?;
         config::non_empty("source_dbname", &self.source_dbname)?;
         config::ensure(
