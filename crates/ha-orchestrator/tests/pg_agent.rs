@@ -453,6 +453,39 @@ async fn write_both(
     }
 }
 
+/// The checker's verdict once the writes stopped (`on_b`: taken by the new primary `new`):
+/// no commit acknowledged by the old primary after the new one took its first, and every
+/// acknowledged commit present on `new`.
+async fn judge(acks: &[Ack], new: &PostgresServer) {
+    if let Some(first_on_new) = acks.iter().find(|a| a.on_b).map(|a| a.at) {
+        let late: Vec<&Ack> = acks
+            .iter()
+            .filter(|a| !a.on_b && a.at > first_on_new)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "the old primary took commits after the new one: {late:?}"
+        );
+    }
+    let present: std::collections::BTreeSet<i64> = new
+        .query_scalar::<Vec<i64>>("SELECT coalesce(array_agg(id), '{}') FROM w")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let lost: Vec<i64> = acks
+        .iter()
+        .map(|a| a.n)
+        .filter(|n| !present.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged commits lost: {lost:?}",
+        lost.len(),
+        acks.len()
+    );
+}
+
 /// A switchover under a write load: the old primary's agent demotes it *before* the node
 /// gives its lease up, so no commit is acknowledged by the old primary once the new one took
 /// its first, and — the old primary still streaming its last WAL to the replica before the
@@ -522,30 +555,7 @@ async fn a_switchover_under_load_demotes_first_and_loses_no_acknowledged_commit(
     writer.await.unwrap();
 
     let acks = acks.lock().unwrap().clone();
-    let first_on_b = acks.iter().find(|a| a.on_b).unwrap().at;
-    let late: Vec<&Ack> = acks
-        .iter()
-        .filter(|a| !a.on_b && a.at > first_on_b)
-        .collect();
-    assert!(
-        late.is_empty(),
-        "the old primary took commits after the new one: {late:?}"
-    );
-    let present: std::collections::BTreeSet<i64> = replica
-        .query_scalar::<Vec<i64>>("SELECT coalesce(array_agg(id), '{}') FROM w")
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    let lost: Vec<i64> = acks
-        .iter()
-        .map(|a| a.n)
-        .filter(|n| !present.contains(n))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged commits lost in the switchover: {lost:?}"
-    );
+    judge(&acks, &replica).await;
     assert!(b.is_leader().is_some());
     a.shutdown().await;
     b.shutdown().await;
@@ -741,24 +751,8 @@ async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_com
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.await.unwrap();
     assert!(async_db.is_in_recovery().await.unwrap());
-    let present: std::collections::BTreeSet<i64> = sync_db
-        .query_scalar::<Vec<i64>>("SELECT coalesce(array_agg(id), '{}') FROM w")
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
     let acks = acks.lock().unwrap().clone();
-    let lost: Vec<i64> = acks
-        .iter()
-        .map(|a| a.n)
-        .filter(|n| !present.contains(n))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged commits lost: {lost:?}",
-        lost.len(),
-        acks.len()
-    );
+    judge(&acks, sync_db).await;
     // The new primary recorded its own term (naming only itself) before it promoted. The
     // asynchronous replica follows it (rewound by its agent if it received WAL past the
     // promotion point), and the new primary makes it its synchronous standby.
@@ -906,27 +900,7 @@ async fn a_switchover_to_a_named_member_promotes_that_member_and_loses_nothing()
     assert!(ahead.is_in_recovery().await.unwrap());
 
     let acks = acks.lock().unwrap().clone();
-    let first_on_c = acks.iter().find(|a| a.on_b).unwrap().at;
-    let late: Vec<&Ack> = acks
-        .iter()
-        .filter(|a| !a.on_b && a.at > first_on_c)
-        .collect();
-    assert!(
-        late.is_empty(),
-        "the old primary took commits after the new one: {late:?}"
-    );
-    let present: std::collections::BTreeSet<i64> = behind
-        .query_scalar::<Vec<i64>>("SELECT coalesce(array_agg(id), '{}') FROM w")
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    let lost: Vec<i64> = acks
-        .iter()
-        .map(|a| a.n)
-        .filter(|n| !present.contains(n))
-        .collect();
-    assert!(lost.is_empty(), "acknowledged commits lost: {lost:?}");
+    judge(&acks, &behind).await;
     a.shutdown().await;
     b.shutdown().await;
     c.shutdown().await;

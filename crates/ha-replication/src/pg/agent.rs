@@ -749,17 +749,23 @@ impl PgAgent {
         })
     }
 
+    /// Applies a builder setting; only before the agent started (its inner state is then
+    /// shared with its tasks): afterwards it is ignored, with an error log.
+    fn configure(mut self, what: &str, set: impl FnOnce(&mut Inner)) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => set(inner),
+            None => tracing::error!("{what} after the agent started: ignored"),
+        }
+        self
+    }
+
     /// Pauses the agent while `flag` is set (maintenance, as Patroni's pause): it neither
     /// promotes nor demotes its database, whatever the leadership says — so an operator who
     /// pauses a cluster owns split-brain safety until resuming. `ha-orchestrator` passes its
     /// node's pause flag here.
     #[must_use]
-    pub fn paused_by(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.paused = flag,
-            None => tracing::error!("paused_by after the agent started: ignored"),
-        }
-        self
+    pub fn paused_by(self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.configure("paused_by", |inner| inner.paused = flag)
     }
 
     /// Makes a replica follow the leader: while the agent does not lead and its database is
@@ -767,16 +773,12 @@ impl PgAgent {
     /// not stream from there, rewrites `primary_conninfo` (host and port only) and reloads.
     /// `ha-orchestrator` answers from the election's member metadata (`pg_conninfo`).
     #[must_use]
-    pub fn follow<F>(mut self, leader: impl Fn() -> F + Send + Sync + 'static) -> Self
+    pub fn follow<F>(self, leader: impl Fn() -> F + Send + Sync + 'static) -> Self
     where
         F: std::future::Future<Output = Option<Upstream>> + Send + 'static,
     {
         let source: LeaderSource = Arc::new(move || Box::pin(leader()));
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.leader = Some(source),
-            None => tracing::error!("follow after the agent started: ignored"),
-        }
-        self
+        self.configure("follow", |inner| inner.leader = Some(source))
     }
 
     /// Gives the agent the other members' reports (`ha-orchestrator` reads them from the
@@ -784,40 +786,28 @@ impl PgAgent {
     /// a more advanced eligible member exists, and judges its lag against the freshest
     /// primary position any of them proves (see [`candidate`]).
     #[must_use]
-    pub fn peers<F>(mut self, peers: impl Fn() -> F + Send + Sync + 'static) -> Self
+    pub fn peers<F>(self, peers: impl Fn() -> F + Send + Sync + 'static) -> Self
     where
         F: std::future::Future<Output = Vec<MemberReport>> + Send + 'static,
     {
         let source: PeerSource = Arc::new(move || Box::pin(peers()));
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.peers = Some(source),
-            None => tracing::error!("peers after the agent started: ignored"),
-        }
-        self
+        self.configure("peers", |inner| inner.peers = Some(source))
     }
 
     /// Tells the agent when its node keeps out of the election (a switchover to another
     /// member held it off): its report then says it is not eligible, so the member the
     /// operator named does not defer to it. `ha-orchestrator` passes its hold-off.
     #[must_use]
-    pub fn held_off(mut self, held: impl Fn() -> bool + Send + Sync + 'static) -> Self {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.held_off = Some(Box::new(held)),
-            None => tracing::error!("held_off after the agent started: ignored"),
-        }
-        self
+    pub fn held_off(self, held: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.configure("held_off", |inner| inner.held_off = Some(Box::new(held)))
     }
 
     /// Where the synchronous-replication record lives (see [`sync`](crate::pg::sync));
     /// needed when `synchronous_mode` is not `off`. `ha-orchestrator` keeps it in the
     /// election's lease store.
     #[must_use]
-    pub fn sync_state(mut self, store: Arc<dyn SyncStateStore>) -> Self {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.sync_store = Some(store),
-            None => tracing::error!("sync_state after the agent started: ignored"),
-        }
-        self
+    pub fn sync_state(self, store: Arc<dyn SyncStateStore>) -> Self {
+        self.configure("sync_state", |inner| inner.sync_store = Some(store))
     }
 
     /// How this node gives its leadership up when its database, crashed while it led, is
@@ -825,12 +815,8 @@ impl PgAgent {
     /// elector). Without it the agent only becomes ineligible, which an elector that asks
     /// [`eligible`](Self::eligible) turns into a step-down at its next renewal.
     #[must_use]
-    pub fn step_down_by(mut self, handle: Arc<dyn StepDown>) -> Self {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.step_down = Some(handle),
-            None => tracing::error!("step_down_by after the agent started: ignored"),
-        }
-        self
+    pub fn step_down_by(self, handle: Arc<dyn StepDown>) -> Self {
+        self.configure("step_down_by", |inner| inner.step_down = Some(handle))
     }
 
     /// This member's report as of the last loop (`None` before the first), for its member
