@@ -2293,12 +2293,7 @@ impl Inner {
         if let Err(e) = rejoiner.start().await {
             return Err(self.rejoin_failed(format!("rejoin ({via:?} done): {e}")));
         }
-        let outcome = match via {
-            RejoinVia::Rewind => "rewind",
-            RejoinVia::Reclone => "reclone",
-            RejoinVia::Start => "start",
-        };
-        metrics::counter!(metric::PG_AGENT_REJOINS_TOTAL, "outcome" => outcome).increment(1);
+        metrics::counter!(metric::PG_AGENT_REJOINS_TOTAL, "outcome" => via.outcome()).increment(1);
         {
             let mut state = self.lock();
             state.retry_at = None;
@@ -2425,12 +2420,7 @@ impl Inner {
         if let Err(e) = rejoiner.start().await {
             return Err(self.rejoin_failed(format!("rejoin ({via:?} done): {e}")));
         }
-        let outcome = match via {
-            RejoinVia::Rewind => "rewind",
-            RejoinVia::Reclone => "reclone",
-            RejoinVia::Start => "start",
-        };
-        metrics::counter!(metric::PG_AGENT_REJOINS_TOTAL, "outcome" => outcome).increment(1);
+        metrics::counter!(metric::PG_AGENT_REJOINS_TOTAL, "outcome" => via.outcome()).increment(1);
         {
             let mut state = self.lock();
             state.retry_at = None;

@@ -203,6 +203,17 @@ pub enum RejoinVia {
     Start,
 }
 
+impl RejoinVia {
+    /// The `outcome` label of `ha_pg_agent_rejoins_total`.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            RejoinVia::Rewind => "rewind",
+            RejoinVia::Reclone => "reclone",
+            RejoinVia::Start => "start",
+        }
+    }
+}
+
 /// The member's own replication settings, read before a rewind or re-clone replaces
 /// `postgresql.auto.conf` with the leader's.
 #[derive(Debug, Clone, Default)]
@@ -435,19 +446,18 @@ impl Rejoiner {
         Ok(())
     }
 
-    fn own_settings(&self) -> Result<OwnSettings, RejoinError> {
+    /// `postgresql.auto.conf` (empty when missing) and its path.
+    fn read_auto_conf(&self, what: &'static str) -> Result<(PathBuf, String), RejoinError> {
         let path = self.data_dir.join("postgresql.auto.conf");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(source) => {
-                return Err(RejoinError::File {
-                    what: "reading the replication settings",
-                    path,
-                    source,
-                });
-            }
-        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((path, text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((path, String::new())),
+            Err(source) => Err(RejoinError::File { what, path, source }),
+        }
+    }
+
+    fn own_settings(&self) -> Result<OwnSettings, RejoinError> {
+        let (_, text) = self.read_auto_conf("reading the replication settings")?;
         let settings = auto_conf_settings(&text);
         let get = |k: &str| {
             settings
@@ -468,18 +478,7 @@ impl Rejoiner {
         leader: Option<&Upstream>,
         own: &OwnSettings,
     ) -> Result<(), RejoinError> {
-        let path = self.data_dir.join("postgresql.auto.conf");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(source) => {
-                return Err(RejoinError::File {
-                    what: "reading postgresql.auto.conf",
-                    path,
-                    source,
-                });
-            }
-        };
+        let (path, text) = self.read_auto_conf("reading postgresql.auto.conf")?;
         let conninfo = match (leader, own.conninfo.as_deref()) {
             (Some(leader), Some(own)) => {
                 repoint_conninfo(own, leader, None).or_else(|| Some(self.fresh_conninfo(leader)))
