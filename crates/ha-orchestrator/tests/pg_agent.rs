@@ -418,7 +418,8 @@ async fn write_both(
     use sqlx::Connection;
     let urls = [a, b];
     let mut conns: [Option<sqlx::PgConnection>; 2] = [None, None];
-    let mut n = 0_i64;
+    // Row ids go on from the last acknowledged one (a second writer on the same table).
+    let mut n = acks.lock().unwrap().iter().map(|a| a.n).max().unwrap_or(0) + 1_000_000;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
         for (i, url) in urls.iter().enumerate() {
             n += 1;
@@ -575,6 +576,8 @@ fn sync_agent(name: &str, server: &PostgresServer, rejoin: bool, slots: &[&str])
         run_as: ha_testkit::postgres::server_user().unwrap(),
         retry_interval: Duration::from_secs(1),
         standby_stuck_after: Duration::from_secs(3),
+        // A primary whose database dies fails over at once (no restart in place).
+        primary_start_timeout: Duration::ZERO,
         ..RejoinConfig::default()
     };
     let config = PgAgentConfig {
@@ -901,6 +904,137 @@ async fn a_switchover_to_a_named_member_promotes_that_member_and_loses_nothing()
 
     let acks = acks.lock().unwrap().clone();
     judge(&acks, &behind).await;
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
+}
+
+/// Two failovers in a row, in synchronous mode: the primary's database is SIGKILLed, its
+/// synchronous standby is promoted, the last replica follows the new primary (rewound by its
+/// agent if it had received WAL past the promotion point) and becomes its synchronous
+/// standby; the new primary is SIGKILLed right then, and the last replica is promoted in
+/// turn. Every commit any of the primaries acknowledged is on the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_failover_right_after_the_first_loses_no_acknowledged_commit() {
+    let mut primary = PostgresServer::builder()
+        .setting("wal_log_hints", "on")
+        .setting("wal_keep_size", "256MB")
+        .start()
+        .await
+        .unwrap();
+    primary
+        .execute("CREATE TABLE w (id bigint PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let mut one = primary.start_replica().await.unwrap();
+    let two = primary.start_replica().await.unwrap();
+    let store = Arc::new(MemoryLeaseStore::new());
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    let node = |id: &str, agent: PgAgent| {
+        HaNode::builder()
+            .node_id(id)
+            .election_with(store.clone(), timing.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .pg_agent(agent)
+            .build()
+            .unwrap()
+    };
+    let slots = [one.slot_name().unwrap(), two.slot_name().unwrap()];
+    let a = node("a", sync_agent("db-a", &primary, false, &slots));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    let b = node("b", sync_agent("db-b", &one, true, &[slots[1]]));
+    b.start().await.unwrap();
+    until("b recorded as a's synchronous standby", async || {
+        sync_record(&a).await.contains("standbys [b]")
+    })
+    .await;
+    let c = node("c", sync_agent("db-c", &two, true, &[slots[0]]));
+    c.start().await.unwrap();
+
+    // First failover: a's database dies under writes; b is promoted.
+    let first: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_both(
+        primary.url(),
+        one.url(),
+        Arc::clone(&first),
+        Arc::clone(&stop),
+    ));
+    until("writes on a's primary", async || {
+        first.lock().unwrap().len() >= 50
+    })
+    .await;
+    primary.kill().unwrap();
+    until("commits on b's database", async || {
+        first.lock().unwrap().iter().filter(|a| a.on_b).count() >= 20
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    assert!(c.is_leader().is_none(), "c was not a synchronous standby");
+
+    // c follows b and becomes its synchronous standby; b dies at once, under writes.
+    until("c recorded as b's synchronous standby", async || {
+        sync_record(&b).await.contains("primary b, standbys [c]")
+    })
+    .await;
+    // The second writer's row ids start past the first's.
+    let second: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::new(std::sync::Mutex::new(
+        first
+            .lock()
+            .unwrap()
+            .iter()
+            .max_by_key(|a| a.n)
+            .copied()
+            .into_iter()
+            .collect(),
+    ));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_both(
+        one.url(),
+        two.url(),
+        Arc::clone(&second),
+        Arc::clone(&stop),
+    ));
+    until("writes on b's primary", async || {
+        second.lock().unwrap().len() >= 50
+    })
+    .await;
+    one.kill().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while second.lock().unwrap().iter().filter(|a| a.on_b).count() < 20 {
+        if Instant::now() > deadline {
+            let (_, bs) = get(&b, "/status").await;
+            let (_, cs) = get(&c, "/status").await;
+            let log = std::fs::read_to_string(two.data_dir().parent().unwrap().join("pg_ctl.log"))
+                .unwrap_or_default();
+            panic!(
+                "no commits on c's database: b {}\nc {}\n{}",
+                bs["replication"]["agent"],
+                cs["replication"]["agent"],
+                &log[log.len().saturating_sub(3000)..]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    assert!(c.is_leader().is_some());
+    // Every commit acknowledged by a, then by b, is on c.
+    let first = first.lock().unwrap().clone();
+    // Without the seed row taken from the first writer.
+    let second: Vec<Ack> = second.lock().unwrap()[1..].to_vec();
+    judge(&second, &two).await;
+    let all: Vec<Ack> = first
+        .iter()
+        .map(|a| Ack { on_b: false, ..*a })
+        .chain(second.iter().copied())
+        .collect();
+    judge(&all, &two).await;
     a.shutdown().await;
     b.shutdown().await;
     c.shutdown().await;
