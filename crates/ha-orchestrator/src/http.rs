@@ -167,7 +167,6 @@ fn role_check(
 /// `GET /primary`: Patroni's load-balancer check for the writable primary.
 #[cfg(feature = "postgres")]
 async fn primary(State(node): State<HaNode>) -> Response {
-    use ha_replication::pg::PgRole;
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
         return role_check(
             &node,
@@ -177,7 +176,20 @@ async fn primary(State(node): State<HaNode>) -> Response {
         );
     };
     let report = agent.agent_status();
-    let reason = if node.is_leader().is_none() {
+    let reason = not_primary(&node, agent, &report);
+    let body = json!({ "role": report.role, "member": report.member });
+    role_check(&node, "primary", reason, body)
+}
+
+/// Why this node's database is not the led writable primary (`None`: it is).
+#[cfg(feature = "postgres")]
+fn not_primary(
+    node: &HaNode,
+    agent: &ha_replication::PgAgent,
+    report: &ha_replication::pg::AgentStatus,
+) -> Option<&'static str> {
+    use ha_replication::pg::PgRole;
+    if node.is_leader().is_none() {
         Some("this node does not lead")
     } else if !agent.is_writable_primary() {
         Some(match report.role {
@@ -189,15 +201,25 @@ async fn primary(State(node): State<HaNode>) -> Response {
         })
     } else {
         None
-    };
-    let body = json!({ "role": report.role, "member": report.member });
-    role_check(&node, "primary", reason, body)
+    }
+}
+
+/// Why this node's database is not a streaming replica (`None`: it is).
+#[cfg(feature = "postgres")]
+fn not_replica(report: &ha_replication::pg::AgentStatus) -> Option<&'static str> {
+    use ha_replication::pg::PgRole;
+    match (report.role, &report.streaming_from) {
+        (Some(PgRole::Replica), Some(_)) => None,
+        (Some(PgRole::Replica), None) => Some("replica is not streaming"),
+        (Some(PgRole::Primary), _) => Some("database is a primary"),
+        (Some(PgRole::Unreachable), _) => Some("database does not answer"),
+        (None, _) => Some("agent has not looked yet"),
+    }
 }
 
 /// `GET /replica`: 200 on a replica that streams.
 #[cfg(feature = "postgres")]
 async fn replica(State(node): State<HaNode>) -> Response {
-    use ha_replication::pg::PgRole;
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
         return role_check(
             &node,
@@ -207,13 +229,7 @@ async fn replica(State(node): State<HaNode>) -> Response {
         );
     };
     let report = agent.agent_status();
-    let reason = match (report.role, &report.streaming_from) {
-        (Some(PgRole::Replica), Some(_)) => None,
-        (Some(PgRole::Replica), None) => Some("replica is not streaming"),
-        (Some(PgRole::Primary), _) => Some("database is a primary"),
-        (Some(PgRole::Unreachable), _) => Some("database does not answer"),
-        (None, _) => Some("agent has not looked yet"),
-    };
+    let reason = not_replica(&report);
     let body = json!({
         "role": report.role,
         "member": report.member,
@@ -226,17 +242,18 @@ async fn replica(State(node): State<HaNode>) -> Response {
 /// check for a read pool that includes the leader).
 #[cfg(feature = "postgres")]
 async fn read_only(State(node): State<HaNode>) -> Response {
-    let primary = primary(State(node.clone())).await.status();
-    let replica = replica(State(node.clone())).await.status();
-    let reason = (primary != StatusCode::OK && replica != StatusCode::OK)
+    let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
+        return role_check(
+            &node,
+            "read_only",
+            Some("no postgres agent on this node"),
+            json!({}),
+        );
+    };
+    let report = agent.agent_status();
+    let reason = (not_primary(&node, agent, &report).is_some() && not_replica(&report).is_some())
         .then_some("neither the led writable primary nor a streaming replica");
-    let role = node
-        .inner
-        .parts
-        .pg_agent
-        .as_ref()
-        .map(|a| a.agent_status().role);
-    role_check(&node, "read_only", reason, json!({ "role": role }))
+    role_check(&node, "read_only", reason, json!({ "role": report.role }))
 }
 
 /// `GET /read-only` in a build without PostgreSQL: never.

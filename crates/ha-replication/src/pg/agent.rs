@@ -98,8 +98,9 @@
 //! no more advanced eligible member outranks (the candidate rule, [`candidate`]:
 //! members publish role, state, timeline and received/replayed/current WAL positions in their
 //! member metadata, [`PgAgent::member_report`], and read each other's, [`PgAgent::peers`]).
-//! A member tagged `nofailover` is never eligible. `ha-orchestrator` makes it part of the
-//! elector's eligibility, so an ineligible member neither campaigns nor keeps the lease.
+//! A member tagged `nofailover` is never eligible; in synchronous mode, neither is a replica
+//! the sync record does not name. `ha-orchestrator` makes it part of the elector's
+//! eligibility, so an ineligible member neither campaigns nor keeps the lease.
 //!
 //! The lag bound is judged on the **replayed** position (replay backlog counts) against the
 //! freshest primary position known: [`PgAgent::observe_primary_position`], the WAL
