@@ -114,6 +114,38 @@ fn agent_for(name: &str, server: &PostgresServer) -> PgAgent {
     PgAgent::new(member, config).unwrap()
 }
 
+/// A node of a test cluster on `store` (ttl 2 s, retry 200 ms), with its HTTP API on a free
+/// port, the admin token, and `agent` beside its database.
+fn cluster_node(store: &Arc<MemoryLeaseStore>, id: &str, agent: PgAgent) -> HaNode {
+    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
+    HaNode::builder()
+        .node_id(id)
+        .election_with(store.clone(), timing)
+        .http("127.0.0.1:0".parse().unwrap())
+        .admin_token(common::TOKEN)
+        .pg_agent(agent)
+        .build()
+        .unwrap()
+}
+
+/// A primary that `pg_rewind` can rewind from (hint bits in the WAL, WAL kept), with the
+/// checker's table, and two streaming replicas.
+async fn rewindable_cluster() -> (PostgresServer, PostgresServer, PostgresServer) {
+    let primary = PostgresServer::builder()
+        .setting("wal_log_hints", "on")
+        .setting("wal_keep_size", "256MB")
+        .start()
+        .await
+        .unwrap();
+    primary
+        .execute("CREATE TABLE w (id bigint PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let one = primary.start_replica().await.unwrap();
+    let two = primary.start_replica().await.unwrap();
+    (primary, one, two)
+}
+
 async fn get(node: &HaNode, path: &str) -> (StatusCode, Value) {
     let url = format!("http://{}{path}", node.http_addr().unwrap());
     let response = common::client().get(url).send().await.unwrap();
@@ -137,16 +169,7 @@ async fn only_an_eligible_member_leads_and_the_load_balancer_checks_follow_the_a
         .await
         .unwrap();
     let store = Arc::new(MemoryLeaseStore::new());
-    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
-    let node = |id: &str, agent: PgAgent| {
-        HaNode::builder()
-            .node_id(id)
-            .election_with(store.clone(), timing.clone())
-            .http("127.0.0.1:0".parse().unwrap())
-            .pg_agent(agent)
-            .build()
-            .unwrap()
-    };
+    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
     // b first, alone, over a replica whose replay is paused: it must not campaign.
     let b = node("b", agent_for("db-b", &replica));
     b.start().await.unwrap();
@@ -253,16 +276,7 @@ async fn only_the_most_advanced_replica_campaigns_and_is_promoted() {
         .unwrap();
     behind.execute("SELECT pg_reload_conf()").await.unwrap();
     let store = Arc::new(MemoryLeaseStore::new());
-    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
-    let node = |id: &str, agent: PgAgent| {
-        HaNode::builder()
-            .node_id(id)
-            .election_with(store.clone(), timing.clone())
-            .http("127.0.0.1:0".parse().unwrap())
-            .pg_agent(agent)
-            .build()
-            .unwrap()
-    };
+    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
     let a = node("a", agent_for("db-a", &primary));
     a.start().await.unwrap();
     until("a to serve /primary", async || {
@@ -340,16 +354,7 @@ async fn a_nofailover_replica_never_leads() {
     let mut primary = PostgresServer::start().await.unwrap();
     let replica = primary.start_replica().await.unwrap();
     let store = Arc::new(MemoryLeaseStore::new());
-    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
-    let node = |id: &str, agent: PgAgent| {
-        HaNode::builder()
-            .node_id(id)
-            .election_with(store.clone(), timing.clone())
-            .http("127.0.0.1:0".parse().unwrap())
-            .pg_agent(agent)
-            .build()
-            .unwrap()
-    };
+    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
     let a = node("a", agent_for("db-a", &primary));
     a.start().await.unwrap();
     until("a to serve /primary", async || {
@@ -500,17 +505,7 @@ async fn a_switchover_under_load_demotes_first_and_loses_no_acknowledged_commit(
         .unwrap();
     let replica = primary.start_replica().await.unwrap();
     let store = Arc::new(MemoryLeaseStore::new());
-    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
-    let node = |id: &str, agent: PgAgent| {
-        HaNode::builder()
-            .node_id(id)
-            .election_with(store.clone(), timing.clone())
-            .http("127.0.0.1:0".parse().unwrap())
-            .admin_token(common::TOKEN)
-            .pg_agent(agent)
-            .build()
-            .unwrap()
-    };
+    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
     let a = node("a", agent_for("db-a", &primary));
     a.start().await.unwrap();
     until("a to serve /primary", async || {
@@ -614,30 +609,9 @@ async fn sync_record(node: &HaNode) -> String {
 /// past the promotion point), and the new primary makes it its synchronous standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_commit_is_lost() {
-    // pg_rewind needs hint bits in the WAL, and the diverged replica's WAL kept.
-    let mut primary = PostgresServer::builder()
-        .setting("wal_log_hints", "on")
-        .setting("wal_keep_size", "256MB")
-        .start()
-        .await
-        .unwrap();
-    primary
-        .execute("CREATE TABLE w (id bigint PRIMARY KEY, note text)")
-        .await
-        .unwrap();
-    let one = primary.start_replica().await.unwrap();
-    let two = primary.start_replica().await.unwrap();
+    let (mut primary, one, two) = rewindable_cluster().await;
     let store = Arc::new(MemoryLeaseStore::new());
-    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
-    let node = |id: &str, agent: PgAgent| {
-        HaNode::builder()
-            .node_id(id)
-            .election_with(store.clone(), timing.clone())
-            .http("127.0.0.1:0".parse().unwrap())
-            .pg_agent(agent)
-            .build()
-            .unwrap()
-    };
+    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
     let slots = [one.slot_name().unwrap(), two.slot_name().unwrap()];
     let a = node("a", sync_agent("db-a", &primary, false, &slots));
     a.start().await.unwrap();
@@ -814,17 +788,7 @@ async fn a_switchover_to_a_named_member_promotes_that_member_and_loses_nothing()
         .unwrap();
     behind.execute("SELECT pg_reload_conf()").await.unwrap();
     let store = Arc::new(MemoryLeaseStore::new());
-    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
-    let node = |id: &str, agent: PgAgent| {
-        HaNode::builder()
-            .node_id(id)
-            .election_with(store.clone(), timing.clone())
-            .http("127.0.0.1:0".parse().unwrap())
-            .admin_token(common::TOKEN)
-            .pg_agent(agent)
-            .build()
-            .unwrap()
-    };
+    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
     let config = PgAgentConfig {
         loop_interval: Duration::from_millis(200),
         demote_margin: Duration::from_millis(600),
@@ -916,29 +880,9 @@ async fn a_switchover_to_a_named_member_promotes_that_member_and_loses_nothing()
 /// turn. Every commit any of the primaries acknowledged is on the last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_failover_right_after_the_first_loses_no_acknowledged_commit() {
-    let mut primary = PostgresServer::builder()
-        .setting("wal_log_hints", "on")
-        .setting("wal_keep_size", "256MB")
-        .start()
-        .await
-        .unwrap();
-    primary
-        .execute("CREATE TABLE w (id bigint PRIMARY KEY, note text)")
-        .await
-        .unwrap();
-    let mut one = primary.start_replica().await.unwrap();
-    let two = primary.start_replica().await.unwrap();
+    let (mut primary, mut one, two) = rewindable_cluster().await;
     let store = Arc::new(MemoryLeaseStore::new());
-    let timing = ElectorConfig::with_ttl("-", Duration::from_secs(2), Duration::from_millis(200));
-    let node = |id: &str, agent: PgAgent| {
-        HaNode::builder()
-            .node_id(id)
-            .election_with(store.clone(), timing.clone())
-            .http("127.0.0.1:0".parse().unwrap())
-            .pg_agent(agent)
-            .build()
-            .unwrap()
-    };
+    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
     let slots = [one.slot_name().unwrap(), two.slot_name().unwrap()];
     let a = node("a", sync_agent("db-a", &primary, false, &slots));
     a.start().await.unwrap();

@@ -1961,8 +1961,9 @@ impl Inner {
         if self.config.synchronous_mode == SyncMode::Off {
             return None;
         }
-        let Some(store) = &self.sync_store else {
-            return Some("synchronous mode without a sync-state store".into());
+        let store = match self.sync_store() {
+            Ok(store) => store,
+            Err(e) => return Some(e),
         };
         match store.read().await {
             Ok(Some(record)) => {
@@ -1979,12 +1980,16 @@ impl Inner {
         }
     }
 
+    /// The sync-state store (synchronous mode cannot run without one; `start` refuses it).
+    fn sync_store(&self) -> Result<&Arc<dyn SyncStateStore>, String> {
+        self.sync_store
+            .as_ref()
+            .ok_or_else(|| "synchronous mode without a sync-state store".to_owned())
+    }
+
     /// Writes `record` (this term's) and remembers it.
     async fn write_sync(&self, record: SyncState) -> Result<(), String> {
-        let store = self
-            .sync_store
-            .as_ref()
-            .ok_or_else(|| "synchronous mode without a sync-state store".to_owned())?;
+        let store = self.sync_store()?;
         store.write(&record).await.map_err(|e| e.to_string())?;
         tracing::info!(member = self.member.name(), %record, "sync record written");
         metrics::counter!(metric::PG_AGENT_SYNC_RECORDS, "member" => self.member.name().to_owned())
@@ -2009,10 +2014,7 @@ impl Inner {
             return Ok(());
         }
         let node = ctx.node.as_str();
-        let store = self
-            .sync_store
-            .as_ref()
-            .ok_or_else(|| "synchronous mode without a sync-state store".to_owned())?;
+        let store = self.sync_store()?;
         let token = lead.token.get();
         let latest = store.read().await.map_err(|e| e.to_string())?;
         if let Some(r) = &latest {
@@ -2291,6 +2293,19 @@ impl Inner {
             Err(e) => return Err(self.rejoin_failed(format!("rejoin: {e}"))),
         };
         // standby.signal is written: whatever the leadership now, it cannot start writable.
+        self.start_rejoined(rejoiner, leader, via).await?;
+        self.lock().status.demoted = true;
+        Ok(())
+    }
+
+    /// The last step of every rejoin: starts the prepared standby (`standby.signal`
+    /// written), then counts and records the rejoin.
+    async fn start_rejoined(
+        &self,
+        rejoiner: &Rejoiner,
+        leader: Option<Upstream>,
+        via: RejoinVia,
+    ) -> Result<(), String> {
         if let Err(e) = rejoiner.start().await {
             return Err(self.rejoin_failed(format!("rejoin ({via:?} done): {e}")));
         }
@@ -2298,7 +2313,7 @@ impl Inner {
         {
             let mut state = self.lock();
             state.retry_at = None;
-            state.status.demoted = true;
+            state.not_streaming_since = None;
         }
         self.record_rejoin(AgentAction::Rejoined {
             leader: leader.map(|l| l.to_string()),
@@ -2418,20 +2433,7 @@ impl Inner {
                 return Err(self.rejoin_failed(format!("rejoin: {e}")));
             }
         };
-        if let Err(e) = rejoiner.start().await {
-            return Err(self.rejoin_failed(format!("rejoin ({via:?} done): {e}")));
-        }
-        metrics::counter!(metric::PG_AGENT_REJOINS_TOTAL, "outcome" => via.outcome()).increment(1);
-        {
-            let mut state = self.lock();
-            state.retry_at = None;
-            state.not_streaming_since = None;
-        }
-        self.record_rejoin(AgentAction::Rejoined {
-            leader: Some(leader.to_string()),
-            via,
-        });
-        Ok(())
+        self.start_rejoined(rejoiner, Some(leader), via).await
     }
 
     /// Counts and paces a failed rejoin or start; returns the error.
