@@ -652,6 +652,36 @@ impl EtcdLeaseStore {
         }
     }
 
+    /// Rewrites the term `(holder, token)` of `key` as `next(term)` together with a one-off
+    /// keep-alive of its lease (one round trip), at most twice: from memory, then from a
+    /// fresh read if memory was stale. `None`: not that term (any more). Otherwise the term
+    /// as it was, the new record's revision and the keep-alive's answer.
+    async fn rewrite_term(
+        &self,
+        op: &'static str,
+        key: &str,
+        holder: &NodeId,
+        token: FencingToken,
+        next: impl Fn(&Term) -> Value,
+    ) -> Result<Option<(Term, i64, std::result::Result<(), etcd_client::Error>)>> {
+        let mut fresh = false;
+        for _ in 0..2 {
+            let Some(term) = self.current_term(op, key, holder, token, fresh).await? else {
+                return Ok(None);
+            };
+            let value = next(&term);
+            let mut lease_client = self.client();
+            let keep_alive = async { lease_client.lease_keep_alive(term.lease).await };
+            let (kept, rewritten) = tokio::join!(keep_alive, self.rewrite(op, key, &term, &value));
+            match rewritten? {
+                Ok(revision) => return Ok(Some((term, revision, kept.map(drop)))),
+                Err(_) if !fresh => fresh = true,
+                Err(_) => break,
+            }
+        }
+        Ok(None)
+    }
+
     async fn watcher(&self) -> Result<&Watcher> {
         self.inner
             .watcher
@@ -899,56 +929,38 @@ impl LeaseStore for EtcdLeaseStore {
             key,
             timeout,
             Box::pin(async {
-                let mut fresh = false;
-                // At most twice: once from memory, once from a fresh read if memory was stale.
-                for _ in 0..2 {
-                    let Some(term) = self
-                        .current_term("renew", key, holder, token, fresh)
-                        .await?
-                    else {
+                let next = |term: &Term| Value {
+                    token: Some(token.get()),
+                    renewals: term.renewals + 1,
+                    released: false,
+                    holder: holder.as_str().to_owned(),
+                };
+                let Some((term, revision, kept)) =
+                    self.rewrite_term("renew", key, holder, token, next).await?
+                else {
+                    self.terms().remove(key);
+                    tracing::debug!(store = KIND, key, %holder, %token, "not renewed: not that term");
+                    return Ok(false);
+                };
+                match kept {
+                    Ok(()) => {}
+                    Err(e) if lease_gone(&e) => {
+                        // Answered with TTL <= 0: the lease, and the record, are gone.
                         self.terms().remove(key);
                         return Ok(false);
-                    };
-                    let next = Value {
-                        token: Some(token.get()),
-                        renewals: term.renewals + 1,
-                        released: false,
-                        holder: holder.as_str().to_owned(),
-                    };
-                    // The keep-alive and the rewrite travel together: one round trip.
-                    let mut lease_client = self.client();
-                    let keep_alive = async { lease_client.lease_keep_alive(term.lease).await };
-                    let (kept, rewritten) =
-                        tokio::join!(keep_alive, self.rewrite("renew", key, &term, &next));
-                    match rewritten? {
-                        Ok(revision) => {
-                            match kept {
-                                Ok(_) => {}
-                                Err(e) if lease_gone(&e) => {
-                                    // Answered with TTL <= 0: the lease, and the record, are gone.
-                                    self.terms().remove(key);
-                                    return Ok(false);
-                                }
-                                Err(e) => return Err(store_error("renew", key, e)),
-                            }
-                            self.terms().insert(
-                                key.to_owned(),
-                                Term {
-                                    renewals: next.renewals,
-                                    mod_revision: revision,
-                                    ..term
-                                },
-                            );
-                            tracing::debug!(store = KIND, key, %holder, %token, "renewed");
-                            return Ok(true);
-                        }
-                        Err(_) if !fresh => fresh = true,
-                        Err(_) => break,
                     }
+                    Err(e) => return Err(store_error("renew", key, e)),
                 }
-                self.terms().remove(key);
-                tracing::debug!(store = KIND, key, %holder, %token, "not renewed: not that term");
-                Ok(false)
+                self.terms().insert(
+                    key.to_owned(),
+                    Term {
+                        renewals: term.renewals + 1,
+                        mod_revision: revision,
+                        ..term
+                    },
+                );
+                tracing::debug!(store = KIND, key, %holder, %token, "renewed");
+                Ok(true)
             }),
         )
         .await
@@ -966,39 +978,24 @@ impl LeaseStore for EtcdLeaseStore {
             key,
             timeout,
             Box::pin(async {
-                let mut fresh = false;
-                for _ in 0..2 {
-                    let Some(term) = self
-                        .current_term("release", key, holder, token, fresh)
-                        .await?
-                    else {
-                        break;
-                    };
-                    let tombstone = Value {
-                        token: Some(token.get()),
-                        renewals: term.renewals,
-                        released: true,
-                        holder: holder.as_str().to_owned(),
-                    };
-                    // The lease is kept alive too, so the tombstone stays for the full retention
-                    // even if the term had lapsed by etcd's clock (a failed keep-alive changes
-                    // nothing: the rewrite decides).
-                    let mut lease_client = self.client();
-                    let keep_alive = async { lease_client.lease_keep_alive(term.lease).await };
-                    let (_, rewritten) =
-                        tokio::join!(keep_alive, self.rewrite("release", key, &term, &tombstone));
-                    match rewritten? {
-                        Ok(_) => {
-                            self.terms().remove(key);
-                            tracing::debug!(store = KIND, key, %holder, %token, "released");
-                            return Ok(true);
-                        }
-                        Err(_) if !fresh => fresh = true,
-                        Err(_) => break,
-                    }
-                }
+                // The lease is kept alive too, so the tombstone stays for the full retention
+                // even if the term had lapsed by etcd's clock (a failed keep-alive changes
+                // nothing: the rewrite decides).
+                let tombstone = |term: &Term| Value {
+                    token: Some(token.get()),
+                    renewals: term.renewals,
+                    released: true,
+                    holder: holder.as_str().to_owned(),
+                };
+                let released = self
+                    .rewrite_term("release", key, holder, token, tombstone)
+                    .await?
+                    .is_some();
                 self.terms().remove(key);
-                Ok(false)
+                if released {
+                    tracing::debug!(store = KIND, key, %holder, %token, "released");
+                }
+                Ok(released)
             }),
         )
         .await
