@@ -224,8 +224,8 @@ pub use key::{KeyId, KeyRing, MasterKey};
 pub use manifest::{BackupKind, Compression, Details, Listing, Manifest, Skipped};
 pub use pg::PgTools;
 pub use pitr::{
-    ChainReport, Lsn, PitrRestore, RecoveryTarget, WalName, WalPushed, segment_name,
-    wal_fetch_command,
+    ChainReport, Lsn, PitrRestore, RecoveryTarget, WalFetchOptions, WalName, WalPushed,
+    segment_name, wal_fetch_command,
 };
 pub use progress::Progress;
 pub use repo::{

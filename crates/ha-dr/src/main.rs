@@ -141,6 +141,12 @@ enum Command {
         /// zstd level (0: no compression).
         #[arg(long, default_value_t = ha_dr::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
+        /// zstd worker threads for the segment (0: compress on this process's one thread).
+        /// Default: one per core, at most 4 (a 16 MiB segment is 16 jobs of 1 MiB). The
+        /// archiver runs one push at a time, so this is what lets archiving keep up with a
+        /// server that writes WAL faster than one core compresses it.
+        #[arg(long)]
+        zstd_workers: Option<u32>,
         /// The file (`%p`).
         path: PathBuf,
     },
@@ -155,6 +161,11 @@ enum Command {
         /// wait for the complete segment instead.
         #[arg(long)]
         partial: bool,
+        /// fsync the file before renaming it into place. Not needed for a
+        /// `restore_command`: PostgreSQL fsyncs the segments it keeps, and after a crash
+        /// fetches them again (pgBackRest's `archive-get` does not fsync either).
+        #[arg(long)]
+        fsync: bool,
         /// The file's name (`%f`).
         name: String,
         /// Where to write it (`%p`).
@@ -359,11 +370,15 @@ fn main() -> ExitCode {
     if let Command::WalFetch {
         repo,
         partial,
+        fsync,
         name,
         path,
     } = cli.command
     {
-        return wal_fetch(&repo, &name, &path, partial);
+        let options = ha_dr::WalFetchOptions::default()
+            .partial(partial)
+            .fsync(fsync);
+        return wal_fetch(&repo, &name, &path, options);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -378,8 +393,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// `wal-push`'s default zstd workers: one per core, at most 4, none on one core.
+fn wal_push_workers() -> u32 {
+    match std::thread::available_parallelism().map(std::num::NonZeroUsize::get) {
+        Ok(cores) if cores > 1 => u32::try_from(cores.min(4)).unwrap_or(4),
+        _ => 0,
+    }
+}
+
 /// Runs `wal-fetch` with PostgreSQL's exit statuses.
-fn wal_fetch(repo: &RepoArgs, name: &str, path: &std::path::Path, partial: bool) -> ExitCode {
+fn wal_fetch(
+    repo: &RepoArgs,
+    name: &str,
+    path: &std::path::Path,
+    options: ha_dr::WalFetchOptions,
+) -> ExitCode {
     // A store path that is not there is a mistake in the restore_command, not an archive
     // without this file: answering "not archived" would end recovery at the base backup.
     if !repo.store.is_dir() {
@@ -399,7 +427,7 @@ fn wal_fetch(repo: &RepoArgs, name: &str, path: &std::path::Path, partial: bool)
             return ExitCode::from(ABORT_RECOVERY);
         }
     };
-    let result = runtime.block_on(async { repo.open()?.wal_fetch_with(name, path, partial).await });
+    let result = runtime.block_on(async { repo.open()?.wal_fetch_with(name, path, options).await });
     match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(ha_dr::Error::NotFound { .. }) => {
@@ -705,10 +733,11 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
         Command::WalPush {
             repo,
             zstd_level,
+            zstd_workers,
             path,
         } => {
-            // One segment at a time on a busy server: compress on this thread only.
-            let repo = repo.open()?.zstd_level(zstd_level).zstd_workers(0);
+            let workers = zstd_workers.unwrap_or_else(wal_push_workers);
+            let repo = repo.open()?.zstd_level(zstd_level).zstd_workers(workers);
             repo.wal_push(&path).await?;
         }
         Command::WalStream {

@@ -26,7 +26,7 @@ use crate::format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
 use crate::key::{KeyRing, MasterKey, random_array};
 use crate::manifest::{BackupKind, Details, Manifest};
 use crate::pg::{ChildGuard, PgTools};
-use crate::pipeline::{BackupReader, BackupWriter, Compress, read_ahead};
+use crate::pipeline::{BackupReader, BackupWriter, Compress, copy_large, read_ahead};
 use crate::progress::Progress;
 use crate::repo::{Checked, Repository, check_target, sync_tree};
 use crate::source;
@@ -297,6 +297,40 @@ pub struct PitrRestore {
     /// The `restore_command` PostgreSQL runs to fetch archived WAL (`%f`, `%p`), e.g.
     /// [`wal_fetch_command`].
     pub restore_command: String,
+}
+
+/// How [`Repository::wal_fetch_with`] hands a WAL file over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WalFetchOptions {
+    /// A segment that is not archived is served from the newest partial `wal-stream`
+    /// stored of it ([`WalName::Streamed`], zero-padded to the segment's size, which
+    /// PostgreSQL reads as the end of the WAL). Only for the end of a recovery to the latest
+    /// commit: a standby served a partial while the complete segment is still to come would
+    /// stop at the gap.
+    pub partial: bool,
+    /// fsync the file before it is renamed into place. Off by default: the destination of a
+    /// `restore_command` is PostgreSQL's scratch copy. It reads the file at once, fsyncs what
+    /// it keeps itself (`durable_rename` when it keeps a restored segment in `pg_wal`), and
+    /// after a crash recovery fetches the file again. pgBackRest's `archive-get` does not
+    /// fsync it either. The rename stays: the file appears whole or not at all.
+    pub fsync: bool,
+}
+
+impl WalFetchOptions {
+    /// With [`partial`](Self::partial) set to `partial`.
+    #[must_use]
+    pub fn partial(mut self, partial: bool) -> Self {
+        self.partial = partial;
+        self
+    }
+
+    /// With [`fsync`](Self::fsync) set to `fsync`.
+    #[must_use]
+    pub fn fsync(mut self, fsync: bool) -> Self {
+        self.fsync = fsync;
+        self
+    }
 }
 
 /// A `restore_command` that runs `ha-dr wal-fetch` at `exe` on `store` with `key_files`
@@ -687,7 +721,7 @@ fn push_input(
             let copied = match input {
                 WalInput::File(path) => {
                     let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-                    io::copy(&mut file, writer).map_err(|e| match from_io(e, String::new) {
+                    copy_large(&mut file, writer).map_err(|e| match from_io(e, String::new) {
                         Error::Stream { source, .. } => Error::io("read", path, source),
                         other => other,
                     })?
@@ -730,18 +764,20 @@ fn lock_pushes(root: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
 }
 
 /// Fetches archived file `name` to `dest` (blocking): verified completely into a temporary
-/// file beside `dest`, fsynced, renamed.
+/// file beside `dest` (fsynced if `options.fsync`), renamed.
 fn fetch_blocking(
     store: &dyn BackupStore,
     keys: &KeyRing,
     name: &str,
     dest: &Path,
-    partial: bool,
+    options: WalFetchOptions,
 ) -> Result<Manifest> {
     let parsed = WalName::parse(name).ok_or_else(|| bad_name(name))?;
     let id = wal_id(name)?;
-    match fetch_object(store, keys, name, dest) {
-        Err(Error::NotFound { .. }) if partial && matches!(parsed, WalName::Segment { .. }) => {
+    match fetch_object(store, keys, name, dest, options.fsync) {
+        Err(Error::NotFound { .. })
+            if options.partial && matches!(parsed, WalName::Segment { .. }) =>
+        {
             match newest_streamed(store, &parsed)? {
                 Some(streamed) => {
                     tracing::info!(
@@ -749,7 +785,7 @@ fn fetch_blocking(
                         streamed = %streamed,
                         "segment not archived: handing over the newest streamed partial"
                     );
-                    fetch_object(store, keys, &streamed, dest)
+                    fetch_object(store, keys, &streamed, dest, options.fsync)
                 }
                 None => Err(Error::NotFound {
                     backup_id: format!("{id} (nor a streamed partial of it)"),
@@ -785,12 +821,14 @@ fn newest_streamed(store: &dyn BackupStore, segment: &WalName) -> Result<Option<
     Ok(best.map(|(_, name)| name))
 }
 
-/// Fetches the archived object of WAL file `name` to `dest`, verified completely first.
+/// Fetches the archived object of WAL file `name` to `dest`, verified completely first:
+/// decoded on a second thread while this one writes, fsynced if `fsync`.
 fn fetch_object(
     store: &dyn BackupStore,
     keys: &KeyRing,
     name: &str,
     dest: &Path,
+    fsync: bool,
 ) -> Result<Manifest> {
     let id = wal_id(name)?;
     let mut reader = BackupReader::open(store, keys, &id)?;
@@ -822,11 +860,15 @@ fn fetch_object(
             .mode(0o600)
             .open(&temp)
             .map_err(|e| Error::io("create", &temp, e))?;
-        io::copy(&mut reader, &mut file).map_err(|e| match from_io(e, String::new) {
-            Error::Stream { source, .. } => Error::io("write", &temp, source),
-            other => other,
+        read_ahead(&mut reader, |plain| {
+            copy_large(plain, &mut file).map_err(|e| match from_io(e, String::new) {
+                Error::Stream { source, .. } => Error::io("write", &temp, source),
+                other => other,
+            })
         })?;
-        file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
+        if fsync {
+            file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
+        }
         fs::rename(&temp, dest).map_err(|e| Error::io("rename into place", dest, e))
     })();
     if result.is_err() {
@@ -1206,20 +1248,23 @@ impl Repository {
 
     /// Fetches archived WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`). Nothing
     /// appears at `dest` unless every byte authenticated and the manifest's size and SHA-256
-    /// match. [`Error::NotFound`] when the archive has no such file.
+    /// match: it is written to a temporary file beside `dest` and renamed. Not fsynced (see
+    /// [`WalFetchOptions::fsync`]). [`Error::NotFound`] when the archive has no such file.
     pub async fn wal_fetch(&self, name: &str, dest: &Path) -> Result<Manifest> {
-        self.wal_fetch_with(name, dest, false).await
+        self.wal_fetch_with(name, dest, WalFetchOptions::default())
+            .await
     }
 
-    /// [`wal_fetch`](Self::wal_fetch); with `partial`, a segment that is not archived is
-    /// served from the newest partial `wal-stream` stored of it ([`WalName::Streamed`],
-    /// zero-padded to the segment's size, which PostgreSQL reads as the end of the WAL).
-    /// Only for the end of a recovery to the latest commit: a standby served a partial
-    /// while the complete segment is still to come would stop at the gap.
-    pub async fn wal_fetch_with(&self, name: &str, dest: &Path, partial: bool) -> Result<Manifest> {
+    /// [`wal_fetch`](Self::wal_fetch) with [`WalFetchOptions`].
+    pub async fn wal_fetch_with(
+        &self,
+        name: &str,
+        dest: &Path,
+        options: WalFetchOptions,
+    ) -> Result<Manifest> {
         let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
         let (name, dest) = (name.to_owned(), dest.to_path_buf());
-        Self::blocking(move || fetch_blocking(&*store, &keys, &name, &dest, partial)).await
+        Self::blocking(move || fetch_blocking(&*store, &keys, &name, &dest, options)).await
     }
 
     /// Archives `bytes`, a snapshot of the segment `wal-stream` is receiving, as the
@@ -1500,8 +1545,10 @@ fn restore_tree(
     let staging = Staging::create(target, true, placement, SystemTime::now())?;
     let staged = staging.path().to_path_buf();
     let mut reader = BackupReader::open(store, keys, id)?.with_progress(progress);
-    let got = read_ahead(&mut reader, |plain| {
-        source::extract_dir(id.as_str(), plain, &staged, &mut |_| {})
+    let got = source::with_flusher(|flush| {
+        read_ahead(&mut reader, |plain| {
+            source::extract_dir(id.as_str(), plain, &staged, flush)
+        })
     })?;
     crate::repo::check_entries(id.as_str(), entries, got)?;
     let signal = staged.join("recovery.signal");

@@ -1180,19 +1180,11 @@ fn restore_to_path_placed(
     let mut staging = Staging::create(target, tree, placement, run_start)?;
     let temp = staging.path().to_path_buf();
     let entries = if tree {
-        // Finished files are flushed on a third thread while extraction goes on; the
+        // Files are written back on a third thread while extraction goes on; the
         // `sync_tree` after it is still what guarantees everything reached the disk.
-        let entries = std::thread::scope(|scope| {
-            let (flush, finished) = std::sync::mpsc::channel::<PathBuf>();
-            scope.spawn(move || {
-                for path in finished {
-                    let _ = fs::File::open(&path).and_then(|f| f.sync_data());
-                }
-            });
+        let entries = source::with_flusher(|flush| {
             read_ahead(reader, |plain| {
-                source::extract_dir(&id, plain, &temp, &mut |path| {
-                    let _ = flush.send(path);
-                })
+                source::extract_dir(&id, plain, &temp, flush)
             })
         })?;
         check_entry_count(&id, &details, entries)?;
