@@ -275,7 +275,8 @@ impl BackupReader {
     /// been verified. Consumers that stop early (tar stops at its end marker) call it.
     pub(crate) fn drain(&mut self) -> Result<()> {
         let id = self.manifest.id.clone();
-        io::copy(self, &mut io::sink()).map_err(|e| from_io(e, || format!("read backup {id}")))?;
+        copy_large(self, &mut io::sink())
+            .map_err(|e| from_io(e, || format!("read backup {id}")))?;
         Ok(())
     }
 }
@@ -343,7 +344,7 @@ pub(crate) fn read_ahead<T>(
             done: false,
         };
         let value = consume(&mut ahead)?;
-        io::copy(&mut ahead, &mut io::sink())
+        copy_large(&mut ahead, &mut io::sink())
             .map_err(|e| from_io(e, || format!("read backup {id}")))?;
         Ok(value)
     })

@@ -446,7 +446,7 @@ fn scan_base_tar(id: &str, input: &mut dyn Read) -> Result<BaseFacts> {
             }
             _ => {}
         }
-        io::copy(&mut entry, &mut io::sink()).map_err(read_err)?;
+        copy_large(&mut entry, &mut io::sink()).map_err(read_err)?;
     }
     source::drain_zeros(id, archive.into_inner())?;
     Ok(facts)
@@ -1493,7 +1493,9 @@ pub(crate) async fn base_backup(
                 let scanned = scan_base_tar(
                     id.as_str(),
                     &mut Tee {
-                        inner: stdout,
+                        // Large reads from the pipe; tar's 512-byte header reads come
+                        // from the buffer.
+                        inner: io::BufReader::with_capacity(1 << 20, stdout),
                         out: writer,
                     },
                 );

@@ -17,7 +17,7 @@ use crate::format::{BackupId, FORMAT_VERSION};
 use crate::key::{KeyRing, random_array};
 use crate::manifest::{BackupKind, Details, Listing, Manifest};
 use crate::pg::{self, PgTools};
-use crate::pipeline::{BackupReader, BackupWriter, Compress, read_ahead};
+use crate::pipeline::{BackupReader, BackupWriter, Compress, copy_large, read_ahead};
 use crate::progress::Progress;
 use crate::retention::{self, Decision, RetentionPolicy};
 use crate::source::{self, Source};
@@ -311,7 +311,7 @@ impl Repository {
                     let mut child = pg::spawn_dump(tools, url, &name)?;
                     let stdout = child.child_mut().and_then(|c| c.stdout.take());
                     if let Some(mut stdout) = stdout {
-                        io::copy(&mut stdout, &mut writer)
+                        copy_large(&mut stdout, &mut writer)
                             .map_err(|e| from_io(e, || "stream pg_dump output".into()))?;
                     }
                     child.wait()?;
@@ -1195,7 +1195,7 @@ fn restore_to_path_placed(
             return Err(Error::Task("a file staging without its file".into()));
         };
         read_ahead(reader, |plain| {
-            io::copy(plain, file).map_err(|e| match from_io(e, String::new) {
+            copy_large(plain, file).map_err(|e| match from_io(e, String::new) {
                 Error::Stream { source, .. } => Error::io("write", &temp, source),
                 other => other,
             })

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result, from_io};
 use crate::manifest::{BackupKind, Details, Skipped};
 use crate::pg::PgTools;
+use crate::pipeline::{copy_large, fill};
 
 /// Something to back up.
 #[derive(Clone, Debug)]
@@ -387,7 +388,7 @@ pub(crate) fn write_file(path: &Path, out: &mut dyn Write) -> Result<Details> {
             ),
         ));
     }
-    io::copy(&mut file, out).map_err(|e| match from_io(e, String::new) {
+    copy_large(&mut file, out).map_err(|e| match from_io(e, String::new) {
         Error::Stream { source, .. } => Error::io("read", path, source),
         other => other,
     })?;
@@ -568,7 +569,7 @@ fn unpack_file<R: Read>(
     let mut buf = vec![0u8; FILE_CHUNK];
     let (mut written, mut flushed) = (0u64, 0u64);
     loop {
-        let n = crate::pipeline::fill(entry, &mut buf)
+        let n = fill(entry, &mut buf)
             .map_err(|e| from_io(e, || format!("restore {shown} from backup {backup_id}")))?;
         if n == 0 {
             break;
@@ -738,7 +739,8 @@ pub(crate) fn check_tar(backup_id: &str, input: &mut dyn Read) -> Result<u64> {
             .into_owned();
         check_entry(backup_id, &entry, &path)?;
         let want = entry.size();
-        let got = io::copy(&mut entry, &mut io::sink()).map_err(|e| tar_read_err(backup_id, e))?;
+        let got =
+            copy_large(&mut entry, &mut io::sink()).map_err(|e| tar_read_err(backup_id, e))?;
         if got != want {
             return Err(Error::corrupt(
                 backup_id,
