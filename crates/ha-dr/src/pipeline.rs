@@ -4,15 +4,17 @@
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
 
 use ring::digest;
 
 use crate::error::{Error, Result, from_io, into_io};
 use crate::format::{
-    BackupId, COMPRESSION_NONE, COMPRESSION_ZSTD, Header, SegmentReader, SegmentWriter,
+    BackupId, COMPRESSION_NONE, COMPRESSION_ZSTD, FORMAT_VERSION, Header, SEGMENT_SIZE,
+    SegmentReader, SegmentWriter,
 };
 use crate::key::{KeyRing, MasterKey};
-use crate::manifest::{Compression, Manifest};
+use crate::manifest::{BackupKind, Compression, Details, Manifest};
 use crate::progress::Progress;
 use crate::store::{BackupStore, DataWriter};
 
@@ -156,6 +158,47 @@ impl Write for BackupWriter {
             Sink::Plain(segments) => segments.flush(),
         }
     }
+}
+
+/// Writes one object into the store: `fill` streams its plaintext into the writer and says
+/// what the manifest's details are; then the data is committed and the sealed manifest
+/// stored (the object exists once its manifest does).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_object(
+    store: &dyn BackupStore,
+    key: &MasterKey,
+    compress: Compress,
+    progress: Option<Progress>,
+    id: &BackupId,
+    kind: BackupKind,
+    source_description: String,
+    tags: Vec<String>,
+    fill: impl FnOnce(&mut BackupWriter) -> Result<Details>,
+) -> Result<Manifest> {
+    let created = SystemTime::now();
+    let clock = Instant::now();
+    let mut writer = BackupWriter::new(store, id, key, compress)?.with_progress(progress);
+    let details = fill(&mut writer)?;
+    let written = writer.finish()?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        id: id.clone(),
+        kind,
+        source: source_description,
+        tags,
+        created,
+        duration: clock.elapsed(),
+        plaintext_bytes: written.plaintext_bytes,
+        stored_bytes: written.stored_bytes,
+        plaintext_sha256: written.sha256,
+        compression: written.compression,
+        cipher: "aes-256-gcm-stream".into(),
+        segment_size: SEGMENT_SIZE,
+        key_id: key.id().clone(),
+        details,
+    };
+    store.put_manifest(id, &manifest.seal(key)?)?;
+    Ok(manifest)
 }
 
 /// Counts bytes read from the store, shared with the [`BackupReader`] above the decoder.

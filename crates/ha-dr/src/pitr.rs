@@ -22,11 +22,11 @@ use ring::digest;
 use serde::Serialize;
 
 use crate::error::{Error, Result, from_io};
-use crate::format::{BackupId, FORMAT_VERSION, SEGMENT_SIZE};
-use crate::key::{KeyRing, MasterKey, random_array};
+use crate::format::BackupId;
+use crate::key::{KeyRing, random_array};
 use crate::manifest::{BackupKind, Details, Manifest};
 use crate::pg::{ChildGuard, PgTools};
-use crate::pipeline::{BackupReader, BackupWriter, Compress, copy_large, read_ahead};
+use crate::pipeline::{BackupReader, BackupWriter, Compress, copy_large, read_ahead, write_object};
 use crate::progress::Progress;
 use crate::repo::{Checked, Repository, check_target, sync_tree};
 use crate::source;
@@ -492,45 +492,6 @@ fn parse_history(text: &str) -> Option<Vec<(u32, Lsn)>> {
     Some(out)
 }
 
-/// Writes one object (data, then manifest) into the store.
-#[allow(clippy::too_many_arguments)]
-fn write_object(
-    store: &dyn BackupStore,
-    key: &MasterKey,
-    compress: Compress,
-    progress: Option<Progress>,
-    id: &BackupId,
-    kind: BackupKind,
-    source_description: String,
-    tags: Vec<String>,
-    fill: impl FnOnce(&mut BackupWriter) -> Result<Details>,
-) -> Result<Manifest> {
-    let created = SystemTime::now();
-    let clock = Instant::now();
-    let mut writer = BackupWriter::new(store, id, key, compress)?.with_progress(progress);
-    let details = fill(&mut writer)?;
-    let written = writer.finish()?;
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        id: id.clone(),
-        kind,
-        source: source_description,
-        tags,
-        created,
-        duration: clock.elapsed(),
-        plaintext_bytes: written.plaintext_bytes,
-        stored_bytes: written.stored_bytes,
-        plaintext_sha256: written.sha256,
-        compression: written.compression,
-        cipher: "aes-256-gcm-stream".into(),
-        segment_size: SEGMENT_SIZE,
-        key_id: key.id().clone(),
-        details,
-    };
-    store.put_manifest(id, &manifest.seal(key)?)?;
-    Ok(manifest)
-}
-
 /// The SHA-256 (hex) and length of a file's bytes.
 fn file_digest(path: &Path) -> Result<(String, u64)> {
     let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
@@ -908,20 +869,7 @@ impl WalIndex {
                 }
             }
         }
-        let sizes: BTreeSet<u64> = found
-            .iter()
-            .filter(|(n, _)| matches!(n, WalName::Segment { .. }))
-            .map(|(_, m)| m.plaintext_bytes)
-            .collect();
-        let segment_size = match sizes.len() {
-            0 => DEFAULT_WAL_SEGMENT_SIZE,
-            1 => sizes.into_iter().next().unwrap_or(DEFAULT_WAL_SEGMENT_SIZE),
-            _ => {
-                return Err(Error::Unsupported(format!(
-                    "archived WAL segments of several sizes ({sizes:?} bytes) in one store"
-                )));
-            }
-        };
+        let segment_size = segment_size(&found)?;
         let mut index = WalIndex {
             segment_size,
             segments: BTreeMap::new(),
@@ -947,6 +895,23 @@ impl WalIndex {
         let from_segments = self.segments.keys().map(|(t, _)| *t).max().unwrap_or(1);
         let from_histories = self.histories.keys().copied().max().unwrap_or(1);
         from_segments.max(from_histories)
+    }
+}
+
+/// The WAL segment size of a store: that of its archived segments (all must agree), the
+/// default where none is archived.
+fn segment_size(found: &[(WalName, Manifest)]) -> Result<u64> {
+    let sizes: BTreeSet<u64> = found
+        .iter()
+        .filter(|(n, _)| matches!(n, WalName::Segment { .. }))
+        .map(|(_, m)| m.plaintext_bytes)
+        .collect();
+    match sizes.len() {
+        0 => Ok(DEFAULT_WAL_SEGMENT_SIZE),
+        1 => Ok(sizes.into_iter().next().unwrap_or(DEFAULT_WAL_SEGMENT_SIZE)),
+        _ => Err(Error::Unsupported(format!(
+            "archived WAL segments of several sizes ({sizes:?} bytes) in one store"
+        ))),
     }
 }
 
@@ -1170,14 +1135,20 @@ fn check_chain(
 /// and backup history files before the oldest start segment of `kept` (on any timeline).
 /// Timeline history files are always kept (they are tiny, and every later timeline switch
 /// reads them). Nothing when `kept` is empty: without a base backup nothing says which WAL
-/// will be needed. Only authenticated manifests are considered.
+/// will be needed. `authenticated`: the store's manifests, authenticated (WAL among them).
 pub(crate) fn wal_not_needed(
-    store: &dyn BackupStore,
-    keys: &KeyRing,
     kept: &[Manifest],
+    authenticated: &[Manifest],
 ) -> Result<Vec<BackupId>> {
-    let index = WalIndex::load(store, keys)?;
-    let size = index.segment_size;
+    let found: Vec<(WalName, Manifest)> = authenticated
+        .iter()
+        .filter(|m| m.kind == BackupKind::Wal)
+        .filter_map(|m| {
+            let name = m.id.as_str().strip_prefix(WAL_PREFIX)?;
+            Some((WalName::parse(name)?, m.clone()))
+        })
+        .collect();
+    let size = segment_size(&found)?;
     let oldest = kept
         .iter()
         .filter_map(|m| match &m.details {
@@ -1189,27 +1160,11 @@ pub(crate) fn wal_not_needed(
     let Some(oldest) = oldest else {
         return Ok(Vec::new());
     };
-    let mut doomed = Vec::new();
-    for id in store.list()? {
-        let Some(parsed) = id
-            .as_str()
-            .strip_prefix(WAL_PREFIX)
-            .and_then(WalName::parse)
-        else {
-            continue;
-        };
-        let Some((_, segno)) = parsed.segno(size) else {
-            continue;
-        };
-        let authentic = store
-            .get_manifest(&id)
-            .and_then(|bytes| Manifest::open(&bytes, &id, keys))
-            .is_ok_and(|m| m.kind == BackupKind::Wal);
-        if segno < oldest && authentic {
-            doomed.push(id);
-        }
-    }
-    Ok(doomed)
+    Ok(found
+        .into_iter()
+        .filter(|(parsed, _)| parsed.segno(size).is_some_and(|(_, segno)| segno < oldest))
+        .map(|(_, m)| m.id)
+        .collect())
 }
 
 /// Reads a whole object, so every segment and the SHA-256 are checked.
@@ -1575,6 +1530,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::key::MasterKey;
 
     const MIB16: u64 = 16 << 20;
 

@@ -13,11 +13,11 @@ use ha_core::{EventBus, HaEvent, NodeId};
 use serde::Serialize;
 
 use crate::error::{Error, Result, from_io};
-use crate::format::{BackupId, FORMAT_VERSION};
+use crate::format::BackupId;
 use crate::key::{KeyRing, random_array};
 use crate::manifest::{BackupKind, Details, Listing, Manifest};
 use crate::pg::{self, PgTools};
-use crate::pipeline::{BackupReader, BackupWriter, Compress, copy_large, read_ahead};
+use crate::pipeline::{BackupReader, Compress, copy_large, read_ahead, write_object};
 use crate::progress::Progress;
 use crate::retention::{self, Decision, RetentionPolicy};
 use crate::source::{self, Source};
@@ -282,10 +282,8 @@ impl Repository {
         if let Source::PgBase { url, tools } = source {
             return crate::pitr::base_backup(self, url, tools, tags).await;
         }
-        let created = SystemTime::now();
-        let clock = Instant::now();
         let kind = source.kind();
-        let id = BackupId::generate(kind.as_str(), created)?;
+        let id = BackupId::generate(kind.as_str(), SystemTime::now())?;
         let snapshot = match source {
             Source::Postgres { url, .. } => Some(pg::Snapshot::take(url).await?),
             _ => None,
@@ -298,57 +296,45 @@ impl Repository {
         let progress = self.progress.clone();
         let compress = self.compress;
         let task_source = source.clone();
-        let task_id = id.clone();
+        let (description, tags) = (source.describe(), tags.to_vec());
         let written = Self::blocking(move || {
-            let mut writer =
-                BackupWriter::new(&*store, &task_id, &key, compress)?.with_progress(progress);
-            let details = match &task_source {
-                Source::Dir(path) => source::write_dir(path, store.local_dir(), &mut writer)?,
-                Source::File(path) => source::write_file(path, &mut writer)?,
-                Source::Config(config) => source::write_config(config, &mut writer)?,
-                Source::Postgres { url, tools } => {
-                    let (name, table_rows) = snapshot_info.unwrap_or_default();
-                    let mut child = pg::spawn_dump(tools, url, &name)?;
-                    let stdout = child.child_mut().and_then(|c| c.stdout.take());
-                    if let Some(mut stdout) = stdout {
-                        copy_large(&mut stdout, &mut writer)
-                            .map_err(|e| from_io(e, || "stream pg_dump output".into()))?;
-                    }
-                    child.wait()?;
-                    Details::Postgres { table_rows }
-                }
-                Source::PgBase { .. } => {
-                    return Err(Error::Task("base backups are taken by pitr".into()));
-                }
-            };
-            Ok((writer.finish()?, details))
+            write_object(
+                &*store,
+                &key,
+                compress,
+                progress,
+                &id,
+                kind,
+                description,
+                tags,
+                |writer| {
+                    Ok(match &task_source {
+                        Source::Dir(path) => source::write_dir(path, store.local_dir(), writer)?,
+                        Source::File(path) => source::write_file(path, writer)?,
+                        Source::Config(config) => source::write_config(config, writer)?,
+                        Source::Postgres { url, tools } => {
+                            let (name, table_rows) = snapshot_info.unwrap_or_default();
+                            let mut child = pg::spawn_dump(tools, url, &name)?;
+                            let stdout = child.child_mut().and_then(|c| c.stdout.take());
+                            if let Some(mut stdout) = stdout {
+                                copy_large(&mut stdout, writer)
+                                    .map_err(|e| from_io(e, || "stream pg_dump output".into()))?;
+                            }
+                            child.wait()?;
+                            Details::Postgres { table_rows }
+                        }
+                        Source::PgBase { .. } => {
+                            return Err(Error::Task("base backups are taken by pitr".into()));
+                        }
+                    })
+                },
+            )
         })
         .await;
         if let Some(snapshot) = snapshot {
             snapshot.close().await;
         }
-        let (written, details) = written?;
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            id: id.clone(),
-            kind,
-            source: source.describe(),
-            tags: tags.to_vec(),
-            created,
-            duration: clock.elapsed(),
-            plaintext_bytes: written.plaintext_bytes,
-            stored_bytes: written.stored_bytes,
-            plaintext_sha256: written.sha256,
-            compression: written.compression,
-            cipher: "aes-256-gcm-stream".into(),
-            segment_size: crate::format::SEGMENT_SIZE,
-            key_id: self.keys.writer().id().clone(),
-            details,
-        };
-        let sealed = manifest.seal(self.keys.writer())?;
-        let store = Arc::clone(&self.store);
-        Self::blocking(move || store.put_manifest(&id, &sealed)).await?;
-        Ok(manifest)
+        written
     }
 
     /// Every backup's listing (the clear part of its manifest: id, kind, source, time,
@@ -810,11 +796,11 @@ impl Repository {
         // Only authenticated manifests count: a forged one could otherwise pose as the
         // newest backup and have the real ones removed.
         let (mut manifests, unreadable) = self.list_authenticated().await?;
-        let bases: Vec<Manifest> = manifests
+        let (bases, wal): (Vec<Manifest>, Vec<Manifest>) = manifests
             .iter()
-            .filter(|m| m.kind == BackupKind::PgBase)
+            .filter(|m| matches!(m.kind, BackupKind::PgBase | BackupKind::Wal))
             .cloned()
-            .collect();
+            .partition(|m| m.kind == BackupKind::PgBase);
         // Archived WAL is not a backup of its own: calendar buckets would delete segments a
         // kept base backup needs. It goes when no kept base backup needs it (below).
         manifests.retain(|m| m.kind != BackupKind::Wal && include(m));
@@ -856,8 +842,7 @@ impl Repository {
                 .into_iter()
                 .filter(|m| !doomed.contains(&m.id))
                 .collect();
-            let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
-            Self::blocking(move || crate::pitr::wal_not_needed(&*store, &keys, &kept)).await?
+            crate::pitr::wal_not_needed(&kept, &wal)?
         } else {
             Vec::new()
         };
@@ -1276,32 +1261,22 @@ mod tests {
     /// Stores `plain` as a backup of `kind` with `details`, sealed like a real one: the
     /// cryptography is sound, only the content is what the test chose.
     fn backup_raw(repo: &Repository, kind: BackupKind, plain: &[u8], details: Details) -> BackupId {
-        let created = SystemTime::now();
-        let id = BackupId::generate(kind.as_str(), created).expect("id");
-        let key = repo.keys.writer().clone();
-        let mut writer = BackupWriter::new(&*repo.store, &id, &key, repo.compress).expect("writer");
-        writer.write_all(plain).expect("write");
-        let written = writer.finish().expect("finish");
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            id: id.clone(),
+        let id = BackupId::generate(kind.as_str(), SystemTime::now()).expect("id");
+        write_object(
+            &*repo.store,
+            repo.keys.writer(),
+            repo.compress,
+            None,
+            &id,
             kind,
-            source: "test".into(),
-            tags: Vec::new(),
-            created,
-            duration: Duration::ZERO,
-            plaintext_bytes: written.plaintext_bytes,
-            stored_bytes: written.stored_bytes,
-            plaintext_sha256: written.sha256,
-            compression: written.compression,
-            cipher: "aes-256-gcm-stream".into(),
-            segment_size: crate::format::SEGMENT_SIZE,
-            key_id: key.id().clone(),
-            details,
-        };
-        repo.store
-            .put_manifest(&id, &manifest.seal(&key).expect("seal"))
-            .expect("manifest");
+            "test".into(),
+            Vec::new(),
+            |writer| {
+                writer.write_all(plain).expect("write");
+                Ok(details)
+            },
+        )
+        .expect("object");
         id
     }
 
