@@ -4,6 +4,8 @@
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # A script whose servers are not children (started by an agent, say) stops them here.
+    if declare -F stop_servers >/dev/null; then stop_servers; fi
     wait 2>/dev/null || true
     echo "run.sh: stopped; logs in $dir"
 }

@@ -12,7 +12,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
     TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
-use ha_core::{FencingToken, NodeId};
+use ha_core::{Backoff, BackoffConfig, FencingToken, NodeId};
 use tokio::sync::{OnceCell, broadcast};
 use tokio::task::JoinHandle;
 
@@ -29,8 +29,14 @@ const WATCH_CAPACITY: usize = 64;
 /// Bounds `connect` as a whole (the first request that proves a member answers).
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// How long a watch that broke waits before it reopens, at first and at most.
-const WATCH_RETRY: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+/// How long a watch that broke waits before it reopens (jittered), at first and at most.
+fn watch_retry() -> Backoff {
+    Backoff::new(BackoffConfig {
+        initial: Duration::from_millis(50),
+        max: Duration::from_secs(1),
+        ..BackoffConfig::default()
+    })
+}
 
 /// How many times the etcd lease of a term outlives the term's `ttl` (whole seconds, rounded
 /// up): the term lapses (by etcd's clock) after one `ttl`, its record is kept two more.
@@ -749,7 +755,7 @@ async fn watch_loop(
     mut start: i64,
     senders: Senders,
 ) {
-    let mut backoff = WATCH_RETRY.0;
+    let mut backoff = watch_retry();
     loop {
         let client = &clients[member % clients.len()];
         member = member.wrapping_add(1);
@@ -759,14 +765,13 @@ async fn watch_loop(
             Ok(stream) => stream,
             Err(e) => {
                 tracing::debug!(store = KIND, error = %e, "lease watch failed to open; retrying on the next member");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(WATCH_RETRY.1);
+                tokio::time::sleep(backoff.next().unwrap_or_default()).await;
                 continue;
             }
         };
         // Until the stream ends or fails (a member down, a partition, no leader).
         while let Ok(Some(response)) = stream.message().await {
-            backoff = WATCH_RETRY.0;
+            backoff.reset();
             if response.compact_revision() > 0 {
                 // History from `start` is gone: re-check everything, watch from now.
                 start = response.compact_revision();
@@ -807,8 +812,7 @@ async fn watch_loop(
         // `start`, but only once it reopens): tell every watcher to look now.
         tracing::debug!(store = KIND, "lease watch broke; reopening");
         notify(&senders, None);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(WATCH_RETRY.1);
+        tokio::time::sleep(backoff.next().unwrap_or_default()).await;
     }
 }
 

@@ -140,16 +140,19 @@ fn assert_refused(text: &str, path: &str, rule: &str) {
 
 #[test]
 fn every_example_config_parses() {
-    let mut files: Vec<PathBuf> = [examples_dir(), examples_dir().join("redis-ha")]
-        .iter()
-        .flat_map(|dir| std::fs::read_dir(dir).expect("examples/config"))
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    assert!(
-        files.iter().any(|f| f.ends_with("redis-ha/ha-node.toml")),
-        "{files:?}"
-    );
+    let mut files: Vec<PathBuf> = [
+        examples_dir(),
+        examples_dir().join("redis-ha"),
+        examples_dir().join("pg-cluster"),
+    ]
+    .iter()
+    .flat_map(|dir| std::fs::read_dir(dir).expect("examples/config"))
+    .map(|e| e.expect("entry").path())
+    .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+    .collect();
+    for expected in ["redis-ha/ha-node.toml", "pg-cluster/node-1.toml"] {
+        assert!(files.iter().any(|f| f.ends_with(expected)), "{files:?}");
+    }
     files.sort();
     assert!(
         files.len() >= 2,
