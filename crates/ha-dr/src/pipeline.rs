@@ -223,7 +223,8 @@ pub(crate) struct BackupReader {
     inner: Box<dyn Read + Send>,
     manifest: Manifest,
     stored: Arc<AtomicU64>,
-    sha: digest::Context,
+    /// `None` while [`read_ahead`] hashes on a thread of its own.
+    sha: Option<digest::Context>,
     plaintext: u64,
     checked: bool,
 }
@@ -267,7 +268,7 @@ impl BackupReader {
             inner,
             manifest,
             stored,
-            sha: digest::Context::new(&digest::SHA256),
+            sha: Some(digest::Context::new(&digest::SHA256)),
             plaintext: 0,
             checked: false,
         })
@@ -303,14 +304,23 @@ impl BackupReader {
                 self.plaintext, m.plaintext_bytes
             )));
         }
-        let sha = hex::encode(self.sha.clone().finish().as_ref());
-        if sha != m.plaintext_sha256 {
+        // With the hashing deferred, the stream counts as checked only once `read_ahead`
+        // has checked the digest too.
+        if let Some(sha) = &self.sha {
+            self.check_sha(sha.clone().finish())?;
+            self.checked = true;
+        }
+        Ok(())
+    }
+
+    fn check_sha(&self, digest: digest::Digest) -> io::Result<()> {
+        let sha = hex::encode(digest.as_ref());
+        if sha != self.manifest.plaintext_sha256 {
             return Err(self.corrupt(format!(
                 "plaintext SHA-256 is {sha}, the manifest says {}",
-                m.plaintext_sha256
+                self.manifest.plaintext_sha256
             )));
         }
-        self.checked = true;
         Ok(())
     }
 
@@ -334,7 +344,9 @@ impl Read for BackupReader {
             self.check_end()?;
             return Ok(0);
         }
-        self.sha.update(&buf[..n]);
+        if let Some(sha) = &mut self.sha {
+            sha.update(&buf[..n]);
+        }
         self.plaintext += n as u64;
         if let Some(progress) = &self.progress {
             progress.add(n);
@@ -350,39 +362,72 @@ impl Read for BackupReader {
 }
 
 /// How much plaintext the read-ahead thread decodes per chunk, and how many chunks it may be
-/// ahead of the consumer: 1 MiB in flight at most.
+/// ahead of the consumer (and of the hashing thread): 1 MiB in flight at most.
 const AHEAD_CHUNK: usize = 256 * 1024;
 const AHEAD_DEPTH: usize = 4;
 
+type Chunk = Arc<Vec<u8>>;
+
 /// Runs `consume` on the plaintext of `reader` while a second thread reads (decrypts,
-/// decompresses, hashes) ahead of it, so a restore uses both cores: one decodes while the
-/// other writes files. Whatever `consume` leaves unread is read too, so on `Ok` every segment,
-/// the sizes and the SHA-256 have been checked. A reader error reaches `consume` as an
-/// `io::Error` carrying the crate error, exactly as a direct read would.
+/// decompresses) ahead of it and a third computes the SHA-256, so a restore spreads over the
+/// cores: one decodes, one hashes, one writes files. Whatever `consume` leaves unread is
+/// read too; the end of the stream reaches `consume` only after every segment, the sizes
+/// and the SHA-256 have been checked, so on `Ok` everything was. A reader error reaches
+/// `consume` as an `io::Error` carrying the crate error, exactly as a direct read would.
 pub(crate) fn read_ahead<T>(
     reader: &mut BackupReader,
     consume: impl FnOnce(&mut dyn Read) -> Result<T>,
 ) -> Result<T> {
     let id = reader.manifest().id.clone();
-    std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(AHEAD_DEPTH);
+    // The reader stops hashing; the hashing thread's digest is checked at the end instead.
+    let hashed_before = reader.sha.take();
+    let decoding = &mut *reader;
+    let result = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Chunk>>(AHEAD_DEPTH);
+        let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<Chunk>(AHEAD_DEPTH);
+        let hasher = scope.spawn(move || {
+            let mut sha = hashed_before.unwrap_or_else(|| digest::Context::new(&digest::SHA256));
+            for chunk in hash_rx {
+                sha.update(&chunk);
+            }
+            sha.finish()
+        });
         scope.spawn(move || {
             loop {
                 let mut chunk = vec![0u8; AHEAD_CHUNK];
-                let result = fill(reader, &mut chunk).map(|n| {
-                    chunk.truncate(n);
-                    chunk
-                });
-                let end = !matches!(&result, Ok(c) if !c.is_empty());
+                let result = match fill(decoding, &mut chunk) {
+                    Ok(0) => {
+                        // Sizes were checked at the reader's end; now the SHA-256.
+                        drop(to_hash);
+                        let checked = hasher
+                            .join()
+                            .map_err(|_| io::Error::other("the hashing thread panicked"))
+                            .and_then(|digest| decoding.check_sha(digest));
+                        decoding.checked = checked.is_ok();
+                        let _ = tx.send(checked.map(|()| Arc::new(Vec::new())));
+                        return;
+                    }
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        Ok(Arc::new(chunk))
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = result.is_err();
+                if let Ok(chunk) = &result
+                    && to_hash.send(Arc::clone(chunk)).is_err()
+                {
+                    return;
+                }
                 // A closed channel means the consumer failed and gave up: stop reading.
-                if tx.send(result).is_err() || end {
+                if tx.send(result).is_err() || failed {
                     return;
                 }
             }
         });
         let mut ahead = Ahead {
             rx,
-            chunk: Vec::new(),
+            chunk: Arc::new(Vec::new()),
             pos: 0,
             done: false,
         };
@@ -390,7 +435,12 @@ pub(crate) fn read_ahead<T>(
         copy_large(&mut ahead, &mut io::sink())
             .map_err(|e| from_io(e, || format!("read backup {id}")))?;
         Ok(value)
-    })
+    });
+    if !reader.checked {
+        // Read no further unchecked: a fresh hash fails any later end of stream.
+        reader.sha = Some(digest::Context::new(&digest::SHA256));
+    }
+    result
 }
 
 /// Bytes per read and write of [`copy_large`].
@@ -427,8 +477,8 @@ pub(crate) fn fill(reader: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Res
 
 /// The consumer's end of [`read_ahead`].
 struct Ahead {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    chunk: Vec<u8>,
+    rx: std::sync::mpsc::Receiver<io::Result<Chunk>>,
+    chunk: Chunk,
     pos: usize,
     done: bool,
 }

@@ -42,6 +42,9 @@ pub(crate) fn disk_write_floor(dir: &Path, bytes: u64) -> Duration {
         *b = x as u8;
     }
     let path = dir.join("floor");
+    // Whatever earlier steps left to write back would be timed too.
+    let synced = std::process::Command::new("sync").status().unwrap();
+    assert!(synced.success(), "sync failed");
     let started = Instant::now();
     let mut file = std::fs::File::create(&path).unwrap();
     let mut left = bytes;
