@@ -1290,6 +1290,39 @@ mod tests {
 
     /// Finding 3: `verify` means restorable. Each of these backups is cryptographically
     /// whole, yet a restore would fail or lose data; verify refuses every one.
+    /// Data that authenticates but whose plaintext is not what the (authenticated) manifest
+    /// says, as a writer bug would leave it: the SHA-256, checked on the hashing thread of
+    /// `read_ahead`, fails verify and restore, and the restore leaves nothing behind.
+    #[tokio::test]
+    async fn a_plaintext_digest_mismatch_fails_verify_and_restore() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = LocalStore::open(dir.path().join("store")).expect("store");
+        let repo = Repository::new(store, KeyRing::new(MasterKey::from_bytes([9; 32])));
+        // Large enough for many read-ahead chunks: the mismatch is found at the very end.
+        let plain: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let id = backup_raw(
+            &repo,
+            BackupKind::File,
+            &plain,
+            Details::File { mode: 0o600 },
+        );
+        let mut manifest = repo.manifest(&id).await.expect("manifest");
+        manifest.plaintext_sha256 = "ab".repeat(32);
+        repo.store
+            .put_manifest(&id, &manifest.seal(repo.keys.writer()).expect("seal"))
+            .expect("manifest");
+        let err = repo.verify(&id).await.expect_err("verify");
+        assert!(err.to_string().contains("SHA-256"), "{err}");
+        let out = dir.path().join("restored");
+        let err = repo
+            .restore(&id, &RestoreTarget::Path(out.clone()), false)
+            .await
+            .expect_err("restore");
+        assert!(err.to_string().contains("SHA-256"), "{err}");
+        assert!(!out.exists(), "a failed restore leaves no file");
+        assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    }
+
     #[tokio::test]
     async fn verify_walks_the_archive_structure_of_every_kind() {
         let dir = tempfile::tempdir().expect("temp dir");
