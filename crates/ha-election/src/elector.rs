@@ -13,7 +13,7 @@ use ha_core::{
     LeadershipGate, LossReason, NodeId, Status, StepDown, Validate, metric,
 };
 use rand::RngExt;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -212,6 +212,7 @@ impl ElectorBuilder {
                 meta: self.meta,
                 meta_source: self.meta_source,
             })),
+            beat_now: Arc::new(Notify::new()),
             shared: OnceLock::new(),
             tasks: ComponentTasks::default(),
         })
@@ -235,6 +236,8 @@ struct Shared {
     eligibility: Option<Eligibility>,
     meta: BTreeMap<String, String>,
     meta_source: Option<MetaSource>,
+    /// [`Elector::heartbeat_now`]: beat at once.
+    beat_now: Arc<Notify>,
     role: Arc<watch::Sender<Role>>,
     term: Arc<Mutex<Option<Term>>>,
     suspend_clock: SuspendClock,
@@ -325,6 +328,8 @@ pub struct Elector {
     events: broadcast::Sender<ElectorEvent>,
     commands: mpsc::Sender<Command>,
     pending: Mutex<Option<Pending>>,
+    /// Wakes the heartbeat task ([`heartbeat_now`](Self::heartbeat_now)).
+    beat_now: Arc<Notify>,
     shared: OnceLock<Arc<Shared>>,
     tasks: ComponentTasks,
 }
@@ -364,6 +369,15 @@ impl Elector {
                 self.config.request_timeout,
             )
             .await
+    }
+
+    /// Sends this member's membership heartbeat now, with fresh metadata from the
+    /// [`member_meta_source`](ElectorBuilder::member_meta_source), instead of at the next
+    /// `ttl / 3` beat; the regular beats go on from it. For a change the other members and
+    /// operators should see at once (a database promoted or demoted). Called before the
+    /// elector started, it is kept for the first beat.
+    pub fn heartbeat_now(&self) {
+        self.beat_now.notify_one();
     }
 
     /// Writes `node`'s entry in `group`, a group of small records kept beside this
@@ -491,6 +505,7 @@ impl Component for Elector {
             eligibility: pending.eligibility,
             meta: pending.meta,
             meta_source: pending.meta_source,
+            beat_now: Arc::clone(&self.beat_now),
             role: Arc::clone(&self.role),
             term: Arc::clone(&self.term),
             suspend_clock: Arc::clone(&self.suspend_clock),
@@ -1067,6 +1082,7 @@ async fn heartbeats(shared: Arc<Shared>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            () = shared.beat_now.notified() => tick.reset(),
         }
         let meta = match &shared.meta_source {
             Some(source) => {

@@ -483,6 +483,43 @@ async fn members_lists_live_electors_and_drops_dead_ones_within_ttl() {
     let _ = b;
 }
 
+/// `heartbeat_now` publishes a changed member report at once, not at the next `ttl / 3`
+/// beat (which is what happens without it).
+#[tokio::test(start_paused = true)]
+async fn heartbeat_now_publishes_changed_metadata_at_once() {
+    use std::sync::atomic::AtomicU64;
+    let memory: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    let version = Arc::new(AtomicU64::new(0));
+    let source = Arc::clone(&version);
+    let a = Elector::builder(memory)
+        .config(config())
+        .member_meta_source(move || {
+            [("v".to_owned(), source.load(Ordering::SeqCst).to_string())].into()
+        })
+        .build()
+        .unwrap();
+    a.start(ComponentContext::standalone("a")).await.unwrap();
+    let published = || async { a.members().await.unwrap()[0].meta["v"].clone() };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(published().await, "0");
+    // Changed, not yet beaten: the store still says 0 well before the next beat (ttl / 3).
+    version.store(1, Ordering::SeqCst);
+    tokio::time::sleep(TTL / 6).await;
+    assert_eq!(published().await, "0", "no beat before ttl / 3");
+    let asked = Instant::now();
+    a.heartbeat_now();
+    loop {
+        if published().await == "1" {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_millis(50),
+            "not published at once"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// A suspend clock that runs with tokio's plus the time the test says the machine spent
 /// suspended (in ns): tokio's paused clock stands still meanwhile, as `CLOCK_MONOTONIC` does
 /// while a machine is suspended.
