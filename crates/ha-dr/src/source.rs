@@ -421,7 +421,7 @@ pub(crate) fn write_config(config: &ConfigSnapshot, out: &mut dyn Write) -> Resu
 /// Extracts the tar stream `input` into the (new, empty) directory `dest`, refusing any entry
 /// that would land outside it. Returns the number of entries. `flush` is handed each regular
 /// file being written every [`FLUSH_EVERY`] bytes and once complete, so that the caller can
-/// start writing it back to disk while extraction goes on (see [`Flusher`]).
+/// start writing it back to disk while extraction goes on (see [`with_flusher`]).
 pub(crate) fn extract_dir(
     backup_id: &str,
     input: &mut dyn Read,
