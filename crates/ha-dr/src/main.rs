@@ -195,6 +195,10 @@ enum Command {
         /// zstd level (0: no compression).
         #[arg(long, default_value_t = ha_dr::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
+        /// zstd worker threads per segment, as for `wal-push` (default one per core, at
+        /// most 4; 0: this process's one thread).
+        #[arg(long)]
+        zstd_workers: Option<u32>,
     },
     /// Deletes backups that no keep rule keeps (per source).
     Prune {
@@ -393,7 +397,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `wal-push`'s default zstd workers: one per core, at most 4, none on one core.
+/// `wal-push`'s and `wal-stream`'s default zstd workers: one per core, at most 4, none on one
+/// core.
 fn wal_push_workers() -> u32 {
     match std::thread::available_parallelism().map(std::num::NonZeroUsize::get) {
         Ok(cores) if cores > 1 => u32::try_from(cores.min(4)).unwrap_or(4),
@@ -747,6 +752,7 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
             spool,
             partial_interval,
             zstd_level,
+            zstd_workers,
         } => {
             // A daemon: its state changes go to stderr (RUST_LOG, default info).
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -757,7 +763,8 @@ async fn run(command: Command) -> ha_dr::Result<ExitCode> {
                 .with_ansi(false)
                 .try_init();
             let tools = repo.tools();
-            let repo = repo.open()?.zstd_level(zstd_level).zstd_workers(0);
+            let workers = zstd_workers.unwrap_or_else(wal_push_workers);
+            let repo = repo.open()?.zstd_level(zstd_level).zstd_workers(workers);
             let mut config = WalStreamConfig::new(url, slot, spool);
             config.tools = tools;
             config.partial_interval = partial_interval;
