@@ -630,7 +630,9 @@ impl Watcher {
             // Taken before subscribing, so no message published after SUBSCRIBE returns is missed.
             let mut messages = subscriber.message_rx();
             let mut reconnects = subscriber.reconnect_rx();
-            if let Err(e) = subscriber.subscribe(CHANGE_CHANNEL).await {
+            // Processed by the server before `watch` returns: a change published after it is
+            // never missed.
+            if let Err(e) = subscribe_confirmed(&subscriber).await {
                 connection.abort();
                 return Err(store_error("watch", target, e));
             }
@@ -661,7 +663,12 @@ impl Watcher {
                     loop {
                         match reconnects.recv().await {
                             Ok(server) => {
-                                if let Err(e) = subscriber.resubscribe_all().await {
+                                // Confirmed (as at the start) before watchers re-check.
+                                let resubscribed = match subscriber.resubscribe_all().await {
+                                    Ok(()) => subscriber.ping::<Value>(None).await.map(drop),
+                                    Err(e) => Err(e),
+                                };
+                                if let Err(e) = resubscribed {
                                     tracing::warn!(store = KIND, %server, error = %e, "resubscribing to lease changes failed");
                                 }
                                 tracing::debug!(store = KIND, %server, "lease change feed reconnected; telling every watcher to re-check");
@@ -755,6 +762,14 @@ fn follow_switch_master(
 
 /// Tells the watchers of `key` (of every key if `None`) that it changed; forgets keys nobody
 /// watches any more.
+/// Subscribes `subscriber` to [`CHANGE_CHANNEL`] and waits until the server has processed it:
+/// fred returns from SUBSCRIBE once it is written (the confirmation comes out of band), so a
+/// round trip on the same connection is what proves it.
+async fn subscribe_confirmed(subscriber: &SubscriberClient) -> fred::prelude::FredResult<()> {
+    subscriber.subscribe(CHANGE_CHANNEL).await?;
+    subscriber.ping::<Value>(None).await.map(drop)
+}
+
 fn notify(senders: &Senders, key: Option<&str>) {
     let mut senders = senders.lock().unwrap_or_else(PoisonError::into_inner);
     match key {
