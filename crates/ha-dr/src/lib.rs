@@ -150,7 +150,8 @@
 //!   exit 0; the same file again succeeds, other content under its name is refused, never
 //!   overwritten; a segment whose page header disagrees with its name is refused). `ha-dr
 //!   wal-fetch %f %p` as `restore_command` hands a file over only after all of it
-//!   authenticated (temp file, fsync, rename), exits 1 when the file is not archived and 255
+//!   authenticated (temp file and rename; fsynced only with `--fsync`, see
+//!   [`WalFetchOptions::fsync`]), exits 1 when the file is not archived and 255
 //!   for anything else, so that PostgreSQL aborts recovery instead of taking a corrupt file
 //!   for the end of the WAL. `backup --pg-base URL` ([`Source::pg_base`]) streams
 //!   `pg_basebackup -D - -Ft -X none` into a backup of kind `pg_base` whose manifest holds the
