@@ -7,7 +7,7 @@
 //! [`SourceStatus::last_skip`], so runs of one source never overlap. A run backs up, then
 //! verifies (or, with `restore_test`, restores into a scratch location, which reads and
 //! checks every segment too and measures the RTO); only a verified backup moves the source's
-//! recovery point. Retryable failures ([`Error::is_retryable`]) are retried with
+//! recovery point. Retryable failures ([`Error::is_retryable`](crate::Error::is_retryable)) are retried with
 //! [`Backoff`]; when the attempts run out, or at once for a failure that will not pass (a
 //! corrupt backup, a missing key), one `BackupFailed` is published and the source waits for
 //! its next tick. After a verified backup, the source's retention policy (if any) is applied
