@@ -4,9 +4,10 @@
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    # A script whose servers are not children (started by an agent, say) stops them here.
-    if declare -F stop_servers >/dev/null; then stop_servers; fi
     wait 2>/dev/null || true
+    # A script whose servers are not children (started by an agent, say) stops them here,
+    # once the children are gone (an agent still running would start them again).
+    if declare -F stop_servers >/dev/null; then stop_servers; fi
     echo "run.sh: stopped; logs in $dir"
 }
 trap cleanup EXIT
