@@ -231,7 +231,7 @@ pub use pitr::{
 pub use progress::Progress;
 pub use repo::{
     Checked, DEFAULT_ZSTD_LEVEL, PruneGroup, PruneReport, Repository, RestoreTarget,
-    ScratchPostgres, Unreadable,
+    ScratchPostgres, Unreadable, zstd_workers_per_core,
 };
 pub use retention::{Decision, RetentionPolicy};
 pub use schedule::{

@@ -397,13 +397,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `wal-push`'s and `wal-stream`'s default zstd workers: one per core, at most 4, none on one
-/// core.
+/// `wal-push`'s and `wal-stream`'s default zstd workers: one per core, at most 4 (a 16 MiB
+/// segment is 16 jobs of 1 MiB).
 fn wal_push_workers() -> u32 {
-    match std::thread::available_parallelism().map(std::num::NonZeroUsize::get) {
-        Ok(cores) if cores > 1 => u32::try_from(cores.min(4)).unwrap_or(4),
-        _ => 0,
-    }
+    ha_dr::zstd_workers_per_core(4)
 }
 
 /// Runs `wal-fetch` with PostgreSQL's exit statuses.

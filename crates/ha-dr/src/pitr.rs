@@ -28,7 +28,7 @@ use crate::manifest::{BackupKind, Details, Manifest};
 use crate::pg::{ChildGuard, PgTools};
 use crate::pipeline::{BackupReader, BackupWriter, Compress, copy_large, read_ahead, write_object};
 use crate::progress::Progress;
-use crate::repo::{Checked, Repository, check_target, sync_tree};
+use crate::repo::{Checked, Repository, check_target, extract_tree, sync_tree};
 use crate::source;
 use crate::staging::{self, Staging};
 use crate::store::BackupStore;
@@ -1339,7 +1339,7 @@ impl Repository {
     ) -> Result<Checked> {
         let clock = Instant::now();
         let manifest = self.manifest(id).await?;
-        let Details::PgBase { entries, .. } = manifest.details else {
+        let Details::PgBase { .. } = manifest.details else {
             return Err(Error::Unsupported(format!(
                 "backup {id} is a {} backup; only pg_base backups restore to a point in time",
                 manifest.kind
@@ -1382,15 +1382,7 @@ impl Repository {
         let report = Self::blocking(move || {
             let index = WalIndex::load(&*store, &keys)?;
             let report = check_chain(&*store, &keys, &index, &base, need, &mut |_| Ok(()))?;
-            restore_tree(
-                &*store,
-                &keys,
-                progress,
-                &base.id,
-                entries,
-                &target_dir,
-                &conf,
-            )?;
+            restore_tree(&*store, &keys, progress, &base.id, &target_dir, &conf)?;
             Ok(report)
         })
         .await?;
@@ -1493,7 +1485,6 @@ fn restore_tree(
     keys: &KeyRing,
     progress: Option<Progress>,
     id: &BackupId,
-    entries: u64,
     target: &Path,
     conf: &str,
 ) -> Result<()> {
@@ -1502,12 +1493,7 @@ fn restore_tree(
     let staging = Staging::create(target, true, placement, SystemTime::now())?;
     let staged = staging.path().to_path_buf();
     let mut reader = BackupReader::open(store, keys, id)?.with_progress(progress);
-    let got = source::with_flusher(|flush| {
-        read_ahead(&mut reader, |plain| {
-            source::extract_dir(id.as_str(), plain, &staged, flush)
-        })
-    })?;
-    crate::repo::check_entries(id.as_str(), entries, got)?;
+    extract_tree(&mut reader, &staged)?;
     let signal = staged.join("recovery.signal");
     fs::File::create(&signal).map_err(|e| Error::io("create", &signal, e))?;
     let auto = staged.join("postgresql.auto.conf");

@@ -141,6 +141,16 @@ pub struct Unreadable {
     pub reason: String,
 }
 
+/// zstd worker threads: one per core, at most `at_most`; 0 (compress on the calling thread)
+/// on a single core. What [`Repository::new`] starts with (no cap) and `ha-dr wal-push`'s
+/// default (at most 4).
+pub fn zstd_workers_per_core(at_most: u32) -> u32 {
+    match std::thread::available_parallelism().map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX)) {
+        Ok(cores) if cores > 1 => cores.min(at_most),
+        _ => 0,
+    }
+}
+
 impl Repository {
     /// A repository over `store`, writing with the ring's writer key. Compression: zstd
     /// level 3 on as many threads as the machine has cores.
@@ -150,15 +160,12 @@ impl Repository {
 
     /// As [`new`](Self::new), with a shared store.
     pub fn with_store(store: Arc<dyn BackupStore>, keys: KeyRing) -> Self {
-        let workers = std::thread::available_parallelism()
-            .map(|n| u32::try_from(n.get()).unwrap_or(1))
-            .unwrap_or(1);
         Self {
             store,
             keys,
             compress: Compress {
                 level: DEFAULT_ZSTD_LEVEL,
-                workers: if workers > 1 { workers } else { 0 },
+                workers: zstd_workers_per_core(u32::MAX),
             },
             events: None,
             progress: None,
@@ -1104,7 +1111,7 @@ fn check_entry_count(id: &str, details: &Details, got: u64) -> Result<()> {
 }
 
 /// The archive of backup `id` held `got` entries; its manifest recorded `recorded`.
-pub(crate) fn check_entries(id: &str, recorded: u64, got: u64) -> Result<()> {
+fn check_entries(id: &str, recorded: u64, got: u64) -> Result<()> {
     if recorded == got {
         Ok(())
     } else {
@@ -1156,7 +1163,6 @@ fn restore_to_path_placed(
     run_start: SystemTime,
 ) -> Result<Option<u64>> {
     let kind = reader.manifest().kind;
-    let id = reader.manifest().id.to_string();
     let details = reader.manifest().details.clone();
     let tree = matches!(kind, BackupKind::Dir | BackupKind::PgBase);
     check_target(target, tree, force)?;
@@ -1165,14 +1171,7 @@ fn restore_to_path_placed(
     let mut staging = Staging::create(target, tree, placement, run_start)?;
     let temp = staging.path().to_path_buf();
     let entries = if tree {
-        // Files are written back on a third thread while extraction goes on; the
-        // `sync_tree` after it is still what guarantees everything reached the disk.
-        let entries = source::with_flusher(|flush| {
-            read_ahead(reader, |plain| {
-                source::extract_dir(&id, plain, &temp, flush)
-            })
-        })?;
-        check_entry_count(&id, &details, entries)?;
+        let entries = extract_tree(reader, &temp)?;
         sync_tree(&temp)?;
         Some(entries)
     } else {
@@ -1196,6 +1195,19 @@ fn restore_to_path_placed(
         None
     };
     staging.commit(force)?;
+    Ok(entries)
+}
+
+/// Extracts the tree backup `reader` reads into `dest` and checks its entry count against
+/// the manifest. Files are written back on a third thread while extraction goes on; a
+/// `sync_tree` after it is still what guarantees everything reached the disk.
+pub(crate) fn extract_tree(reader: &mut BackupReader, dest: &Path) -> Result<u64> {
+    let id = reader.manifest().id.to_string();
+    let details = reader.manifest().details.clone();
+    let entries = source::with_flusher(|flush| {
+        read_ahead(reader, |plain| source::extract_dir(&id, plain, dest, flush))
+    })?;
+    check_entry_count(&id, &details, entries)?;
     Ok(entries)
 }
 

@@ -439,6 +439,10 @@ pub(crate) fn extract_dir(
     archive.set_mask(SETID_BITS);
     let unsafe_entry = |entry: &str, reason: &str| unsafe_entry(backup_id, entry, reason);
     let read_err = |e: io::Error| tar_read_err(backup_id, e);
+    // Every file's parent is checked against this (canonical once, not per file).
+    let canonical = dest
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", dest, e))?;
     let mut count = 0u64;
     // Directories last (as `tar::Archive::unpack` does), so that their modes (a read-only
     // directory) and mtimes are set after their contents are written.
@@ -465,7 +469,7 @@ pub(crate) fn extract_dir(
             continue;
         }
         if kind.is_file() || kind == tar::EntryType::Continuous {
-            unpack_file(backup_id, &mut entry, dest, &path, flush)?;
+            unpack_file(backup_id, &mut entry, (dest, &canonical), &path, flush)?;
             continue;
         }
         let unpacked = entry.unpack_in(dest).map_err(|e| {
@@ -522,14 +526,14 @@ pub(crate) const FLUSH_EVERY: u64 = 8 << 20;
 /// 8 KiB writes: 130,000 system calls for 1 GiB).
 const FILE_CHUNK: usize = 1 << 20;
 
-/// Writes the regular file entry `rel` under `dest` as `tar::Entry::unpack_in` would (the
-/// same refusals: no `..`, never through a link that leaves `dest`, never over an existing
-/// file), with large writes, handing the file to `flush` as it grows. Mode (setuid/setgid
-/// masked) and mtime as recorded.
+/// Writes the regular file entry `rel` under `dest` (`root`: `dest` canonical) as
+/// `tar::Entry::unpack_in` would (the same refusals: no `..`, never through a link that
+/// leaves `dest`, never over an existing file), with large writes, handing the file to
+/// `flush` as it grows. Mode (setuid/setgid masked) and mtime as recorded.
 fn unpack_file<R: Read>(
     backup_id: &str,
     entry: &mut tar::Entry<'_, R>,
-    dest: &Path,
+    (dest, root): (&Path, &Path),
     rel: &Path,
     flush: &mut dyn FnMut(&fs::File),
 ) -> Result<()> {
@@ -544,13 +548,11 @@ fn unpack_file<R: Read>(
             _ => return Err(escapes("absolute or `..` path escapes the target")),
         }
     }
-    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+    let (Some(parent), Some(name), false) = (target.parent(), target.file_name(), target == dest)
+    else {
         return Err(escapes("a file entry without a name"));
     };
-    if target == dest {
-        return Err(escapes("a file entry without a name"));
-    }
-    let inside = canonical_inside(dest, parent).map_err(|e| match e {
+    let inside = canonical_inside(root, parent).map_err(|e| match e {
         Some(e) => Error::io("create directory", parent, e),
         None => escapes("would be written through a link outside the target"),
     })?;
@@ -596,11 +598,10 @@ fn unpack_file<R: Read>(
     Ok(())
 }
 
-/// Creates the missing directories of `dir` (under `root`) and returns `dir`'s canonical
-/// path, refusing (`Err(None)`) where a link would take it, or a directory created on the
-/// way, outside `root`.
+/// Creates the missing directories of `dir` (under the canonical `root`) and returns `dir`'s
+/// canonical path, refusing (`Err(None)`) where a link would take it, or a directory created
+/// on the way, outside `root`.
 fn canonical_inside(root: &Path, dir: &Path) -> std::result::Result<PathBuf, Option<io::Error>> {
-    let root = root.canonicalize().map_err(Some)?;
     let mut missing = Vec::new();
     let mut ancestor = dir;
     while ancestor.symlink_metadata().is_err() {
@@ -612,7 +613,7 @@ fn canonical_inside(root: &Path, dir: &Path) -> std::result::Result<PathBuf, Opt
     }
     for created in missing.into_iter().rev() {
         if let Some(parent) = created.parent()
-            && !parent.canonicalize().map_err(Some)?.starts_with(&root)
+            && !parent.canonicalize().map_err(Some)?.starts_with(root)
         {
             return Err(None);
         }
@@ -622,7 +623,7 @@ fn canonical_inside(root: &Path, dir: &Path) -> std::result::Result<PathBuf, Opt
         }
     }
     let canonical = dir.canonicalize().map_err(Some)?;
-    if canonical.starts_with(&root) {
+    if canonical.starts_with(root) {
         Ok(canonical)
     } else {
         Err(None)
