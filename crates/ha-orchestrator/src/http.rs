@@ -164,16 +164,22 @@ fn role_check(
     reply(node, code, body)
 }
 
+/// What a role check answers on a node without a PostgreSQL agent.
+#[cfg(feature = "postgres")]
+fn no_agent(node: &HaNode, check: &str) -> Response {
+    role_check(
+        node,
+        check,
+        Some("no postgres agent on this node"),
+        json!({}),
+    )
+}
+
 /// `GET /primary`: Patroni's load-balancer check for the writable primary.
 #[cfg(feature = "postgres")]
 async fn primary(State(node): State<HaNode>) -> Response {
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
-        return role_check(
-            &node,
-            "primary",
-            Some("no postgres agent on this node"),
-            json!({}),
-        );
+        return no_agent(&node, "primary");
     };
     let report = agent.agent_status();
     let reason = not_primary(&node, agent, &report);
@@ -221,12 +227,7 @@ fn not_replica(report: &ha_replication::pg::AgentStatus) -> Option<&'static str>
 #[cfg(feature = "postgres")]
 async fn replica(State(node): State<HaNode>) -> Response {
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
-        return role_check(
-            &node,
-            "replica",
-            Some("no postgres agent on this node"),
-            json!({}),
-        );
+        return no_agent(&node, "replica");
     };
     let report = agent.agent_status();
     let reason = not_replica(&report);
@@ -243,12 +244,7 @@ async fn replica(State(node): State<HaNode>) -> Response {
 #[cfg(feature = "postgres")]
 async fn read_only(State(node): State<HaNode>) -> Response {
     let Some(agent) = node.inner.parts.pg_agent.as_ref() else {
-        return role_check(
-            &node,
-            "read_only",
-            Some("no postgres agent on this node"),
-            json!({}),
-        );
+        return no_agent(&node, "read_only");
     };
     let report = agent.agent_status();
     let reason = (not_primary(&node, agent, &report).is_some() && not_replica(&report).is_some())

@@ -417,14 +417,15 @@ struct Ack {
 async fn write_both(
     a: String,
     b: String,
+    after: i64,
     acks: Arc<std::sync::Mutex<Vec<Ack>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     use sqlx::Connection;
     let urls = [a, b];
     let mut conns: [Option<sqlx::PgConnection>; 2] = [None, None];
-    // Row ids go on from the last acknowledged one (a second writer on the same table).
-    let mut n = acks.lock().unwrap().iter().map(|a| a.n).max().unwrap_or(0) + 1_000_000;
+    // Row ids go on past `after` (a second writer on the same table).
+    let mut n = after + 1_000_000;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
         for (i, url) in urls.iter().enumerate() {
             n += 1;
@@ -456,6 +457,47 @@ async fn write_both(
             }
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// [`write_both`] running in the background.
+struct Writer {
+    acks: Arc<std::sync::Mutex<Vec<Ack>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    /// Writes to `a` and `b` with row ids past `after` (0, or the last id of an earlier
+    /// writer on the same table).
+    fn start(a: String, b: String, after: i64) -> Self {
+        let acks: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn(write_both(
+            a,
+            b,
+            after,
+            Arc::clone(&acks),
+            Arc::clone(&stop),
+        ));
+        Self { acks, stop, task }
+    }
+
+    /// Commits acknowledged so far.
+    fn acked(&self) -> usize {
+        self.acks.lock().unwrap().len()
+    }
+
+    /// Commits acknowledged so far by `b`.
+    fn acked_by_b(&self) -> usize {
+        self.acks.lock().unwrap().iter().filter(|a| a.on_b).count()
+    }
+
+    /// Stops writing and returns every acknowledged commit.
+    async fn stop(self) -> Vec<Ack> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.unwrap();
+        self.acks.lock().unwrap().clone()
     }
 }
 
@@ -519,18 +561,8 @@ async fn a_switchover_under_load_demotes_first_and_loses_no_acknowledged_commit(
     })
     .await;
 
-    let acks: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = tokio::spawn(write_both(
-        primary.url(),
-        replica.url(),
-        Arc::clone(&acks),
-        Arc::clone(&stop),
-    ));
-    until("writes on a's primary", async || {
-        acks.lock().unwrap().len() >= 20
-    })
-    .await;
+    let writer = Writer::start(primary.url(), replica.url(), 0);
+    until("writes on a's primary", async || writer.acked() >= 20).await;
 
     let response = common::client()
         .post(format!("http://{}/switchover", a.http_addr().unwrap()))
@@ -539,22 +571,37 @@ async fn a_switchover_under_load_demotes_first_and_loses_no_acknowledged_commit(
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    until("a commit on b's database", async || {
-        acks.lock().unwrap().iter().any(|a| a.on_b)
-    })
-    .await;
+    until("a commit on b's database", async || writer.acked_by_b() > 0).await;
     until("more commits on b's database", async || {
-        acks.lock().unwrap().iter().filter(|a| a.on_b).count() >= 20
+        writer.acked_by_b() >= 20
     })
     .await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    writer.await.unwrap();
-
-    let acks = acks.lock().unwrap().clone();
+    let acks = writer.stop().await;
     judge(&acks, &replica).await;
     assert!(b.is_leader().is_some());
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// The rewindable cluster in synchronous mode with a node on each database: `a` (on the
+/// primary) started and serving `/primary`; `b` (on the first replica) and `c` (on the
+/// second), whose agents rewind, built but not started.
+async fn sync_cluster() -> (
+    (PostgresServer, PostgresServer, PostgresServer),
+    [HaNode; 3],
+) {
+    let (primary, one, two) = rewindable_cluster().await;
+    let store = Arc::new(MemoryLeaseStore::new());
+    let slots = [one.slot_name().unwrap(), two.slot_name().unwrap()];
+    let a = cluster_node(&store, "a", sync_agent("db-a", &primary, false, &slots));
+    a.start().await.unwrap();
+    until("a to serve /primary", async || {
+        get(&a, "/primary").await.0 == StatusCode::OK
+    })
+    .await;
+    let b = cluster_node(&store, "b", sync_agent("db-b", &one, true, &[slots[1]]));
+    let c = cluster_node(&store, "c", sync_agent("db-c", &two, true, &[slots[0]]));
+    ((primary, one, two), [a, b, c])
 }
 
 /// An agent in synchronous mode; a replica's agent (`rejoin`) also rewinds its database when
@@ -609,18 +656,7 @@ async fn sync_record(node: &HaNode) -> String {
 /// past the promotion point), and the new primary makes it its synchronous standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_commit_is_lost() {
-    let (mut primary, one, two) = rewindable_cluster().await;
-    let store = Arc::new(MemoryLeaseStore::new());
-    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
-    let slots = [one.slot_name().unwrap(), two.slot_name().unwrap()];
-    let a = node("a", sync_agent("db-a", &primary, false, &slots));
-    a.start().await.unwrap();
-    until("a to serve /primary", async || {
-        get(&a, "/primary").await.0 == StatusCode::OK
-    })
-    .await;
-    let b = node("b", sync_agent("db-b", &one, true, &[slots[1]]));
-    let c = node("c", sync_agent("db-c", &two, true, &[slots[0]]));
+    let ((mut primary, one, two), [a, b, c]) = sync_cluster().await;
     b.start().await.unwrap();
     c.start().await.unwrap();
     until("a synchronous standby, recorded", async || {
@@ -676,18 +712,8 @@ async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_com
         .await
         .unwrap();
     sync_db.execute("SELECT pg_reload_conf()").await.unwrap();
-    let acks: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = tokio::spawn(write_both(
-        primary.url(),
-        sync_db.url(),
-        Arc::clone(&acks),
-        Arc::clone(&stop),
-    ));
-    until("writes on a's primary", async || {
-        acks.lock().unwrap().len() >= 200
-    })
-    .await;
+    let writer = Writer::start(primary.url(), sync_db.url(), 0);
+    until("writes on a's primary", async || writer.acked() >= 200).await;
     // The asynchronous replica has replayed more than the delayed synchronous one.
     let replayed = |db: &PostgresServer| {
         let db = db.url();
@@ -722,13 +748,11 @@ async fn in_synchronous_mode_only_the_synchronous_standby_is_promoted_and_no_com
     }
     // With no synchronous standby left, `on` lets the new primary commit alone.
     until("commits on the new primary", async || {
-        acks.lock().unwrap().iter().filter(|a| a.on_b).count() >= 20
+        writer.acked_by_b() >= 20
     })
     .await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    writer.await.unwrap();
+    let acks = writer.stop().await;
     assert!(async_db.is_in_recovery().await.unwrap());
-    let acks = acks.lock().unwrap().clone();
     judge(&acks, sync_db).await;
     // The new primary recorded its own term (naming only itself) before it promoted. The
     // asynchronous replica follows it (rewound by its agent if it received WAL past the
@@ -825,18 +849,8 @@ async fn a_switchover_to_a_named_member_promotes_that_member_and_loses_nothing()
     })
     .await;
 
-    let acks: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = tokio::spawn(write_both(
-        primary.url(),
-        behind.url(),
-        Arc::clone(&acks),
-        Arc::clone(&stop),
-    ));
-    until("writes on a's primary", async || {
-        acks.lock().unwrap().len() >= 50
-    })
-    .await;
+    let writer = Writer::start(primary.url(), behind.url(), 0);
+    until("writes on a's primary", async || writer.acked() >= 50).await;
     until("c to defer to b (it replayed less)", async || {
         let (_, body) = get(&c, "/status").await;
         body["replication"]["agent"]["report"]["ineligible"]
@@ -859,14 +873,11 @@ async fn a_switchover_to_a_named_member_promotes_that_member_and_loses_nothing()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     until("commits on c's database", async || {
-        acks.lock().unwrap().iter().filter(|a| a.on_b).count() >= 20
+        writer.acked_by_b() >= 20
     })
     .await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    writer.await.unwrap();
+    let acks = writer.stop().await;
     assert!(ahead.is_in_recovery().await.unwrap());
-
-    let acks = acks.lock().unwrap().clone();
     judge(&acks, &behind).await;
     a.shutdown().await;
     b.shutdown().await;
@@ -880,45 +891,23 @@ async fn a_switchover_to_a_named_member_promotes_that_member_and_loses_nothing()
 /// turn. Every commit any of the primaries acknowledged is on the last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_failover_right_after_the_first_loses_no_acknowledged_commit() {
-    let (mut primary, mut one, two) = rewindable_cluster().await;
-    let store = Arc::new(MemoryLeaseStore::new());
-    let node = |id: &str, agent: PgAgent| cluster_node(&store, id, agent);
-    let slots = [one.slot_name().unwrap(), two.slot_name().unwrap()];
-    let a = node("a", sync_agent("db-a", &primary, false, &slots));
-    a.start().await.unwrap();
-    until("a to serve /primary", async || {
-        get(&a, "/primary").await.0 == StatusCode::OK
-    })
-    .await;
-    let b = node("b", sync_agent("db-b", &one, true, &[slots[1]]));
+    let ((mut primary, mut one, two), [a, b, c]) = sync_cluster().await;
     b.start().await.unwrap();
     until("b recorded as a's synchronous standby", async || {
         sync_record(&a).await.contains("standbys [b]")
     })
     .await;
-    let c = node("c", sync_agent("db-c", &two, true, &[slots[0]]));
     c.start().await.unwrap();
 
     // First failover: a's database dies under writes; b is promoted.
-    let first: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = tokio::spawn(write_both(
-        primary.url(),
-        one.url(),
-        Arc::clone(&first),
-        Arc::clone(&stop),
-    ));
-    until("writes on a's primary", async || {
-        first.lock().unwrap().len() >= 50
-    })
-    .await;
+    let writer = Writer::start(primary.url(), one.url(), 0);
+    until("writes on a's primary", async || writer.acked() >= 50).await;
     primary.kill().unwrap();
     until("commits on b's database", async || {
-        first.lock().unwrap().iter().filter(|a| a.on_b).count() >= 20
+        writer.acked_by_b() >= 20
     })
     .await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    writer.await.unwrap();
+    let first = writer.stop().await;
     assert!(c.is_leader().is_none(), "c was not a synchronous standby");
 
     // c follows b and becomes its synchronous standby; b dies at once, under writes.
@@ -927,30 +916,12 @@ async fn a_second_failover_right_after_the_first_loses_no_acknowledged_commit() 
     })
     .await;
     // The second writer's row ids start past the first's.
-    let second: Arc<std::sync::Mutex<Vec<Ack>>> = Arc::new(std::sync::Mutex::new(
-        first
-            .lock()
-            .unwrap()
-            .iter()
-            .max_by_key(|a| a.n)
-            .copied()
-            .into_iter()
-            .collect(),
-    ));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = tokio::spawn(write_both(
-        one.url(),
-        two.url(),
-        Arc::clone(&second),
-        Arc::clone(&stop),
-    ));
-    until("writes on b's primary", async || {
-        second.lock().unwrap().len() >= 50
-    })
-    .await;
+    let last = first.iter().map(|a| a.n).max().unwrap_or(0);
+    let writer = Writer::start(one.url(), two.url(), last);
+    until("writes on b's primary", async || writer.acked() >= 50).await;
     one.kill().unwrap();
     let deadline = Instant::now() + WAIT;
-    while second.lock().unwrap().iter().filter(|a| a.on_b).count() < 20 {
+    while writer.acked_by_b() < 20 {
         if Instant::now() > deadline {
             let (_, bs) = get(&b, "/status").await;
             let (_, cs) = get(&c, "/status").await;
@@ -965,13 +936,9 @@ async fn a_second_failover_right_after_the_first_loses_no_acknowledged_commit() 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    writer.await.unwrap();
+    let second = writer.stop().await;
     assert!(c.is_leader().is_some());
     // Every commit acknowledged by a, then by b, is on c.
-    let first = first.lock().unwrap().clone();
-    // Without the seed row taken from the first writer.
-    let second: Vec<Ack> = second.lock().unwrap()[1..].to_vec();
     judge(&second, &two).await;
     let all: Vec<Ack> = first
         .iter()
